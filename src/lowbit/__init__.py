@@ -1,0 +1,32 @@
+"""lowbit: quantize PyTorch models and LLMs, and see what each choice costs.
+
+Submodules load on first use, so ``import lowbit`` stays light (no transformers, onnx or
+matplotlib).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_LAZY = {
+    "formats": "lowbit.formats",
+    "observers": "lowbit.observers",
+    "data": "lowbit.data",
+    "get_format": "lowbit.formats",
+    "list_formats": "lowbit.formats",
+    "Granularity": "lowbit.formats",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        module = importlib.import_module(_LAZY[name])
+        return module if module.__name__.endswith(name) else getattr(module, name)
+    raise AttributeError(f"module 'lowbit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_LAZY))

@@ -1,0 +1,56 @@
+"""``lowbit`` console entry point: one sub-command per module, registered here."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# sub-command -> module with ``add_arguments(parser)`` and ``run(args) -> int``
+COMMANDS = {
+    "formats": ("lowbit.cli.formats_cmd", "table of every number format"),
+    "explain": ("lowbit.cli.explain", "show what a format does to some numbers, bit by bit"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lowbit",
+        description="Quantize PyTorch models and LLMs and see what each choice costs.",
+    )
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module = importlib.import_module(module_name)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def _version() -> str:
+    from lowbit import __version__
+
+    return f"lowbit {__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    from lowbit.errors import LowbitError
+
+    try:
+        return int(args._run(args) or 0)
+    except LowbitError as exc:
+        print(f"lowbit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lowbit {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
