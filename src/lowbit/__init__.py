@@ -18,13 +18,26 @@ _LAZY = {
     "get_format": "lowbit.formats",
     "list_formats": "lowbit.formats",
     "Granularity": "lowbit.formats",
+    "model": "lowbit.model",
+    "nn": "lowbit.nn",
+    "kernels": "lowbit.kernels",
+    "algorithms": "lowbit.algorithms",
+    "eval": "lowbit.eval",
+    "load_model": "lowbit.model",
+    "load_tokenizer": "lowbit.model",
+    "quantize": "lowbit.model",
+    "save": "lowbit.model",
+    "load": "lowbit.model",
+    "Recipe": "lowbit.model",
+    "PRESETS": "lowbit.model",
+    "evaluate": "lowbit.eval",
 }
 
 
 def __getattr__(name: str):
     if name in _LAZY:
         module = importlib.import_module(_LAZY[name])
-        return module if module.__name__.endswith(name) else getattr(module, name)
+        return module if module.__name__ == f"lowbit.{name}" else getattr(module, name)
     raise AttributeError(f"module 'lowbit' has no attribute {name!r}")
 
 

@@ -10,6 +10,8 @@ import sys
 COMMANDS = {
     "formats": ("lowbit.cli.formats_cmd", "table of every number format"),
     "explain": ("lowbit.cli.explain", "show what a format does to some numbers, bit by bit"),
+    "quantize": ("lowbit.cli.quantize_cmd", "quantize a model with a recipe and save it"),
+    "eval": ("lowbit.cli.eval_cmd", "perplexity, size and speed of a model or checkpoint"),
 }
 
 

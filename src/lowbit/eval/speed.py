@@ -1,0 +1,71 @@
+"""Prefill and decode speed, measured the way ../shared/BENCHMARKS.md does.
+
+Prefill: one forward of 1 x ``prefill_tokens`` tokens. Decode: ``decode_tokens`` greedy
+tokens after a ``prompt_tokens`` prompt with the KV cache. Median of ``repeats`` runs after
+a warm-up. The caller sets the thread count.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class SpeedReport:
+    prefill_s: float
+    decode_tok_s: float
+    engine: str
+
+    def to_dict(self) -> dict:
+        return {"prefill_s": self.prefill_s, "decode_tok_s": self.decode_tok_s,
+                "engine": self.engine}
+
+
+def _median(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_speed(model: nn.Module, token_ids: torch.Tensor, *, prefill_tokens: int = 512,
+                  prompt_tokens: int = 32, decode_tokens: int = 64, repeats: int = 3,
+                  engine: str = "auto") -> SpeedReport:
+    """Prefill seconds and decode tokens per second of ``model`` on ``token_ids``."""
+    ids = torch.as_tensor(token_ids).reshape(-1)
+    prefill_ids = ids[:prefill_tokens].unsqueeze(0)
+    prompt = ids[:prompt_tokens].unsqueeze(0)
+    run_generate, engine_name = _engine(model, engine)
+    with torch.inference_mode():
+        prefill = _median(lambda: model(prefill_ids, use_cache=False), repeats)
+        decode = _median(lambda: run_generate(prompt, decode_tokens), repeats)
+    return SpeedReport(prefill, decode_tokens / decode, engine_name)
+
+
+def _engine(model: nn.Module, engine: str):
+    if engine in ("auto", "lowbit"):
+        try:
+            from lowbit.runtime import supports
+
+            if supports(model):
+                from lowbit.runtime import generate
+
+                return (lambda p, n: generate(model, p, n)), "lowbit.runtime"
+        except ImportError:
+            pass
+        if engine == "lowbit":
+            raise ValueError("the lowbit runtime cannot run this model; use engine='hf'")
+
+    def hf(prompt, n):
+        model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                       pad_token_id=0)
+
+    return hf, "transformers.generate"

@@ -1,0 +1,27 @@
+"""Layer 5, the model API: loaders, recipes, ``quantize``, ``save`` / ``load``."""
+
+from lowbit.model.api import quantize
+from lowbit.model.hub import BUNDLED, bundled_path
+from lowbit.model.loaders import ModelLoadError, load_model, load_tokenizer
+from lowbit.model.quantize import QuantizeSummary, cast_unquantized
+from lowbit.model.recipe import PRESETS, Recipe, RecipeError, Rule, Scheme
+from lowbit.model.serialization import CheckpointError, load, save
+
+__all__ = [
+    "BUNDLED",
+    "PRESETS",
+    "CheckpointError",
+    "ModelLoadError",
+    "QuantizeSummary",
+    "Recipe",
+    "RecipeError",
+    "Rule",
+    "Scheme",
+    "bundled_path",
+    "cast_unquantized",
+    "load",
+    "load_model",
+    "load_tokenizer",
+    "quantize",
+    "save",
+]

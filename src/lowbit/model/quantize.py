@@ -1,0 +1,201 @@
+"""``quantize(model, recipe, calibration)``: replace a model's linears, in place, layer by layer.
+
+Flow: find the ``nn.Linear`` modules and the scheme each gets (``Recipe.scheme_for``) →
+collect calibration statistics where a scheme needs them (static activation ranges) →
+for each layer: choose quantized values (an algorithm of layer 4; RTN by default), pack
+them into a ``QuantizedLinear`` and drop the float weight → cast what is left (norms,
+embedding, attention) to the recipe's compute dtype.
+"""
+
+from __future__ import annotations
+
+import difflib
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lowbit.formats import compute_qparams, get_format, minmax, qparams_from_range, quantize
+from lowbit.model.calibration import collect_input_ranges
+from lowbit.model.recipe import Recipe, RecipeError, Scheme, match_pattern
+from lowbit.nn import QuantizedLinear
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class QuantizeSummary:
+    """What ``quantize`` did: bytes before/after, time, and which kernels run."""
+
+    recipe: str
+    layers: int = 0
+    kept: list[str] = field(default_factory=list)
+    bytes_before: int = 0
+    bytes_after: int = 0
+    seconds: float = 0.0
+    kernels: dict[str, int] = field(default_factory=dict)
+
+    def lines(self) -> list[str]:
+        ratio = self.bytes_after / self.bytes_before if self.bytes_before else 0
+        kernels = ", ".join(f"{k} x{n}" for k, n in sorted(self.kernels.items()))
+        return [
+            f"recipe        {self.recipe}",
+            f"layers        {self.layers} quantized, {len(self.kept)} kept as they were",
+            f"linear bytes  {self.bytes_before / 1e6:.1f} MB -> {self.bytes_after / 1e6:.1f} MB "
+            f"({ratio:.3f}x)",
+            f"kernels       {kernels or 'none (cast only)'}",
+            f"time          {self.seconds:.1f} s",
+        ]
+
+
+def _tensor_bytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+def find_targets(model: nn.Module, recipe: Recipe) -> list[tuple[str, nn.Linear, Scheme | None]]:
+    """Every ``nn.Linear`` with the scheme it gets; errors when a rule matches nothing."""
+    linears = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
+    if not linears:
+        raise RecipeError(
+            f"{type(model).__name__} has no nn.Linear layers, so there is nothing to quantize "
+            f"(lowbit quantizes Linear layers; convolutions and embeddings are not supported yet)"
+        )
+    names = [n for n, _ in linears]
+    for pattern in [r.pattern for r in recipe.rules] + list(recipe.keep):
+        if not any(match_pattern(pattern, n) for n in names):
+            close = difflib.get_close_matches(pattern.removeprefix("re:"), names, n=5, cutoff=0.3)
+            raise RecipeError(
+                f"recipe pattern {pattern!r} matches no Linear layer; near matches: "
+                f"{', '.join(close) or 'none'} (patterns are globs, '*' spans dots, or re:...)"
+            )
+    return [(n, m, recipe.scheme_for(n)) for n, m in linears]
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def quantize_weight(weight: torch.Tensor, scheme: Scheme):
+    """Codes and parameters for one weight under ``scheme`` (round to nearest)."""
+    spec = scheme.weight
+    w = weight.detach().float()
+    if scheme.observer == "mse":
+        return _mse_clipped(w, spec)
+    qparams = compute_qparams(w, spec.format, spec.granularity, symmetric=spec.symmetric,
+                              scale_dtype=spec.scale_dtype)
+    return quantize(w, qparams), qparams
+
+
+def _mse_clipped(w: torch.Tensor, spec, ratios: Iterable[float] = None):
+    """Per-parameter clipping ratio that minimises the weight's quantization MSE."""
+    from lowbit.formats import Granularity, dequantize
+
+    gran = Granularity.parse(spec.granularity)
+    lo, hi = minmax(w, gran)
+    best_err, best = None, None
+    for r in ratios or [1.0 - 0.025 * i for i in range(13)]:
+        qp = qparams_from_range(lo * r, hi * r, spec.format, gran, symmetric=spec.symmetric,
+                                scale_dtype=spec.scale_dtype)
+        codes = quantize(w, qp)
+        err = (gran.rows(dequantize(codes, qp) - w) ** 2).sum(-1).reshape(qp.scale.shape)
+        if best is None:
+            best_err, best = err, (codes, qp)
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        mask = gran.expand(better, w.shape)
+        best[0].copy_(torch.where(mask, codes, best[0]))
+        best[1].scale.copy_(torch.where(better, qp.scale, best[1].scale))
+        if qp.zero_point is not None:
+            best[1].zero_point.copy_(torch.where(better, qp.zero_point, best[1].zero_point))
+    return best
+
+
+def quantize_model(
+    model: nn.Module,
+    recipe: Recipe | str,
+    calibration: Iterable | None = None,
+    *,
+    progress: bool = True,
+    backend: str | None = None,
+) -> QuantizeSummary:
+    """Quantize ``model`` in place with ``recipe``; returns a summary (also on the model)."""
+    recipe = Recipe.parse(recipe)
+    t0 = time.perf_counter()
+    targets = find_targets(model, recipe)
+    summary = QuantizeSummary(recipe.name)
+    dtype = DTYPES[recipe.compute_dtype]
+    if recipe.default is not None and recipe.default.weight is None and not recipe.rules:
+        # fp16 / bf16: cast only
+        numel = sum(m.weight.numel() + (0 if m.bias is None else m.bias.numel())
+                    for _, m, _ in targets)
+        summary.bytes_before = numel * 4
+        summary.bytes_after = numel * torch.finfo(dtype).bits // 8
+        cast_unquantized(model, dtype)
+        summary.kernels = {f"F.linear ({recipe.compute_dtype})": len(targets)}
+        summary.layers = len(targets)
+        summary.seconds = time.perf_counter() - t0
+        model.lowbit_recipe = recipe
+        model.lowbit_summary = summary
+        return summary
+    input_ranges = {}
+    if recipe.needs_calibration:
+        if calibration is None:
+            raise RecipeError(
+                f"recipe {recipe.name!r} needs calibration data (static activation ranges); "
+                f"pass calibration=lowbit.data.text('pydoc', tokenizer) or --calibration FILE"
+            )
+        static = [(n, m, s) for n, m, s in targets if s is not None and s.needs_calibration]
+        input_ranges = collect_input_ranges(model, static, calibration, progress=progress)
+    bar = _progress(targets, progress)
+    for name, linear, scheme in bar:
+        if hasattr(bar, "set_postfix_str"):
+            bar.set_postfix_str(name[-40:])
+        if scheme is None or scheme.weight is None:
+            summary.kept.append(name)
+            continue
+        summary.bytes_before += _tensor_bytes(linear.weight) + _tensor_bytes(linear.bias)
+        codes, qparams = quantize_weight(linear.weight, scheme)
+        input_qparams = None
+        if scheme.activation is not None and scheme.activation.mode == "static":
+            lo, hi = input_ranges[name]
+            input_qparams = qparams_from_range(lo, hi, get_format("int8"), symmetric=True)
+        qlinear = QuantizedLinear.from_codes(
+            codes, qparams, scheme.weight, linear.bias, activation=scheme.activation,
+            input_qparams=input_qparams, backend=backend)
+        _set_module(model, name, qlinear)
+        summary.layers += 1
+        summary.bytes_after += qlinear.weight_nbytes() + _tensor_bytes(qlinear.bias)
+        summary.kernels[qlinear.kernel] = summary.kernels.get(qlinear.kernel, 0) + 1
+    cast_unquantized(model, dtype)
+    summary.seconds = time.perf_counter() - t0
+    model.lowbit_recipe = recipe
+    model.lowbit_summary = summary
+    return summary
+
+
+def cast_unquantized(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast every float parameter and buffer outside ``QuantizedLinear`` modules."""
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            continue
+        for p in module._parameters.values():
+            if p is not None and p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)  # in place, so tied weights stay tied
+        for key, b in module._buffers.items():
+            if b is not None and b.is_floating_point() and b.dtype != dtype:
+                # rotary inverse frequencies stay float32 (HF computes RoPE in float32)
+                if "inv_freq" not in key:
+                    module._buffers[key] = b.to(dtype)
+
+
+def _progress(items, enabled: bool):
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc="quantizing", unit="layer", leave=False)

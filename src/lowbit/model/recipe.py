@@ -1,0 +1,256 @@
+"""Recipes: typed, validated, versioned descriptions of what ``quantize`` does.
+
+A recipe maps module names to a ``Scheme`` (weight format + granularity + symmetry +
+observer, optional activation quantization, algorithm). Rules are glob patterns
+(``model.layers.*.mlp.*``) or regular expressions (``re:.*proj$``); the first rule that
+matches wins, else ``default`` applies; ``keep`` lists modules left as they are.
+Only ``nn.Linear`` modules are quantized: the embedding lookup stays as it is, while the
+output head (``lm_head``, tied to the embedding in SmolLM2) is quantized like every other
+linear unless it is kept (``keep=["lm_head"]``).
+
+Short names (``Recipe.parse``): see ``PRESETS``; also the grammar
+``w<bits>[g<group>][a8[-static]][-<algorithm>]`` for integer weights.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from lowbit.errors import LowbitError
+from lowbit.formats import Granularity, get_format
+from lowbit.nn import ActivationSpec, WeightSpec
+
+RECIPE_VERSION = 1
+ALGORITHMS = ("rtn", "gptq", "awq", "hqq", "kmeans", "imatrix")
+WEIGHT_OBSERVERS = ("minmax", "mse")
+COMPUTE_DTYPES = ("bf16", "fp32", "fp16")
+
+
+class RecipeError(LowbitError, ValueError):
+    """A recipe that cannot be parsed or does not fit the model."""
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """What one module gets. ``weight=None`` means "cast only" (fp16 / bf16 recipes)."""
+
+    weight: WeightSpec | None = field(default_factory=WeightSpec)
+    activation: ActivationSpec | None = None
+    algorithm: str = "rtn"
+    observer: str = "minmax"
+    outlier_channels: int = 0
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise RecipeError(f"unknown algorithm {self.algorithm!r}; use one of {ALGORITHMS}")
+        if self.observer not in WEIGHT_OBSERVERS:
+            raise RecipeError(
+                f"unknown weight observer {self.observer!r}; use one of {WEIGHT_OBSERVERS}")
+        if self.weight is not None:
+            get_format(self.weight.format)
+            Granularity.parse(self.weight.granularity)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return (self.algorithm in ("gptq", "awq", "imatrix") or self.outlier_channels > 0
+                or (self.activation is not None and self.activation.mode == "static"))
+
+    def to_dict(self) -> dict:
+        return {
+            "weight": None if self.weight is None else self.weight.to_dict(),
+            "activation": None if self.activation is None else self.activation.to_dict(),
+            "algorithm": self.algorithm,
+            "observer": self.observer,
+            "outlier_channels": self.outlier_channels,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Scheme:
+        d = dict(d)
+        weight = d.pop("weight", None)
+        act = d.pop("activation", None)
+        return cls(weight=None if weight is None else WeightSpec(**weight),
+                   activation=None if act is None else ActivationSpec(**act), **d)
+
+
+@dataclass(frozen=True)
+class Rule:
+    pattern: str
+    scheme: Scheme
+
+    def matches(self, name: str) -> bool:
+        return match_pattern(self.pattern, name)
+
+
+def match_pattern(pattern: str, name: str) -> bool:
+    """Glob (``*`` matches across dots) or ``re:`` full-match regular expression."""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    regex = re.escape(pattern).replace(r"\*", ".*").replace(r"\?", ".")
+    return re.fullmatch(regex, name) is not None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    default: Scheme | None
+    rules: tuple[Rule, ...] = ()
+    keep: tuple[str, ...] = ()
+    compute_dtype: str = "bf16"
+    version: int = RECIPE_VERSION
+
+    def __post_init__(self) -> None:
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise RecipeError(f"compute_dtype must be one of {COMPUTE_DTYPES}")
+        if self.version > RECIPE_VERSION:
+            raise RecipeError(f"recipe version {self.version} is newer than this lowbit "
+                              f"understands ({RECIPE_VERSION}): upgrade lowbit")
+
+    def scheme_for(self, name: str) -> Scheme | None:
+        """The scheme module ``name`` gets, or None when it is kept as it is."""
+        if any(match_pattern(p, name) for p in self.keep):
+            return None
+        for rule in self.rules:
+            if rule.matches(name):
+                return rule.scheme
+        return self.default
+
+    def with_keep(self, *patterns: str) -> Recipe:
+        return replace(self, keep=self.keep + tuple(patterns))
+
+    @property
+    def needs_calibration(self) -> bool:
+        schemes = [self.default] + [r.scheme for r in self.rules]
+        return any(s is not None and s.needs_calibration for s in schemes)
+
+    # -- serialisation -----------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "lowbit_recipe_version": self.version,
+            "name": self.name,
+            "compute_dtype": self.compute_dtype,
+            "default": None if self.default is None else self.default.to_dict(),
+            "rules": [{"pattern": r.pattern, "scheme": r.scheme.to_dict()} for r in self.rules],
+            "keep": list(self.keep),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Recipe:
+        try:
+            return cls(
+                name=d.get("name", "custom"),
+                default=None if d.get("default") is None else Scheme.from_dict(d["default"]),
+                rules=tuple(Rule(r["pattern"], Scheme.from_dict(r["scheme"]))
+                            for r in d.get("rules", [])),
+                keep=tuple(d.get("keep", [])),
+                compute_dtype=d.get("compute_dtype", "bf16"),
+                version=int(d.get("lowbit_recipe_version", RECIPE_VERSION)),
+            )
+        except (TypeError, KeyError) as exc:
+            raise RecipeError(f"malformed recipe: {exc}; see Recipe.to_dict() for the layout") from exc
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Recipe:
+        """A recipe from a ``.json`` or ``.yaml`` file."""
+        text = Path(path).read_text()
+        if str(path).endswith((".yaml", ".yml")):
+            import yaml
+
+            return cls.from_dict(yaml.safe_load(text))
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def parse(cls, text: str | Recipe) -> Recipe:
+        """A preset name, the ``w<bits>...`` grammar, or a path to a recipe file."""
+        if isinstance(text, Recipe):
+            return text
+        key = str(text).strip()
+        if key.endswith((".json", ".yaml", ".yml")) and Path(key).exists():
+            return cls.load(key)
+        if key.lower() in PRESETS:
+            return PRESETS[key.lower()]
+        parsed = _parse_grammar(key.lower())
+        if parsed is not None:
+            return parsed
+        raise RecipeError(
+            f"unknown recipe {text!r}; presets: {', '.join(PRESETS)}; or w<bits>[g<group>]"
+            f"[a8[-static]][-<algorithm>] (algorithms: {', '.join(ALGORITHMS)}), or a .json/.yaml file"
+        )
+
+    def describe(self) -> str:
+        return PRESET_DESCRIPTIONS.get(self.name, "custom recipe")
+
+
+_GRAMMAR = re.compile(r"w([1-8])(?:g(\d+))?(a8)?(-static)?(?:-([a-z]+))?")
+
+
+def _parse_grammar(key: str) -> Recipe | None:
+    m = _GRAMMAR.fullmatch(key)
+    if not m:
+        return None
+    bits, group, a8, static, algorithm = m.groups()
+    bits = int(bits)
+    if a8 is None and static:
+        raise RecipeError(f"{key!r}: '-static' applies to activations; write w{bits}a8-static")
+    gran = f"group:{group}" if group else "channel"
+    # grouped low-bit weights are asymmetric (min/max + zero-point); per-channel symmetric
+    symmetric = group is None
+    fmt = f"int{bits}" if symmetric else f"uint{bits}"
+    act = ActivationSpec("static", granularity="tensor") if static else (
+        ActivationSpec("dynamic") if a8 else None)
+    if act is not None:
+        fmt, gran, symmetric = f"int{bits}", "channel", True
+    # grouped weights keep bf16 scales: what the int4 kernel reads, so storage is exact
+    scale_dtype = "bf16" if group else "fp32"
+    scheme = Scheme(WeightSpec(fmt, gran, symmetric, scale_dtype), act, algorithm or "rtn")
+    return Recipe(key, scheme)
+
+
+def _w(fmt: str, gran: str, symmetric: bool = True, **kw) -> Scheme:
+    scale_dtype = "bf16" if gran.startswith("group") else "fp32"
+    return Scheme(WeightSpec(fmt, gran, symmetric, scale_dtype), **kw)
+
+
+PRESETS: dict[str, Recipe] = {
+    "fp16": Recipe("fp16", Scheme(weight=None), compute_dtype="fp16"),
+    "bf16": Recipe("bf16", Scheme(weight=None), compute_dtype="bf16"),
+    "fp8": Recipe("fp8", _w("fp8_e4m3", "channel")),
+    "w8": Recipe("w8", _w("int8", "channel")),
+    "w4g128": Recipe("w4g128", _w("uint4", "group:128", False)),
+    "w4g64": Recipe("w4g64", _w("uint4", "group:64", False)),
+    "w4g32": Recipe("w4g32", _w("uint4", "group:32", False)),
+    "w3g64": Recipe("w3g64", _w("uint3", "group:64", False)),
+    "w2g16": Recipe("w2g16", _w("uint2", "group:16", False)),
+    "nf4g64": Recipe("nf4g64", _w("nf4", "group:64")),
+    "w8a8": Recipe("w8a8", _w("int8", "channel", activation=ActivationSpec("dynamic"))),
+    "w8a8-static": Recipe("w8a8-static", _w(
+        "int8", "channel", activation=ActivationSpec("static", granularity="tensor"))),
+    "w4a8": Recipe("w4a8", _w("int4", "channel", activation=ActivationSpec("dynamic"))),
+}
+
+PRESET_DESCRIPTIONS = {
+    "fp16": "every weight and activation in IEEE half precision",
+    "bf16": "every weight and activation in bfloat16",
+    "fp8": "FP8 E4M3 weights, one scale per output channel; bf16 activations",
+    "w8": "int8 weights, symmetric, one scale per output channel; bf16 activations",
+    "w4g128": "4-bit weights, asymmetric, one scale + zero-point per 128 inputs",
+    "w4g64": "4-bit weights, asymmetric, one scale + zero-point per 64 inputs",
+    "w4g32": "4-bit weights, asymmetric, groups of 32 (SmolLM2's own Q4_1 grid: the easy case)",
+    "w3g64": "3-bit weights, asymmetric, groups of 64",
+    "w2g16": "2-bit weights, asymmetric, groups of 16",
+    "nf4g64": "NF4 (normal-float codebook) weights, absmax scale per 64 inputs",
+    "w8a8": "int8 weights + int8 activations quantized per token at run time",
+    "w8a8-static": "int8 weights + int8 activations with calibrated per-tensor scales",
+    "w4a8": "4-bit per-channel weights + int8 per-token activations",
+}

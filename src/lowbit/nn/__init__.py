@@ -1,0 +1,16 @@
+"""Layer 3: quantized modules that hold packed weights and run CPU kernels."""
+
+from lowbit.nn.activation import ActivationSpec, ModuleError
+from lowbit.nn.backends import BACKENDS, select_backend
+from lowbit.nn.linear import QuantizedLinear
+from lowbit.nn.packed import PackedWeight, WeightSpec
+
+__all__ = [
+    "BACKENDS",
+    "ActivationSpec",
+    "ModuleError",
+    "PackedWeight",
+    "QuantizedLinear",
+    "WeightSpec",
+    "select_backend",
+]

@@ -1,0 +1,140 @@
+"""``QuantizedLinear``: a Linear layer whose weight really is stored in a few bits.
+
+In memory the module holds the tensors of its backend (the kernel's own layout, registered
+as buffers so parameter + buffer bytes show the real size). Its ``state_dict`` holds
+lowbit's canonical packed codes (``nn.packed``), converted on the fly, so a saved file
+does not depend on any kernel's layout. ``forward(x, impl="reference")`` runs the plain
+path (dequantize, then a float32 matmul) that tests compare the fast path against.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lowbit.formats import QParams
+from lowbit.nn.activation import ActivationSpec, ModuleError
+from lowbit.nn.backends import Backend, select_backend
+from lowbit.nn.packed import PackedWeight, WeightSpec
+
+
+class QuantizedLinear(nn.Module):
+    def __init__(
+        self,
+        packed: PackedWeight,
+        spec: WeightSpec,
+        bias: torch.Tensor | None = None,
+        *,
+        activation: ActivationSpec | None = None,
+        input_qparams: QParams | None = None,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = packed.in_features
+        self.out_features = packed.out_features
+        self.spec = spec
+        self.activation = activation
+        self.input_qparams = input_qparams
+        self.backend: Backend = select_backend(spec, activation, packed, backend)
+        self._install(self.backend.build(packed, input_qparams))
+        if bias is not None:
+            self.register_buffer("bias", bias.detach().float().clone())
+        else:
+            self.bias = None
+
+    # -- construction ------------------------------------------------------------------
+    @classmethod
+    def from_codes(
+        cls,
+        codes: torch.Tensor,
+        qparams: QParams,
+        spec: WeightSpec,
+        bias: torch.Tensor | None = None,
+        **kwargs,
+    ) -> QuantizedLinear:
+        return cls(PackedWeight.from_codes(codes, qparams), spec, bias, **kwargs)
+
+    def _install(self, state) -> None:
+        self._state = state
+        self._dtypes = {}
+        for name, tensor in self.backend.tensors(state).items():
+            self._dtypes[name] = tensor.dtype
+            if name in self._buffers:
+                self._buffers[name] = tensor
+            else:
+                self.register_buffer(name, tensor, persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # moves follow ``fn``; the dtypes of codes and scales are part of the format
+        super()._apply(fn, recurse)
+        tensors = {}
+        for name, dtype in self._dtypes.items():
+            t = self._buffers[name]
+            tensors[name] = t if t.dtype == dtype else t.to(dtype)
+        self._install(self.backend.from_tensors(tensors, self._state))
+        return self
+
+    # -- facts -------------------------------------------------------------------------
+    @property
+    def kernel(self) -> str:
+        """Name of the kernel that runs in ``forward`` (``lowbit.kernels.KERNELS``)."""
+        return self.backend.kernel_name
+
+    def packed_weight(self) -> PackedWeight:
+        return self.backend.to_packed(self._state)
+
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.packed_weight().dequantize(dtype)
+
+    def weight_nbytes(self) -> int:
+        """Bytes of codes + scales + zero-points held in memory."""
+        return sum(t.numel() * t.element_size() for t in self.backend.tensors(self._state).values())
+
+    def extra_repr(self) -> str:
+        act = f", activation={self.activation.mode}" if self.activation else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"format={self.spec.format}, granularity={self.spec.granularity}, "
+                f"symmetric={self.spec.symmetric}{act}, kernel={self.kernel}")
+
+    # -- compute -----------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+        if impl == "reference":
+            return self.reference_forward(x)
+        return self.backend.forward(x, self._state, self.bias)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Plain path: simulate activation quantization, dequantize, float32 matmul."""
+        if x.shape[-1] != self.in_features:
+            raise ModuleError(f"input has {x.shape[-1]} features, layer takes {self.in_features}")
+        xf = self.backend.simulate_input(x.float(), self._state)
+        w = self.dequantize_weight()
+        return torch.nn.functional.linear(xf, w, self.bias).to(x.dtype)
+
+    # -- state dict: canonical packed codes --------------------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        packed = self.packed_weight()
+        for name, tensor in packed.tensors().items():
+            destination[prefix + name] = tensor
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias
+        if self.input_qparams is not None:
+            destination[prefix + "input_scale"] = self.input_qparams.scale
+            if self.input_qparams.zero_point is not None:
+                destination[prefix + "input_zero_point"] = self.input_qparams.zero_point
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        names = ["qdata", "scale", "zero_point", "bias", "input_scale", "input_zero_point"]
+        found = {n: state_dict[prefix + n] for n in names if prefix + n in state_dict}
+        for n in ("qdata", "scale"):
+            if n not in found:
+                missing_keys.append(prefix + n)
+        if "qdata" not in found or "scale" not in found:
+            return
+        packed = PackedWeight.from_tensors(found, self.spec, self.in_features)
+        if self.input_qparams is not None and "input_scale" in found:
+            self.input_qparams = QParams(self.input_qparams.format, self.input_qparams.granularity,
+                                         found["input_scale"], found.get("input_zero_point"))
+        self._install(self.backend.build(packed, self.input_qparams))
+        if "bias" in found:
+            self.bias = found["bias"].float().clone()

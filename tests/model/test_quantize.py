@@ -1,0 +1,134 @@
+"""quantize(): real size reduction, kernels chosen, quality, calibration, bad input."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lowbit.model import Recipe, RecipeError, Rule, Scheme, quantize
+from lowbit.nn import QuantizedLinear, WeightSpec
+
+from .tiny import tiny_llama
+
+
+def _bytes(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _linear_bytes(model: nn.Module) -> int:
+    total = 0
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, QuantizedLinear)):
+            total += sum(t.numel() * t.element_size() for t in m.buffers())
+            total += sum(t.numel() * t.element_size() for t in m.parameters(recurse=False))
+    return total
+
+
+@pytest.fixture(scope="module")
+def base():
+    return tiny_llama(hidden=128)
+
+
+def _agreement(model, base, ids):
+    with torch.inference_mode():
+        ref = base(ids).logits.float()
+        out = model(ids).logits.float()
+    return (ref.argmax(-1) == out.argmax(-1)).float().mean().item(), \
+        torch.nn.functional.cosine_similarity(ref.flatten(), out.flatten(), 0).item()
+
+
+@pytest.mark.parametrize("recipe,max_ratio,min_cos", [
+    ("w8", 0.27, 0.999), ("w4g32", 0.17, 0.98), ("w4g128", 0.15, 0.97), ("w3g64", 0.15, 0.9),
+    ("nf4g64", 0.15, 0.97), ("fp8", 0.27, 0.995), ("w8a8", 0.27, 0.995), ("w2g16", 0.15, 0.5),
+])
+def test_quantize_shrinks_and_keeps_quality(base, recipe, max_ratio, min_cos):
+    model = copy.deepcopy(base)
+    before = _linear_bytes(model)
+    quantize(model, recipe, progress=False)
+    after = _linear_bytes(model)
+    assert after / before <= max_ratio
+    assert _bytes(model) < _bytes(base)
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    _, cos = _agreement(model, base, ids)
+    assert cos >= min_cos
+    summary = model.lowbit_summary
+    assert summary.layers == 15  # 2 layers x 7 linears + lm_head
+    assert sum(summary.kernels.values()) == 15
+
+
+def test_kernels_chosen(base):
+    chosen = {}
+    for recipe in ("w8", "w4g128", "w2g16", "w8a8"):
+        model = copy.deepcopy(base)
+        quantize(model, recipe, progress=False)
+        chosen[recipe] = set(model.lowbit_summary.kernels)
+    assert chosen["w8"] == {"int8_weight.int8pack_mm"}
+    assert chosen["w2g16"] == {"dequant+F.linear"}
+
+
+def test_bf16_recipe_casts(base):
+    model = copy.deepcopy(base)
+    quantize(model, "bf16", progress=False)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_keep_lm_head(base):
+    model = copy.deepcopy(base)
+    quantize(model, Recipe.parse("w8").with_keep("lm_head"), progress=False)
+    assert type(model.lm_head) is nn.Linear
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+
+
+def test_static_activations_need_calibration(base):
+    model = copy.deepcopy(base)
+    with pytest.raises(RecipeError, match="calibration"):
+        quantize(model, "w8a8-static", progress=False)
+    calib = [torch.randint(0, 128, (1, 32)) for _ in range(2)]
+    quantize(model, "w8a8-static", calib, progress=False)
+    q = model.model.layers[0].mlp.down_proj
+    assert q.input_qparams is not None and q.input_qparams.scale.numel() == 1
+    ids = torch.randint(0, 128, (1, 16))
+    assert _agreement(model, base, ids)[1] > 0.99
+
+
+def test_pattern_matching_nothing_lists_near_matches(base):
+    recipe = Recipe("x", Scheme(), rules=(Rule("model.layers.*.mlp.dwn_proj", Scheme()),))
+    with pytest.raises(RecipeError, match="down_proj"):
+        quantize(copy.deepcopy(base), recipe, progress=False)
+
+
+def test_model_without_linears():
+    with pytest.raises(RecipeError, match="no nn.Linear"):
+        quantize(nn.Sequential(nn.ReLU()), "w8", progress=False)
+
+
+def test_partial_groups_never_skip_layers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(576, 64), nn.ReLU(), nn.Linear(64, 576))
+    quantize(model, "w4g128", progress=False)
+    q = model[0]
+    assert isinstance(q, QuantizedLinear) and q.spec.granularity == "group:128"
+    assert q.packed_weight().qparams.scale.shape == (64, 5)  # 4 full groups + 1 of 64
+
+
+def test_custom_scheme_any_format():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64))
+    ref = model[0].weight.detach().clone()
+    quantize(model, Recipe("t", Scheme(WeightSpec("ternary", "channel"))), progress=False)
+    assert set(model[0].packed_weight().codes().unique().tolist()) <= {-1, 0, 1}
+    assert model[0].dequantize_weight().shape == ref.shape
+
+
+def test_int4_and_w8a8_kernels_chosen(base):
+    for recipe, kernel in (("w4g128", "int4_weight.int4pack_mm"), ("w3g64", "int4_weight.int4pack_mm"),
+                           ("w8a8", "int8_dynamic.int_mm"), ("w4a8", "int8_dynamic.int_mm")):
+        model = copy.deepcopy(base)
+        quantize(model, recipe, progress=False)
+        assert set(model.lowbit_summary.kernels) == {kernel}, recipe

@@ -1,0 +1,58 @@
+"""Recipes: presets, grammar, patterns, round trips, bad input."""
+
+import pytest
+
+from lowbit.model import PRESETS, Recipe, RecipeError, Rule, Scheme
+from lowbit.nn import WeightSpec
+
+
+def test_every_issue_preset_exists():
+    names = {"fp16", "bf16", "fp8", "w8", "w4g128", "w4g32", "w3g64", "w2g16", "nf4g64", "w8a8",
+             "w8a8-static", "w4a8"}
+    assert names <= set(PRESETS)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_round_trip_json_and_yaml(name, tmp_path):
+    recipe = PRESETS[name]
+    assert Recipe.from_dict(recipe.to_dict()) == recipe
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe.to_yaml())
+    assert Recipe.load(path) == recipe
+    path = tmp_path / "r.json"
+    path.write_text(recipe.to_json())
+    assert Recipe.parse(str(path)) == recipe
+
+
+def test_grammar():
+    r = Recipe.parse("w3g64-gptq")
+    assert r.default.weight == WeightSpec("uint3", "group:64", False, "bf16")
+    assert r.default.algorithm == "gptq"
+    assert Recipe.parse("w8a8-static").default.activation.mode == "static"
+
+
+def test_rules_keep_and_first_match():
+    r = Recipe("mix", Scheme(WeightSpec("int8", "channel")),
+               rules=(Rule("*.mlp.*", Scheme(WeightSpec("uint4", "group:32", False))),
+                      Rule("re:.*down_proj", Scheme(WeightSpec("int8", "channel")))),
+               keep=("lm_head",))
+    assert r.scheme_for("lm_head") is None
+    assert r.scheme_for("model.layers.0.mlp.down_proj").weight.format == "uint4"
+    assert r.scheme_for("model.layers.0.self_attn.q_proj").weight.format == "int8"
+
+
+def test_unknown_recipe_lists_presets():
+    with pytest.raises(RecipeError, match="w4g128"):
+        Recipe.parse("w9")
+
+
+def test_unknown_algorithm():
+    with pytest.raises(RecipeError, match="gptq"):
+        Scheme(algorithm="magic")
+
+
+def test_newer_version_refused():
+    d = PRESETS["w8"].to_dict()
+    d["lowbit_recipe_version"] = 99
+    with pytest.raises(RecipeError, match="upgrade"):
+        Recipe.from_dict(d)
