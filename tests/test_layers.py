@@ -17,10 +17,11 @@ ALLOWED = {
     "nn": LOW | {"kernels", "observers"},
     "algorithms": LOW | {"observers"},
     "runtime": LOW | {"kernels", "nn"},
-    "data": BASE,
-    "model": LOW | {"observers", "kernels", "nn", "algorithms", "runtime", "data", "model"},
+    "model": LOW | {"observers", "kernels", "nn", "algorithms", "runtime", "model"},
 }
-ALLOWED["eval"] = ALLOWED["model"] | {"model", "eval"}
+# data resolves tokenizer names through the model layer's loaders
+ALLOWED["data"] = BASE | {"model"}
+ALLOWED["eval"] = ALLOWED["model"] | {"model", "data", "eval"}
 ALLOWED["export"] = ALLOWED["model"] | {"export"}
 ALLOWED["cli"] = None  # the top: may import anything
 

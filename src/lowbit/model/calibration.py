@@ -23,7 +23,7 @@ def run_calibration(model: nn.Module, calibration: Iterable, progress: bool = Tr
     if progress:
         from tqdm.auto import tqdm
 
-        items = tqdm(calibration, desc="calibrating", unit="batch", leave=False)
+        items = tqdm(calibration, desc="calibrating", unit="batch", leave=False, disable=None)
     count = 0
     with torch.inference_mode():
         for batch in items:

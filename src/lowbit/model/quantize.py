@@ -198,4 +198,4 @@ def _progress(items, enabled: bool):
         return items
     from tqdm.auto import tqdm
 
-    return tqdm(items, desc="quantizing", unit="layer", leave=False)
+    return tqdm(items, desc="quantizing", unit="layer", leave=False, disable=None)

@@ -1,0 +1,208 @@
+"""What every weight-quantization algorithm shares: its config, its result, the RTN
+baseline and the Hessian accumulator that GPTQ-style methods read.
+
+An algorithm takes a layer's weight ``W`` of shape ``[out, in]`` (the ``nn.Linear``
+layout, so ``y = x @ W.T``) plus calibration statistics, and returns a result that holds
+*codes* in the format's code dtype (same shape as ``W``) and the ``QParams`` that turn them
+back into values. It never packs bytes, picks a kernel, reads a file or prints; the
+scale / zero-point math is always ``lowbit.formats.scaling``.
+
+``HessianAccumulator`` follows the reference GPTQ ``add_batch`` (Frantar et al., 2022,
+section 3: the layer-wise objective ``||W X - W_hat X||^2`` has Hessian ``H = 2 X X^T``);
+averaged over the ``n`` calibration tokens seen so far it is ``H = 2/n sum_t x_t x_t^T``,
+updated as a running mean so batches of any size can be added in any number.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.formats.base import NumberFormat, get_format
+from lowbit.formats.granularity import Granularity
+from lowbit.formats.scaling import SCALE_DTYPES, QParams, compute_qparams, dequantize, quantize
+
+
+class AlgorithmError(LowbitError, ValueError):
+    """Input an algorithm cannot work with (bad shapes, no calibration data, singular H)."""
+
+
+@dataclass(frozen=True)
+class WeightQuantConfig:
+    """How a weight is stored: format, which elements share a scale, and the scale's dtype.
+
+    ``granularity`` is a string such as ``"group:128"``, ``"channel"`` (one scale per
+    output row) or ``"tensor"``; groups run along the input dimension.
+    """
+
+    format: str | NumberFormat = "int4"
+    granularity: str = "group:128"
+    symmetric: bool = True
+    scale_dtype: str = "fp32"
+
+    def __post_init__(self) -> None:
+        fmt = get_format(self.format)  # raises with the list of valid names
+        if not self.symmetric and not fmt.supports_zero_point:
+            raise AlgorithmError(
+                f"{fmt.name} has no zero-point, so it cannot be asymmetric: use symmetric=True"
+            )
+        if self.symmetric and fmt.min_value >= 0:
+            raise AlgorithmError(
+                f"{fmt.name} is unsigned and cannot be symmetric around 0: use "
+                f"symmetric=False or the signed format"
+            )
+        gran = Granularity.parse(self.granularity)
+        if gran.kind == "token" or (gran.kind == "channel" and gran.axis not in (0, -2)):
+            raise AlgorithmError(
+                f"weight granularity {self.granularity!r} is not supported; use 'tensor', "
+                f"'channel' (one scale per output row) or 'group:N' (along the input dim)"
+            )
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise AlgorithmError(
+                f"unknown scale dtype {self.scale_dtype!r}; use one of {list(SCALE_DTYPES)}"
+            )
+
+    @property
+    def fmt(self) -> NumberFormat:
+        return get_format(self.format)
+
+    @property
+    def gran(self) -> Granularity:
+        gran = Granularity.parse(self.granularity)
+        return Granularity.per_channel(0) if gran.kind == "channel" else gran
+
+    @property
+    def group_size(self) -> int:
+        """Elements per group along the input dimension (0 unless ``group:N``)."""
+        return self.gran.group_size
+
+    def qparams(self, W: torch.Tensor) -> QParams:
+        """Min/max (or absmax) parameters of ``W`` under this config (the RTN choice)."""
+        return compute_qparams(
+            W, self.fmt, self.gran, symmetric=self.symmetric, scale_dtype=self.scale_dtype
+        )
+
+
+@dataclass
+class QuantResult:
+    """Codes and parameters an algorithm chose for one weight.
+
+    ``input_scale`` (AWQ, SmoothQuant-style folding): the codes encode ``W @ diag(s)``, so
+    the layer computes ``(W diag(s)) (diag(s)^-1 x)``; whoever applies the result divides
+    the preceding op's output (a norm or linear) by ``s``. ``info`` holds numbers worth
+    reporting (losses, the chosen alpha, the damping used).
+    """
+
+    codes: torch.Tensor
+    qparams: QParams
+    input_scale: torch.Tensor | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The stored weight's values (``W @ diag(s)`` when ``input_scale`` is set)."""
+        return dequantize(self.codes, self.qparams, dtype)
+
+    def effective_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """What replaces ``W`` in ``x @ W.T`` once the input scale is undone."""
+        w = self.dequantize(torch.float32)
+        if self.input_scale is not None:
+            w = w / self.input_scale.float()
+        return w.to(dtype)
+
+
+@dataclass
+class CodebookResult:
+    """Non-uniform (weight-sharing) result: an index per weight and a codebook per row.
+
+    ``centroids`` has shape ``granularity.param_shape(W.shape) + (2**bits,)`` and is sorted
+    ascending along its last dimension; ``codes`` (uint8, ``W``'s shape) index into it. One
+    row of centroids is exactly what a lookup (codebook) format holds, with scale 1.
+    """
+
+    codes: torch.Tensor
+    centroids: torch.Tensor
+    granularity: Granularity
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        shape = tuple(self.codes.shape)
+        k = self.centroids.shape[-1]
+        idx = self.granularity.rows(self.codes.to(torch.int64))
+        values = self.centroids.reshape(-1, k).float().gather(1, idx)
+        return from_rows(values, shape, self.granularity).to(dtype)
+
+
+def from_rows(rows: torch.Tensor, shape: tuple[int, ...], gran: Granularity) -> torch.Tensor:
+    """Inverse of ``Granularity.rows`` for the 2-D weight granularities (drops padding)."""
+    if gran.kind == "group":
+        return rows.reshape(shape[0], -1)[:, : shape[1]]
+    return rows.reshape(shape)
+
+
+def check_weight(W: torch.Tensor, what: str = "weight") -> torch.Tensor:
+    """``W`` as a finite float32 ``[out, in]`` tensor, or a clear error."""
+    if not isinstance(W, torch.Tensor) or W.dim() != 2:
+        got = tuple(W.shape) if isinstance(W, torch.Tensor) else type(W).__name__
+        raise AlgorithmError(f"{what} must be a 2-D [out, in] tensor, got {got}")
+    if not W.is_floating_point():
+        raise AlgorithmError(f"{what} has dtype {W.dtype}; pass a float tensor (W.float())")
+    if W.numel() == 0:
+        raise AlgorithmError(f"{what} is empty (shape {tuple(W.shape)})")
+    if not torch.isfinite(W).all():
+        raise AlgorithmError(f"{what} contains NaN or Inf; clean it before quantizing")
+    return W.detach().float()
+
+
+def check_inputs(
+    X: torch.Tensor, in_features: int, what: str = "calibration input"
+) -> torch.Tensor:
+    """Activations as a float32 ``[tokens, in]`` matrix (leading dims are flattened)."""
+    if not isinstance(X, torch.Tensor) or X.dim() < 1 or X.shape[-1] != in_features:
+        got = tuple(X.shape) if isinstance(X, torch.Tensor) else type(X).__name__
+        raise AlgorithmError(f"{what} must have last dimension {in_features}, got {got}")
+    X = X.detach().reshape(-1, in_features).float()
+    if X.shape[0] == 0:
+        raise AlgorithmError(f"{what} has no tokens; run calibration on some data first")
+    if not torch.isfinite(X).all():
+        raise AlgorithmError(f"{what} contains NaN or Inf")
+    return X
+
+
+def rtn(W: torch.Tensor, config: WeightQuantConfig) -> QuantResult:
+    """Round-to-nearest: min/max (or absmax) parameters, then nearest grid point."""
+    W = check_weight(W)
+    qp = config.qparams(W)
+    return QuantResult(quantize(W, qp), qp, info={"algorithm": "rtn"})
+
+
+class HessianAccumulator:
+    """Running ``H = 2/n sum_t x_t x_t^T`` over calibration tokens, as in GPTQ's ``add_batch``.
+
+    ``dtype=torch.float64`` costs twice the memory and is steadier for long calibration
+    runs; the reference uses float32.
+    """
+
+    def __init__(self, in_features: int, dtype: torch.dtype = torch.float32, device=None):
+        if in_features < 1:
+            raise AlgorithmError(f"in_features must be >= 1, got {in_features}")
+        self.in_features = in_features
+        self.H = torch.zeros(in_features, in_features, dtype=dtype, device=device)
+        self.nsamples = 0
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        """Fold in activations ``x`` of shape ``[..., in]`` (every row is one token)."""
+        x = check_inputs(x, self.in_features, "Hessian batch").to(self.H.dtype)
+        t = x.shape[0]
+        self.H *= self.nsamples / (self.nsamples + t)
+        self.nsamples += t
+        x = math.sqrt(2.0 / self.nsamples) * x
+        self.H += x.T @ x
+
+    @property
+    def mean_square(self) -> torch.Tensor:
+        """Mean ``x_i^2`` per input channel (``diag(H) / 2``): the llama.cpp imatrix."""
+        return torch.diagonal(self.H) / 2

@@ -1,0 +1,231 @@
+"""GPTQ: accurate post-training quantization with second-order error compensation.
+
+Frantar, Ashkboos, Hoefler, Alistarh, "GPTQ: Accurate Post-Training Quantization for
+Generative Pre-trained Transformers", ICLR 2023 (arXiv:2210.17323), Algorithm 1.
+
+For one linear layer the objective is ``argmin_Q ||W X - Q X||_2^2`` with ``H = 2 X X^T``
+(``HessianAccumulator``). Columns are quantized one at a time, left to right; after column
+``q`` the error is spread over the columns not yet quantized (eq. 2 / OBQ update):
+
+    delta_F = -(w_q - quant(w_q)) / [H_F^-1]_qq * (H_F^-1)_{:,q}
+
+Algorithm 1 makes this fast and stable:
+- the inverse Hessians of all the shrinking column sets are the rows of the upper Cholesky
+  factor of ``H^-1`` (``Hinv`` below; step "H^-1 <- Cholesky(H^-1)^T");
+- "lazy batch" updates: inside a block of ``block_size`` columns the update touches only
+  the block; the rest of ``W`` gets one matrix product per block (``E`` is ``Err1``);
+- dampening: ``lambda = percdamp * mean(diag H)`` is added to the diagonal. If Cholesky
+  still fails we multiply ``percdamp`` by 10 until ``max_percdamp``, then raise.
+
+Extras of the reference code (``gptq.py`` in IST-DASLab/gptq and its descendants):
+- dead inputs: ``H_ii = 0`` means the input never fired; set ``H_ii = 1`` and ``W_:,i = 0``;
+- ``act_order``: quantize columns in order of decreasing ``H_ii``; codes come back in the
+  original order;
+- groups: columns are grouped by their *original* index (contiguous groups, the layout
+  ``Granularity`` stores). Without ``static_groups`` a group's scale / zero-point are
+  computed when the first of its columns is reached, from the current, error-updated
+  values of its columns (the pending in-block update is applied exactly); with
+  ``static_groups`` all group parameters come up front from the original ``W``.
+
+Each column is quantized through ``scaling.quantize`` / ``dequantize`` with that column's
+parameters, so any format works: integer, float, lookup (NF4, codebooks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.algorithms.base import (
+    AlgorithmError,
+    HessianAccumulator,
+    QuantResult,
+    WeightQuantConfig,
+    check_weight,
+)
+from lowbit.formats.granularity import Granularity
+from lowbit.formats.scaling import QParams, compute_qparams, dequantize, quantize
+
+
+@dataclass(frozen=True)
+class GPTQ:
+    """Options of GPTQ (defaults of the reference implementation)."""
+
+    percdamp: float = 0.01
+    max_percdamp: float = 1.0
+    block_size: int = 128
+    act_order: bool = False
+    static_groups: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.percdamp <= self.max_percdamp:
+            raise AlgorithmError(
+                f"need 0 <= percdamp <= max_percdamp, got {self.percdamp}, {self.max_percdamp}"
+            )
+        if self.block_size < 1:
+            raise AlgorithmError(f"block_size must be >= 1, got {self.block_size}")
+
+    def quantize(
+        self, W: torch.Tensor, H: torch.Tensor | HessianAccumulator, config: WeightQuantConfig
+    ) -> QuantResult:
+        W = check_weight(W).clone()
+        nsamples = H.nsamples if isinstance(H, HessianAccumulator) else None
+        H = _check_hessian(H, W)
+        rows, cols = W.shape
+        gran, fmt = config.gran, config.fmt
+
+        dead = torch.diagonal(H) == 0  # inputs that never fired
+        H[dead, dead] = 1
+        W[:, dead] = 0
+
+        lazy = gran.kind == "group" and not self.static_groups
+        gs = gran.group_size if gran.kind == "group" else cols
+        # per-tensor / per-channel / static groups: parameters up front from W
+        upfront = None if lazy else config.qparams(W)
+        groups = _GroupParams(rows, -(-cols // gs), config) if lazy else None
+
+        perm = torch.arange(cols, device=W.device)
+        if self.act_order:  # columns in order of decreasing H_ii
+            perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+            W, H = W[:, perm], H[perm][:, perm]
+        invperm = torch.argsort(perm)
+        group_of = (perm // gs).tolist()  # original group of the column at each position
+
+        Hinv, used_damp = _inverse_cholesky(H, self.percdamp, self.max_percdamp, W, nsamples)
+
+        codes = torch.empty(rows, cols, dtype=fmt.code_dtype, device=W.device)
+        losses = torch.zeros(rows, cols, device=W.device)
+        for i1 in range(0, cols, self.block_size):  # lazy batch: one block at a time
+            i2 = min(i1 + self.block_size, cols)
+            W1 = W[:, i1:i2].clone()
+            Err1 = torch.zeros_like(W1)
+            Hinv1 = Hinv[i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                g = group_of[i1 + i]
+                if lazy and not groups.started[g]:
+                    # the group's columns (none quantized yet) with the pending update applied
+                    pos = invperm[g * gs : min((g + 1) * gs, cols)]
+                    groups.start(g, W[:, pos] - Err1[:, :i] @ Hinv[i1 : i1 + i, pos])
+                col_qp = groups.column(g) if lazy else _column_qparams(upfront, g)
+                w = W1[:, i]
+                d = Hinv1[i, i]
+                c = quantize(w.unsqueeze(1), col_qp)
+                q = dequantize(c, col_qp).squeeze(1)
+                codes[:, i1 + i] = c.squeeze(1)
+                losses[:, i1 + i] = (w - q) ** 2 / d**2 / 2
+                err1 = (w - q) / d  # OBQ update of the block's remaining columns
+                W1[:, i:] -= err1.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+                Err1[:, i] = err1
+            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # the rest of W, once per block
+
+        codes = codes[:, invperm]
+        qparams = groups.qparams(gran) if lazy else upfront
+        info = {
+            "algorithm": "gptq",
+            "loss": float(losses.sum()),
+            "percdamp": used_damp,
+            "dead_inputs": int(dead.sum()),
+            "act_order": self.act_order,
+        }
+        return QuantResult(codes, qparams, info=info)
+
+
+def gptq(
+    W: torch.Tensor,
+    H: torch.Tensor | HessianAccumulator,
+    config: WeightQuantConfig,
+    **options,
+) -> QuantResult:
+    """GPTQ-quantize ``W`` ``[out, in]`` given ``H`` ``[in, in]``; ``options`` are ``GPTQ``'s."""
+    return GPTQ(**options).quantize(W, H, config)
+
+
+class _GroupParams:
+    """Scale / zero-point of contiguous groups, computed when each group starts."""
+
+    def __init__(self, rows: int, n_groups: int, config: WeightQuantConfig):
+        self.config = config
+        self.started = [False] * n_groups
+        self.scale: torch.Tensor | None = None
+        self.zero: torch.Tensor | None = None
+        self.shape = (rows, n_groups)
+
+    def start(self, g: int, current: torch.Tensor) -> None:
+        cfg = self.config
+        qp = compute_qparams(current, cfg.fmt, Granularity.per_channel(0),
+                             symmetric=cfg.symmetric, scale_dtype=cfg.scale_dtype)
+        if self.scale is None:
+            self.scale = qp.scale.new_ones(self.shape)
+            if qp.zero_point is not None:
+                self.zero = qp.zero_point.new_zeros(self.shape)
+        self.scale[:, g] = qp.scale
+        if self.zero is not None:
+            self.zero[:, g] = qp.zero_point
+        self.started[g] = True
+
+    def column(self, g: int) -> QParams:
+        zero = None if self.zero is None else self.zero[:, g]
+        return QParams(self.config.fmt, Granularity.per_channel(0), self.scale[:, g], zero,
+                       self.config.scale_dtype)
+
+    def qparams(self, gran: Granularity) -> QParams:
+        return QParams(self.config.fmt, gran, self.scale, self.zero, self.config.scale_dtype)
+
+
+def _column_qparams(qp: QParams, group: int) -> QParams:
+    """Parameters for one column (as an ``[out, 1]`` tensor) from up-front parameters."""
+    kind = qp.granularity.kind
+    if kind == "tensor":
+        return qp
+    if kind == "channel":
+        return QParams(qp.format, Granularity.per_channel(0), qp.scale, qp.zero_point,
+                       qp.scale_dtype)
+    zp = None if qp.zero_point is None else qp.zero_point[:, group]
+    return QParams(qp.format, Granularity.per_channel(0), qp.scale[:, group], zp,
+                   qp.scale_dtype)
+
+
+def _check_hessian(H: torch.Tensor | HessianAccumulator, W: torch.Tensor) -> torch.Tensor:
+    if isinstance(H, HessianAccumulator):
+        if H.nsamples == 0:
+            raise AlgorithmError("the Hessian has seen no calibration tokens; call add_batch")
+        H = H.H
+    cols = W.shape[1]
+    if not isinstance(H, torch.Tensor) or tuple(H.shape) != (cols, cols):
+        got = tuple(H.shape) if isinstance(H, torch.Tensor) else type(H).__name__
+        raise AlgorithmError(f"Hessian must be [{cols}, {cols}] for a weight of shape "
+                             f"{tuple(W.shape)}, got {got}")
+    if not torch.isfinite(H).all():
+        raise AlgorithmError(
+            f"Hessian for the layer with weight shape {tuple(W.shape)} contains NaN or Inf: "
+            f"the calibration activations overflowed; accumulate in float64 or check the data"
+        )
+    dtype = torch.float64 if H.dtype == torch.float64 else torch.float32
+    return H.detach().to(dtype).clone()
+
+
+def _inverse_cholesky(
+    H: torch.Tensor, percdamp: float, max_percdamp: float, W: torch.Tensor, nsamples
+) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of ``(H + lambda I)^-1``, escalating the damping on failure."""
+    mean_diag = float(torch.diagonal(H).mean())
+    damp = percdamp
+    while True:
+        Hd = H.clone()
+        Hd.diagonal().add_(damp * mean_diag)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info) == 0 and torch.isfinite(U).all():
+                return U.float(), damp
+        nxt = damp * 10 if damp > 0 else 0.01
+        if nxt > max_percdamp * (1 + 1e-9):
+            seen = f" from {nsamples} tokens" if nsamples is not None else ""
+            raise AlgorithmError(
+                f"GPTQ: the Hessian of the layer with weight shape {tuple(W.shape)}{seen} is "
+                f"not positive definite even with percdamp={damp:g}; calibrate on more (and "
+                f"more varied) data, or raise max_percdamp / percdamp"
+            )
+        damp = nxt

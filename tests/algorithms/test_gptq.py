@@ -1,0 +1,160 @@
+"""GPTQ: parity with the reference code, accuracy against RTN, options, damping, errors."""
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from lowbit.algorithms import GPTQ, AlgorithmError, HessianAccumulator, WeightQuantConfig, gptq, rtn
+from lowbit.formats import FormatError, NumberFormat, get_format, quantize
+from lowbit.formats.base import grid_encode
+
+from ._algo_data import make_layer, output_mse
+from ._reference_gptq import reference_gptq
+
+
+def hessian(X):
+    acc = HessianAccumulator(X.shape[1])
+    acc.add_batch(X)
+    return acc
+
+
+@pytest.mark.parametrize(("gran", "group", "act_order"),
+                         [("channel", -1, False), ("channel", -1, True), ("group:128", 128, False)])
+def test_matches_reference_implementation(gran, group, act_order):
+    W, X = make_layer(out=32, k=256, tokens=300, seed=1)
+    X[:, 7] = 0  # a dead input
+    acc = hessian(X)
+    expected = reference_gptq(W, acc.H, 4, group, actorder=act_order)
+    got = gptq(W, acc, WeightQuantConfig("uint4", gran, symmetric=False), act_order=act_order)
+    assert torch.allclose(got.dequantize(), expected, rtol=0, atol=1e-5)
+    assert got.info["dead_inputs"] == 1
+    assert torch.all(got.dequantize()[:, 7] == 0)
+
+
+@pytest.mark.parametrize("fmt", ["int3", "int4"])
+@pytest.mark.parametrize("gran", ["group:64", "channel"])
+def test_beats_rtn_by_a_clear_margin(layer, fmt, gran):
+    W, X = layer
+    cfg = WeightQuantConfig(fmt, gran)
+    base = output_mse(W, X, rtn(W, cfg).dequantize())
+    plain = gptq(W, hessian(X), cfg)
+    ordered = gptq(W, hessian(X), cfg, act_order=True)
+    assert output_mse(W, X, plain.dequantize()) < 0.85 * base
+    assert output_mse(W, X, ordered.dequantize()) < 0.7 * base
+    assert plain.codes.dtype == torch.int8 and plain.codes.shape == W.shape
+
+
+@pytest.mark.parametrize("static_groups", [False, True])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_partial_last_group(act_order, static_groups):
+    W, X = make_layer(out=32, k=200, tokens=256)
+    cfg = WeightQuantConfig("uint4", "group:64", symmetric=False, scale_dtype="fp16")
+    result = gptq(W, hessian(X), cfg, act_order=act_order, static_groups=static_groups,
+                  block_size=48)
+    assert result.qparams.scale.shape == (32, 4) and result.qparams.scale.dtype == torch.float16
+    assert result.qparams.zero_point.dtype == torch.uint8
+    assert output_mse(W, X, result.dequantize()) < output_mse(W, X, rtn(W, cfg).dequantize())
+
+
+def test_codes_are_consistent_with_returned_qparams(layer):
+    """Re-quantizing the dequantized weight with the returned parameters gives the codes."""
+    W, X = layer
+    result = gptq(W, hessian(X), WeightQuantConfig("int4", "group:64"), act_order=True)
+    assert torch.equal(quantize(result.dequantize(), result.qparams), result.codes)
+
+
+def test_damping_escalates_on_an_indefinite_hessian(layer):
+    W, _ = layer
+    W = W[:, :64]
+    v = torch.nn.functional.normalize(torch.randn(64, generator=torch.Generator().manual_seed(0)),
+                                      dim=0)
+    H = torch.eye(64) - 1.05 * torch.outer(v, v)  # one eigenvalue -0.05
+    result = gptq(W, H, WeightQuantConfig("int4", "channel"))
+    assert result.info["percdamp"] == pytest.approx(0.1)
+    assert torch.isfinite(result.dequantize()).all()
+
+
+def test_rank_deficient_calibration(layer):
+    W, _ = layer
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(512, 3, generator=g) @ torch.randn(3, 256, generator=g)  # rank 3
+    cfg = WeightQuantConfig("int4", "group:64")
+    result = gptq(W, hessian(X), cfg, percdamp=0.0)
+    assert result.info["percdamp"] > 0
+    assert output_mse(W, X, result.dequantize()) < output_mse(W, X, rtn(W, cfg).dequantize())
+
+
+def test_clear_errors(layer):
+    W, X = layer
+    cfg = WeightQuantConfig("int4", "channel")
+    H = hessian(X).H
+    H[0, 1] = float("nan")
+    with pytest.raises(AlgorithmError, match=r"\(64, 256\).*NaN"):
+        gptq(W, H, cfg)
+    v = torch.nn.functional.normalize(torch.ones(256), dim=0)
+    with pytest.raises(AlgorithmError, match=r"\(64, 256\).*more .*data.*percdamp"):
+        gptq(W, torch.eye(256) - 5 * torch.outer(v, v), cfg)
+    with pytest.raises(AlgorithmError, match=r"\[256, 256\]"):
+        gptq(W, torch.eye(10), cfg)
+    with pytest.raises(AlgorithmError, match="no calibration"):
+        gptq(W, HessianAccumulator(256), cfg)
+    with pytest.raises(AlgorithmError, match="percdamp"):
+        GPTQ(percdamp=2.0)
+
+
+@dataclass(frozen=True)
+class _Codebook(NumberFormat):
+    """A lookup format defined here so the test needs nothing beyond the format contract."""
+
+    kind = "lookup"
+
+    @property
+    def max_value(self):
+        return 1.0
+
+    @property
+    def min_value(self):
+        return -1.0
+
+    @property
+    def code_dtype(self):
+        return torch.uint8
+
+    def grid(self):
+        return torch.tensor([-1.0, -0.7, -0.53, -0.39, -0.28, -0.18, -0.09, 0.0,
+                             0.08, 0.16, 0.25, 0.34, 0.44, 0.56, 0.72, 1.0], dtype=torch.float64)
+
+    def encode(self, y, rounding="nearest", generator=None):
+        return grid_encode(y, self.grid(), rounding, generator).to(torch.uint8)
+
+    def decode(self, codes):
+        return self.grid().float()[codes.long()]
+
+
+def _lookup_formats():
+    formats = [_Codebook("test-nf4", 4)]
+    try:
+        formats.append(get_format("nf4"))
+    except FormatError:
+        pass
+    return formats
+
+
+@pytest.mark.parametrize("fmt", _lookup_formats(), ids=str)
+def test_works_with_lookup_formats(layer, fmt):
+    W, X = layer
+    cfg = WeightQuantConfig(fmt, "group:64")
+    result = gptq(W, hessian(X), cfg, act_order=True)
+    assert result.codes.dtype == torch.uint8
+    assert output_mse(W, X, result.dequantize()) < 0.85 * output_mse(W, X, rtn(W, cfg).dequantize())
+
+
+def test_static_groups_take_parameters_from_the_original_weight(layer):
+    W, X = layer
+    cfg = WeightQuantConfig("uint4", "group:64", symmetric=False)
+    result = gptq(W, hessian(X), cfg, act_order=True, static_groups=True)
+    upfront = rtn(W, cfg).qparams
+    assert torch.equal(result.qparams.scale, upfront.scale)
+    assert torch.equal(result.qparams.zero_point, upfront.zero_point)
+    assert output_mse(W, X, result.dequantize()) < 0.7 * output_mse(W, X, rtn(W, cfg).dequantize())
