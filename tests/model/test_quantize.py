@@ -127,7 +127,8 @@ def test_custom_scheme_any_format():
 
 
 def test_int4_and_w8a8_kernels_chosen(base):
-    for recipe, kernel in (("w4g128", "int4_weight.int4pack_mm"), ("w3g64", "int4_weight.int4pack_mm"),
+    int4 = "int4_weight.int4pack_mm"
+    for recipe, kernel in (("w4g128", int4), ("w3g64", int4),
                            ("w8a8", "int8_dynamic.int_mm"), ("w4a8", "int8_dynamic.int_mm")):
         model = copy.deepcopy(base)
         quantize(model, recipe, progress=False)

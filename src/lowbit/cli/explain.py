@@ -51,7 +51,8 @@ def _qparams(x: torch.Tensor, fmt, args: argparse.Namespace):
 
     granularity = Granularity.parse(args.granularity)
     if granularity.kind not in ("tensor", "group"):
-        raise FormatError("explain takes a flat list of values: use --granularity tensor or group:N")
+        raise FormatError(
+            "explain takes a flat list of values: use --granularity tensor or group:N")
     symmetric = not args.asymmetric
     if args.no_scale:
         one = torch.tensor(fmt.max_value)

@@ -150,7 +150,8 @@ class Recipe:
                 version=int(d.get("lowbit_recipe_version", RECIPE_VERSION)),
             )
         except (TypeError, KeyError) as exc:
-            raise RecipeError(f"malformed recipe: {exc}; see Recipe.to_dict() for the layout") from exc
+            raise RecipeError(
+                f"malformed recipe: {exc}; see Recipe.to_dict() for the layout") from exc
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -185,7 +186,8 @@ class Recipe:
             return parsed
         raise RecipeError(
             f"unknown recipe {text!r}; presets: {', '.join(PRESETS)}; or w<bits>[g<group>]"
-            f"[a8[-static]][-<algorithm>] (algorithms: {', '.join(ALGORITHMS)}), or a .json/.yaml file"
+            f"[a8[-static]][-<algorithm>] (algorithms: {', '.join(ALGORITHMS)}), "
+            f"or a .json/.yaml file"
         )
 
     def describe(self) -> str:

@@ -131,8 +131,9 @@ def read_manifest(directory: str | os.PathLike) -> dict:
         raise CheckpointError(f"{manifest_path} is corrupt ({exc}); re-create the checkpoint") \
             from exc
     if manifest.get("format") != FILE_FORMAT or manifest.get("format_version", 0) > FILE_VERSION:
-        raise CheckpointError(f"{path} was written by a newer or different tool "
-                              f"(format {manifest.get('format')!r} v{manifest.get('format_version')})")
+        raise CheckpointError(
+            f"{path} was written by a newer or different tool (format "
+            f"{manifest.get('format')!r} v{manifest.get('format_version')}): upgrade lowbit")
     return manifest
 
 
