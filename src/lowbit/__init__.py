@@ -25,13 +25,19 @@ _LAZY = {
     "eval": "lowbit.eval",
     "load_model": "lowbit.model",
     "load_tokenizer": "lowbit.model",
-    "quantize": "lowbit.model",
     "save": "lowbit.model",
     "load": "lowbit.model",
     "Recipe": "lowbit.model",
     "PRESETS": "lowbit.model",
     "evaluate": "lowbit.eval",
 }
+
+
+def quantize(model, recipe="w8", calibration=None, **kwargs):
+    """Quantize ``model`` in place with ``recipe`` and return it (see ``lowbit.model.quantize``)."""
+    from lowbit.model import quantize as _quantize
+
+    return _quantize(model, recipe, calibration, **kwargs)
 
 
 def __getattr__(name: str):

@@ -133,3 +133,15 @@ def test_int4_and_w8a8_kernels_chosen(base):
         model = copy.deepcopy(base)
         quantize(model, recipe, progress=False)
         assert set(model.lowbit_summary.kernels) == {kernel}, recipe
+
+
+def test_outlier_channels_stay_in_float(base):
+    model = copy.deepcopy(base)
+    calib = [torch.randint(0, 128, (1, 32)) for _ in range(2)]
+    quantize(model, "w8a8-outliers", calib, progress=False)
+    q = model.model.layers[0].mlp.down_proj
+    assert q.outlier_index.numel() == 8 and q.outlier_weight.shape == (128, 8)
+    x = torch.randn(3, q.in_features)
+    assert torch.allclose(q(x), q(x, impl="reference"), atol=0.05, rtol=0.05)
+    ids = torch.randint(0, 128, (1, 16))
+    assert _agreement(model, base, ids)[1] > 0.99

@@ -1,14 +1,12 @@
 """save / load: exact round trip, no pickle, atomic writes, corrupt files."""
 
-import copy
 import json
 
 import pytest
 import torch
 from torch import nn
 
-from lowbit.model import CheckpointError, load, quantize, save
-from lowbit.model import serialization
+from lowbit.model import CheckpointError, load, quantize, save, serialization
 
 from .tiny import tiny_llama
 
@@ -80,3 +78,13 @@ def test_not_a_checkpoint_and_pickle(tmp_path):
     p.write_bytes(b"\x80\x04")
     with pytest.raises(CheckpointError, match="never unpickles"):
         load(p)
+
+
+def test_outliers_round_trip(tmp_path):
+    model = tiny_llama()
+    quantize(model, "w8a8-outliers", [torch.randint(0, 128, (1, 32))], progress=False)
+    save(model, tmp_path / "o")
+    loaded = load(tmp_path / "o")
+    ids = torch.randint(0, 128, (1, 12))
+    with torch.inference_mode():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)

@@ -10,6 +10,7 @@ import sys
 COMMANDS = {
     "formats": ("lowbit.cli.formats_cmd", "table of every number format"),
     "explain": ("lowbit.cli.explain", "show what a format does to some numbers, bit by bit"),
+    "demo": ("lowbit.cli.demo_cmd", "the main job: quantize the bundled model, show the costs"),
     "quantize": ("lowbit.cli.quantize_cmd", "quantize a model with a recipe and save it"),
     "eval": ("lowbit.cli.eval_cmd", "perplexity, size and speed of a model or checkpoint"),
 }

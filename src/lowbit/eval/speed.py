@@ -39,6 +39,8 @@ def _median(fn, repeats: int) -> float:
 def measure_speed(model: nn.Module, token_ids: torch.Tensor, *, prefill_tokens: int = 512,
                   prompt_tokens: int = 32, decode_tokens: int = 64, repeats: int = 3,
                   engine: str = "auto") -> SpeedReport:
+    """``engine``: ``auto`` (lowbit's runtime when it supports the model), ``lowbit`` or
+    ``hf`` (transformers' ``generate``)."""
     """Prefill seconds and decode tokens per second of ``model`` on ``token_ids``."""
     ids = torch.as_tensor(token_ids).reshape(-1)
     prefill_ids = ids[:prefill_tokens].unsqueeze(0)
@@ -50,19 +52,29 @@ def measure_speed(model: nn.Module, token_ids: torch.Tensor, *, prefill_tokens: 
     return SpeedReport(prefill, decode_tokens / decode, engine_name)
 
 
+def activation_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the model's unquantized parts run in (its first float parameter's)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
 def _engine(model: nn.Module, engine: str):
+    """The generation loop to time: lowbit's lean runtime when it can run the model
+    (Llama-style decoders), else Hugging Face ``generate``."""
     if engine in ("auto", "lowbit"):
+        from lowbit.runtime import DecoderRuntime, UnsupportedModelError, generate
+
+        dtype = activation_dtype(model)
         try:
-            from lowbit.runtime import supports
-
-            if supports(model):
-                from lowbit.runtime import generate
-
-                return (lambda p, n: generate(model, p, n)), "lowbit.runtime"
-        except ImportError:
-            pass
-        if engine == "lowbit":
-            raise ValueError("the lowbit runtime cannot run this model; use engine='hf'")
+            runtime = DecoderRuntime(model, dtype=dtype)  # prepared once, outside the timing
+        except UnsupportedModelError:
+            if engine == "lowbit":
+                raise
+        else:
+            name = f"lowbit.runtime ({str(dtype).removeprefix('torch.')})"
+            return (lambda p, n: generate(runtime, p, n, dtype=dtype)), name
 
     def hf(prompt, n):
         model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -37,6 +38,14 @@ def run_calibration(model: nn.Module, calibration: Iterable, progress: bool = Tr
     return count
 
 
+class InputStats(NamedTuple):
+    """What a layer's inputs spanned over the calibration data."""
+
+    min: torch.Tensor  # per tensor
+    max: torch.Tensor  # per tensor
+    channel_absmax: torch.Tensor  # per input channel, [in_features]
+
+
 def collect_input_ranges(
     model: nn.Module,
     targets: list[tuple[str, nn.Module, object]],
@@ -44,18 +53,21 @@ def collect_input_ranges(
     *,
     progress: bool = True,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Running per-tensor min/max of each target layer's input over the calibration data."""
+    """Running min/max (per tensor) and absmax (per input channel) of each target layer's
+    input over the calibration data."""
     ranges: dict[str, list[torch.Tensor]] = {}
 
     def hook_for(name):
         def hook(module, args):
-            x = args[0].detach()
-            lo, hi = torch.aminmax(x.float())
+            x = args[0].detach().float()
+            lo, hi = torch.aminmax(x)
+            chan = x.abs().reshape(-1, x.shape[-1]).amax(0)
             if name in ranges:
                 ranges[name][0] = torch.minimum(ranges[name][0], lo)
                 ranges[name][1] = torch.maximum(ranges[name][1], hi)
+                ranges[name][2] = torch.maximum(ranges[name][2], chan)
             else:
-                ranges[name] = [lo, hi]
+                ranges[name] = [lo, hi, chan]
         return hook
 
     handles = [m.register_forward_pre_hook(hook_for(n)) for n, m, _ in targets]
@@ -64,4 +76,4 @@ def collect_input_ranges(
     finally:
         for h in handles:
             h.remove()
-    return {n: (r[0], r[1]) for n, r in ranges.items()}
+    return {n: InputStats(*r) for n, r in ranges.items()}

@@ -79,6 +79,18 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def split_outliers(weight: torch.Tensor, channel_absmax: torch.Tensor, k: int):
+    """The ``k`` input channels with the largest calibration activations (LLM.int8(),
+    Dettmers et al., 2022, sec. 3.2): their weight columns are kept in floating point and
+    zeroed in the weight that gets quantized."""
+    k = min(k, weight.shape[1])
+    index = torch.topk(channel_absmax.float(), k).indices.sort().values
+    columns = weight.detach()[:, index].clone()
+    rest = weight.detach().clone()
+    rest[:, index] = 0
+    return rest, (index, columns)
+
+
 def quantize_weight(weight: torch.Tensor, scheme: Scheme):
     """Codes and parameters for one weight under ``scheme`` (round to nearest)."""
     spec = scheme.weight
@@ -159,14 +171,22 @@ def quantize_model(
             summary.kept.append(name)
             continue
         summary.bytes_before += _tensor_bytes(linear.weight) + _tensor_bytes(linear.bias)
-        codes, qparams = quantize_weight(linear.weight, scheme)
+        weight, outliers = linear.weight, None
+        if scheme.outlier_channels > 0:
+            weight, outliers = split_outliers(weight, input_ranges[name].channel_absmax,
+                                              scheme.outlier_channels)
+        codes, qparams = quantize_weight(weight, scheme)
         input_qparams = None
         if scheme.activation is not None and scheme.activation.mode == "static":
-            lo, hi = input_ranges[name]
+            stats = input_ranges[name]
+            lo, hi = stats.min, stats.max
+            if outliers is not None:  # the outlier channels no longer reach the int8 path
+                rest = stats.channel_absmax.index_fill(0, outliers[0], 0).max()
+                lo, hi = torch.maximum(lo, -rest), torch.minimum(hi, rest)
             input_qparams = qparams_from_range(lo, hi, get_format("int8"), symmetric=True)
         qlinear = QuantizedLinear.from_codes(
             codes, qparams, scheme.weight, linear.bias, activation=scheme.activation,
-            input_qparams=input_qparams, backend=backend)
+            input_qparams=input_qparams, backend=backend, outliers=outliers)
         _set_module(model, name, qlinear)
         summary.layers += 1
         summary.bytes_after += qlinear.weight_nbytes() + _tensor_bytes(qlinear.bias)

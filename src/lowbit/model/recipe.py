@@ -239,6 +239,8 @@ PRESETS: dict[str, Recipe] = {
     "w8a8-static": Recipe("w8a8-static", _w(
         "int8", "channel", activation=ActivationSpec("static", granularity="tensor"))),
     "w4a8": Recipe("w4a8", _w("int4", "channel", activation=ActivationSpec("dynamic"))),
+    "w8a8-outliers": Recipe("w8a8-outliers", _w(
+        "int8", "channel", activation=ActivationSpec("dynamic"), outlier_channels=8)),
 }
 
 PRESET_DESCRIPTIONS = {
@@ -255,4 +257,6 @@ PRESET_DESCRIPTIONS = {
     "w8a8": "int8 weights + int8 activations quantized per token at run time",
     "w8a8-static": "int8 weights + int8 activations with calibrated per-tensor scales",
     "w4a8": "4-bit per-channel weights + int8 per-token activations",
+    "w8a8-outliers": "w8a8, but the 8 input channels with the largest calibration "
+    "activations of each layer stay in bf16 (LLM.int8()-style)",
 }

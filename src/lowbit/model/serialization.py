@@ -185,8 +185,12 @@ def load(directory: str | os.PathLike, *, model: nn.Module | None = None) -> nn.
         if "input_scale" in own:
             input_qparams = QParams(get_format("int8"), Granularity.per_tensor(),
                                     own["input_scale"], own.get("input_zero_point"))
+        outliers = None
+        if "outlier_index" in own:
+            outliers = (own["outlier_index"], own["outlier_weight"])
         module = QuantizedLinear(packed, spec, own.get("bias"), activation=activation,
-                                 input_qparams=input_qparams, backend=entry.get("backend"))
+                                 input_qparams=input_qparams, backend=entry.get("backend"),
+                                 outliers=outliers)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
     quantized_keys = {k for k in model.state_dict() if any(

@@ -28,7 +28,11 @@ class QuantizedLinear(nn.Module):
         activation: ActivationSpec | None = None,
         input_qparams: QParams | None = None,
         backend: str | None = None,
+        outliers: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
+        """``outliers``: ``(input channel indices, their float weight columns [N, k])`` kept
+        in higher precision beside the quantized weight (LLM.int8(), Dettmers et al., 2022,
+        eq. 5: the outlier columns' product is added in floating point)."""
         super().__init__()
         self.in_features = packed.in_features
         self.out_features = packed.out_features
@@ -41,6 +45,15 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("bias", bias.detach().float().clone())
         else:
             self.bias = None
+        self._set_outliers(outliers)
+
+    def _set_outliers(self, outliers) -> None:
+        if outliers is None:
+            self.outlier_index = self.outlier_weight = None
+            return
+        index, weight = outliers
+        self.register_buffer("outlier_index", index.detach().to(torch.int64).clone())
+        self.register_buffer("outlier_weight", weight.detach().to(torch.bfloat16).clone())
 
     # -- construction ------------------------------------------------------------------
     @classmethod
@@ -87,8 +100,11 @@ class QuantizedLinear(nn.Module):
         return self.packed_weight().dequantize(dtype)
 
     def weight_nbytes(self) -> int:
-        """Bytes of codes + scales + zero-points held in memory."""
-        return sum(t.numel() * t.element_size() for t in self.backend.tensors(self._state).values())
+        """Bytes of codes + scales + zero-points (+ outlier columns) held in memory."""
+        tensors = list(self.backend.tensors(self._state).values())
+        if self.outlier_index is not None:
+            tensors += [self.outlier_index, self.outlier_weight]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def extra_repr(self) -> str:
         act = f", activation={self.activation.mode}" if self.activation else ""
@@ -100,15 +116,26 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor, impl: str = "auto") -> torch.Tensor:
         if impl == "reference":
             return self.reference_forward(x)
-        return self.backend.forward(x, self._state, self.bias)
+        if self.outlier_index is None:
+            return self.backend.forward(x, self._state, self.bias)
+        idx = self.outlier_index
+        y = self.backend.forward(x.index_fill(-1, idx, 0), self._state, self.bias)
+        return y + torch.nn.functional.linear(x.index_select(-1, idx),
+                                              self.outlier_weight.to(x.dtype))
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Plain path: simulate activation quantization, dequantize, float32 matmul."""
         if x.shape[-1] != self.in_features:
             raise ModuleError(f"input has {x.shape[-1]} features, layer takes {self.in_features}")
-        xf = self.backend.simulate_input(x.float(), self._state)
+        xf = x.float()
+        extra = 0
+        if self.outlier_index is not None:
+            extra = torch.nn.functional.linear(xf[..., self.outlier_index],
+                                               self.outlier_weight.float())
+            xf = xf.index_fill(-1, self.outlier_index, 0)
+        xf = self.backend.simulate_input(xf, self._state)
         w = self.dequantize_weight()
-        return torch.nn.functional.linear(xf, w, self.bias).to(x.dtype)
+        return (torch.nn.functional.linear(xf, w, self.bias) + extra).to(x.dtype)
 
     # -- state dict: canonical packed codes --------------------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -117,6 +144,9 @@ class QuantizedLinear(nn.Module):
             destination[prefix + name] = tensor
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias
+        if self.outlier_index is not None:
+            destination[prefix + "outlier_index"] = self.outlier_index
+            destination[prefix + "outlier_weight"] = self.outlier_weight
         if self.input_qparams is not None:
             destination[prefix + "input_scale"] = self.input_qparams.scale
             if self.input_qparams.zero_point is not None:
@@ -124,7 +154,8 @@ class QuantizedLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        names = ["qdata", "scale", "zero_point", "bias", "input_scale", "input_zero_point"]
+        names = ["qdata", "scale", "zero_point", "bias", "input_scale", "input_zero_point",
+                 "outlier_index", "outlier_weight"]
         found = {n: state_dict[prefix + n] for n in names if prefix + n in state_dict}
         for n in ("qdata", "scale"):
             if n not in found:
@@ -138,3 +169,5 @@ class QuantizedLinear(nn.Module):
         self._install(self.backend.build(packed, self.input_qparams))
         if "bias" in found:
             self.bias = found["bias"].float().clone()
+        if "outlier_index" in found:
+            self._set_outliers((found["outlier_index"], found["outlier_weight"]))
