@@ -1,0 +1,148 @@
+"""SmolLM2-135M end to end: quality, size, speed and quantization memory of lowbit's recipes.
+
+Protocol (../shared/BENCHMARKS.md):
+- PPL: first 16,384 tokens of CPython 3.11's pydoc topics, 32 windows of 512, every token
+  scored; ΔPPL, KL divergence and top-1 agreement against the FP32 model.
+- Speed: prefill = one forward of 1x512 tokens; decode = 64 greedy tokens after a 32-token
+  prompt with a KV cache; median of 3 after a warm-up; 2 threads. The baseline is torch FP32
+  eager with Hugging Face ``generate``, timed right before and right after each config in
+  the same process; the ratio divides by the mean of those two FP32 runs (> 1 = faster).
+  lowbit configs decode with lowbit's runtime (static KV cache) and prefill with the model's
+  own forward; the engine is printed.
+- Bytes: the quantized linears' codes + scales + zero-points in memory vs their FP32 bytes.
+- Peak memory while quantizing (``--memory``): a subprocess loads the FP32 model, resets
+  the kernel's peak-RSS counter (/proc/self/clear_refs), quantizes, and reports
+  (peak RSS - RSS before loading) / (RSS after loading - RSS before loading).
+
+SmolLM2's weights were Q4_1 (block-32 asymmetric 4-bit) before dequantization, so w4g32 is
+the easy case here; w4g128 is the honest 4-bit comparison.
+
+Run: .venv/bin/python benchmarks/models.py [--recipes bf16,w8,w4g128,w4g32,w8a8]
+     [--windows 32] [--no-speed] [--memory] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import subprocess
+import sys
+
+import torch
+
+from lowbit.cli.common import calibration_batches
+from lowbit.eval import evaluate, measure_speed, model_size
+from lowbit.model import Recipe, load_model, load_tokenizer, quantize
+
+_MEMORY_PROBE = r"""
+import sys, torch
+from lowbit.model import load_model, quantize
+def rss():
+    for line in open('/proc/self/status'):
+        if line.startswith(('VmRSS', 'VmHWM')):
+            yield line.split(':')[0], int(line.split()[1]) * 1024
+torch.set_num_threads(2)
+before = dict(rss())['VmRSS']
+model = load_model('smollm2-135m')
+after = dict(rss())['VmRSS']
+open('/proc/self/clear_refs', 'w').write('5')
+quantize(model, sys.argv[1], progress=False)
+peak = dict(rss())['VmHWM']
+print((peak - before) / (after - before), (after - before) / 1e6, (peak - before) / 1e6)
+"""
+
+
+def quantize_memory(recipe: str) -> tuple[float, float, float]:
+    out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, recipe], capture_output=True,
+                         text=True, check=True)
+    ratio, model_mb, peak_mb = map(float, out.stdout.split()[-3:])
+    return ratio, model_mb, peak_mb
+
+
+def fp32_speed(model, ids):
+    return measure_speed(model, ids, engine="hf")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--recipes", default="bf16,w8,w4g128,w4g32,w8a8")
+    ap.add_argument("--windows", type=int, default=32)
+    ap.add_argument("--no-speed", action="store_true")
+    ap.add_argument("--memory", action="store_true", help="measure peak RSS while quantizing")
+    ap.add_argument("--json", help="write the rows here")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    base = load_model(args.model)
+    tok = load_tokenizer(args.model)
+    from lowbit.data import tokens
+
+    ids = tokens("pydoc", tok, count=512 * args.windows)
+    fp32_bytes = model_size(base).linear_bytes
+    rows = []
+    base_eval = evaluate(base, tok, baseline=base, n_windows=args.windows, speed=False)
+    print(f"FP32 PPL {base_eval['ppl']:.3f} ({args.windows}x512 tokens, every token scored)")
+    for name in [r for r in args.recipes.split(",") if r]:
+        recipe = Recipe.parse(name)
+        model = copy.deepcopy(base)
+        calib = calibration_batches(tok, None, tokens=8192) if recipe.needs_calibration else None
+        quantize(model, recipe, calib, progress=False)
+        r = evaluate(model, tok, baseline=base, n_windows=args.windows, speed=False)
+        row = {"recipe": name, "ppl": r["ppl"], "delta_ppl_pct": r["delta_ppl_pct"],
+               "kld_mean": r["kld_mean"], "top1": r["top1_agreement"],
+               "linear_bytes_ratio": r["linear_bytes"] / fp32_bytes,
+               "bits_per_weight": r["bits_per_weight"], "kernels": r["kernels"]}
+        if not args.no_speed:
+            before = fp32_speed(base, ids)
+            mine = measure_speed(model, ids)
+            after = fp32_speed(base, ids)
+            ref_prefill = (before.prefill_s + after.prefill_s) / 2
+            ref_decode = (before.decode_tok_s + after.decode_tok_s) / 2
+            row.update(prefill_s=mine.prefill_s, decode_tok_s=mine.decode_tok_s,
+                       engine=mine.engine, fp32_prefill_s=ref_prefill,
+                       fp32_decode_tok_s=ref_decode,
+                       prefill_x=ref_prefill / mine.prefill_s,
+                       decode_x=mine.decode_tok_s / ref_decode)
+        if args.memory:
+            row["quantize_peak_x"], _, row["quantize_peak_mb"] = quantize_memory(name)
+        rows.append(row)
+        print(_line(row), flush=True)
+        del model
+    print()
+    print(_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+def _line(row: dict) -> str:
+    parts = [f"{row['recipe']:>12}", f"PPL {row['ppl']:.3f}", f"Δ {row['delta_ppl_pct']:+.2f}%",
+             f"KLD {row['kld_mean']:.4f}", f"top-1 {100 * row['top1']:.1f}%",
+             f"bytes {row['linear_bytes_ratio']:.3f}x"]
+    if "prefill_x" in row:
+        parts += [f"prefill {row['prefill_x']:.2f}x", f"decode {row['decode_x']:.2f}x "
+                  f"({row['decode_tok_s']:.1f} vs {row['fp32_decode_tok_s']:.1f} tok/s, "
+                  f"{row['engine']})"]
+    if "quantize_peak_x" in row:
+        parts.append(f"quantize peak {row['quantize_peak_x']:.2f}x FP32 model")
+    return "  ".join(parts)
+
+
+def _table(rows: list[dict]) -> str:
+    head = ("| recipe | PPL | ΔPPL | KLD | top-1 | linear bytes vs FP32 | bits/weight | "
+            "prefill × | decode × | kernel |")
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        kernel = max(r["kernels"].items(), key=lambda kv: kv[1])[0]
+        speed = (f"{r['prefill_x']:.2f}", f"{r['decode_x']:.2f}") if "prefill_x" in r else \
+            ("-", "-")
+        lines.append(f"| {r['recipe']} | {r['ppl']:.3f} | {r['delta_ppl_pct']:+.2f}% | "
+                     f"{r['kld_mean']:.4f} | {100 * r['top1']:.1f}% | "
+                     f"{r['linear_bytes_ratio']:.3f}x | {r['bits_per_weight']:.2f} | "
+                     f"{speed[0]} | {speed[1]} | {kernel} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""W8A8 linear: int8 activations times int8 weights with int32 accumulation.
+
+Weights: int8 codes ``q_w`` ``[N, K]``, symmetric, one float scale per output channel.
+Activations are quantized symmetrically to int8 on the fly,
+
+- dynamic (per token, computed every call; as in LLM.int8()'s vector-wise quantization,
+  Dettmers et al., 2022, without the outlier split): ``s_x[m] = max_k |x[m, k]| / 127``;
+- static (one per-tensor scale ``s_x`` fixed by calibration, e.g. SmoothQuant's
+  per-tensor static setting, Xiao et al., 2023): codes clamped to ``[-127, 127]``;
+
+with ``q_x = round(x / s_x)`` (half to even), then
+
+    y[m, n] = s_x[m] * s_w[n] * sum_k q_x[m, k] * q_w[n, k]  (+ bias[n])
+
+The integer sum runs on ``torch._int_mm`` (int8 x int8 -> int32; oneDNN/VNNI on x86). On
+the CPU in torch 2.13 it accepts any ``M`` (the ``M > 16`` rule is CUDA's) and is exact
+(tests check it against float64), so decode (``M = 1``) uses the same kernel; the weight
+is passed as the transposed view of the ``[N, K]`` codes, which is also its fastest layout
+(11 us vs 27 us for a contiguous ``[K, N]`` copy at 1x576x1536). The reference path uses
+the same activation codes and does the matmul in float64, which is exact here (|sum| <
+K * 2^14 < 2^53).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.kernels._common import (
+    KernelError,
+    aligned_contiguous,
+    check_bias,
+    check_input,
+    check_vector,
+    check_weight,
+    use_fast,
+)
+
+FAMILY = "int8_dynamic"
+FAST = "int8_dynamic.int_mm"
+REFERENCE = "int8_dynamic.reference"
+STATIC_FAST = "int8_static.int_mm"
+STATIC_REFERENCE = "int8_static.reference"
+QMAX = 127
+_F32 = torch.float32
+_INT8 = torch.int8
+_INT_MM = torch.ops.aten._int_mm.default
+_TINY = 1e-12  # floor for an all-zero token's scale (its codes are 0 either way)
+
+
+@dataclass(frozen=True, slots=True)
+class Int8DynamicState:
+    """qdata: int8 ``[N, K]`` contiguous; scale: float32 ``[N]``."""
+
+    qdata: torch.Tensor
+    scale: torch.Tensor
+    in_features: int
+    out_features: int
+
+
+@dataclass(frozen=True, slots=True)
+class Int8StaticState:
+    """As ``Int8DynamicState`` plus the calibrated activation scale ``act_scale`` (a float)
+    and ``out_scale = act_scale * scale`` (float32 ``[N]``), precomputed."""
+
+    qdata: torch.Tensor
+    scale: torch.Tensor
+    act_scale: float
+    out_scale: torch.Tensor
+    in_features: int
+    out_features: int
+
+
+def prepare_int8_dynamic(qdata: torch.Tensor, scale: torch.Tensor) -> Int8DynamicState:
+    """Check and lay out int8 weight codes ``[N, K]`` and per-channel scales ``[N]``."""
+    n, k = check_weight(qdata, _INT8, FAMILY)
+    scale32 = check_vector(scale, n, "scale", FAMILY)
+    if not torch.isfinite(scale32).all():
+        raise KernelError(f"{FAMILY}: scale contains NaN or Inf; fix the quantizer output")
+    return Int8DynamicState(aligned_contiguous(qdata.detach()), scale32, k, n)
+
+
+def prepare_int8_static(
+    qdata: torch.Tensor, scale: torch.Tensor, act_scale: float | torch.Tensor
+) -> Int8StaticState:
+    """As ``prepare_int8_dynamic`` with a fixed per-tensor activation scale."""
+    base = prepare_int8_dynamic(qdata, scale)
+    if isinstance(act_scale, torch.Tensor):
+        if act_scale.numel() != 1:
+            raise KernelError(
+                f"int8_static: act_scale must be one number (per-tensor), got shape "
+                f"{tuple(act_scale.shape)}; use the dynamic kernel for per-token scales"
+            )
+        act_scale = float(act_scale)
+    act_scale = float(act_scale)
+    if not act_scale > 0 or act_scale == float("inf"):
+        raise KernelError(f"int8_static: act_scale must be a positive finite number, got "
+                          f"{act_scale}; calibrate the activation range first")
+    return Int8StaticState(
+        base.qdata, base.scale, act_scale, base.scale * act_scale, base.in_features,
+        base.out_features,
+    )
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 codes of each row of ``x`` ``[M, K]``: ``(codes int8, scale [M, 1])``.
+
+    ``scale = max|x| / 127`` (float32), ``codes = round(x / scale)``, which lies in
+    ``[-127, 127]`` by construction.
+    """
+    x = x if x.dtype is _F32 else x.float()
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp_(min=_TINY).div_(QMAX)
+    return torch.div(x, scale).round_().to(_INT8), scale
+
+
+def quantize_per_tensor(x: torch.Tensor, act_scale: float) -> torch.Tensor:
+    """Symmetric int8 codes ``clamp(round(x / act_scale), -127, 127)``."""
+    x = x if x.dtype is _F32 else x.float()
+    return torch.div(x, act_scale).round_().clamp_(-QMAX, QMAX).to(_INT8)
+
+
+def _check(x: torch.Tensor, state, bias: torch.Tensor | None, family: str) -> None:
+    k = state.in_features
+    if x.dim() == 0 or x.shape[-1] != k or not x.is_floating_point():
+        check_input(x, k, family)
+        raise KernelError(f"{family}: x must be floating point, got {x.dtype}; use x.float()")
+    if bias is not None and bias.shape != (state.out_features,):
+        check_bias(bias, state.out_features, family)
+
+
+def int8_dynamic_linear(
+    x: torch.Tensor,
+    state: Int8DynamicState,
+    bias: torch.Tensor | None = None,
+    *,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """W8A8 with per-token dynamic activation scales; ``x`` ``[..., K]``, returns its dtype.
+
+    impl: ``"fast"`` = ``torch._int_mm``, ``"reference"`` = float64 matmul of the same codes,
+    ``"auto"`` = fast for CPU tensors that need no gradient.
+    """
+    _check(x, state, bias, FAMILY)
+    k = state.in_features
+    flat = x.dim() != 2
+    codes, x_scale = quantize_per_token(x.reshape(-1, k) if flat else x)
+    if use_fast(impl, x, FAMILY):
+        acc = _INT_MM(codes, state.qdata.T)
+        y = torch.mul(acc, x_scale).mul_(state.scale)  # int32 * float32 -> float32
+        if bias is not None:
+            y.add_(bias)
+    else:
+        acc = codes.double() @ state.qdata.double().T
+        y = (acc * x_scale.double() * state.scale.double()).float()
+        if bias is not None:
+            y += bias.float()
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    return y.view(*x.shape[:-1], state.out_features) if flat else y
+
+
+def int8_static_linear(
+    x: torch.Tensor,
+    state: Int8StaticState,
+    bias: torch.Tensor | None = None,
+    *,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """W8A8 with the calibrated per-tensor activation scale ``state.act_scale``."""
+    _check(x, state, bias, "int8_static")
+    k = state.in_features
+    flat = x.dim() != 2
+    codes = quantize_per_tensor(x.reshape(-1, k) if flat else x, state.act_scale)
+    if use_fast(impl, x, "int8_static"):
+        acc = _INT_MM(codes, state.qdata.T)
+        if bias is None:
+            y = torch.mul(acc, state.out_scale)
+        else:
+            y = torch.addcmul(bias, acc, state.out_scale)
+    else:
+        acc = codes.double() @ state.qdata.double().T
+        y = (acc * (state.scale.double() * state.act_scale)).float()
+        if bias is not None:
+            y += bias.float()
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    return y.view(*x.shape[:-1], state.out_features) if flat else y
