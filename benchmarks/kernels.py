@@ -120,7 +120,9 @@ def _stat(samples: list[float], stat: str) -> float:
     return sorted(samples)[len(samples) // 10]  # p10: what a quieter machine would see
 
 
-def _time(fns: dict[str, Callable], rounds: int, calls: int) -> dict[str, list[float]]:
+def _time(
+    fns: dict[str, Callable], rounds: int, calls: int, clock: Callable = time.perf_counter
+) -> dict[str, list[float]]:
     samples: dict[str, list[float]] = {name: [] for name in fns}
     with torch.inference_mode():
         for fn in fns.values():  # warm-up (allocator, oneDNN primitive caches, layout probe)
@@ -129,18 +131,18 @@ def _time(fns: dict[str, Callable], rounds: int, calls: int) -> dict[str, list[f
         for _ in range(rounds):
             for name, fn in fns.items():
                 for _ in range(calls):
-                    t0 = time.perf_counter()
+                    t0 = clock()
                     fn()
-                    samples[name].append(time.perf_counter() - t0)
+                    samples[name].append(clock() - t0)
     return {name: [t * 1e6 for t in s] for name, s in samples.items()}
 
 
-def _overhead(rounds: int) -> None:
+def _overhead(rounds: int, clock: Callable[[], float]) -> None:
     """Wrapper vs bare kernel op on a tiny decode layer: the difference is wrapper cost
     (checks, casts, padding, rescale), the number a decode step pays per linear."""
     m, k, n = 1, 64, 64
     fns = _candidates(m, k, n, raw=True, alternatives=False)
-    res = _time(fns, rounds, 200)
+    res = _time(fns, rounds, 200, clock)
     print(f"# per-call time at {m}x{k}x{n} (kernel work ~0): wrapper overhead")
     print("| call | median | p10 |\n|---|---|---|")
     for name, us in res.items():
@@ -169,21 +171,27 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--raw", action="store_true", help="also time the bare aten ops")
     parser.add_argument("--overhead", action="store_true", help="per-call wrapper overhead")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: this thread's CPU time (needs --threads 1); robust to other "
+                        "jobs on a shared host, blind to waiting")
     parser.add_argument("--alternatives", action="store_true",
                         help="also time torch's other int8 CPU paths (fbgemm, oneDNN, fp16)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.clock == "cpu" and args.threads != 1:
+        parser.error("--clock cpu measures one thread: use it with --threads 1")
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}; {args.rounds} rounds x {args.calls} "
-          f"calls per candidate, interleaved; (Nx) = FP32 time / this time")
+          f"calls per candidate, interleaved, {args.clock} clock; (Nx) = FP32 time / this time")
     if args.overhead:
-        _overhead(args.rounds)
+        _overhead(args.rounds, clock)
         return
     results = {}
     for m, k, n in SHAPES:
         fns = _candidates(m, k, n, args.raw, args.alternatives)
         calls = max(2, args.calls // 4) if m * k * n > 2e8 else args.calls
-        results[(m, k, n)] = _time(fns, args.rounds, calls)
+        results[(m, k, n)] = _time(fns, args.rounds, calls, clock)
         print(f"# {m}x{k}x{n} done", flush=True)
     print(f"\n## median\n{_table(results, 'median')}")
     print(f"\n## p10 (10th percentile: closer to an idle machine when the host is shared)\n"

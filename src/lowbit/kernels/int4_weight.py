@@ -7,7 +7,8 @@ output channel ``n``, input ``k`` in group ``g = k // group_size`` is
 
 where ``d`` is the decoded code: ``0..15`` for unsigned codes (uint8 tensors, as the
 ``uint4``/``uint3``/``uint2`` formats produce), ``-8..7`` for signed codes (int8 tensors).
-Symmetric layers pass ``zero_point=None`` (0 for signed codes, 8 for unsigned ones).
+Symmetric layers pass ``zero_point=None``: 0 for signed codes, 8 for unsigned ones (the
+uint4 midpoint; unsigned 2/3-bit codes pass their zero-point explicitly).
 GGUF-style offsets (``w = d * scale + offset``, Q4_1's ``d * q + m``) pass ``offset``.
 
 The kernel, ``torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, sz)``
