@@ -12,4 +12,4 @@ if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q torch==2.13.0
 fi
-.venv/bin/python -m pip install -q -e ".[models,report,dev]"
+.venv/bin/python -m pip install -q -e ".[models,report,dev,bench]"

@@ -17,11 +17,14 @@ ALLOWED = {
     "nn": LOW | {"kernels", "observers"},
     "algorithms": LOW | {"observers"},
     "runtime": LOW | {"kernels", "nn"},
-    "model": LOW | {"observers", "kernels", "nn", "algorithms", "runtime", "model"},
+    # data and model are one layer: data resolves tokenizer names through model's loaders,
+    # model resolves lazy calibration text through data
+    "model": LOW | {"observers", "kernels", "nn", "algorithms", "runtime", "model", "data"},
 }
 # data resolves tokenizer names through the model layer's loaders
 ALLOWED["data"] = BASE | {"model"}
 ALLOWED["eval"] = ALLOWED["model"] | {"model", "data", "eval"}
+ALLOWED["training"] = ALLOWED["model"] | {"model", "data", "training"}
 ALLOWED["export"] = ALLOWED["model"] | {"export"}
 ALLOWED["cli"] = None  # the top: may import anything
 

@@ -30,6 +30,10 @@ _LAZY = {
     "Recipe": "lowbit.model",
     "PRESETS": "lowbit.model",
     "evaluate": "lowbit.eval",
+    "prepare_qat": "lowbit.model",
+    "convert": "lowbit.model",
+    "QATConfig": "lowbit.model",
+    "training": "lowbit.training",
 }
 
 

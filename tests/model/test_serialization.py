@@ -88,3 +88,19 @@ def test_outliers_round_trip(tmp_path):
     ids = torch.randint(0, 128, (1, 12))
     with torch.inference_mode():
         assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def test_converted_cnn_round_trip(tmp_path):
+    from lowbit.model import convert, prepare_qat
+
+    torch.manual_seed(0)
+
+    def cnn():
+        return nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
+
+    model = cnn()
+    convert(prepare_qat(model, "w8"))
+    save(model, tmp_path / "cnn")
+    loaded = load(tmp_path / "cnn", model=cnn())
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.equal(model(x), loaded(x))

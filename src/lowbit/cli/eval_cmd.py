@@ -40,6 +40,11 @@ def run(args: argparse.Namespace) -> int:
 
 def print_result(r: dict) -> None:
     print(f"model            {r['model']}")
+    if r.get("task") == "embeddings":  # an encoder: lowbit.eval.embeddings
+        from lowbit.eval.embeddings import format_embedding_result
+
+        print("\n".join(format_embedding_result(r)))
+        return
     print(f"perplexity       {r['ppl']:.3f}  ({r['protocol']}, {r['n_windows']}x{r['window']} "
           f"tokens of {r['data']})")
     if "baseline_ppl" in r:

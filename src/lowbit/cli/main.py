@@ -11,8 +11,11 @@ COMMANDS = {
     "formats": ("lowbit.cli.formats_cmd", "table of every number format"),
     "explain": ("lowbit.cli.explain", "show what a format does to some numbers, bit by bit"),
     "demo": ("lowbit.cli.demo_cmd", "the main job: quantize the bundled model, show the costs"),
+    "qat": ("lowbit.cli.qat_cmd", "quantization-aware training with distillation, saved packed"),
     "quantize": ("lowbit.cli.quantize_cmd", "quantize a model with a recipe and save it"),
     "eval": ("lowbit.cli.eval_cmd", "perplexity, size and speed of a model or checkpoint"),
+    "sensitivity": ("lowbit.cli.sensitivity_cmd", "which layers quantization hurts most (KLD)"),
+    "bench": ("lowbit.cli.bench_cmd", "benchmark recipes and peers side by side, with a report"),
 }
 
 

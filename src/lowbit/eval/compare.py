@@ -12,6 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
+from lowbit.errors import LowbitError
+
+
+class ComparisonError(LowbitError, ValueError):
+    """The model cannot be compared with the baseline; the message names the fix."""
+
 
 @dataclass(frozen=True)
 class ComparisonReport:
@@ -47,10 +53,11 @@ class KLAccumulator:
 
     def __call__(self, index: int, logits: torch.Tensor, targets: torch.Tensor) -> None:
         if index not in self.baseline.windows:
-            raise ValueError("the baseline was evaluated on other data or fewer windows")
+            raise ComparisonError("the baseline was evaluated on other data or fewer windows: "
+                                  "evaluate both models on the same data, window and count")
         base = self.baseline.windows[index].float()
         if base.shape != logits.shape:
-            raise ValueError(
+            raise ComparisonError(
                 f"baseline and model disagree on the vocabulary ({base.shape[-1]} vs "
                 f"{logits.shape[-1]} logits): compare models that share a tokenizer")
         logq = torch.log_softmax(logits.float(), -1)

@@ -70,10 +70,13 @@ def evaluate(
 ) -> dict:
     """Every number lowbit reports for ``model`` (see the module docstring)."""
     from lowbit.data import tokens
+    from lowbit.eval.embeddings import evaluate_embeddings, is_encoder
 
+    if is_encoder(model):  # no LM head: embedding similarity instead of perplexity
+        return evaluate_embeddings(model, tokenizer, baseline=baseline, data=data, speed=speed)
     t0 = time.perf_counter()
     tok = _tokenizer_for(model, tokenizer)
-    ids = tokens(data, tok, count=window * n_windows)
+    ids = tokens(data, tok)[: window * n_windows]  # short text: perplexity says what fits
     result: dict = {"data": str(data), "protocol": protocol, "window": window,
                     "n_windows": n_windows}
     hook = None

@@ -26,7 +26,7 @@ class SizeReport:
 
 
 def model_size(model: nn.Module) -> SizeReport:
-    from lowbit.nn import QuantizedLinear
+    from lowbit.nn import QuantizedConv2d, QuantizedLinear
 
     seen: set[int] = set()
     total = 0
@@ -39,6 +39,11 @@ def model_size(model: nn.Module) -> SizeReport:
         if isinstance(m, QuantizedLinear):
             linear_bytes += m.weight_nbytes()
             weights += m.in_features * m.out_features
+            quantized += 1
+        elif isinstance(m, QuantizedConv2d):
+            linear_bytes += m.weight_nbytes()
+            weights += m.weight_numel() if hasattr(m, "weight_numel") else m.out_channels * (
+                m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
             quantized += 1
         elif isinstance(m, nn.Linear):
             linear_bytes += m.weight.numel() * m.weight.element_size()

@@ -3,6 +3,7 @@
 from lowbit.model.api import quantize
 from lowbit.model.hub import BUNDLED, bundled_path
 from lowbit.model.loaders import ModelLoadError, load_model, load_tokenizer
+from lowbit.model.qat import QATConfig, convert, prepare_qat
 from lowbit.model.quantize import QuantizeSummary, cast_unquantized
 from lowbit.model.recipe import PRESETS, Recipe, RecipeError, Rule, Scheme
 from lowbit.model.serialization import CheckpointError, load, save
@@ -10,6 +11,9 @@ from lowbit.model.serialization import CheckpointError, load, save
 __all__ = [
     "BUNDLED",
     "PRESETS",
+    "QATConfig",
+    "convert",
+    "prepare_qat",
     "CheckpointError",
     "ModelLoadError",
     "QuantizeSummary",

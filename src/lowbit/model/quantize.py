@@ -20,7 +20,7 @@ from torch import nn
 from lowbit.formats import compute_qparams, get_format, minmax, qparams_from_range, quantize
 from lowbit.model.calibration import collect_input_ranges
 from lowbit.model.recipe import Recipe, RecipeError, Scheme, match_pattern
-from lowbit.nn import QuantizedLinear
+from lowbit.nn import QuantizedConv2d, QuantizedLinear
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -137,6 +137,11 @@ def quantize_model(
 ) -> QuantizeSummary:
     """Quantize ``model`` in place with ``recipe``; returns a summary (also on the model)."""
     recipe = Recipe.parse(recipe)
+    from lowbit.model.calibrated import quantize_calibrated, routes_here
+
+    if routes_here(recipe):  # GPTQ, AWQ, SmoothQuant, HQQ, k-means, imatrix, auto:<bpw>
+        return quantize_calibrated(model, recipe, calibration, progress=progress,
+                                   backend=backend)
     t0 = time.perf_counter()
     targets = find_targets(model, recipe)
     summary = QuantizeSummary(recipe.name)
@@ -201,7 +206,7 @@ def quantize_model(
 def cast_unquantized(model: nn.Module, dtype: torch.dtype) -> None:
     """Cast every float parameter and buffer outside ``QuantizedLinear`` modules."""
     for module in model.modules():
-        if isinstance(module, QuantizedLinear):
+        if isinstance(module, (QuantizedLinear, QuantizedConv2d)):
             continue
         for p in module._parameters.values():
             if p is not None and p.is_floating_point() and p.dtype != dtype:

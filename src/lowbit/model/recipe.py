@@ -24,7 +24,7 @@ from lowbit.formats import Granularity, get_format
 from lowbit.nn import ActivationSpec, WeightSpec
 
 RECIPE_VERSION = 1
-ALGORITHMS = ("rtn", "gptq", "awq", "hqq", "kmeans", "imatrix")
+ALGORITHMS = ("rtn", "gptq", "awq", "hqq", "kmeans", "imatrix", "smoothquant")
 WEIGHT_OBSERVERS = ("minmax", "mse")
 COMPUTE_DTYPES = ("bf16", "fp32", "fp16")
 
@@ -55,7 +55,8 @@ class Scheme:
 
     @property
     def needs_calibration(self) -> bool:
-        return (self.algorithm in ("gptq", "awq", "imatrix") or self.outlier_channels > 0
+        return (self.algorithm in ("gptq", "awq", "imatrix", "smoothquant")
+                or self.outlier_channels > 0
                 or (self.activation is not None and self.activation.mode == "static"))
 
     def to_dict(self) -> dict:
@@ -181,6 +182,10 @@ class Recipe:
             return cls.load(key)
         if key.lower() in PRESETS:
             return PRESETS[key.lower()]
+        if key.lower().startswith("auto:"):  # mixed precision, resolved by quantize()
+            from lowbit.model.mixed import auto_placeholder
+
+            return auto_placeholder(key.lower())
         parsed = _parse_grammar(key.lower())
         if parsed is not None:
             return parsed
@@ -241,6 +246,16 @@ PRESETS: dict[str, Recipe] = {
     "w4a8": Recipe("w4a8", _w("int4", "channel", activation=ActivationSpec("dynamic"))),
     "w8a8-outliers": Recipe("w8a8-outliers", _w(
         "int8", "channel", activation=ActivationSpec("dynamic"), outlier_channels=8)),
+    # calibrated algorithms (lowbit.model.calibrated); "imatrix" is importance-weighted RTN
+    "w4g128-gptq": Recipe("w4g128-gptq", _w("uint4", "group:128", False, algorithm="gptq")),
+    "w4g128-awq": Recipe("w4g128-awq", _w("uint4", "group:128", False, algorithm="awq")),
+    "w3g64-gptq": Recipe("w3g64-gptq", _w("uint3", "group:64", False, algorithm="gptq")),
+    "w2g16-hqq": Recipe("w2g16-hqq", _w("uint2", "group:16", False, algorithm="hqq")),
+    "w8a8-smooth": Recipe("w8a8-smooth", _w(
+        "int8", "channel", activation=ActivationSpec("static", granularity="tensor"),
+        algorithm="smoothquant")),
+    "kmeans4": Recipe("kmeans4", Scheme(WeightSpec("codebook4", "channel", True, "fp16"),
+                                        algorithm="kmeans")),
 }
 
 PRESET_DESCRIPTIONS = {
@@ -259,4 +274,10 @@ PRESET_DESCRIPTIONS = {
     "w4a8": "4-bit per-channel weights + int8 per-token activations",
     "w8a8-outliers": "w8a8, but the 8 input channels with the largest calibration "
     "activations of each layer stay in bf16 (LLM.int8()-style)",
+    "w4g128-gptq": "4-bit g128 weights chosen by GPTQ (Hessian error compensation)",
+    "w4g128-awq": "4-bit g128 weights with AWQ activation-aware scales and clipping",
+    "w3g64-gptq": "3-bit g64 weights chosen by GPTQ",
+    "w2g16-hqq": "2-bit g16 weights with HQQ-optimised float zero-points (no data)",
+    "w8a8-smooth": "SmoothQuant: int8 weights + static int8 activations, outliers migrated",
+    "kmeans4": "4-bit per-row k-means codebooks (16 fp16 centroids per row)",
 }

@@ -25,7 +25,7 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.formats import Granularity, QParams, get_format
 from lowbit.model.recipe import Recipe
-from lowbit.nn import ActivationSpec, PackedWeight, QuantizedLinear, WeightSpec
+from lowbit.nn import ActivationSpec, PackedWeight, QuantizedConv2d, QuantizedLinear, WeightSpec
 
 FILE_FORMAT = "lowbit-checkpoint"
 FILE_VERSION = 1
@@ -40,7 +40,9 @@ class CheckpointError(LowbitError, ValueError):
 def _quantized_entries(model: nn.Module) -> dict[str, dict]:
     entries = {}
     for name, m in model.named_modules():
-        if isinstance(m, QuantizedLinear):
+        if isinstance(m, QuantizedConv2d):
+            entries[name] = m.manifest_entry()
+        elif isinstance(m, QuantizedLinear):
             entries[name] = {
                 "in_features": m.in_features,
                 "out_features": m.out_features,
@@ -176,6 +178,9 @@ def load(directory: str | os.PathLike, *, model: nn.Module | None = None) -> nn.
         spec = WeightSpec(**entry["weight"])
         own = {k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)
                and "." not in k[len(prefix):]}
+        if entry.get("kind") == "conv2d":
+            _set_child(model, name, QuantizedConv2d.from_manifest(entry, own))
+            continue
         if "qdata" not in own:
             raise CheckpointError(f"{name}: codes missing from {WEIGHTS}; the file is incomplete")
         packed = PackedWeight.from_tensors(own, spec, entry["in_features"])
@@ -191,8 +196,7 @@ def load(directory: str | os.PathLike, *, model: nn.Module | None = None) -> nn.
         module = QuantizedLinear(packed, spec, own.get("bias"), activation=activation,
                                  input_qparams=input_qparams, backend=entry.get("backend"),
                                  outliers=outliers)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+        _set_child(model, name, module)
     quantized_keys = {k for k in model.state_dict() if any(
         k.startswith(f"{n}.") for n in manifest["quantized"])}
     rest = {k: v for k, v in tensors.items() if k not in quantized_keys}
@@ -202,6 +206,11 @@ def load(directory: str | os.PathLike, *, model: nn.Module | None = None) -> nn.
     model.lowbit_spec = manifest.get("source")
     model.eval()
     return model
+
+
+def _set_child(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def _load_rest(model: nn.Module, tensors: dict[str, torch.Tensor], skip: set[str]) -> None:

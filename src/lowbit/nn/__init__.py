@@ -2,12 +2,26 @@
 
 from lowbit.nn.activation import ActivationSpec, ModuleError
 from lowbit.nn.backends import BACKENDS, select_backend
+from lowbit.nn.conv import QuantizedConv2d
+from lowbit.nn.fake_quant import (
+    FakeQuantConv2d,
+    FakeQuantError,
+    FakeQuantizer,
+    FakeQuantLinear,
+    QuantizerSpec,
+)
 from lowbit.nn.linear import QuantizedLinear
 from lowbit.nn.packed import PackedWeight, WeightSpec
 
 __all__ = [
     "BACKENDS",
     "ActivationSpec",
+    "FakeQuantConv2d",
+    "FakeQuantError",
+    "FakeQuantLinear",
+    "FakeQuantizer",
+    "QuantizedConv2d",
+    "QuantizerSpec",
     "ModuleError",
     "PackedWeight",
     "QuantizedLinear",

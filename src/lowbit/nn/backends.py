@@ -23,6 +23,7 @@ from lowbit.kernels import int4_weight as k4
 from lowbit.kernels import int8_dynamic as k8a8
 from lowbit.kernels import int8_weight as k8
 from lowbit.nn.activation import ActivationSpec, ModuleError
+from lowbit.nn.codebook import CodebookBackend, is_row_codebook
 from lowbit.nn.packed import PackedWeight, WeightSpec
 
 
@@ -241,6 +242,7 @@ BACKENDS: dict[str, type[Backend]] = {
     "int4_weight": Int4WeightBackend,
     "int8_dynamic": Int8DynamicBackend,
     "int8_static": Int8StaticBackend,
+    "codebook": CodebookBackend,
 }
 
 
@@ -248,6 +250,8 @@ def _candidates(spec: WeightSpec, activation: ActivationSpec | None) -> list[str
     fmt = get_format(spec.format)
     gran = spec.granularity_obj()
     per_channel = gran.kind == "channel" and gran.axis == 0
+    if is_row_codebook(fmt):  # per-row k-means tables (nn.codebook)
+        return ["codebook"]
     names = []
     if activation is not None:
         if not (isinstance(fmt, IntFormat) and fmt.signed and per_channel and spec.symmetric):

@@ -1,0 +1,392 @@
+"""The benchmark matrix: every recipe, and every installed peer's nearest equivalent, on the same
+model, data and metric in one run.
+
+The baseline (the unquantized model) is loaded once and its log-probabilities computed once;
+each recipe quantizes a fresh copy of it. After every row ``results.json`` is rewritten
+atomically, so an interrupted run keeps what finished and ``resume=True`` skips it. Each row
+carries the command that reproduces its numbers. ``report.write_report`` turns the results
+into report.md / report.html with plots.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lowbit.errors import LowbitError
+
+__all__ = ["RESULTS_FILE", "BenchError", "BenchSettings", "Entry", "layer_errors", "plan",
+           "run_bench", "split_list"]
+
+RESULTS_FILE = "results.json"
+RESULTS_VERSION = 1
+CALIBRATION_TOKENS = 16384  # what `lowbit eval --recipe` calibrates with (cli.common)
+HF_ENGINE = "transformers.generate"
+_SAME_RUN = ("model", "data", "window", "n_windows", "protocol", "speed")
+
+
+class BenchError(LowbitError, ValueError):
+    """The benchmark cannot run as asked; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    model: str
+    recipes: tuple[str, ...]
+    peers: tuple[str, ...] = ()
+    data: str = "pydoc"
+    window: int = 512
+    n_windows: int = 32
+    protocol: str = "full"
+    speed: bool = True
+    threads: int | None = 2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def options(self) -> str:
+        """The command-line options that fix the data and the metric."""
+        out = (f"--data {shlex.quote(self.data)} --window {self.window} --windows "
+               f"{self.n_windows} --protocol {self.protocol}")
+        if self.threads:
+            out += f" --threads {self.threads}"
+        return out if self.speed else out + " --no-speed"
+
+
+@dataclass(frozen=True)
+class Entry:
+    id: str
+    kind: str  # "baseline", "lowbit" or "peer"
+    label: str
+    nearest: str | None = None  # for peers: the lowbit recipe it compares with
+    config: object = None  # PeerConfig for peers
+
+
+def split_list(text) -> list[str]:
+    """``"a, b,,c"`` or ``["a", "b,c"]`` -> ``["a", "b", "c"]``."""
+    items = [text] if isinstance(text, str) else list(text or [])
+    return [p.strip() for item in items for p in str(item).split(",") if p.strip()]
+
+
+def plan(settings: BenchSettings) -> list[Entry]:
+    """The rows of the matrix, validated before anything slow runs."""
+    from lowbit.eval.peers import find_config, peer_configs
+    from lowbit.model import PRESETS, Recipe
+
+    if not settings.recipes:
+        raise BenchError("no recipes to benchmark: pass at least one, e.g. --recipes w8,w4g128 "
+                         f"(presets: {', '.join(PRESETS)}; peers go in --peers)")
+    entries = [Entry("fp32", "baseline", "unquantized FP32 model (the baseline)")]
+    peer_entries = [Entry(c.id, "peer", c.label, c.nearest, c) for c in
+                    peer_configs(settings.peers)]
+    for name in settings.recipes:
+        config = find_config(name) if ":" in name else None
+        if config is not None:
+            peer_entries.insert(0, Entry(config.id, "peer", config.label, config.nearest, config))
+        elif ":" in name:
+            raise BenchError(f"unknown peer config {name!r}; see lowbit.eval.peers.PEERS "
+                             "(e.g. torchao:int8-weight, quanto:qint4, llama.cpp:Q4_0)")
+        else:
+            recipe = Recipe.parse(name)
+            entries.append(Entry(name, "lowbit", recipe.describe()))
+    seen = {e.id for e in entries}
+    for e in peer_entries:
+        if e.id not in seen:
+            seen.add(e.id)
+            entries.append(e)
+    return entries
+
+
+def command_for(entry: Entry, settings: BenchSettings, report_dir: Path) -> str:
+    """The command that reproduces one row's numbers."""
+    model, opts = shlex.quote(settings.model), settings.options()
+    if entry.kind == "baseline":
+        return f"lowbit eval {model} {opts} --json"
+    if entry.kind == "lowbit":
+        return (f"lowbit eval {model} --recipe {shlex.quote(entry.id)} --baseline {model} "
+                f"{opts} --json")
+    return (f"lowbit bench {model} --recipes {shlex.quote(entry.id)} {opts} --report "
+            f"{shlex.quote(str(report_dir))}")
+
+
+def bench_command(settings: BenchSettings, report_dir: Path) -> str:
+    peers = f" --peers {','.join(settings.peers)}" if settings.peers else ""
+    return (f"lowbit bench {shlex.quote(settings.model)} --recipes "
+            f"{shlex.quote(','.join(settings.recipes))}{peers} {settings.options()} --report "
+            f"{shlex.quote(str(report_dir))}")
+
+
+def _environment(settings: BenchSettings) -> dict:
+    from lowbit import __version__
+
+    return {"lowbit": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "platform": platform.platform(), "cpu_count": os.cpu_count(),
+            "threads": settings.threads or torch.get_num_threads(),
+            "date": datetime.now(UTC).isoformat(timespec="seconds")}
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    part = path.with_name(path.name + ".part")
+    part.write_text(json.dumps(obj, indent=2, allow_nan=False))
+    os.replace(part, path)
+
+
+def _open_results(out: Path, settings: BenchSettings, resume: bool, overwrite: bool) -> dict:
+    path = out / RESULTS_FILE
+    if path.exists() and resume:
+        try:
+            results = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise BenchError(f"{path} is not valid JSON ({exc}); delete it or pass another "
+                             "--report folder") from exc
+        old = results.get("settings", {})
+        differ = [k for k in _SAME_RUN if old.get(k) != getattr(settings, k)]
+        if differ:
+            raise BenchError(
+                f"{path} was made with other settings ("
+                + ", ".join(f"{k}={old.get(k)!r}" for k in differ)
+                + "); resume with the same ones, or pass another --report folder")
+        merged = {"recipes": tuple(dict.fromkeys([*old["recipes"], *settings.recipes])),
+                  "peers": tuple(dict.fromkeys([*old.get("peers", []), *settings.peers]))}
+        results["settings"].update({k: list(v) for k, v in merged.items()})
+        results["command"] = bench_command(replace(settings, **merged), out)
+        return results
+    if path.exists() and not overwrite:
+        raise BenchError(f"{path} already holds results: pass --resume to keep its finished rows "
+                         "and run the rest, --overwrite to start again, or another --report")
+    out.mkdir(parents=True, exist_ok=True)
+    return {"lowbit_bench_version": RESULTS_VERSION, "settings": settings.to_dict(),
+            "command": bench_command(settings, out), "environment": _environment(settings),
+            "peers": {}, "rows": []}
+
+
+def run_bench(settings: BenchSettings, report_dir: str | os.PathLike, *, resume: bool = False,
+              overwrite: bool = False, progress: bool = True, model: nn.Module | None = None,
+              tokenizer=None, write_report: bool = True) -> dict:
+    """Run the matrix into ``report_dir`` and return the results (also in results.json)."""
+    from lowbit.eval.peers import peer_status
+
+    entries = plan(settings)
+    out = Path(report_dir)
+    results = _open_results(out, settings, resume, overwrite)
+    for name in sorted({e.config.peer for e in entries if e.kind == "peer"}):
+        results["peers"][name] = peer_status(name)
+    done = {r["id"] for r in results["rows"] if r.get("status") == "ok"}
+    todo = [e for e in entries if e.id not in done]
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    try:
+        if todo:
+            _run_rows(todo, results, settings, out, progress, model, tokenizer)
+    finally:
+        order = {e.id: i for i, e in enumerate(entries)}
+        results["rows"].sort(key=lambda r: order.get(r["id"], len(order)))
+        if results["rows"]:
+            _write_json_atomic(out / RESULTS_FILE, results)
+            if write_report:
+                from lowbit.eval.report import write_report as write
+
+                write(results, out)
+    return results
+
+
+def _run_rows(todo, results, settings, out, progress, model, tokenizer) -> None:
+    from lowbit.data import tokens
+    from lowbit.eval.embeddings import is_encoder
+    from lowbit.model import load_model, load_tokenizer
+
+    base = load_model(model if model is not None else settings.model)
+    if is_encoder(base):
+        raise BenchError(f"{settings.model} is an encoder (no language-model head) and bench "
+                         "ranks configs by perplexity; compare its recipes with `lowbit eval "
+                         "MODEL --recipe R --baseline MODEL` (embedding similarity)")
+    tok = tokenizer if tokenizer is not None else load_tokenizer(base)
+    ids = tokens(settings.data, tok)[: settings.window * settings.n_windows]
+    big = sum(p.numel() for p in base.parameters()) > 10_000_000
+    bar = _progress(todo, progress)
+    for entry in bar:
+        def note(stage: str, entry=entry) -> None:
+            if hasattr(bar, "set_postfix_str"):
+                bar.set_postfix_str(f"{entry.id}: {stage}")
+
+        note("starting")
+        row = _run_entry(entry, base, tok, ids, settings, out, note=note)
+        results["rows"] = [r for r in results["rows"] if r["id"] != entry.id] + [row]
+        _write_json_atomic(out / RESULTS_FILE, results)
+        if row["status"] == "failed":
+            print(f"lowbit bench: {entry.id} failed: {row['error']}", file=sys.stderr)
+        if big:  # free the candidate's copy of the weights before the next one
+            gc.collect()
+
+
+def _run_entry(entry: Entry, base, tok, ids, settings: BenchSettings, out: Path,
+               note=lambda stage: None) -> dict:
+    from lowbit.eval.peers import peer_status
+
+    row = {"id": entry.id, "kind": entry.kind, "label": entry.label, "nearest": entry.nearest,
+           "command": command_for(entry, settings, out), "status": "ok"}
+    if entry.kind == "peer":
+        status = peer_status(entry.config.peer)
+        row["peer"], row["peer_version"] = entry.config.peer, status["version"]
+        if not status["installed"]:
+            row.update(status="not installed", error=f"{entry.config.peer} is not installed "
+                       f"(install with: {status['install']})")
+            return row
+    t0 = time.perf_counter()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if entry.kind == "baseline":
+                row.update(_baseline_row(base, ids, settings, note))
+            elif entry.kind == "lowbit":
+                row.update(_recipe_row(entry, base, tok, settings, note))
+            else:
+                row.update(_peer_row(entry, base, tok, ids, settings, out, note))
+    except Exception as exc:  # a failing config is a result, reported beside the others
+        row.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+    row["seconds"] = time.perf_counter() - t0
+    return row
+
+
+def _eval_kwargs(settings: BenchSettings) -> dict:
+    return {"data": settings.data, "window": settings.window, "n_windows": settings.n_windows,
+            "protocol": settings.protocol}
+
+
+def _baseline_row(base, ids, settings: BenchSettings, note) -> dict:
+    from lowbit.eval.evaluate import baseline_logprobs, kernels_of
+    from lowbit.eval.perplexity import scored_range
+    from lowbit.eval.size import model_size
+    from lowbit.eval.speed import measure_speed
+
+    note(f"baseline log-probs on {settings.n_windows} windows")
+    ppl, lp = baseline_logprobs(base, ids, window=settings.window, n_windows=settings.n_windows,
+                                protocol=settings.protocol)
+    start, stop = scored_range(settings.window, settings.protocol)
+    row = {"ppl": ppl, "baseline_ppl": ppl, "delta_ppl_pct": 0.0, "kld_mean": 0.0,
+           "kld_p99": 0.0, "top1_agreement": 1.0,
+           "tokens_scored": len(lp.windows) * (stop - start), "kernels": kernels_of(base)}
+    row.update(model_size(base).to_dict())
+    if settings.speed:
+        note("timing prefill and decode")
+        speed = measure_speed(base, ids)
+        row.update(speed.to_dict())
+        # peers decode with transformers.generate: time FP32 that way too, for fair ratios
+        row["decode_by_engine"] = {speed.engine: speed.decode_tok_s}
+        if speed.engine != HF_ENGINE:
+            row["decode_by_engine"][HF_ENGINE] = measure_speed(base, ids,
+                                                               engine="hf").decode_tok_s
+    return row
+
+
+def _recipe_row(entry: Entry, base, tok, settings: BenchSettings, note) -> dict:
+    from lowbit.data import text
+    from lowbit.eval.evaluate import evaluate
+    from lowbit.model import Recipe, quantize
+
+    recipe = Recipe.parse(entry.id)
+    calibration = (text("pydoc", tok, tokens=CALIBRATION_TOKENS, seq_len=512)
+                   if recipe.needs_calibration else None)
+    candidate = copy.deepcopy(base)
+    t0 = time.perf_counter()
+    note("quantizing")
+    quantize(candidate, recipe, calibration, progress=False)
+    note("perplexity, KLD, top-1" + (", then speed" if settings.speed else ""))
+    row = {"quantize_s": time.perf_counter() - t0}
+    row.update(evaluate(candidate, tok, baseline=base, speed=settings.speed,
+                        **_eval_kwargs(settings)))
+    row["layer_sqnr_db"] = layer_errors(base, candidate)
+    return row
+
+
+def _peer_row(entry: Entry, base, tok, ids, settings: BenchSettings, out: Path, note) -> dict:
+    from lowbit.eval.evaluate import evaluate
+    from lowbit.eval.peers import peer_size
+    from lowbit.eval.speed import measure_speed
+
+    with tempfile.TemporaryDirectory(prefix=".peer-", dir=out) as workdir:
+        t0 = time.perf_counter()
+        note("quantizing")
+        candidate = entry.config.apply(copy.deepcopy(base), settings.model, Path(workdir))
+        row = {"quantize_s": time.perf_counter() - t0}
+        try:
+            note("perplexity, KLD, top-1")
+            row.update(evaluate(candidate, tok, baseline=base, speed=False,
+                                **_eval_kwargs(settings)))
+            size = getattr(candidate, "lowbit_size", None) or peer_size(candidate)
+            row.update(size.to_dict())
+            row["kernels"] = getattr(candidate, "lowbit_kernels", None) or _weight_types(candidate)
+            if settings.speed:
+                note("timing prefill and decode")
+                speed = getattr(candidate, "speed", None)
+                row.update((speed(ids) if speed else
+                            measure_speed(candidate, ids, engine="hf")).to_dict())
+            if not hasattr(candidate, "lowbit_size"):
+                row["layer_sqnr_db"] = layer_errors(base, candidate)
+        finally:
+            if hasattr(candidate, "close"):
+                candidate.close()
+    return row
+
+
+def _weight_types(model: nn.Module) -> dict[str, int]:
+    """What a peer's linear layers hold, e.g. ``{"Int8Tensor weights": 211}``."""
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            key = f"{type(m.weight).__name__} weights"
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def _weight_of(module: nn.Module) -> torch.Tensor | None:
+    from lowbit.nn import QuantizedLinear
+
+    if isinstance(module, QuantizedLinear):
+        return module.dequantize_weight()
+    if not isinstance(module, nn.Linear):
+        return None
+    w = module.weight
+    if type(w) not in (torch.Tensor, nn.Parameter) and hasattr(w, "dequantize"):
+        w = w.dequantize()
+    return w.detach().float()
+
+
+def layer_errors(base: nn.Module, candidate: nn.Module) -> dict[str, float | None]:
+    """SQNR (dB) of each linear weight of ``candidate`` against ``base`` (None: identical)."""
+    from lowbit.formats import sqnr_db
+
+    reference = {n: m.weight for n, m in base.named_modules() if isinstance(m, nn.Linear)}
+    errors: dict[str, float | None] = {}
+    with torch.no_grad():
+        for name, module in candidate.named_modules():
+            key = name.removeprefix("inner.")
+            if key not in reference:
+                continue
+            w = _weight_of(module)
+            if w is not None:
+                db = sqnr_db(reference[key].detach().float(), w)
+                errors[key] = round(db, 3) if db != float("inf") else None
+    return errors
+
+
+def _progress(items, enabled: bool):
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc="bench", unit="config", disable=None)

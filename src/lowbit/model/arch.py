@@ -1,0 +1,224 @@
+"""Architecture knowledge as data: which modules form a block and which op feeds which linears.
+
+Calibrated algorithms need three facts about a model, and this module keeps them in one small
+table (``LAYOUTS``) instead of class-name checks:
+
+1. the *blocks* (the repeated layers), so calibration can run one block at a time holding one
+   block's activations (GPTQ's reference ``llama_sequential``: the inputs of block ``i`` are
+   the outputs of the already quantized block ``i - 1``);
+2. the *groups*: linears that read the same input (q/k/v; gate/up), in the order a forward
+   pass reaches them, so a group is quantized before the group that follows it reads its
+   input ("true sequential" in the GPTQ code);
+3. each group's *feeder*: the op whose output is the group's input and can absorb a
+   per-input-channel factor ``1/s``. AWQ (Lin et al., 2023, eq. 3) and SmoothQuant (Xiao et
+   al., 2022, eq. 3) compute ``(W diag(s)) (diag(s)^-1 x)`` and fold ``diag(s)^-1`` into it:
+   a norm whose output feeds only that group (pre-norm blocks), or a linear whose output
+   reaches the group through ops that commute with a per-channel scale (``v_proj`` ->
+   attention -> ``o_proj`` when their widths match, i.e. no grouped-query repetition;
+   ``up_proj`` -> ``act(gate) * up`` -> ``down_proj``). Post-norm blocks (BERT) have no such
+   norm: their LayerNorm output also feeds the residual, so those groups have no feeder.
+
+``resolve_arch(model)`` matches the table structurally (module paths, never class names).
+A model the table does not know falls back to the largest ``nn.ModuleList`` of identical
+blocks holding linears: each linear is then its own group, in registration order, with no
+feeder. With no such list it raises ``ArchitectureError`` naming what it looked for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from lowbit.errors import LowbitError
+
+
+class ArchitectureError(LowbitError, ValueError):
+    """The model's blocks or feeders cannot be found; the message names what is missing."""
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """Linears (paths inside a block) that share one input, and the op that produces it."""
+
+    linears: tuple[str, ...]
+    feeder: str | None = None
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One family: candidate paths of its block list, its groups, its final norm and head."""
+
+    name: str
+    blocks: tuple[str, ...]
+    groups: tuple[GroupSpec, ...]
+    final_norm: tuple[str, ...] = ()
+    head: tuple[str, ...] = ()
+
+
+LLAMA = Layout(
+    "llama",  # also Mistral, Qwen2, SmolLM2, ... (pre-norm, gated MLP)
+    blocks=("model.layers", "layers"),
+    groups=(
+        GroupSpec(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                  "input_layernorm"),
+        GroupSpec(("self_attn.o_proj",), "self_attn.v_proj"),
+        GroupSpec(("mlp.gate_proj", "mlp.up_proj"), "post_attention_layernorm"),
+        GroupSpec(("mlp.down_proj",), "mlp.up_proj"),
+    ),
+    final_norm=("model.norm", "norm"),
+    head=("lm_head",),
+)
+BERT = Layout(
+    "bert",  # post-norm encoder: LayerNorm outputs also feed the residual, so no norm feeder
+    blocks=("encoder.layer", "bert.encoder.layer", "roberta.encoder.layer"),
+    groups=(
+        GroupSpec(("attention.self.query", "attention.self.key", "attention.self.value")),
+        GroupSpec(("attention.output.dense",), "attention.self.value"),
+        GroupSpec(("intermediate.dense",)),
+        GroupSpec(("output.dense",)),
+    ),
+)
+LAYOUTS: tuple[Layout, ...] = (LLAMA, BERT)
+
+
+@dataclass
+class Group:
+    """A resolved group: absolute linear names and the feeder that can absorb ``1/s``."""
+
+    linears: list[str]
+    feeder: str | None = None
+    feeder_kind: str | None = None  # "norm" | "linear" | None
+
+
+@dataclass
+class Block:
+    name: str
+    module: nn.Module
+    groups: list[Group]
+
+
+@dataclass
+class Arch:
+    """What ``resolve_arch`` found: blocks with their groups, the final norm and the head."""
+
+    layout: str
+    blocks: list[Block]
+    final_norm: str | None = None
+    head: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def block_linears(self) -> set[str]:
+        return {n for b in self.blocks for g in b.groups for n in g.linears}
+
+
+def _get(root: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _is_linear(m: nn.Module | None) -> bool:
+    return m is not None and hasattr(m, "in_features") and hasattr(m, "out_features")
+
+
+def _feeder_kind(feeder: nn.Module | None, widths: set[int]) -> str | None:
+    """``norm`` / ``linear`` when ``feeder``'s output channels can absorb ``1/s``, else None."""
+    if feeder is None or len(widths) != 1:
+        return None
+    (width,) = widths
+    if _is_linear(feeder):
+        return "linear" if feeder.out_features == width else None  # grouped-query: no
+    weight = getattr(feeder, "weight", None)
+    if isinstance(weight, nn.Parameter) and tuple(weight.shape) == (width,):
+        return "norm"
+    return None
+
+
+def _resolve_layout(model: nn.Module, layout: Layout) -> tuple[Arch | None, str | None]:
+    """The layout applied to ``model``, or (None, what is missing)."""
+    path = next((p for p in layout.blocks if isinstance(_get(model, p), nn.ModuleList)), None)
+    if path is None:
+        return None, None
+    blocks_list = _get(model, path)
+    blocks = []
+    for i, block in enumerate(blocks_list):
+        prefix = f"{path}.{i}"
+        missing = [n for g in layout.groups for n in g.linears if not _is_linear(_get(block, n))]
+        if missing:
+            return None, f"{prefix} has no {', '.join(missing)}"
+        groups = []
+        for spec in layout.groups:
+            widths = {_get(block, n).in_features for n in spec.linears}
+            feeder = None if spec.feeder is None else _get(block, spec.feeder)
+            kind = _feeder_kind(feeder, widths)
+            groups.append(Group([f"{prefix}.{n}" for n in spec.linears],
+                                f"{prefix}.{spec.feeder}" if kind else None, kind))
+        declared = {n for g in groups for n in g.linears}
+        extra = [f"{prefix}.{n}" for n, m in block.named_modules() if n and _is_linear(m)
+                 and f"{prefix}.{n}" not in declared and type(m) is nn.Linear]
+        groups += [Group([n]) for n in extra]  # linears the table does not name: alone
+        blocks.append(Block(prefix, block, groups))
+    final_norm = next((p for p in layout.final_norm if _get(model, p) is not None), None)
+    head = next((p for p in layout.head if _is_linear(_get(model, p))), None)
+    return Arch(layout.name, blocks, final_norm, head), None
+
+
+def _structural(model: nn.Module) -> Arch | None:
+    """The largest ModuleList of same-type blocks that hold linears; one group per linear."""
+    best = None
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
+            continue
+        if len({type(b) for b in mod}) != 1:
+            continue
+        if not any(type(m) is nn.Linear for m in mod[0].modules()):
+            continue
+        if best is None or len(mod) > len(best[1]):
+            best = (name, mod)
+    if best is None:
+        return None
+    name, blocks_list = best
+    blocks = []
+    for i, block in enumerate(blocks_list):
+        prefix = f"{name}.{i}"
+        groups = [Group([f"{prefix}.{n}"]) for n, m in block.named_modules()
+                  if n and type(m) is nn.Linear]
+        blocks.append(Block(prefix, block, groups))
+    return Arch("structural", blocks)
+
+
+def resolve_arch(model: nn.Module, *, strict: bool = False) -> Arch:
+    """Blocks, groups and feeders of ``model`` from ``LAYOUTS``, else the structural fallback.
+
+    ``strict=True`` refuses the fallback (an error names what the table missed).
+    """
+    problems = []
+    for layout in LAYOUTS:
+        arch, missing = _resolve_layout(model, layout)
+        if arch is not None:
+            return arch
+        if missing:
+            problems.append(f"layout {layout.name!r}: {missing}")
+    looked = ", ".join(p for lay in LAYOUTS for p in lay.blocks)
+    if strict:
+        raise ArchitectureError(
+            f"{type(model).__name__} matches no known layout ({'; '.join(problems) or looked}); "
+            f"add a Layout to lowbit.model.arch.LAYOUTS or pass strict=False")
+    arch = _structural(model)
+    if arch is None:
+        raise ArchitectureError(
+            f"cannot find the blocks of {type(model).__name__}: looked for {looked} and for any "
+            f"nn.ModuleList of identical blocks holding nn.Linear layers; calibrated algorithms "
+            f"run block by block, so add a Layout to lowbit.model.arch.LAYOUTS")
+    why = f" ({'; '.join(problems)})" if problems else ""
+    arch.notes.append(
+        f"architecture not in the table{why}: structural fallback on {arch.blocks[0].name[:-2]} "
+        f"({len(arch.blocks)} blocks), one group per linear, no scale folding")
+    return arch
+
+
+def find_module(model: nn.Module, name: str | None) -> nn.Module | None:
+    """``model.get_submodule(name)`` or None (None and "" give None)."""
+    return _get(model, name) if name else None

@@ -1,0 +1,276 @@
+"""Automatic mixed precision: per-layer formats under a bits-per-weight budget (``auto:<bpw>``).
+
+1. Sensitivity (HAWQ, Dong et al., 2019, and llama.cpp's per-tensor type choice, in spirit):
+   for each linear ``l`` and candidate format ``c``, the KL divergence ``D_l(c) =
+   KL(p_fp || p_l,c)`` of the next-token distribution when *only* ``l`` is quantized
+   (round to nearest) at ``c``, on a small calibration slice. Only the blocks from ``l``'s
+   block on are re-run (their inputs are cached), and the KL is taken over the union of the
+   baseline's top-``k`` tokens at every position (renormalised), which holds nearly all the
+   mass and spares the 49k-wide head. Measuring every (layer, format) pair costs ``L x C``
+   partial forwards; by default (``measure="anchor"``) ``D`` is measured at one anchor
+   format (the candidate nearest the budget) and the others follow the second-order model
+   ``KL ~ 1/2 d^T F d``: proportional to the layer's output error, estimated as
+   ``e_l(c) = sum_ij (W - Q_c(W))_ij^2 E[x_j^2]``, so ``D_l(c) = D_l(a) e_l(c) / e_l(a)``.
+   ``measure="all"`` measures every pair.
+2. Allocation: minimise ``sum_l D_l(c_l)`` subject to ``sum_l bits_l(c_l) <= bpw * sum_l n_l``
+   where ``bits_l`` counts codes, scales and zero-points as stored (``PackedWeight``). Each
+   layer's options are reduced to their lower convex hull, then the upgrade with the best
+   ``dD / dbits`` is taken while it fits (greedy Lagrangian, optimal on the hull), then any
+   remaining upgrade that fits.
+3. The result is an explicit ``Recipe``: a default scheme plus one exact-name rule per layer
+   that differs, readable and editable, round-tripping through JSON.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from lowbit.model.recipe import Recipe, RecipeError, Rule, Scheme
+from lowbit.nn import WeightSpec
+
+DEFAULT_CANDIDATES = ("w2g64", "w3g64", "w4g128", "w4g64", "w8")
+_AUTO = re.compile(r"auto:(\d+(?:\.\d+)?)(?:bpw)?(?:-([a-z]+))?")
+
+
+def auto_placeholder(key: str) -> Recipe:
+    """``auto:<bpw>[bpw][-<algorithm>]``: a recipe that ``quantize`` resolves with data."""
+    m = _AUTO.fullmatch(key.strip().lower())
+    if not m:
+        raise RecipeError(f"cannot parse {key!r}: write auto:<bits per weight>[-<algorithm>], "
+                          f"e.g. auto:3.5 or auto:3.5-gptq")
+    algorithm = m.group(2) or "rtn"
+    scheme = Scheme(WeightSpec("uint4", "group:128", False, "bf16"), algorithm=algorithm)
+    return Recipe(f"auto:{m.group(1)}" + (f"-{algorithm}" if m.group(2) else ""), scheme)
+
+
+def is_auto(recipe: Recipe) -> bool:
+    return recipe.name.startswith("auto:")
+
+
+def budget_of(recipe: Recipe) -> float:
+    return float(_AUTO.fullmatch(recipe.name).group(1))
+
+
+def candidate_schemes(names, algorithm: str = "rtn") -> dict[str, Scheme]:
+    out = {}
+    for name in names:
+        base = Recipe.parse(name).default
+        out[name] = Scheme(base.weight, base.activation, algorithm, base.observer)
+    return out
+
+
+def layer_bits(weight: torch.Tensor, scheme: Scheme) -> tuple[int, torch.Tensor]:
+    """Stored bits (codes + scales + zero-points) of ``weight`` at ``scheme`` and its RTN."""
+    from lowbit.formats import dequantize
+    from lowbit.model.quantize import quantize_weight
+    from lowbit.nn import PackedWeight
+
+    codes, qp = quantize_weight(weight, scheme)
+    packed = PackedWeight.from_codes(codes, qp)
+    nbytes = sum(t.numel() * t.element_size() for t in packed.tensors().values())
+    return 8 * nbytes, dequantize(codes, qp)
+
+
+def _kl(base_logp: torch.Tensor, logits: torch.Tensor) -> float:
+    logq = torch.log_softmax(logits.float(), -1)
+    return float((base_logp.exp() * (base_logp - logq)).sum(-1).mean())
+
+
+@torch.no_grad()
+def sensitivity(model: nn.Module, batches: list, candidates: dict[str, Scheme],
+                names: list[str], *, anchor: str, measure: str = "anchor", top_k: int = 32,
+                progress: bool = True) -> dict[str, dict]:
+    """``{layer: {"kl": {cand: D}, "bits": {cand: bits}, "numel": n}}`` (module docstring)."""
+    from lowbit.model.arch import find_module, resolve_arch
+    from lowbit.model.calibrated import _capture, _output
+
+    if measure not in ("anchor", "all"):
+        raise RecipeError(f"measure must be 'anchor' or 'all', got {measure!r}")
+    arch = resolve_arch(model)
+    norm, head = find_module(model, arch.final_norm), find_module(model, arch.head)
+    hidden, kws = _capture(model, arch.blocks[0].module, batches)
+    inputs, sq = [], {}
+    hooks = [model.get_submodule(n).register_forward_pre_hook(_sq_hook(sq, n)) for n in names]
+    try:
+        for block in arch.blocks:
+            inputs.append(list(hidden))
+            hidden = [_output(block.module(h, **kw)) for h, kw in zip(hidden, kws, strict=True)]
+        if head is not None and norm is not None:
+            last = [head(norm(h)).float() for h in hidden]
+            vocab = torch.unique(torch.cat([x.reshape(-1, x.shape[-1]).topk(top_k, -1).indices
+                                            .reshape(-1) for x in last]))
+            base = [torch.log_softmax(x[..., vocab], -1) for x in last]
+        else:
+            vocab, base = None, hidden
+    finally:
+        for h in hooks:
+            h.remove()
+
+    def divergence(start: int, hs: list) -> float:
+        for block in arch.blocks[start:]:
+            hs = [_output(block.module(h, **kw)) for h, kw in zip(hs, kws, strict=True)]
+        if vocab is None:
+            return float(sum((h - b).pow(2).sum() / b.pow(2).sum()
+                             for h, b in zip(hs, base, strict=True)) / len(hs))
+        w = head.weight[vocab]
+        return sum(_kl(b, torch.nn.functional.linear(norm(h), w)) for h, b in
+                   zip(hs, base, strict=True)) / len(hs)
+
+    where = {n: i for i, b in enumerate(arch.blocks) for g in b.groups for n in g.linears}
+    out = {}
+    items = names
+    if progress:
+        from tqdm.auto import tqdm
+
+        items = tqdm(names, desc="sensitivity", unit="layer", leave=False, disable=None)
+    for name in items:
+        lin = model.get_submodule(name)
+        W = lin.weight.detach().clone()
+        ms = sq[name] / max(1, sq[name + "#n"])
+        entry = {"kl": {}, "bits": {}, "err": {}, "numel": W.numel()}
+        for cand, scheme in candidates.items():
+            bits, w_hat = layer_bits(W.float(), scheme)
+            entry["bits"][cand] = bits
+            entry["err"][cand] = float(((W.float() - w_hat).pow(2) * ms).sum())
+            if measure == "all" or cand == anchor:
+                lin.weight.data = w_hat.to(W.dtype)
+                try:
+                    start = where.get(name)
+                    if start is None:  # outside the blocks (the head): re-run the head only
+                        entry["kl"][cand] = divergence(len(arch.blocks), hidden)
+                    else:
+                        entry["kl"][cand] = divergence(start, inputs[start])
+                finally:
+                    lin.weight.data = W
+        if measure == "anchor":
+            ref_kl, ref_err = entry["kl"][anchor], max(entry["err"][anchor], 1e-30)
+            for cand in candidates:
+                entry["kl"].setdefault(cand, ref_kl * entry["err"][cand] / ref_err)
+        out[name] = entry
+    return out
+
+
+def _sq_hook(store: dict, name: str):
+    def pre(module, args):
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+        store[name] = store.get(name, 0) + x.pow(2).sum(0)
+        store[name + "#n"] = store.get(name + "#n", 0) + x.shape[0]
+    return pre
+
+
+def _hull(points: list[tuple[int, float, str]]) -> list[tuple[int, float, str]]:
+    """Lower convex hull of (bits, kl) points, cheapest first, kl strictly decreasing."""
+    pts = sorted(points)
+    hull: list = []
+    for p in pts:
+        if hull and p[1] >= hull[-1][1]:
+            continue  # more bits, no better
+        while len(hull) >= 2:
+            (b1, k1, _), (b2, k2, _) = hull[-2], hull[-1]
+            if (k2 - k1) * (p[0] - b1) >= (p[1] - k1) * (b2 - b1):  # b2 above the chord
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    return hull
+
+
+def allocate(sens: dict[str, dict], bpw: float) -> dict[str, str]:
+    """The candidate per layer minimising summed KL within ``bpw`` (module docstring)."""
+    numel = sum(e["numel"] for e in sens.values())
+    budget = bpw * numel
+    choice = {n: min(e["bits"], key=lambda c: (e["bits"][c], e["kl"][c])) for n, e in
+              sens.items()}
+    used = sum(sens[n]["bits"][c] for n, c in choice.items())
+    if used > budget * (1 + 1e-9):
+        raise RecipeError(f"a budget of {bpw:g} bits per weight is below the smallest candidate "
+                          f"format ({used / numel:.3f} bits per weight with scales and "
+                          f"zero-points); raise the budget or add a smaller candidate format")
+    hulls = {n: _hull([(e["bits"][c], e["kl"][c], c) for c in e["bits"]]) for n, e in
+             sens.items()}
+    pos = {n: next(i for i, p in enumerate(h) if p[2] == choice[n]) if any(
+        p[2] == choice[n] for p in h) else 0 for n, h in hulls.items()}
+    for n, h in hulls.items():
+        choice[n] = h[pos[n]][2]
+    used = sum(sens[n]["bits"][c] for n, c in choice.items())
+    while True:  # greedy along the hulls: best KL saved per extra bit that still fits
+        best = None
+        for n, h in hulls.items():
+            i = pos[n]
+            if i + 1 < len(h):
+                db, dk = h[i + 1][0] - h[i][0], h[i][1] - h[i + 1][1]
+                if used + db <= budget and (best is None or dk / db > best[0]):
+                    best = (dk / db, n, db)
+        if best is None:
+            break
+        _, n, db = best
+        pos[n] += 1
+        choice[n] = hulls[n][pos[n]][2]
+        used += db
+    return choice
+
+
+def recipe_from_choice(choice: dict[str, str], schemes: dict[str, Scheme], name: str,
+                       keep: tuple[str, ...] = (), compute_dtype: str = "bf16") -> Recipe:
+    """An explicit recipe: the most common scheme as default, one rule per other layer."""
+    counts: dict[str, int] = {}
+    for c in choice.values():
+        counts[c] = counts.get(c, 0) + 1
+    default = max(counts, key=counts.get)
+    rules = tuple(Rule(n, schemes[c]) for n, c in choice.items() if c != default)
+    return Recipe(name, schemes[default], rules, keep, compute_dtype)
+
+
+def auto_recipe(model: nn.Module, recipe: Recipe, batches: list | None, *,
+                candidates=DEFAULT_CANDIDATES, measure: str = "anchor",
+                sensitivity_tokens: int = 256, progress: bool = True,
+                sens: dict | None = None) -> Recipe:
+    """Resolve an ``auto:<bpw>`` placeholder into an explicit per-layer recipe.
+
+    Sensitivity runs on the first ``sensitivity_tokens`` tokens of ``batches``; the chosen
+    recipe is returned and its sensitivity table is kept on ``recipe_out.sensitivity``-like
+    attribute ``model.lowbit_sensitivity``.
+    """
+    from lowbit.model.quantize import find_targets
+
+    bpw = budget_of(recipe)
+    algorithm = recipe.default.algorithm if recipe.default is not None else "rtn"
+    schemes = candidate_schemes(candidates, algorithm)
+    names = [n for n, _, s in find_targets(model, recipe) if s is not None]
+    if sens is None:
+        if not batches:
+            raise RecipeError(f"{recipe.name} measures each layer's sensitivity on calibration "
+                              f"data: pass calibration=lowbit.data.text('pydoc', tokenizer)")
+        slice_ = _slice(batches, sensitivity_tokens)
+        rtn = candidate_schemes(candidates, "rtn")
+        smallest = [c for c in candidates]
+        anchor = min(smallest, key=lambda c: abs(_nominal_bits(rtn[c]) - bpw))
+        sens = sensitivity(model, slice_, rtn, names, anchor=anchor, measure=measure,
+                           progress=progress)
+    model.lowbit_sensitivity = sens
+    choice = allocate({n: sens[n] for n in names}, bpw)
+    return recipe_from_choice(choice, schemes, f"mixed-{bpw:g}bpw" + (
+        f"-{algorithm}" if algorithm != "rtn" else ""), recipe.keep, recipe.compute_dtype)
+
+
+def _nominal_bits(scheme: Scheme) -> float:
+    from lowbit.formats import get_format
+
+    fmt = get_format(scheme.weight.format)
+    gran = scheme.weight.granularity_obj()
+    return fmt.bits + (24 / gran.group_size if gran.kind == "group" else 0)
+
+
+def _slice(batches: list, tokens: int) -> list:
+    out, total = [], 0
+    for b in batches:
+        if total >= tokens:
+            break
+        if isinstance(b, torch.Tensor) and b.dim() == 2:
+            b = b[:, : max(2, -(-(tokens - total) // b.shape[0]))]
+        out.append(b)
+        total += b.numel() if isinstance(b, torch.Tensor) else tokens
+    return out

@@ -1,0 +1,258 @@
+"""A lean Llama-style decoder: static KV cache, one tight loop over the model's own modules.
+
+:class:`DecoderRuntime` runs a Hugging Face Llama-style causal LM (see :mod:`.arch`) without
+the framework around it: a preallocated KV cache, RoPE from a precomputed table, RMSNorm via
+``F.rms_norm``, attention via ``F.scaled_dot_product_attention``, and activations in one dtype
+(BF16 by default) from the embedding to the logits.
+
+Linears are called as they are in the model: a plain ``nn.Linear`` runs as ``F.linear`` on a
+weight cast once to the runtime dtype, and any other module (a quantized replacement whose
+``forward(x)`` maps ``[..., K]`` to ``[..., N]``) is called as the module itself, fed
+activations in the runtime dtype. The model is never modified.
+
+Decode attends with the query heads of one KV head grouped as "rows" (``[B, Hkv, G, D]``), so
+grouped-query attention needs neither ``repeat_kv`` nor a mask. ``compile=True`` wraps a
+static-shape decode step (full-length cache plus an additive mask, positions as tensors) in
+``torch.compile``; nothing compiles until the first call.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lowbit.runtime.arch import DecoderSpec, UnsupportedModelError, resolve_decoder, rope_tables
+from lowbit.runtime.cache import StaticKVCache
+
+__all__ = ["DecoderRuntime"]
+
+Linear = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _cast_output(module: nn.Module, dtype: torch.dtype, x: torch.Tensor) -> torch.Tensor:
+    return module(x).to(dtype)
+
+
+def prepare_linear(module: nn.Module, in_features: int, dtype: torch.dtype) -> Linear:
+    """A callable ``x -> y`` for one linear slot, with activations in ``dtype``.
+
+    ``nn.Linear`` (exactly that class) becomes ``F.linear`` on weights cast to ``dtype``
+    (shared, not copied, when they already are). Anything else is probed once with a
+    ``[1, in_features]`` input and called as is; its output is cast to ``dtype`` if needed.
+    """
+    if type(module) is nn.Linear:
+        weight = module.weight.detach().to(dtype)
+        bias = None if module.bias is None else module.bias.detach().to(dtype)
+        return functools.partial(F.linear, weight=weight, bias=bias)
+    with torch.inference_mode():
+        out = module(torch.zeros(1, in_features, dtype=dtype))
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 1:
+        raise UnsupportedModelError(
+            f"{type(module).__name__} does not map [1, {in_features}] to [1, N]: the runtime "
+            "needs linear replacements whose forward(x) takes [..., K] and returns [..., N]"
+        )
+    return module if out.dtype == dtype else functools.partial(_cast_output, module, dtype)
+
+
+def _norm_params(module: nn.Module, eps: float, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
+    weight = getattr(module, "weight", None)
+    if weight is None:
+        raise UnsupportedModelError(f"{type(module).__name__} has no weight: not an RMSNorm")
+    eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", None) or eps
+    return weight.detach().to(dtype), float(eps)
+
+
+class _Block:
+    """One decoder block's prepared callables and norm weights."""
+
+    def __init__(self, spec: DecoderSpec, index: int, dtype: torch.dtype):
+        mods = spec.layers[index]
+        hidden, attn_dim = spec.hidden_size, spec.num_heads * spec.head_dim
+        self.in_w, self.in_eps = _norm_params(mods.input_norm, spec.rms_norm_eps, dtype)
+        self.post_w, self.post_eps = _norm_params(
+            mods.post_attention_norm, spec.rms_norm_eps, dtype
+        )
+        self.q = prepare_linear(mods.q_proj, hidden, dtype)
+        self.k = prepare_linear(mods.k_proj, hidden, dtype)
+        self.v = prepare_linear(mods.v_proj, hidden, dtype)
+        self.o = prepare_linear(mods.o_proj, attn_dim, dtype)
+        self.gate = prepare_linear(mods.gate_proj, hidden, dtype)
+        self.up = prepare_linear(mods.up_proj, hidden, dtype)
+        self.down = prepare_linear(mods.down_proj, spec.intermediate_size, dtype)
+
+
+class DecoderRuntime:
+    """Prefill and greedy-decode a Llama-style model with a static KV cache.
+
+    ``runtime.prefill(ids)`` starts a sequence (``ids``: ``[B, T]``) and returns logits;
+    ``runtime.decode(ids)`` appends one token per row (``[B, 1]``) and returns ``[B, V]``
+    logits. Logits come back in the runtime dtype. ``compile`` compiles the decode step
+    (once per batch size and cache length), ``compile_prefill`` the prefill (once per shape).
+    """
+
+    def __init__(self, model: nn.Module, *, dtype: torch.dtype = torch.bfloat16,
+                 compile: bool = False, compile_prefill: bool = False,
+                 compile_options: dict | None = None):
+        self.spec = spec = resolve_decoder(model)
+        self.dtype = dtype
+        self.compile = compile
+        self.compile_prefill = compile_prefill
+        self.compile_options = compile_options  # passed to torch.compile(options=...)
+        self.compile_seconds: float | None = None  # wall time of the latest compiling step
+        self.compiles = 0  # how many times the decode step was (re)compiled
+        self.blocks = [_Block(spec, i, dtype) for i in range(len(spec.layers))]
+        self.final_w, self.final_eps = _norm_params(spec.final_norm, spec.rms_norm_eps, dtype)
+        self.lm_head = prepare_linear(spec.lm_head, spec.hidden_size, dtype)
+        self.cache: StaticKVCache | None = None
+        self.length = 0
+        self._tables_len = 0
+        self._compiled_step: Callable | None = None
+        self._compiled_prefill: Callable | None = None
+        self.masks = torch.zeros(0, 0, dtype=dtype)
+
+    # ---- set-up -------------------------------------------------------------------------------
+    def _ensure(self, batch: int, max_len: int) -> None:
+        spec = self.spec
+        if spec.sliding_window is not None and max_len > spec.sliding_window:
+            raise UnsupportedModelError(
+                f"{max_len} positions exceed the sliding window {spec.sliding_window}, which "
+                "lowbit.runtime does not implement"
+            )
+        cache = self.cache
+        if cache is None or cache.batch != batch or cache.max_len < max_len:
+            self.cache = StaticKVCache(len(self.blocks), batch, spec.num_kv_heads, max_len,
+                                       spec.head_dim, self.dtype)
+            self._compiled_step = None  # new cache tensors and shapes: compile again
+        if self._tables_len < self.cache.max_len:
+            cos, sin = rope_tables(spec, self.cache.max_len)
+            half = spec.head_dim // 2
+            sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)  # rotate_half as a roll
+            self.cos, self.sin = cos.to(self.dtype), sin.to(self.dtype)
+            self._tables_len = self.cache.max_len
+        if self.compile and self.masks.shape[0] < self.cache.max_len:
+            n = self.cache.max_len  # row p: additive mask letting position p see 0..p
+            allowed = torch.ones(n, n, dtype=torch.bool).tril()
+            self.masks = torch.zeros(n, n, dtype=self.dtype).masked_fill(~allowed, float("-inf"))
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(x * cos, torch.roll(x, self.spec.head_dim // 2, -1), sin)
+
+    # ---- prefill --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, input_ids: torch.Tensor, *, max_len: int | None = None,
+                all_logits: bool = False) -> torch.Tensor:
+        """Reset the cache, run ``input_ids`` (``[B, T]``) and return logits.
+
+        ``max_len`` is the cache length to reserve (default ``T``). Returns ``[B, T, V]``
+        when ``all_logits`` else the last position's ``[B, V]``. With ``compile_prefill`` the
+        forward is compiled once per distinct ``(B, T, all_logits)`` (minutes each).
+        """
+        batch, length = input_ids.shape
+        self._ensure(batch, max(length, max_len or length))
+        self.length = length
+        if not self.compile_prefill:
+            return self._prefill(input_ids, all_logits)
+        if self._compiled_prefill is None:
+            self._compiled_prefill = torch.compile(self._prefill, dynamic=False,
+                                                  options=self.compile_options)
+        return self._compiled_prefill(input_ids, all_logits)
+
+    def _prefill(self, input_ids: torch.Tensor, all_logits: bool) -> torch.Tensor:
+        spec, cache = self.spec, self.cache
+        batch, length = input_ids.shape
+        heads, kv_heads, dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        cos, sin = self.cos[:length], self.sin[:length]
+        x = spec.embed(input_ids).to(self.dtype)
+        for i, blk in enumerate(self.blocks):
+            h = F.rms_norm(x, (x.shape[-1],), blk.in_w, blk.in_eps)
+            q = blk.q(h).view(batch, length, heads, dim).transpose(1, 2)
+            k = blk.k(h).view(batch, length, kv_heads, dim).transpose(1, 2)
+            v = blk.v(h).view(batch, length, kv_heads, dim).transpose(1, 2)
+            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            cache.k[i][:, :, :length].copy_(k)
+            cache.v[i][:, :, :length].copy_(v)
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=spec.attn_scale,
+                                               enable_gqa=heads != kv_heads)
+            x = x + blk.o(a.transpose(1, 2).reshape(batch, length, heads * dim))
+            h = F.rms_norm(x, (x.shape[-1],), blk.post_w, blk.post_eps)
+            x = x + blk.down(spec.act_fn(blk.gate(h)) * blk.up(h))
+        if not all_logits:
+            x = x[:, -1]
+        return self.lm_head(F.rms_norm(x, (x.shape[-1],), self.final_w, self.final_eps))
+
+    # ---- decode ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def decode(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Append one token per row (``[B, 1]``) and return the next-token logits ``[B, V]``."""
+        cache = self.cache
+        if cache is None or self.length == 0:
+            raise RuntimeError("call prefill() before decode()")
+        if self.length >= cache.max_len:
+            raise RuntimeError(f"KV cache full ({cache.max_len} positions); pass a larger "
+                               "max_len to prefill()")
+        pos = self.length
+        self.length += 1
+        if not self.compile:
+            return self._decode_eager(input_ids, pos)
+        if self._compiled_step is None:
+            start = time.perf_counter()
+            self._compiled_step = torch.compile(self._decode_static, dynamic=False,
+                                                options=self.compile_options)
+            out = self._compiled_step(input_ids, torch.tensor([pos]))
+            self.compile_seconds = time.perf_counter() - start
+            self.compiles += 1
+            return out
+        return self._compiled_step(input_ids, torch.tensor([pos]))
+
+    def _decode_eager(self, input_ids: torch.Tensor, pos: int) -> torch.Tensor:
+        spec, cache = self.spec, self.cache
+        batch = input_ids.shape[0]
+        kv_heads, dim = spec.num_kv_heads, spec.head_dim
+        group = spec.num_heads // kv_heads
+        cos, sin = self.cos[pos], self.sin[pos]
+        x = spec.embed(input_ids).to(self.dtype)
+        for i, blk in enumerate(self.blocks):
+            h = F.rms_norm(x, (x.shape[-1],), blk.in_w, blk.in_eps)
+            q = self._rope(blk.q(h).view(batch, kv_heads, group, dim), cos, sin)
+            k = self._rope(blk.k(h).view(batch, kv_heads, 1, dim), cos, sin)
+            k_all, v_all = cache.k[i], cache.v[i]
+            k_all.narrow(2, pos, 1).copy_(k)
+            v_all.narrow(2, pos, 1).copy_(blk.v(h).view(batch, kv_heads, 1, dim))
+            a = F.scaled_dot_product_attention(
+                q, k_all.narrow(2, 0, pos + 1), v_all.narrow(2, 0, pos + 1),
+                scale=spec.attn_scale,
+            )
+            x = x + blk.o(a.view(batch, 1, -1))
+            h = F.rms_norm(x, (x.shape[-1],), blk.post_w, blk.post_eps)
+            x = x + blk.down(spec.act_fn(blk.gate(h)) * blk.up(h))
+        x = F.rms_norm(x[:, 0], (x.shape[-1],), self.final_w, self.final_eps)
+        return self.lm_head(x)
+
+    def _decode_static(self, input_ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Decode step with static shapes (full cache + mask), for ``torch.compile``."""
+        spec, cache = self.spec, self.cache
+        batch = input_ids.shape[0]
+        kv_heads, dim = spec.num_kv_heads, spec.head_dim
+        group = spec.num_heads // kv_heads
+        cos, sin = self.cos[pos], self.sin[pos]  # [1, D]
+        mask = self.masks[pos][:, : cache.max_len]  # [1, max_len]
+        x = spec.embed(input_ids).to(self.dtype)
+        for i, blk in enumerate(self.blocks):
+            h = F.rms_norm(x, (x.shape[-1],), blk.in_w, blk.in_eps)
+            q = self._rope(blk.q(h).view(batch, kv_heads, group, dim), cos, sin)
+            k = self._rope(blk.k(h).view(batch, kv_heads, 1, dim), cos, sin)
+            cache.k[i].index_copy_(2, pos, k)
+            cache.v[i].index_copy_(2, pos, blk.v(h).view(batch, kv_heads, 1, dim))
+            a = F.scaled_dot_product_attention(
+                q, cache.k[i], cache.v[i], attn_mask=mask, scale=spec.attn_scale
+            )
+            x = x + blk.o(a.view(batch, 1, -1))
+            h = F.rms_norm(x, (x.shape[-1],), blk.post_w, blk.post_eps)
+            x = x + blk.down(spec.act_fn(blk.gate(h)) * blk.up(h))
+        x = F.rms_norm(x[:, 0], (x.shape[-1],), self.final_w, self.final_eps)
+        return self.lm_head(x)

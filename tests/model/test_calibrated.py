@@ -1,0 +1,188 @@
+"""Calibrated quantization block by block: every algorithm end to end on a tiny Llama,
+scale folding is exact, storage round-trips, and bad input gets clear errors."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lowbit.algorithms import AlgorithmError, HessianAccumulator
+from lowbit.model import Recipe, RecipeError, load, quantize, save
+from lowbit.model.arch import resolve_arch
+from lowbit.model.calibrated import _Run
+from lowbit.model.solve import InputStats, Member, Solver
+from lowbit.nn import QuantizedLinear
+
+from .tiny import tiny_llama
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def base():
+    return tiny_llama(hidden=64)
+
+
+@pytest.fixture(scope="module")
+def calib():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, 128, (1, 64), generator=g) for _ in range(4)]  # 256 tokens
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(9))
+
+
+def _kl(model, base, ids):
+    with torch.no_grad():
+        ref = base(ids).logits.float().log_softmax(-1)
+        out = model(ids).logits.float().log_softmax(-1)
+    return (ref.exp() * (ref - out)).sum(-1).mean().item()
+
+
+def _quantized(base, recipe, calib, **kw):
+    model = copy.deepcopy(base)
+    quantize(model, Recipe.parse(recipe), calib, progress=False, **kw)
+    return model
+
+
+@pytest.mark.parametrize("recipe,kernel", [
+    ("w4g32-gptq", "int4_weight.int4pack_mm"), ("w4g32-awq", "int4_weight.int4pack_mm"),
+    ("w4g32-imatrix", "int4_weight.int4pack_mm"), ("w2g16-hqq", "dequant+F.linear"),
+    ("kmeans4", "codebook+F.linear"), ("w8a8-smooth", "int8_static.int_mm"),
+])
+def test_every_algorithm_quantizes_every_linear(base, calib, ids, recipe, kernel):
+    model = _quantized(base, recipe, calib)
+    summary = model.lowbit_summary
+    assert summary.layers == 15 and summary.kernels == {kernel: 15}  # 2 x 7 + lm_head
+    assert summary.bytes_after < summary.bytes_before / 3
+    assert _kl(model, base, ids) < 0.1
+    info = model.lowbit_calibration["layers"]["model.layers.1.mlp.down_proj"]
+    assert info["algorithm"] == {"w4g32-imatrix": "importance", "w8a8-smooth": "smoothquant",
+                                 "kmeans4": "kmeans"}.get(recipe, recipe.split("-")[-1])
+
+
+def test_calibrated_beats_rtn_at_3_bits(base, calib, ids):
+    rtn = _kl(_quantized(base, "w3g32", calib), base, ids)
+    for recipe in ("w3g32-gptq", "w3g32-awq", "w3g32-imatrix"):
+        assert _kl(_quantized(base, recipe, calib), base, ids) < rtn, recipe
+
+
+def test_sequential_and_one_pass_orders_both_work(base, calib, ids):
+    from lowbit.model.calibrated import quantize_calibrated
+
+    one = copy.deepcopy(base)
+
+    quantize_calibrated(one, "w4g32-gptq", calib, progress=False, sequential=False)
+    seq = _quantized(base, "w4g32-gptq", calib)
+    assert _kl(one, base, ids) < 0.05 and _kl(seq, base, ids) < 0.05
+
+
+def test_scale_folding_is_exact(base, ids):
+    """``(W diag(s)) (diag(s)^-1 x)``: folding 1/s into the norm (or the rows of up_proj) and s
+    into the readers' columns leaves the float model unchanged."""
+    model = copy.deepcopy(base)
+    arch = resolve_arch(model)
+    run = _Run(model, {}, Solver(), None, 0)
+    g = torch.Generator().manual_seed(3)
+    for group in (arch.blocks[0].groups[0], arch.blocks[1].groups[3]):
+        width = model.get_submodule(group.linears[0]).in_features
+        s = torch.rand(width, generator=g) + 0.5
+        with torch.no_grad():
+            run.fold(group, 1 / s)
+            for name in group.linears:
+                model.get_submodule(name).weight.mul_(s)
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, base(ids).logits, atol=1e-4)
+
+
+def test_folding_into_a_quantized_feeder_rescales_its_rows(base, calib):
+    model = copy.deepcopy(base)
+    quantize(model, "w4g32-awq", calib, progress=False)
+    up = model.model.layers[0].mlp.up_proj
+    assert isinstance(up, QuantizedLinear)
+    info = model.lowbit_calibration["layers"]["model.layers.0.mlp.down_proj"]
+    assert "awq_alpha" in info  # down_proj's scale was searched and folded into up_proj
+
+
+def test_hqq_float_zero_points_and_codebooks_survive_save_load(base, tmp_path, ids):
+    for recipe in ("w2g16-hqq", "kmeans4", "w4g128-hqq"):
+        model = _quantized(base, recipe, None)
+        layer = model.model.layers[0].self_attn.q_proj
+        if "hqq" in recipe:
+            assert layer.packed_weight().qparams.zero_point.dtype == torch.float16
+        else:
+            assert layer.packed_weight().qparams.scale.shape == (64, 16)  # 16 centroids a row
+        save(model, tmp_path / recipe)
+        again = load(tmp_path / recipe)
+        with torch.no_grad():
+            assert torch.equal(again(ids).logits, model(ids).logits), recipe
+        w = again.model.layers[0].self_attn.q_proj
+        assert torch.equal(w.dequantize_weight(), layer.dequantize_weight())
+        x = torch.randn(3, 64)
+        assert torch.allclose(w(x), w(x, impl="reference"), atol=2e-2)
+
+
+def test_smoothquant_static_close_to_float(base, calib, ids):
+    model = _quantized(base, "w8a8-smooth", calib)
+    info = model.lowbit_calibration["layers"]
+    assert any(v.get("smooth_alpha") is not None for v in info.values())
+    assert _kl(model, base, ids) < 5e-3
+
+
+# -- bad input ---------------------------------------------------------------------------
+def test_calibrated_recipe_without_data(base):
+    with pytest.raises(RecipeError, match="needs calibration data"):
+        quantize(copy.deepcopy(base), "w4g32-gptq", progress=False)
+
+
+def test_too_little_calibration_data(base):
+    few = [torch.randint(0, 128, (1, 16))]
+    with pytest.raises(RecipeError, match="too little calibration data.*down_proj.*160x160"):
+        quantize(copy.deepcopy(base), "w4g32-gptq", few, progress=False)
+
+
+def _member(w):
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
+    lin.weight.data = w
+    return Member("model.layers.7.mlp.up_proj", lin, Recipe.parse("w4g32-gptq").default)
+
+
+def test_singular_hessian_escalates_damping_then_errors():
+    torch.manual_seed(0)
+    member = _member(torch.randn(8, 32))
+    stats = InputStats(32, {"hessian"})
+    stats.add(torch.randn(4, 1) * torch.randn(1, 32))  # rank 1: singular but usable
+    sol = Solver(gptq={"percdamp": 0.0}).solve_group([member], stats, None)[0]
+    assert sol.info["percdamp"] > 0  # escalated from 0
+    bad = InputStats(32, {"hessian"})
+    bad.hessian = HessianAccumulator(32)
+    bad.hessian.add_batch(torch.randn(64, 32))
+    bad.hessian.H -= 10 * torch.eye(32) * bad.hessian.H.diagonal().mean()  # indefinite
+    with pytest.raises(AlgorithmError, match="model.layers.7.mlp.up_proj.*not positive definite"):
+        Solver(gptq={"max_percdamp": 0.1}).solve_group([member], bad, None)
+
+
+def test_static_activations_outside_the_blocks_are_refused(calib):
+    class Wrapped(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.extra = inner, nn.Linear(128, 128)
+
+        def forward(self, input_ids, **kw):
+            return self.extra(self.inner(input_ids, **kw).logits)
+
+    model = Wrapped(tiny_llama(hidden=64))
+    with pytest.raises(RecipeError, match="lies outside the model's blocks.*with_keep"):
+        quantize(model, "w8a8-smooth", calib, progress=False)
+
+
+def test_codebook_format_needs_kmeans(base):
+    from lowbit.model import Scheme
+    from lowbit.nn import WeightSpec
+
+    recipe = Recipe("cb", Scheme(WeightSpec("codebook4", "channel"), algorithm="hqq"))
+    with pytest.raises(RecipeError, match="k-means"):
+        quantize(copy.deepcopy(base), recipe, progress=False)
