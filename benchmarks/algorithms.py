@@ -19,7 +19,8 @@ Run:
   .venv/bin/python benchmarks/algorithms.py                       # everything, 32 windows
   .venv/bin/python benchmarks/algorithms.py --recipes w4g128,w4g128-gptq --n-windows 8
   .venv/bin/python benchmarks/algorithms.py --memory w4g128-gptq   # peak RSS vs model size
-Results are also appended to ``--out`` (JSON lines) as each recipe finishes.
+Results are also appended to ``--out`` (JSON lines) as each recipe finishes;
+``--tables a.jsonl b.jsonl`` prints the tables of saved results (e.g. of parallel runs).
 """
 
 from __future__ import annotations
@@ -181,7 +182,7 @@ def table(rows: list[dict], proto: str) -> str:
     by_name = {r["recipe"]: r for r in rows}
     lines = [f"protocol {proto}, {rows[0]['n_windows']} windows x 512",
              "| recipe | bits/w saved | bits/w memory | PPL | dPPL | RTN dPPL (same format) "
-             "| KLD | top-1 | quantize s | peak RSS MB |", "|" + "---|" * 10]
+             "| KLD | top-1 | quantize s (CPU s) | peak RSS MB |", "|" + "---|" * 10]
     for r in rows:
         p = r[proto]
         ref = by_name.get(rtn_of(r["recipe"]))
@@ -189,7 +190,8 @@ def table(rows: list[dict], proto: str) -> str:
             else "-"
         lines.append(f"| {r['recipe']} | {r['bits_saved']:.2f} | {r['bits_memory']:.2f} | "
                      f"{p['ppl']:.3f} | {p['dppl_pct']:+.2f}% | {beside} | {p['kld']:.4f} | "
-                     f"{100 * p['top1']:.1f}% | {r['quantize_s']:.1f} | {r['peak_rss_mb']:.0f} |")
+                     f"{100 * p['top1']:.1f}% | {r['quantize_s']:.0f} "
+                     f"({r.get('quantize_cpu_s', 0):.0f}) | {r['peak_rss_mb']:.0f} |")
     if proto == "llama.cpp":
         lines.append("llama.cpp on the same model (BENCHMARKS.md): " + ", ".join(
             f"{k} {v:+.1f}%" for k, v in LLAMA_CPP.items()))
@@ -232,11 +234,17 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="append one JSON line per recipe here")
     ap.add_argument("--memory", default=None, metavar="RECIPE",
                     help="only measure peak memory and time of quantizing with RECIPE")
+    ap.add_argument("--tables", nargs="+", default=None, metavar="JSONL",
+                    help="only print the tables of results saved with --out")
     args = ap.parse_args()
     if args.memory:
         memory(args)
         return
-    rows = run(args)
+    if args.tables:
+        rows = [json.loads(line) for f in args.tables for line in Path(f).read_text()
+                .splitlines() if line.strip()]
+    else:
+        rows = run(args)
     for proto in ("full", "llama.cpp"):
         if args.protocol in (proto, "both"):
             print("\n" + table(rows, proto))

@@ -182,3 +182,15 @@ def test_large_values_do_not_overflow_half_scale():
     x = torch.tensor([1e30, -1e30])
     c, qp = quantize_tensor(x, "int8", scale_dtype="fp16")
     assert math.isfinite(qp.scale.float().item())
+
+
+def test_float_zero_point_hits_the_range_ends_exactly():
+    # a Q4_1-style grid (min + scale * k, min not a multiple of scale) is reproduced exactly
+    grid = -0.37 + 0.11 * torch.arange(16, dtype=torch.float32)
+    x = grid[torch.randint(0, 16, (64,), generator=torch.Generator().manual_seed(0))]
+    x[:2] = grid[torch.tensor([0, 15])]
+    codes, qp = quantize_tensor(x, "uint4", symmetric=False)
+    exact = compute_qparams(x, "uint4", symmetric=False, integer_zero_point=False)
+    assert qp.zero_point.dtype == torch.uint8 and exact.zero_point.dtype == torch.float32
+    assert torch.allclose(dequantize(quantize(x, exact), exact), x, atol=1e-6)
+    assert not torch.allclose(dequantize(codes, qp), x, atol=1e-3)

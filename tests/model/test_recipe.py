@@ -26,7 +26,7 @@ def test_presets_round_trip_json_and_yaml(name, tmp_path):
 
 def test_grammar():
     r = Recipe.parse("w3g64-gptq")
-    assert r.default.weight == WeightSpec("uint3", "group:64", False, "bf16")
+    assert r.default.weight == WeightSpec("uint3", "group:64", False, "bf16", False)
     assert r.default.algorithm == "gptq"
     assert Recipe.parse("w8a8-static").default.activation.mode == "static"
 

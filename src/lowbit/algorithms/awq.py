@@ -107,7 +107,8 @@ class AWQ:
     @staticmethod
     def _qparams(lo, hi, config):
         return qparams_from_range(lo, hi, config.fmt, config.gran, symmetric=config.symmetric,
-                                  scale_dtype=config.scale_dtype)
+                                  scale_dtype=config.scale_dtype,
+                                  integer_zero_point=config.integer_zero_point)
 
     def _search_clip(self, Ws, Xs, lo, hi, config):
         """Per (row, group) shrink of the range minimising that group's output error."""

@@ -43,6 +43,8 @@ class WeightQuantConfig:
     granularity: str = "group:128"
     symmetric: bool = True
     scale_dtype: str = "fp32"
+    #: False keeps the asymmetric zero-point as float (grid = min + scale * k)
+    integer_zero_point: bool = True
 
     def __post_init__(self) -> None:
         fmt = get_format(self.format)  # raises with the list of valid names
@@ -83,7 +85,8 @@ class WeightQuantConfig:
     def qparams(self, W: torch.Tensor) -> QParams:
         """Min/max (or absmax) parameters of ``W`` under this config (the RTN choice)."""
         return compute_qparams(
-            W, self.fmt, self.gran, symmetric=self.symmetric, scale_dtype=self.scale_dtype
+            W, self.fmt, self.gran, symmetric=self.symmetric, scale_dtype=self.scale_dtype,
+            integer_zero_point=self.integer_zero_point,
         )
 
 

@@ -154,7 +154,8 @@ class _GroupParams:
     def start(self, g: int, current: torch.Tensor) -> None:
         cfg = self.config
         qp = compute_qparams(current, cfg.fmt, Granularity.per_channel(0),
-                             symmetric=cfg.symmetric, scale_dtype=cfg.scale_dtype)
+                             symmetric=cfg.symmetric, scale_dtype=cfg.scale_dtype,
+                             integer_zero_point=cfg.integer_zero_point)
         if self.scale is None:
             self.scale = qp.scale.new_ones(self.shape)
             if qp.zero_point is not None:

@@ -58,7 +58,8 @@ class ImportanceRTN:
 
         def qparams(c_lo, c_hi):
             return qparams_from_range(c_lo, c_hi, fmt, gran, symmetric=config.symmetric,
-                                      scale_dtype=config.scale_dtype)
+                                      scale_dtype=config.scale_dtype,
+                                  integer_zero_point=config.integer_zero_point)
 
         def loss(qp):
             codes = quantize(W, qp)

@@ -34,8 +34,11 @@ class LlamaCppError(LowbitError, RuntimeError):
 
 def source_gguf(spec: str) -> Path:
     """The GGUF file behind model ``spec`` (a bundled GGUF model or a .gguf path)."""
+    from lowbit.model.hub import BUNDLED, bundled_path
     from lowbit.model.loaders import resolve_spec
 
+    if spec in BUNDLED and BUNDLED[spec].kind == "gguf":
+        return bundled_path(spec)  # the shipped GGUF, not the FP32 folder lowbit loads
     kind, path = resolve_spec(spec)
     if kind != "gguf":
         raise LlamaCppError(
@@ -60,13 +63,25 @@ def quantize_gguf(source: Path, ftype: str, workdir: Path, threads: int = 2) -> 
     params.nthread = threads
     params.allow_requantize = True  # the source may itself be quantized (SmolLM2: Q4_1)
     partial = target.with_suffix(".part")
-    rc = llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(),
-                                        ctypes.byref(params))
+    with _quiet():  # llama.cpp prints a line per tensor
+        rc = llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(),
+                                            ctypes.byref(params))
     if rc != 0 or not partial.exists():
         raise LlamaCppError(f"llama_model_quantize({source.name} -> {ftype}) failed with code "
                             f"{rc}; run llama-quantize by hand to see llama.cpp's message")
     partial.rename(target)
     return target
+
+
+def _quiet():
+    try:
+        from llama_cpp._utils import suppress_stdout_stderr
+
+        return suppress_stdout_stderr(disable=False)
+    except ImportError:  # pragma: no cover - another llama-cpp-python layout
+        import contextlib
+
+        return contextlib.nullcontext()
 
 
 def gguf_size(path: Path) -> SizeReport:

@@ -97,8 +97,13 @@ def qparams_from_range(
     *,
     symmetric: bool = True,
     scale_dtype: str = "fp32",
+    integer_zero_point: bool = True,
 ) -> QParams:
     """Scale (and zero-point) that map ``[min_val, max_val]`` onto ``fmt``'s grid.
+
+    ``integer_zero_point=False`` keeps the asymmetric zero-point unrounded (float32), so the
+    grid is exactly ``min + scale * k`` (llama.cpp's Q4_1, torchao's int4): the range's ends
+    are hit exactly, at the price of 0.0 no longer being exactly representable.
 
     The single place where a range becomes quantization parameters: observers and
     algorithms call it with ranges they estimated or searched.
@@ -128,7 +133,10 @@ def qparams_from_range(
     span = hi - lo
     scale = torch.where(span > 0, span / (qmax - qmin), torch.ones_like(span))
     scale = _round_scale(scale, fmt, scale_dtype)
-    zero_point = torch.round(qmin - lo / scale.float()).clamp(qmin, qmax)
+    zero_point = qmin - lo / scale.float()
+    if not integer_zero_point:
+        return QParams(fmt, granularity, scale, zero_point.float(), scale_dtype)
+    zero_point = torch.round(zero_point).clamp(qmin, qmax)
     return QParams(fmt, granularity, scale, zero_point.to(fmt.code_dtype), scale_dtype)
 
 
@@ -139,12 +147,14 @@ def compute_qparams(
     *,
     symmetric: bool = True,
     scale_dtype: str = "fp32",
+    integer_zero_point: bool = True,
 ) -> QParams:
     """Min/max (asymmetric) or absmax (symmetric) parameters computed directly from ``x``."""
     granularity = Granularity.parse(granularity)
     lo, hi = minmax(x, granularity)
     return qparams_from_range(
-        lo, hi, fmt, granularity, symmetric=symmetric, scale_dtype=scale_dtype
+        lo, hi, fmt, granularity, symmetric=symmetric, scale_dtype=scale_dtype,
+        integer_zero_point=integer_zero_point,
     )
 
 

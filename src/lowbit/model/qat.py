@@ -83,7 +83,8 @@ def weight_spec_for(scheme: Scheme, config: QATConfig) -> QuantizerSpec:
     symmetric = w.symmetric and learnable != "lsq+"
     init = "mse" if scheme.observer == "mse" and config.init == "minmax" else config.init
     return QuantizerSpec(w.format, w.granularity, symmetric, w.scale_dtype, learnable,
-                         init=init)
+                         init=init, integer_zero_point=w.integer_zero_point or not symmetric
+                         and learnable is not None)
 
 
 def activation_spec_for(scheme: Scheme, config: QATConfig) -> QuantizerSpec | None:
@@ -189,7 +190,8 @@ def convert(model: nn.Module, *, backend: str | None = None) -> nn.Module:
         codes, qparams = fake.quantized_weight()
         spec = fake.weight_quantizer.spec
         wspec = WeightSpec(spec.format, spec.granularity, qparams.zero_point is None,
-                           spec.scale_dtype)
+                           spec.scale_dtype,
+                           qparams.zero_point is None or not qparams.zero_point.is_floating_point())
         bias = None if fake.bias is None else fake.bias.detach()
         summary.bytes_before += _tensor_bytes(fake.weight) + _tensor_bytes(fake.bias)
         if isinstance(fake, FakeQuantConv2d):

@@ -98,7 +98,8 @@ def quantize_weight(weight: torch.Tensor, scheme: Scheme):
     if scheme.observer == "mse":
         return _mse_clipped(w, spec)
     qparams = compute_qparams(w, spec.format, spec.granularity, symmetric=spec.symmetric,
-                              scale_dtype=spec.scale_dtype)
+                              scale_dtype=spec.scale_dtype,
+                              integer_zero_point=spec.integer_zero_point)
     return quantize(w, qparams), qparams
 
 
@@ -111,7 +112,8 @@ def _mse_clipped(w: torch.Tensor, spec, ratios: Iterable[float] = None):
     best_err, best = None, None
     for r in ratios or [1.0 - 0.025 * i for i in range(13)]:
         qp = qparams_from_range(lo * r, hi * r, spec.format, gran, symmetric=spec.symmetric,
-                                scale_dtype=spec.scale_dtype)
+                                scale_dtype=spec.scale_dtype,
+                                integer_zero_point=spec.integer_zero_point)
         codes = quantize(w, qp)
         err = (gran.rows(dequantize(codes, qp) - w) ** 2).sum(-1).reshape(qp.scale.shape)
         if best is None:

@@ -220,13 +220,16 @@ def _parse_grammar(key: str) -> Recipe | None:
         fmt, gran, symmetric = f"int{bits}", "channel", True
     # grouped weights keep bf16 scales: what the int4 kernel reads, so storage is exact
     scale_dtype = "bf16" if group else "fp32"
-    scheme = Scheme(WeightSpec(fmt, gran, symmetric, scale_dtype), act, algorithm or "rtn")
+    # grouped asymmetric weights keep a float zero-point: grid = min + scale * k (Q4_1)
+    spec = WeightSpec(fmt, gran, symmetric, scale_dtype, integer_zero_point=symmetric)
+    scheme = Scheme(spec, act, algorithm or "rtn")
     return Recipe(key, scheme)
 
 
 def _w(fmt: str, gran: str, symmetric: bool = True, **kw) -> Scheme:
     scale_dtype = "bf16" if gran.startswith("group") else "fp32"
-    return Scheme(WeightSpec(fmt, gran, symmetric, scale_dtype), **kw)
+    spec = WeightSpec(fmt, gran, symmetric, scale_dtype, integer_zero_point=symmetric)
+    return Scheme(spec, **kw)
 
 
 PRESETS: dict[str, Recipe] = {

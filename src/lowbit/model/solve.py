@@ -155,7 +155,8 @@ class Solution:
 
 
 def weight_config(spec: WeightSpec) -> WeightQuantConfig:
-    return WeightQuantConfig(spec.format, spec.granularity, spec.symmetric, spec.scale_dtype)
+    return WeightQuantConfig(spec.format, spec.granularity, spec.symmetric, spec.scale_dtype,
+                             spec.integer_zero_point)
 
 
 def _sqrt_gram(H: torch.Tensor) -> torch.Tensor:

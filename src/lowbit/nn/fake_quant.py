@@ -75,6 +75,7 @@ class QuantizerSpec:
     observer: str = "minmax"
     freeze_after: int = 100
     init: str = "minmax"
+    integer_zero_point: bool = True
 
     def __post_init__(self) -> None:
         check_gradient_path(self)
@@ -205,7 +206,8 @@ class FakeQuantizer(nn.Module):
         ratio = self.clip_ratio.to(lo.device)
         return qparams_from_range(lo * ratio, hi * ratio, self.fmt, self.granularity,
                                   symmetric=self.spec.symmetric,
-                                  scale_dtype=self.spec.scale_dtype)
+                                  scale_dtype=self.spec.scale_dtype,
+                                  integer_zero_point=self.spec.integer_zero_point)
 
     # -- parameters as packed storage holds them ---------------------------------------
     def qparams(self, x: torch.Tensor | None = None) -> QParams:

@@ -32,6 +32,8 @@ class WeightSpec:
     granularity: str = "channel"
     symmetric: bool = True
     scale_dtype: str = "fp32"
+    #: False: asymmetric zero-point kept as float32 (grid = min + scale * k, as Q4_1)
+    integer_zero_point: bool = True
 
     def granularity_obj(self) -> Granularity:
         return Granularity.parse(self.granularity)
@@ -42,6 +44,7 @@ class WeightSpec:
             "granularity": self.granularity,
             "symmetric": self.symmetric,
             "scale_dtype": self.scale_dtype,
+            "integer_zero_point": self.integer_zero_point,
         }
 
 
