@@ -45,7 +45,7 @@ def test_two_recipes_write_results_and_report(tiny, tmp_path: Path) -> None:
     base, w8, w4 = res["rows"]
     assert base["delta_ppl_pct"] == 0 and base["bits_per_weight"] == 32
     assert w8["baseline_ppl"] == pytest.approx(base["ppl"])
-    assert 8 < w8["bits_per_weight"] < 9 and 4 < w4["bits_per_weight"] < 6
+    assert 8 < w8["bits_per_weight"] < 9 and 4 < w4["bits_per_weight"] < 6.5
     assert w4["kld_mean"] > w8["kld_mean"]
     assert w8["command"].startswith("lowbit eval tiny --recipe w8 --baseline tiny")
     assert "--windows 2" in w8["command"] and "--no-speed" in w8["command"]

@@ -261,7 +261,8 @@ def _nominal_bits(scheme: Scheme) -> float:
 
     fmt = get_format(scheme.weight.format)
     gran = scheme.weight.granularity_obj()
-    return fmt.bits + (24 / gran.group_size if gran.kind == "group" else 0)
+    zero = 8 if scheme.weight.integer_zero_point else 32
+    return fmt.bits + ((16 + zero) / gran.group_size if gran.kind == "group" else 0)
 
 
 def _slice(batches: list, tokens: int) -> list:

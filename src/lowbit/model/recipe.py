@@ -55,7 +55,7 @@ class Scheme:
 
     @property
     def needs_calibration(self) -> bool:
-        return (self.algorithm in ("gptq", "awq", "imatrix", "smoothquant")
+        return (self.algorithm in ("gptq", "awq", "imatrix", "smoothquant", "kmeans")
                 or self.outlier_channels > 0
                 or (self.activation is not None and self.activation.mode == "static"))
 
@@ -125,7 +125,8 @@ class Recipe:
     @property
     def needs_calibration(self) -> bool:
         schemes = [self.default] + [r.scheme for r in self.rules]
-        return any(s is not None and s.needs_calibration for s in schemes)
+        return self.name.startswith("auto:") or any(
+            s is not None and s.needs_calibration for s in schemes)
 
     # -- serialisation -----------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -221,15 +222,26 @@ def _parse_grammar(key: str) -> Recipe | None:
     # grouped weights keep bf16 scales: what the int4 kernel reads, so storage is exact
     scale_dtype = "bf16" if group else "fp32"
     # grouped asymmetric weights keep a float zero-point: grid = min + scale * k (Q4_1)
-    spec = WeightSpec(fmt, gran, symmetric, scale_dtype, integer_zero_point=symmetric)
+    spec = WeightSpec(fmt, gran, symmetric, scale_dtype,
+                      integer_zero_point=_integer_zero(symmetric, gran))
     scheme = Scheme(spec, act, algorithm or "rtn")
     return Recipe(key, scheme)
 
 
 def _w(fmt: str, gran: str, symmetric: bool = True, **kw) -> Scheme:
     scale_dtype = "bf16" if gran.startswith("group") else "fp32"
-    spec = WeightSpec(fmt, gran, symmetric, scale_dtype, integer_zero_point=symmetric)
+    spec = WeightSpec(fmt, gran, symmetric, scale_dtype,
+                      integer_zero_point=_integer_zero(symmetric, gran))
     return Scheme(spec, **kw)
+
+
+def _integer_zero(symmetric: bool, gran: str) -> bool:
+    """Float zero-points (4 bytes) for groups of 32 or more; below that they would cost
+    more than a bit per weight, so small groups keep a 1-byte integer zero-point."""
+    if symmetric:
+        return True
+    g = Granularity.parse(gran)
+    return g.kind != "group" or g.group_size < 32
 
 
 PRESETS: dict[str, Recipe] = {

@@ -308,7 +308,9 @@ class Solver:
         except AlgorithmError as exc:
             raise AlgorithmError(f"{name}: {exc}") from exc
         qp = res.qparams
-        if qp.zero_point is not None and qp.zero_point.is_floating_point():  # HQQ
+        if algo == "hqq" and qp.zero_point is not None and qp.zero_point.is_floating_point():
+            # HQQ's zero-point is a float by design (its code keeps fp16): fp16 beside a
+            # 16-bit scale, float32 beside a float32 one; other algorithms follow the spec
             zdtype = torch.float32 if spec.scale_dtype == "fp32" else torch.float16
             qp = replace(qp, zero_point=qp.zero_point.to(zdtype))
         return res.codes, qp, dict(res.info)
