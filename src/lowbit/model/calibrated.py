@@ -345,6 +345,7 @@ def _run_blocks(run: _Run, arch: Arch, batches: list, sequential: bool, progress
         for i, (h, kw) in enumerate(zip(hidden, kwargs_list, strict=True)):
             hidden[i] = run_block(h, kw)
         done |= {n for g in block.groups for n in g.linears}
+        run.solutions.clear()  # feeders live in the same block: drop the unpacked codes
     head = arch.head
     norm = find_module(model, arch.final_norm)
     if head in run.plan and norm is not None:
