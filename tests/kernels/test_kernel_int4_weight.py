@@ -10,10 +10,12 @@ import torch
 from lowbit.formats.metrics import cosine_similarity
 from lowbit.kernels import (
     KernelError,
+    assume_cpu,
     dequantize_int4_weight,
     int4_weight_linear,
     prepare_int4_weight,
     relayout_int4_weight,
+    selected_kernel,
     unpack_int4_codes,
 )
 
@@ -110,6 +112,25 @@ def test_fast_matches_reference(group, m, k, n):
     assert cosine_similarity(ref, fast) > 0.9999
     assert cosine_similarity(exact, fast) > 0.9999
     assert float((ref - fast).abs().max() / ref.abs().max()) < 2e-2
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_prefill_path_matches_reference(native_bf16):
+    """From PREFILL_ROWS rows on, ``auto`` dequantizes with the kernel's own bf16 scales and
+    runs the CPU's fast float GEMM: the same weights as the kernel and the reference."""
+    q, scale, zp, _ = _layer(200, 576, 128)
+    state = prepare_int4_weight(q, scale, zp, group_size=128)
+    x = torch.randn(2, 40, 576, generator=torch.Generator().manual_seed(3))
+    bias = torch.randn(200)
+    with assume_cpu(native_bf16=native_bf16):
+        name = "bf16" if native_bf16 else "fp32"
+        assert selected_kernel("int4_weight", x) == f"int4_weight.dequant_{name}_linear"
+        assert selected_kernel("int4_weight", x[:, :3]) == "int4_weight.int4pack_mm"
+        auto = int4_weight_linear(x, state, bias)
+    ref = int4_weight_linear(x, state, bias, impl="reference")
+    assert auto.shape == (2, 40, 200) and auto.dtype == torch.float32
+    tol = 2e-2 if native_bf16 else 1e-5
+    assert float((ref - auto).abs().max() / ref.abs().max()) < tol
 
 
 def test_partial_last_group_keeps_its_own_scale():

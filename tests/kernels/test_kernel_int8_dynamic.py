@@ -6,6 +6,7 @@ import torch
 from lowbit.formats.metrics import cosine_similarity
 from lowbit.kernels import (
     KernelError,
+    assume_cpu,
     int8_dynamic_linear,
     int8_static_linear,
     prepare_int8_dynamic,
@@ -52,12 +53,15 @@ def test_quantize_per_tensor_clamps():
 
 @pytest.mark.parametrize("m,k,n", SHAPES)
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_dynamic_fast_matches_reference(m, k, n, with_bias):
+@pytest.mark.parametrize("vnni", [True, False])
+def test_dynamic_fast_matches_reference(m, k, n, with_bias, vnni):
+    """Both CPU paths: ``torch._int_mm`` (VNNI) and the float32 GEMM on the same codes."""
     q, scale, w = _layer(n, k)
     state = prepare_int8_dynamic(q, scale)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(1))
     bias = torch.randn(n) if with_bias else None
-    fast = int8_dynamic_linear(x, state, bias, impl="fast")
+    with assume_cpu(vnni=vnni):
+        fast = int8_dynamic_linear(x, state, bias, impl="fast")
     ref = int8_dynamic_linear(x, state, bias, impl="reference")
     assert fast.shape == (m, n) and fast.dtype == torch.float32
     # same codes, exact integer sums: only the float32 rescale differs
@@ -67,13 +71,15 @@ def test_dynamic_fast_matches_reference(m, k, n, with_bias):
 
 
 @pytest.mark.parametrize("m,k,n", SHAPES)
-def test_static_fast_matches_reference(m, k, n):
+@pytest.mark.parametrize("vnni", [True, False])
+def test_static_fast_matches_reference(m, k, n, vnni):
     q, scale, w = _layer(n, k)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(2))
     act_scale = float(x.abs().max()) / 127
     state = prepare_int8_static(q, scale, act_scale)
     bias = torch.randn(n)
-    fast = int8_static_linear(x, state, bias, impl="fast")
+    with assume_cpu(vnni=vnni):
+        fast = int8_static_linear(x, state, bias, impl="fast")
     ref = int8_static_linear(x, state, bias, impl="reference")
     assert torch.allclose(fast, ref, rtol=1e-5, atol=1e-5)
     assert cosine_similarity(x @ w.T + bias, fast) > 0.99
@@ -88,8 +94,25 @@ def test_shapes_dtypes_and_names():
         assert y.shape == (2, 3, 24) and y.dtype == dtype
     static = prepare_int8_static(q, scale, torch.tensor(0.02))
     assert int8_static_linear(x, static).shape == (2, 3, 24)
-    assert selected_kernel("int8_dynamic", x) == "int8_dynamic.int_mm"
+    with assume_cpu(vnni=True):
+        assert selected_kernel("int8_dynamic", x) == "int8_dynamic.int_mm"
+    with assume_cpu(vnni=False):
+        assert selected_kernel("int8_dynamic", x) == "int8_dynamic.fp32_gemm"
+        assert selected_kernel("int8_static", x) == "int8_static.fp32_gemm"
     assert selected_kernel("int8_static", x, "reference") == "int8_static.reference"
+
+
+def test_float_gemm_is_exact_at_the_extremes_of_int8():
+    """Without VNNI the integer sums run as a float32 GEMM: exact while |sum| < 2^24
+    (K = 576 at +-127: 9.3M), as the int32 sums of ``torch._int_mm`` are."""
+    from lowbit.kernels.int8_dynamic import integer_matmul
+
+    for lo, hi in ((-127, 128), (127, 128), (-127, -126)):
+        a = torch.randint(lo, hi, (64, 576), dtype=torch.int8)
+        b = torch.randint(lo, hi, (96, 576), dtype=torch.int8)
+        with assume_cpu(vnni=False):
+            got = integer_matmul(a, b)
+        assert torch.equal(got.long(), a.long() @ b.long().T)
 
 
 def test_clear_errors():

@@ -7,6 +7,7 @@ from lowbit.formats.metrics import cosine_similarity
 from lowbit.kernels import (
     KERNELS,
     KernelError,
+    assume_cpu,
     dequantize_int8_weight,
     int8_weight_linear,
     prepare_int8_weight,
@@ -53,14 +54,17 @@ def test_fast_matches_reference(m, k, n, with_bias):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_prefill_path_widens_to_bf16(dtype):
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_prefill_path_widens_to_the_fast_float_dtype(dtype, native_bf16):
     q, scale = _layer(1536, 95)  # padded K too
     state = prepare_int8_weight(q, scale)
     x = torch.randn(4, 128, 95, generator=torch.Generator().manual_seed(1)).to(dtype)
-    assert selected_kernel("int8_weight", x) == "int8_weight.widen_bf16_linear"
-    assert selected_kernel("int8_weight", x, "fast") == "int8_weight.int8pack_mm"
-    bias = torch.randn(1536)
-    auto = int8_weight_linear(x, state, bias)
+    with assume_cpu(native_bf16=native_bf16):
+        widen = "bf16" if native_bf16 else "fp32"
+        assert selected_kernel("int8_weight", x) == f"int8_weight.widen_{widen}_linear"
+        assert selected_kernel("int8_weight", x, "fast") == "int8_weight.int8pack_mm"
+        bias = torch.randn(1536)
+        auto = int8_weight_linear(x, state, bias)
     ref = int8_weight_linear(x, state, bias, impl="reference")
     assert auto.shape == (4, 128, 1536) and auto.dtype == dtype
     assert cosine_similarity(ref, auto) > 0.9999

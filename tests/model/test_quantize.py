@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from lowbit.kernels import assume_cpu
 from lowbit.model import Recipe, RecipeError, Rule, Scheme, quantize
 from lowbit.nn import QuantizedLinear, WeightSpec
 
@@ -62,13 +63,16 @@ def test_quantize_shrinks_and_keeps_quality(base, recipe, max_ratio, min_cos):
     assert sum(summary.kernels.values()) == 15
 
 
-def test_kernels_chosen(base):
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_kernels_chosen(base, native_bf16):
     chosen = {}
-    for recipe in ("w8", "w4g128", "w2g16", "w8a8"):
-        model = copy.deepcopy(base)
-        quantize(model, recipe, progress=False)
-        chosen[recipe] = set(model.lowbit_summary.kernels)
-    assert chosen["w8"] == {"int8_weight.int8pack_mm"}
+    with assume_cpu(native_bf16=native_bf16):
+        for recipe in ("w8", "w4g128", "w2g16", "w8a8"):
+            model = copy.deepcopy(base)
+            quantize(model, recipe, progress=False)
+            chosen[recipe] = set(model.lowbit_summary.kernels)
+    widen = "bf16" if native_bf16 else "fp32"  # many rows: the CPU's fast float GEMM
+    assert chosen["w8"] == {f"int8_weight.int8pack_mm | int8_weight.widen_{widen}_linear"}
     assert chosen["w2g16"] == {"dequant+F.linear"}
 
 
@@ -126,12 +130,14 @@ def test_custom_scheme_any_format():
     assert model[0].dequantize_weight().shape == ref.shape
 
 
-def test_int4_and_w8a8_kernels_chosen(base):
-    int4 = "int4_weight.int4pack_mm"
-    for recipe, kernel in (("w4g128", int4), ("w3g64", int4),
-                           ("w8a8", "int8_dynamic.int_mm"), ("w4a8", "int8_dynamic.int_mm")):
+@pytest.mark.parametrize("vnni", [True, False])
+def test_int4_and_w8a8_kernels_chosen(base, vnni):
+    int4 = "int4_weight.int4pack_mm | int4_weight.dequant_fp32_linear"
+    w8a8 = "int8_dynamic.int_mm" if vnni else "int8_dynamic.fp32_gemm"
+    for recipe, kernel in (("w4g128", int4), ("w3g64", int4), ("w8a8", w8a8), ("w4a8", w8a8)):
         model = copy.deepcopy(base)
-        quantize(model, recipe, progress=False)
+        with assume_cpu(native_bf16=False, vnni=vnni):
+            quantize(model, recipe, progress=False)
         assert set(model.lowbit_summary.kernels) == {kernel}, recipe
 
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.kernels import int4_weight, int8_dynamic, int8_weight, integer_only
+from lowbit.kernels import cpu, int4_weight, int8_dynamic, int8_weight, integer_only
 from lowbit.kernels._common import KernelError, use_fast
+from lowbit.kernels.cpu import CpuFeatures, assume_cpu, cpu_features, fast_float_dtype
 from lowbit.kernels.int4_weight import (
     Int4WeightState,
     dequantize_int4_weight,
@@ -54,13 +55,23 @@ KERNELS: dict[str, str] = {
     "fp32 accumulate, per-channel scale",
     int8_weight.PREFILL: "int8 weight-only, many rows: codes widened to bf16 (exact), "
     "bf16 F.linear, fp32 per-channel scale after",
+    int8_weight.PREFILL_FP32: "int8 weight-only, many rows, CPU without native bf16: codes "
+    "widened to fp32 (exact), fp32 F.linear, per-channel scale after",
     int8_weight.REFERENCE: "int8 weight-only: dequantize to fp32, then F.linear in fp32",
     int4_weight.FAST: "group-wise 4-bit (also 2/3-bit codes) weight-only: "
     "aten._weight_int4pack_mm_for_cpu on bf16 activations, fp32 accumulate",
+    int4_weight.PREFILL: "group-wise 4-bit, many rows: dequantize with the kernel's bf16 "
+    "scale/zero, bf16 F.linear",
+    int4_weight.PREFILL_FP32: "group-wise 4-bit, many rows, CPU without native bf16: "
+    "dequantize with the kernel's bf16 scale/zero to fp32, fp32 F.linear",
     int4_weight.REFERENCE: "group-wise 4-bit weight-only: dequantize (kernel's bf16 "
     "scale/zero) to fp32, then F.linear in fp32",
     int8_dynamic.FAST: "W8A8, per-token dynamic int8 activations: torch._int_mm "
     "int8 x int8 -> int32, float rescale",
+    int8_dynamic.FLOAT: "W8A8, per-token dynamic int8 activations, CPU without VNNI: the "
+    "same int8 codes through an fp32 GEMM (exact products), float rescale",
+    int8_dynamic.STATIC_FLOAT: "W8A8 per-tensor static, CPU without VNNI: the same int8 "
+    "codes through an fp32 GEMM (exact products), float rescale",
     int8_dynamic.REFERENCE: "W8A8 per-token dynamic: same int8 codes, exact float64 matmul",
     int8_dynamic.STATIC_FAST: "W8A8, calibrated per-tensor static int8 activations: "
     "torch._int_mm int8 x int8 -> int32, float rescale",
@@ -72,11 +83,11 @@ KERNELS: dict[str, str] = {
 }
 
 _FAMILIES = {
-    "int4_weight": (int4_weight.FAST, int4_weight.REFERENCE),
-    "int8_dynamic": (int8_dynamic.FAST, int8_dynamic.REFERENCE),
-    "int8_static": (int8_dynamic.STATIC_FAST, int8_dynamic.STATIC_REFERENCE),
     "integer_only": (integer_only.FAST, integer_only.REFERENCE),
 }
+
+
+FAMILIES = ("int4_weight", "int8_dynamic", "int8_static", "int8_weight", "integer_only")
 
 
 def selected_kernel(family: str, x: torch.Tensor, impl: str = "auto") -> str:
@@ -87,9 +98,13 @@ def selected_kernel(family: str, x: torch.Tensor, impl: str = "auto") -> str:
     """
     if family == "int8_weight":
         return int8_weight.select_kernel(x, impl)
+    if family == "int4_weight":
+        return int4_weight.select_kernel(x, impl)
+    if family in ("int8_dynamic", "int8_static"):
+        return int8_dynamic.select_kernel(family, x, impl)
     if family not in _FAMILIES:
         raise KernelError(
-            f"unknown kernel family {family!r}; use one of {sorted(_FAMILIES) + ['int8_weight']}"
+            f"unknown kernel family {family!r}; use one of {FAMILIES}"
         )
     fast, reference = _FAMILIES[family]
     return fast if use_fast(impl, x, family) else reference
@@ -97,6 +112,11 @@ def selected_kernel(family: str, x: torch.Tensor, impl: str = "auto") -> str:
 
 __all__ = [
     "KERNELS",
+    "CpuFeatures",
+    "assume_cpu",
+    "cpu",
+    "cpu_features",
+    "fast_float_dtype",
     "Int4WeightState",
     "Int8DynamicState",
     "Int8StaticState",

@@ -57,9 +57,17 @@ from lowbit.kernels._common import (
     check_weight,
     use_fast,
 )
+from lowbit.kernels.cpu import fast_float_dtype
 
 FAMILY = "int4_weight"
 FAST = "int4_weight.int4pack_mm"
+PREFILL = "int4_weight.dequant_bf16_linear"
+PREFILL_FP32 = "int4_weight.dequant_fp32_linear"
+#: from this many rows on, ``impl="auto"`` dequantizes the weight (with the kernel's own
+#: bf16 scales and zeros, so the numbers are the same) and runs the CPU's fastest float GEMM:
+#: at 512x576x1536 the kernel takes 3.0 ms vs 1.4 ms for bf16 ``F.linear`` on AVX-512 BF16
+#: (shared/BENCHMARKS.md), and 18 ms vs 6 + 2 ms (dequantize) for fp32 on AVX2
+PREFILL_ROWS = 32
 REFERENCE = "int4_weight.reference"
 KERNEL_GROUP_SIZES = (256, 128, 64, 32)
 _BF16 = torch.bfloat16
@@ -279,7 +287,8 @@ def int4_weight_linear(
 
     impl: ``"fast"`` runs ``_weight_int4pack_mm_for_cpu`` on bf16 activations,
     ``"reference"`` runs float32 ``F.linear`` on ``dequantize_int4_weight(state)``,
-    ``"auto"`` picks fast for CPU tensors that need no gradient.
+    ``"auto"`` picks, for CPU tensors that need no gradient, the kernel below
+    ``PREFILL_ROWS`` rows and the dequantized float GEMM from there on (``select_kernel``).
     """
     k, n = state.in_features, state.out_features
     if x.dim() == 0 or x.shape[-1] != k or not x.is_floating_point():
@@ -292,7 +301,15 @@ def int4_weight_linear(
         b = None if bias is None else bias.float()
         return torch.nn.functional.linear(x.float(), w, b).to(x.dtype)
     flat = x.dim() != 2
-    x2 = (x.reshape(-1, k) if flat else x).to(_BF16)
+    x2 = x.reshape(-1, k) if flat else x
+    if impl == "auto" and x2.shape[0] >= PREFILL_ROWS:  # many rows: a float GEMM wins
+        dtype = fast_float_dtype()
+        w = dequantize_int4_weight(state, dtype)
+        y = torch.nn.functional.linear(x2.to(dtype), w)
+        y = y if bias is None else torch.add(y, bias)
+        y = y.to(x.dtype)
+        return y.view(*x.shape[:-1], n) if flat else y
+    x2 = x2.to(_BF16)
     pad = state.packed.shape[1] * 2 - k
     if pad:
         x2 = torch.constant_pad_nd(x2, (0, pad))
@@ -308,3 +325,13 @@ def int4_weight_linear(
     elif not y.is_contiguous():
         y = y.contiguous()
     return y.view(*x.shape[:-1], n) if flat else y
+
+
+def select_kernel(x: torch.Tensor, impl: str = "auto") -> str:
+    """The ``lowbit.kernels.KERNELS`` key that ``int4_weight_linear(x, ..., impl)`` runs."""
+    if not use_fast(impl, x, FAMILY):
+        return REFERENCE
+    rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 1
+    if impl == "auto" and rows >= PREFILL_ROWS:
+        return PREFILL_FP32 if fast_float_dtype() is torch.float32 else PREFILL
+    return FAST

@@ -12,7 +12,13 @@ with ``q_x = round(x / s_x)`` (half to even), then
 
     y[m, n] = s_x[m] * s_w[n] * sum_k q_x[m, k] * q_w[n, k]  (+ bias[n])
 
-The integer sum runs on ``torch._int_mm`` (int8 x int8 -> int32; oneDNN/VNNI on x86). On
+The integer sum runs on ``torch._int_mm`` (int8 x int8 -> int32; oneDNN/VNNI on x86) where
+the CPU has int8 dot-product instructions (``kernels.cpu``). Without them (AVX2 only) that op
+is a slow loop (197 ms vs 6 ms for FP32 at 512x576x1536), and oneDNN's and FBGEMM's u8 x s8
+kernels saturate 16-bit pair sums unless the activations lose a bit (FBGEMM's
+``reduce_range``), so there the same integer codes are multiplied by a float32 GEMM: every
+product ``q_x * q_w`` (|.| <= 127^2) and every partial sum below 2^24 is exact in float32, so
+the result equals the int32 sum up to float32 rounding of sums beyond 2^24. On
 the CPU in torch 2.13 it accepts any ``M`` (the ``M > 16`` rule is CUDA's) and is exact
 (tests check it against float64), so decode (``M = 1``) uses the same kernel; the weight
 is passed as the transposed view of the ``[N, K]`` codes, which is also its fastest layout
@@ -36,12 +42,15 @@ from lowbit.kernels._common import (
     check_weight,
     use_fast,
 )
+from lowbit.kernels.cpu import cpu_features
 
 FAMILY = "int8_dynamic"
 FAST = "int8_dynamic.int_mm"
 REFERENCE = "int8_dynamic.reference"
 STATIC_FAST = "int8_static.int_mm"
 STATIC_REFERENCE = "int8_static.reference"
+FLOAT = "int8_dynamic.fp32_gemm"
+STATIC_FLOAT = "int8_static.fp32_gemm"
 QMAX = 127
 _F32 = torch.float32
 _INT8 = torch.int8
@@ -120,6 +129,24 @@ def quantize_per_tensor(x: torch.Tensor, act_scale: float) -> torch.Tensor:
     return torch.div(x, act_scale).round_().clamp_(-QMAX, QMAX).to(_INT8)
 
 
+def integer_matmul(codes: torch.Tensor, qdata: torch.Tensor) -> torch.Tensor:
+    """``codes [M, K] @ qdata[N, K].T`` of int8 tensors, as int32 (``torch._int_mm``) where the
+    CPU has VNNI, else as float32 from a float32 GEMM on the same codes (see above)."""
+    if cpu_features().vnni:
+        return _INT_MM(codes, qdata.T)
+    return torch.nn.functional.linear(codes.to(_F32), qdata.to(_F32))
+
+
+def select_kernel(family: str, x: torch.Tensor, impl: str = "auto") -> str:
+    """The ``lowbit.kernels.KERNELS`` key that ``int8_{dynamic,static}_linear`` runs."""
+    static = family == "int8_static"
+    if not use_fast(impl, x, family):
+        return STATIC_REFERENCE if static else REFERENCE
+    if cpu_features().vnni:
+        return STATIC_FAST if static else FAST
+    return STATIC_FLOAT if static else FLOAT
+
+
 def _check(x: torch.Tensor, state, bias: torch.Tensor | None, family: str) -> None:
     k = state.in_features
     if x.dim() == 0 or x.shape[-1] != k or not x.is_floating_point():
@@ -146,7 +173,7 @@ def int8_dynamic_linear(
     flat = x.dim() != 2
     codes, x_scale = quantize_per_token(x.reshape(-1, k) if flat else x)
     if use_fast(impl, x, FAMILY):
-        acc = _INT_MM(codes, state.qdata.T)
+        acc = integer_matmul(codes, state.qdata)
         y = torch.mul(acc, x_scale).mul_(state.scale)  # int32 * float32 -> float32
         if bias is not None:
             y.add_(bias)
@@ -173,7 +200,7 @@ def int8_static_linear(
     flat = x.dim() != 2
     codes = quantize_per_tensor(x.reshape(-1, k) if flat else x, state.act_scale)
     if use_fast(impl, x, "int8_static"):
-        acc = _INT_MM(codes, state.qdata.T)
+        acc = integer_matmul(codes, state.qdata)
         if bias is None:
             y = torch.mul(acc, state.out_scale)
         else:

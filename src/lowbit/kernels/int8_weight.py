@@ -19,10 +19,11 @@ float32. Facts about that kernel in torch 2.13 that shape this wrapper:
   segfaults. ``prepare_int8_weight`` zero-pads ``K`` up to a multiple of 16 (the padded
   activation columns are zeros); the wrapper copies a misaligned bf16 view.
 
-For many rows (prefill) the kernel, a GEMV-style loop, is slower than torch's bf16 GEMM
-(3.4 ms vs 1.4 ms at 512x576x1536 in shared/BENCHMARKS.md), so ``impl="auto"`` switches
-from ``PREFILL_ROWS`` rows on to widening the codes to bf16 (exact for int8) and
-``F.linear`` in bf16, with the float32 scale applied after.
+For many rows (prefill) the kernel, a GEMV-style loop, is slower than a float GEMM
+(3.4 ms vs 1.4 ms in bf16 at 512x576x1536 in shared/BENCHMARKS.md; 55 ms vs 6 ms in fp32 on
+an AVX2 CPU without native bf16), so ``impl="auto"`` switches from ``PREFILL_ROWS`` rows on
+to widening the codes (exact for int8) to the CPU's fastest GEMM dtype (``kernels.cpu``:
+bf16 where native, else float32) and ``F.linear``, with the float32 scale applied after.
 
 The reference path computes ``x @ (q * scale).T`` in float32 with ``F.linear``.
 """
@@ -43,10 +44,12 @@ from lowbit.kernels._common import (
     check_weight,
     use_fast,
 )
+from lowbit.kernels.cpu import fast_float_dtype
 
 FAMILY = "int8_weight"
 FAST = "int8_weight.int8pack_mm"
 PREFILL = "int8_weight.widen_bf16_linear"
+PREFILL_FP32 = "int8_weight.widen_fp32_linear"
 REFERENCE = "int8_weight.reference"
 #: from this many rows on, ``impl="auto"`` widens the codes to bf16 and runs the bf16 GEMM
 #: (measured, 1 thread, 576x1536: 0.93 vs 0.65 ms at 32 rows, 0.45 vs 0.55 ms at 16)
@@ -135,21 +138,26 @@ def int8_weight_linear(
     if not use_fast(impl, x, FAMILY):
         return _reference(x, state, bias)
     flat = x.dim() != 2
-    x2 = (x.reshape(-1, k) if flat else x).to(_BF16)
-    pad = state.qdata.shape[1] - k
-    if pad:
-        x2 = torch.constant_pad_nd(x2, (0, pad))
-    else:  # .to keeps strides (and may return x itself): the kernel needs aligned rows
-        x2 = aligned_contiguous(x2)
+    x2 = x.reshape(-1, k) if flat else x
     widen = impl == "auto" and x2.shape[0] >= PREFILL_ROWS
-    if x.dtype is _BF16 and not widen:
-        y = _INT8PACK_MM(x2, state.qdata, state.kernel_scale)
-        if bias is not None:
-            y = torch.add(y, bias).to(_BF16)
-        return y.view(*x.shape[:-1], state.out_features) if flat else y
-    if widen:  # int8 -> bf16 is exact; the bf16 GEMM beats the kernel on many rows
-        y = F.linear(x2, state.qdata.to(_BF16))
+    pad = state.qdata.shape[1] - k
+    if widen:  # int8 -> bf16/fp32 is exact; a float GEMM beats the kernel on many rows
+        dtype = fast_float_dtype()
+        x2 = x2.to(dtype)
+        if pad:
+            x2 = torch.constant_pad_nd(x2, (0, pad))
+        y = F.linear(x2, state.qdata.to(dtype))
     else:
+        x2 = x2.to(_BF16)
+        if pad:
+            x2 = torch.constant_pad_nd(x2, (0, pad))
+        else:  # .to keeps strides (and may return x itself): the kernel needs aligned rows
+            x2 = aligned_contiguous(x2)
+        if x.dtype is _BF16:
+            y = _INT8PACK_MM(x2, state.qdata, state.kernel_scale)
+            if bias is not None:
+                y = torch.add(y, bias).to(_BF16)
+            return y.view(*x.shape[:-1], state.out_features) if flat else y
         y = _INT8PACK_MM(x2, state.qdata, state.unit_scale)
     # the float32 scale (and bias) applied by the op that leaves bf16
     y = torch.mul(y, state.scale) if bias is None else torch.addcmul(bias, y, state.scale)
@@ -163,7 +171,9 @@ def select_kernel(x: torch.Tensor, impl: str = "auto") -> str:
     if not use_fast(impl, x, FAMILY):
         return REFERENCE
     rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 1
-    return PREFILL if impl == "auto" and rows >= PREFILL_ROWS else FAST
+    if impl == "auto" and rows >= PREFILL_ROWS:
+        return PREFILL_FP32 if fast_float_dtype() is torch.float32 else PREFILL
+    return FAST
 
 
 def _reference(

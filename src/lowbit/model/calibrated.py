@@ -33,11 +33,11 @@ from lowbit.algorithms import AlgorithmError
 from lowbit.model.arch import Arch, Group, _feeder_kind, find_module, resolve_arch
 from lowbit.model.calibration import _as_inputs
 from lowbit.model.quantize import (
-    DTYPES,
     QuantizeSummary,
     _set_module,
     _tensor_bytes,
     cast_unquantized,
+    compute_dtype,
     find_targets,
 )
 from lowbit.model.recipe import Recipe, RecipeError, Scheme
@@ -318,7 +318,7 @@ def quantize_calibrated(
         summary.layers += 1
         summary.bytes_after += q.weight_nbytes() + _tensor_bytes(q.bias)
         summary.kernels[q.kernel] = summary.kernels.get(q.kernel, 0) + 1
-    cast_unquantized(model, DTYPES[recipe.compute_dtype])
+    cast_unquantized(model, compute_dtype(recipe))
     summary.seconds = time.perf_counter() - t0
     model.lowbit_recipe = recipe
     model.lowbit_summary = summary

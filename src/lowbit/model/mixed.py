@@ -214,7 +214,7 @@ def allocate(sens: dict[str, dict], bpw: float) -> dict[str, str]:
 
 
 def recipe_from_choice(choice: dict[str, str], schemes: dict[str, Scheme], name: str,
-                       keep: tuple[str, ...] = (), compute_dtype: str = "bf16") -> Recipe:
+                       keep: tuple[str, ...] = (), compute_dtype: str = "auto") -> Recipe:
     """An explicit recipe: the most common scheme as default, one rule per other layer."""
     counts: dict[str, int] = {}
     for c in choice.values():

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from lowbit.model.quantize import DTYPES, QuantizeSummary, _set_module, _tensor_bytes
+from lowbit.model.quantize import QuantizeSummary, _set_module, _tensor_bytes, compute_dtype
 from lowbit.model.recipe import Recipe, RecipeError, Scheme, match_pattern
 from lowbit.nn import QuantizedLinear, WeightSpec
 from lowbit.nn.conv import QuantizedConv2d, conv_args_of
@@ -205,7 +205,7 @@ def convert(model: nn.Module, *, backend: str | None = None) -> nn.Module:
         summary.bytes_after += new.weight_nbytes() + _tensor_bytes(new.bias)
         summary.kernels[new.kernel] = summary.kernels.get(new.kernel, 0) + 1
     if isinstance(recipe, Recipe):
-        _cast_rest(model, DTYPES[recipe.compute_dtype])
+        _cast_rest(model, compute_dtype(recipe))
     for p in model.parameters():
         p.requires_grad_(False)
     model.lowbit_summary = summary

@@ -18,11 +18,20 @@ import torch
 from torch import nn
 
 from lowbit.formats import compute_qparams, get_format, minmax, qparams_from_range, quantize
+from lowbit.kernels.cpu import fast_float_dtype
 from lowbit.model.calibration import collect_input_ranges
 from lowbit.model.recipe import Recipe, RecipeError, Scheme, match_pattern
 from lowbit.nn import QuantizedConv2d, QuantizedLinear
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def compute_dtype(recipe: Recipe) -> torch.dtype:
+    """The dtype the unquantized parts run in: the recipe's, or for ``"auto"`` the CPU's
+    fastest matmul dtype (bf16 with native bf16 support, else fp32; ``lowbit.kernels.cpu``)."""
+    if recipe.compute_dtype == "auto":
+        return fast_float_dtype()
+    return DTYPES[recipe.compute_dtype]
 
 
 @dataclass
@@ -48,6 +57,10 @@ class QuantizeSummary:
             f"kernels       {kernels or 'none (cast only)'}",
             f"time          {self.seconds:.1f} s",
         ]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
 
 
 def _tensor_bytes(t: torch.Tensor | None) -> int:
@@ -147,7 +160,7 @@ def quantize_model(
     t0 = time.perf_counter()
     targets = find_targets(model, recipe)
     summary = QuantizeSummary(recipe.name)
-    dtype = DTYPES[recipe.compute_dtype]
+    dtype = compute_dtype(recipe)
     if recipe.default is not None and recipe.default.weight is None and not recipe.rules:
         # fp16 / bf16: cast only
         numel = sum(m.weight.numel() + (0 if m.bias is None else m.bias.numel())
@@ -155,7 +168,7 @@ def quantize_model(
         summary.bytes_before = numel * 4
         summary.bytes_after = numel * torch.finfo(dtype).bits // 8
         cast_unquantized(model, dtype)
-        summary.kernels = {f"F.linear ({recipe.compute_dtype})": len(targets)}
+        summary.kernels = {f"F.linear ({_dtype_name(dtype)})": len(targets)}
         summary.layers = len(targets)
         summary.seconds = time.perf_counter() - t0
         model.lowbit_recipe = recipe

@@ -26,7 +26,8 @@ from lowbit.nn import ActivationSpec, WeightSpec
 RECIPE_VERSION = 1
 ALGORITHMS = ("rtn", "gptq", "awq", "hqq", "kmeans", "imatrix", "smoothquant")
 WEIGHT_OBSERVERS = ("minmax", "mse")
-COMPUTE_DTYPES = ("bf16", "fp32", "fp16")
+#: "auto": bf16 where the CPU has native bf16 matmuls, else fp32 (``lowbit.kernels.cpu``)
+COMPUTE_DTYPES = ("auto", "bf16", "fp32", "fp16")
 
 
 class RecipeError(LowbitError, ValueError):
@@ -100,7 +101,7 @@ class Recipe:
     default: Scheme | None
     rules: tuple[Rule, ...] = ()
     keep: tuple[str, ...] = ()
-    compute_dtype: str = "bf16"
+    compute_dtype: str = "auto"
     version: int = RECIPE_VERSION
 
     def __post_init__(self) -> None:
@@ -148,7 +149,7 @@ class Recipe:
                 rules=tuple(Rule(r["pattern"], Scheme.from_dict(r["scheme"]))
                             for r in d.get("rules", [])),
                 keep=tuple(d.get("keep", [])),
-                compute_dtype=d.get("compute_dtype", "bf16"),
+                compute_dtype=d.get("compute_dtype", "auto"),
                 version=int(d.get("lowbit_recipe_version", RECIPE_VERSION)),
             )
         except (TypeError, KeyError) as exc:

@@ -29,7 +29,17 @@ from lowbit.nn.packed import PackedWeight, WeightSpec
 
 class Backend:
     name = "abstract"
-    kernel_name = "abstract"
+    family: str | None = None  # the lowbit.kernels family whose ``selected_kernel`` says more
+
+    @property
+    def kernel_name(self) -> str:
+        """The kernel that runs, or ``"<decode kernel> | <prefill kernel>"`` when the choice
+        depends on the number of rows (``lowbit.kernels.selected_kernel``, CPU-dependent)."""
+        from lowbit.kernels import selected_kernel
+
+        decode = selected_kernel(self.family, torch.zeros(1, 1))
+        prefill = selected_kernel(self.family, torch.zeros(512, 1))
+        return decode if decode == prefill else f"{decode} | {prefill}"
 
     def __init__(self, spec: WeightSpec, activation: ActivationSpec | None) -> None:
         self.spec = spec
@@ -63,7 +73,7 @@ class DequantBackend(Backend):
     """Any format: keep the canonical packed codes, dequantize on every call."""
 
     name = "dequant"
-    kernel_name = "dequant+F.linear"
+    kernel_name = "dequant+F.linear"  # type: ignore[assignment]
 
     def build(self, packed, input_qparams):
         packed.input_qparams = input_qparams
@@ -92,7 +102,7 @@ class Int8WeightBackend(Backend):
     """int8 per-channel symmetric weight-only through ``_weight_int8pack_mm``."""
 
     name = "int8_weight"
-    kernel_name = k8.FAST
+    family = "int8_weight"
 
     def build(self, packed, input_qparams):
         scale = packed.qparams.scale.float().reshape(-1)
@@ -126,7 +136,7 @@ class Int4WeightBackend(Backend):
     always lossless."""
 
     name = "int4_weight"
-    kernel_name = k4.FAST
+    family = "int4_weight"
 
     def build(self, packed, input_qparams):
         qp = packed.qparams
@@ -177,7 +187,7 @@ class Int8DynamicBackend(Backend):
     ``torch._int_mm``."""
 
     name = "int8_dynamic"
-    kernel_name = k8a8.FAST
+    family = "int8_dynamic"
 
     def build(self, packed, input_qparams):
         codes = packed.codes().to(torch.int8)
@@ -211,7 +221,7 @@ class Int8StaticBackend(Int8DynamicBackend):
     """As ``Int8DynamicBackend`` with one calibrated activation scale per tensor."""
 
     name = "int8_static"
-    kernel_name = k8a8.STATIC_FAST
+    family = "int8_static"
 
     def build(self, packed, input_qparams):
         if input_qparams is None:
