@@ -151,3 +151,36 @@ def test_outlier_channels_stay_in_float(base):
     assert torch.allclose(q(x), q(x, impl="reference"), atol=0.05, rtol=0.05)
     ids = torch.randint(0, 128, (1, 16))
     assert _agreement(model, base, ids)[1] > 0.99
+
+
+def test_w8a8_rotates_inputs_and_matches_its_reference(base):
+    """w8a8 quantizes x H per token and W H per channel (formats.rotation): the fast path
+    equals the plain reference, and the effective weight is close to the float one."""
+    model = copy.deepcopy(base)
+    quantize(model, "w8a8", progress=False)
+    layer = model.model.layers[0].mlp.down_proj
+    assert layer.spec.rotation == "hadamard"
+    x = torch.randn(3, layer.in_features)
+    w = base.model.layers[0].mlp.down_proj.weight.float()
+    fast, ref = layer(x), layer(x, impl="reference")
+    assert torch.allclose(fast.float(), ref.float(), rtol=1e-3, atol=1e-3)
+    assert torch.nn.functional.cosine_similarity(
+        layer.dequantize_weight().flatten(), w.flatten(), 0) > 0.9999
+    plain = copy.deepcopy(base)
+    quantize(plain, "w8a8-plain", progress=False)
+    assert plain.model.layers[0].mlp.down_proj.spec.rotation is None
+
+
+def test_rotation_skips_sizes_without_a_hadamard_and_says_so():
+    model = nn.Sequential(nn.Linear(100, 24), nn.Linear(24, 8))
+    with pytest.warns(UserWarning, match="no Hadamard rotation of size 100"):
+        summary = quantize(model, "w8a8", progress=False).lowbit_summary
+    assert summary.unrotated == ["0"]
+    assert model[0].spec.rotation is None and model[1].spec.rotation == "hadamard"
+    assert any("stayed unrotated" in line for line in summary.lines())
+
+
+def test_rotation_refuses_calibrated_algorithms():
+    spec = WeightSpec("int8", "channel", rotation="hadamard")
+    with pytest.raises(RecipeError, match="round-to-nearest"):
+        Scheme(spec, algorithm="gptq")

@@ -115,6 +115,7 @@ class _Simulated(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach().float()
         self.register_buffer("bias", bias, persistent=False)
         self.activation = scheme.activation
+        self.rotation = scheme.weight.rotation
         self.input_qparams = None
         if self.activation is not None and self.activation.mode == "static":
             if input_range is None:
@@ -124,9 +125,11 @@ class _Simulated(nn.Module):
             self.input_qparams = qparams_from_range(lo, hi, get_format("int8"), symmetric=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from lowbit.formats import compute_qparams, fake_quantize
+        from lowbit.formats import compute_qparams, fake_quantize, rotate
 
         xf = x.float()
+        if self.rotation is not None:
+            xf = rotate(xf.double(), self.rotation).float()
         if self.activation is not None:
             qp = (compute_qparams(xf, "int8", "token") if self.activation.mode == "dynamic"
                   else self.input_qparams)

@@ -18,6 +18,7 @@ from lowbit.formats.metrics import (
     sqnr_db,
 )
 from lowbit.formats.packing import pack, packed_size, unpack
+from lowbit.formats.rotation import ROTATIONS, hadamard_matrix, has_hadamard, rotate
 from lowbit.formats.scaling import (
     QParams,
     compute_qparams,
@@ -36,6 +37,7 @@ __all__ = [
     "IntFormat",
     "NumberFormat",
     "QParams",
+    "ROTATIONS",
     "SignFormat",
     "compute_qparams",
     "cosine_similarity",
@@ -43,6 +45,8 @@ __all__ = [
     "error_report",
     "fake_quantize",
     "get_format",
+    "hadamard_matrix",
+    "has_hadamard",
     "list_formats",
     "max_abs_error",
     "minmax",
@@ -53,6 +57,7 @@ __all__ = [
     "quantize",
     "quantize_tensor",
     "register_format",
+    "rotate",
     "sqnr_db",
     "unpack",
 ]

@@ -11,13 +11,22 @@ from __future__ import annotations
 
 import difflib
 import time
+import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
-from lowbit.formats import compute_qparams, get_format, minmax, qparams_from_range, quantize
+from lowbit.formats import (
+    compute_qparams,
+    get_format,
+    has_hadamard,
+    minmax,
+    qparams_from_range,
+    quantize,
+    rotate,
+)
 from lowbit.kernels.cpu import fast_float_dtype
 from lowbit.model.calibration import collect_input_ranges
 from lowbit.model.recipe import Recipe, RecipeError, Scheme, match_pattern
@@ -45,6 +54,7 @@ class QuantizeSummary:
     bytes_after: int = 0
     seconds: float = 0.0
     kernels: dict[str, int] = field(default_factory=dict)
+    unrotated: list[str] = field(default_factory=list)  # rotation asked, no Hadamard of size
 
     def lines(self) -> list[str]:
         ratio = self.bytes_after / self.bytes_before if self.bytes_before else 0
@@ -56,7 +66,8 @@ class QuantizeSummary:
             f"({ratio:.3f}x)",
             f"kernels       {kernels or 'none (cast only)'}",
             f"time          {self.seconds:.1f} s",
-        ]
+        ] + ([f"rotation      {len(self.unrotated)} layers without a Hadamard of their size "
+              f"stayed unrotated: {', '.join(self.unrotated[:4])}"] if self.unrotated else [])
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -105,9 +116,12 @@ def split_outliers(weight: torch.Tensor, channel_absmax: torch.Tensor, k: int):
 
 
 def quantize_weight(weight: torch.Tensor, scheme: Scheme):
-    """Codes and parameters for one weight under ``scheme`` (round to nearest)."""
+    """Codes and parameters for one weight under ``scheme`` (round to nearest); of ``W @ H``
+    when the scheme rotates the layer's input (``formats.rotation``)."""
     spec = scheme.weight
     w = weight.detach().float()
+    if spec.rotation is not None:
+        w = rotate(w.double(), spec.rotation).float()
     if scheme.observer == "mse":
         return _mse_clipped(w, spec)
     qparams = compute_qparams(w, spec.format, spec.granularity, symmetric=spec.symmetric,
@@ -195,6 +209,8 @@ def quantize_model(
         if scheme.outlier_channels > 0:
             weight, outliers = split_outliers(weight, input_ranges[name].channel_absmax,
                                               scheme.outlier_channels)
+        if scheme.weight.rotation is not None:
+            weight, scheme = _rotatable(weight, scheme, name, summary)
         codes, qparams = quantize_weight(weight, scheme)
         input_qparams = None
         if scheme.activation is not None and scheme.activation.mode == "static":
@@ -216,6 +232,17 @@ def quantize_model(
     model.lowbit_recipe = recipe
     model.lowbit_summary = summary
     return summary
+
+
+def _rotatable(weight: torch.Tensor, scheme: Scheme, name: str, summary: QuantizeSummary):
+    """``scheme`` for a layer whose input gets rotated (``formats.rotation``); a layer whose
+    size has no Hadamard matrix stays unrotated, and the summary says so."""
+    if has_hadamard(weight.shape[1]):
+        return weight, scheme
+    summary.unrotated.append(name)
+    warnings.warn(f"{name}: no Hadamard rotation of size {weight.shape[1]} (lowbit builds "
+                  f"12^a * 2^k); this layer is quantized without rotation", stacklevel=3)
+    return weight, replace(scheme, weight=replace(scheme.weight, rotation=None))
 
 
 def cast_unquantized(model: nn.Module, dtype: torch.dtype) -> None:

@@ -53,6 +53,13 @@ class Scheme:
         if self.weight is not None:
             get_format(self.weight.format)
             Granularity.parse(self.weight.granularity)
+            if self.weight.rotation is not None and (
+                    self.algorithm != "rtn" or self.outlier_channels
+                    or (self.activation is not None and self.activation.mode == "static")):
+                raise RecipeError(
+                    "a Hadamard input rotation runs with round-to-nearest weights and dynamic "
+                    "(or no) activation quantization; drop 'rotation' for calibrated "
+                    "algorithms, static activations or outlier channels")
 
     @property
     def needs_calibration(self) -> bool:
@@ -229,10 +236,11 @@ def _parse_grammar(key: str) -> Recipe | None:
     return Recipe(key, scheme)
 
 
-def _w(fmt: str, gran: str, symmetric: bool = True, **kw) -> Scheme:
+def _w(fmt: str, gran: str, symmetric: bool = True, rotation: str | None = None,
+       **kw) -> Scheme:
     scale_dtype = "bf16" if gran.startswith("group") else "fp32"
     spec = WeightSpec(fmt, gran, symmetric, scale_dtype,
-                      integer_zero_point=_integer_zero(symmetric, gran))
+                      integer_zero_point=_integer_zero(symmetric, gran), rotation=rotation)
     return Scheme(spec, **kw)
 
 
@@ -256,10 +264,14 @@ PRESETS: dict[str, Recipe] = {
     "w3g64": Recipe("w3g64", _w("uint3", "group:64", False)),
     "w2g16": Recipe("w2g16", _w("uint2", "group:16", False)),
     "nf4g64": Recipe("nf4g64", _w("nf4", "group:64")),
-    "w8a8": Recipe("w8a8", _w("int8", "channel", activation=ActivationSpec("dynamic"))),
+    "w8a8": Recipe("w8a8", _w("int8", "channel", rotation="hadamard",
+                              activation=ActivationSpec("dynamic"))),
+    "w8a8-plain": Recipe("w8a8-plain", _w("int8", "channel",
+                                          activation=ActivationSpec("dynamic"))),
     "w8a8-static": Recipe("w8a8-static", _w(
         "int8", "channel", activation=ActivationSpec("static", granularity="tensor"))),
-    "w4a8": Recipe("w4a8", _w("int4", "channel", activation=ActivationSpec("dynamic"))),
+    "w4a8": Recipe("w4a8", _w("int4", "channel", rotation="hadamard",
+                              activation=ActivationSpec("dynamic"))),
     "w8a8-outliers": Recipe("w8a8-outliers", _w(
         "int8", "channel", activation=ActivationSpec("dynamic"), outlier_channels=8)),
     # calibrated algorithms (lowbit.model.calibrated); "imatrix" is importance-weighted RTN
@@ -285,9 +297,11 @@ PRESET_DESCRIPTIONS = {
     "w3g64": "3-bit weights, asymmetric, groups of 64",
     "w2g16": "2-bit weights, asymmetric, groups of 16",
     "nf4g64": "NF4 (normal-float codebook) weights, absmax scale per 64 inputs",
-    "w8a8": "int8 weights + int8 activations quantized per token at run time",
+    "w8a8": "int8 weights + int8 activations quantized per token at run time, both in a "
+    "Hadamard-rotated basis (QuaRot-style) that spreads outlier channels",
+    "w8a8-plain": "w8a8 without the rotation (what torchao's int8 dynamic config does)",
     "w8a8-static": "int8 weights + int8 activations with calibrated per-tensor scales",
-    "w4a8": "4-bit per-channel weights + int8 per-token activations",
+    "w4a8": "4-bit per-channel weights + int8 per-token activations, Hadamard-rotated",
     "w8a8-outliers": "w8a8, but the 8 input channels with the largest calibration "
     "activations of each layer stay in bf16 (LLM.int8()-style)",
     "w4g128-gptq": "4-bit g128 weights chosen by GPTQ (Hessian error compensation)",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lowbit.formats import QParams
+from lowbit.formats import QParams, rotate
 from lowbit.nn.activation import ActivationSpec, ModuleError
 from lowbit.nn.backends import Backend, select_backend
 from lowbit.nn.packed import PackedWeight, WeightSpec
@@ -34,6 +34,9 @@ class QuantizedLinear(nn.Module):
         in higher precision beside the quantized weight (LLM.int8(), Dettmers et al., 2022,
         eq. 5: the outlier columns' product is added in floating point)."""
         super().__init__()
+        if spec.rotation is not None and outliers is not None:
+            raise ModuleError("outlier channels and an input rotation do not combine: the "
+                              "rotation already spreads outliers; use one of them")
         self.in_features = packed.in_features
         self.out_features = packed.out_features
         self.spec = spec
@@ -97,7 +100,12 @@ class QuantizedLinear(nn.Module):
         return self.backend.to_packed(self._state)
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.packed_weight().dequantize(dtype)
+        """The weight the layer applies to its (unrotated) input: ``Q(W H) H^T`` when it
+        rotates its input, else the dequantized codes."""
+        w = self.packed_weight().dequantize(torch.float32)
+        if self.spec.rotation is not None:
+            w = rotate(w.double(), self.spec.rotation, inverse=True).float()
+        return w.to(dtype)
 
     def weight_nbytes(self) -> int:
         """Bytes of codes + scales + zero-points (+ outlier columns) held in memory."""
@@ -108,14 +116,17 @@ class QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         act = f", activation={self.activation.mode}" if self.activation else ""
+        rot = f", rotation={self.spec.rotation}" if self.spec.rotation else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"format={self.spec.format}, granularity={self.spec.granularity}, "
-                f"symmetric={self.spec.symmetric}{act}, kernel={self.kernel}")
+                f"symmetric={self.spec.symmetric}{act}{rot}, kernel={self.kernel}")
 
     # -- compute -----------------------------------------------------------------------
     def forward(self, x: torch.Tensor, impl: str = "auto") -> torch.Tensor:
         if impl == "reference":
             return self.reference_forward(x)
+        if self.spec.rotation is not None:
+            x = rotate(x, self.spec.rotation)
         if self.outlier_index is None:
             return self.backend.forward(x, self._state, self.bias)
         idx = self.outlier_index
@@ -128,13 +139,15 @@ class QuantizedLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ModuleError(f"input has {x.shape[-1]} features, layer takes {self.in_features}")
         xf = x.float()
+        if self.spec.rotation is not None:
+            xf = rotate(xf.double(), self.spec.rotation).float()
         extra = 0
         if self.outlier_index is not None:
             extra = torch.nn.functional.linear(xf[..., self.outlier_index],
                                                self.outlier_weight.float())
             xf = xf.index_fill(-1, self.outlier_index, 0)
         xf = self.backend.simulate_input(xf, self._state)
-        w = self.dequantize_weight()
+        w = self.packed_weight().dequantize(torch.float32)  # in the rotated basis, if any
         return (torch.nn.functional.linear(xf, w, self.bias) + extra).to(x.dtype)
 
     # -- state dict: canonical packed codes --------------------------------------------

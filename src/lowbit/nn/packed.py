@@ -22,6 +22,7 @@ from lowbit.formats import (
     packed_size,
     unpack,
 )
+from lowbit.formats.rotation import check_rotation
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,12 @@ class WeightSpec:
     scale_dtype: str = "fp32"
     #: False: asymmetric zero-point kept as float32 (grid = min + scale * k, as Q4_1)
     integer_zero_point: bool = True
+    #: "hadamard": the codes are of ``W @ H`` and the layer rotates its input by ``H``
+    #: (``formats.rotation``); None: no rotation
+    rotation: str | None = None
+
+    def __post_init__(self) -> None:
+        check_rotation(self.rotation)
 
     def granularity_obj(self) -> Granularity:
         return Granularity.parse(self.granularity)
@@ -45,6 +52,7 @@ class WeightSpec:
             "symmetric": self.symmetric,
             "scale_dtype": self.scale_dtype,
             "integer_zero_point": self.integer_zero_point,
+            "rotation": self.rotation,
         }
 
 
