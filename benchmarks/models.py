@@ -10,6 +10,11 @@ Protocol (../shared/BENCHMARKS.md):
   lowbit configs decode with lowbit's runtime (static KV cache) and prefill with the model's
   own forward; the engine is printed.
 - Bytes: the quantized linears' codes + scales + zero-points in memory vs their FP32 bytes.
+- Engines: lowbit configs are also set beside FP32 on lowbit's own runtime (timed once at
+  the start: ``decode_same_engine_x``), which separates the kernels' gain from the runtime's.
+- The CPU's features are printed first: which kernels win depends on them (native bf16 and
+  VNNI, ``lowbit.kernels.cpu``); shared/BENCHMARKS.md's peer table came from an AVX-512 BF16
+  + VNNI machine.
 - Peak memory while quantizing (``--memory``): a subprocess loads the FP32 model, resets
   the kernel's peak-RSS counter (/proc/self/clear_refs), quantizes, and reports
   (peak RSS - RSS before loading) / (RSS after loading - RSS before loading).
@@ -54,7 +59,8 @@ print((peak - before) / (after - before), (after - before) / 1e6, (peak - before
 
 
 def quantize_memory(recipe: str) -> tuple[float, float, float]:
-    out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, recipe], capture_output=True,
+    out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, recipe.partition("/")[0]],
+                         capture_output=True,
                          text=True, check=True)
     ratio, model_mb, peak_mb = map(float, out.stdout.split()[-3:])
     return ratio, model_mb, peak_mb
@@ -67,13 +73,18 @@ def fp32_speed(model, ids):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--recipes", default="bf16,w8,w4g128,w4g32,w8a8")
+    ap.add_argument("--recipes", default="bf16,w8,w4g128,w4g32,w8a8",
+                    help="comma-separated; NAME/keep=lm_head keeps the output head in float")
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--no-speed", action="store_true")
     ap.add_argument("--memory", action="store_true", help="measure peak RSS while quantizing")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    from lowbit.kernels import cpu_features
+
+    print(f"# CPU: {cpu_features().describe()}; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads", flush=True)
     base = load_model(args.model)
     tok = load_tokenizer(args.model)
     from lowbit.data import tokens
@@ -83,8 +94,12 @@ def main() -> None:
     rows = []
     base_eval = evaluate(base, tok, baseline=base, n_windows=args.windows, speed=False)
     print(f"FP32 PPL {base_eval['ppl']:.3f} ({args.windows}x512 tokens, every token scored)")
+    fp32_lowbit = None if args.no_speed else measure_speed(base, ids, engine="lowbit")
+    if fp32_lowbit is not None:
+        print(f"FP32 on lowbit's runtime: prefill {fp32_lowbit.prefill_s:.3f} s, decode "
+              f"{fp32_lowbit.decode_tok_s:.1f} tok/s", flush=True)
     for name in [r for r in args.recipes.split(",") if r]:
-        recipe = Recipe.parse(name)
+        recipe = _recipe(name)
         model = copy.deepcopy(base)
         calib = calibration_batches(tok, None, tokens=8192) if recipe.needs_calibration else None
         quantize(model, recipe, calib, progress=False)
@@ -103,7 +118,8 @@ def main() -> None:
                        engine=mine.engine, fp32_prefill_s=ref_prefill,
                        fp32_decode_tok_s=ref_decode,
                        prefill_x=ref_prefill / mine.prefill_s,
-                       decode_x=mine.decode_tok_s / ref_decode)
+                       decode_x=mine.decode_tok_s / ref_decode,
+                       decode_same_engine_x=mine.decode_tok_s / fp32_lowbit.decode_tok_s)
         if args.memory:
             row["quantize_peak_x"], _, row["quantize_peak_mb"] = quantize_memory(name)
         rows.append(row)
@@ -116,6 +132,13 @@ def main() -> None:
             json.dump(rows, f, indent=2)
 
 
+def _recipe(name: str) -> Recipe:
+    """``w8`` or ``w8/keep=lm_head`` (the recipe with a module kept as it is)."""
+    preset, _, keep = name.partition("/keep=")
+    recipe = Recipe.parse(preset)
+    return recipe.with_keep(keep) if keep else recipe
+
+
 def _line(row: dict) -> str:
     parts = [f"{row['recipe']:>12}", f"PPL {row['ppl']:.3f}", f"Δ {row['delta_ppl_pct']:+.2f}%",
              f"KLD {row['kld_mean']:.4f}", f"top-1 {100 * row['top1']:.1f}%",
@@ -123,7 +146,7 @@ def _line(row: dict) -> str:
     if "prefill_x" in row:
         parts += [f"prefill {row['prefill_x']:.2f}x", f"decode {row['decode_x']:.2f}x "
                   f"({row['decode_tok_s']:.1f} vs {row['fp32_decode_tok_s']:.1f} tok/s, "
-                  f"{row['engine']})"]
+                  f"{row['engine']}; {row['decode_same_engine_x']:.2f}x FP32 on it)"]
     if "quantize_peak_x" in row:
         parts.append(f"quantize peak {row['quantize_peak_x']:.2f}x FP32 model")
     return "  ".join(parts)
@@ -131,16 +154,16 @@ def _line(row: dict) -> str:
 
 def _table(rows: list[dict]) -> str:
     head = ("| recipe | PPL | ΔPPL | KLD | top-1 | linear bytes vs FP32 | bits/weight | "
-            "prefill × | decode × | kernel |")
-    lines = [head, "|" + "---|" * 10]
+            "prefill × | decode × (vs HF FP32) | decode × (vs FP32, same runtime) | kernel |")
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
         kernel = max(r["kernels"].items(), key=lambda kv: kv[1])[0]
-        speed = (f"{r['prefill_x']:.2f}", f"{r['decode_x']:.2f}") if "prefill_x" in r else \
-            ("-", "-")
+        speed = (f"{r['prefill_x']:.2f}", f"{r['decode_x']:.2f}",
+                 f"{r['decode_same_engine_x']:.2f}") if "prefill_x" in r else ("-", "-", "-")
         lines.append(f"| {r['recipe']} | {r['ppl']:.3f} | {r['delta_ppl_pct']:+.2f}% | "
                      f"{r['kld_mean']:.4f} | {100 * r['top1']:.1f}% | "
                      f"{r['linear_bytes_ratio']:.3f}x | {r['bits_per_weight']:.2f} | "
-                     f"{speed[0]} | {speed[1]} | {kernel} |")
+                     f"{speed[0]} | {speed[1]} | {speed[2]} | {kernel} |")
     return "\n".join(lines)
 
 

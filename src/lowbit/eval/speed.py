@@ -60,13 +60,29 @@ def activation_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
+_BF16_DECODE_KERNELS = ("int8_weight.int8pack_mm", "int4_weight.int4pack_mm")
+
+
+def runtime_dtype(model: nn.Module) -> torch.dtype:
+    """The activation dtype to decode in: the model's own, except bf16 when its quantized
+    linears decode with kernels that read bf16 activations anyway (``_weight_int8pack_mm``,
+    ``_weight_int4pack_mm_for_cpu``), which saves two casts per linear per token."""
+    from lowbit.nn import QuantizedLinear
+
+    dtype = activation_dtype(model)
+    kernels = [m.kernel for m in model.modules() if isinstance(m, QuantizedLinear)]
+    if kernels and all(k.startswith(_BF16_DECODE_KERNELS) for k in kernels):
+        return torch.bfloat16
+    return dtype
+
+
 def _engine(model: nn.Module, engine: str):
     """The generation loop to time: lowbit's lean runtime when it can run the model
     (Llama-style decoders), else Hugging Face ``generate``."""
     if engine in ("auto", "lowbit"):
         from lowbit.runtime import DecoderRuntime, UnsupportedModelError, generate
 
-        dtype = activation_dtype(model)
+        dtype = runtime_dtype(model)
         try:
             runtime = DecoderRuntime(model, dtype=dtype)  # prepared once, outside the timing
         except UnsupportedModelError:
