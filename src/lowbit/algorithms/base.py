@@ -15,7 +15,6 @@ updated as a running mean so batches of any size can be added in any number.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -200,10 +199,9 @@ class HessianAccumulator:
         """Fold in activations ``x`` of shape ``[..., in]`` (every row is one token)."""
         x = check_inputs(x, self.in_features, "Hessian batch").to(self.H.dtype)
         t = x.shape[0]
-        self.H *= self.nsamples / (self.nsamples + t)
+        keep = self.nsamples / (self.nsamples + t)
         self.nsamples += t
-        x = math.sqrt(2.0 / self.nsamples) * x
-        self.H += x.T @ x
+        self.H.addmm_(x.T, x, beta=keep, alpha=2.0 / self.nsamples)  # one pass, no temporary
 
     @property
     def mean_square(self) -> torch.Tensor:

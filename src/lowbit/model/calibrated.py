@@ -71,7 +71,23 @@ def _batches(calibration, model: nn.Module) -> list:
     batches = list(calibration)
     if not batches:
         raise RecipeError("the calibration data is empty: pass at least one batch")
-    return batches
+    return _rebatch(batches)
+
+
+#: calibration forwards run on up to this many tokens at once (e.g. 8 windows of 512)
+REBATCH_TOKENS = 4096
+
+
+def _rebatch(batches: list, max_tokens: int = REBATCH_TOKENS) -> list:
+    """Stack token-id tensors of one shape ``[b, T]`` into ``[k*b, T]`` batches of at most
+    ``max_tokens`` tokens: the same tokens and statistics, fewer and larger matmuls (one
+    forward of 8x512 tokens costs far less than 8 of 512). Anything else stays as given."""
+    first = batches[0]
+    if not (isinstance(first, torch.Tensor) and first.dim() == 2 and not first.is_floating_point()
+            and all(isinstance(b, torch.Tensor) and b.shape == first.shape for b in batches)):
+        return batches
+    per = max(1, max_tokens // first.numel())
+    return [torch.cat(batches[i:i + per]) for i in range(0, len(batches), per)]
 
 
 def _token_count(batch) -> int:
