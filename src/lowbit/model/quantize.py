@@ -27,7 +27,7 @@ from lowbit.formats import (
     quantize,
     rotate,
 )
-from lowbit.kernels.cpu import fast_float_dtype
+from lowbit.kernels.cpu import cpu_features, fast_float_dtype
 from lowbit.model.calibration import collect_input_ranges
 from lowbit.model.recipe import Recipe, RecipeError, Scheme, match_pattern
 from lowbit.nn import QuantizedConv2d, QuantizedLinear
@@ -55,6 +55,7 @@ class QuantizeSummary:
     seconds: float = 0.0
     kernels: dict[str, int] = field(default_factory=dict)
     unrotated: list[str] = field(default_factory=list)  # rotation asked, no Hadamard of size
+    cpu: str = field(default_factory=lambda: cpu_features().describe())
 
     def lines(self) -> list[str]:
         ratio = self.bytes_after / self.bytes_before if self.bytes_before else 0
@@ -65,6 +66,7 @@ class QuantizeSummary:
             f"linear bytes  {self.bytes_before / 1e6:.1f} MB -> {self.bytes_after / 1e6:.1f} MB "
             f"({ratio:.3f}x)",
             f"kernels       {kernels or 'none (cast only)'}",
+            f"cpu           {self.cpu}",
             f"time          {self.seconds:.1f} s",
         ] + ([f"rotation      {len(self.unrotated)} layers without a Hadamard of their size "
               f"stayed unrotated: {', '.join(self.unrotated[:4])}"] if self.unrotated else [])
