@@ -51,8 +51,10 @@ def run(args: argparse.Namespace) -> int:
 
     set_threads(args.threads)
     recipes = [Recipe.parse(r) for r in args.recipes.split(",") if r.strip()]
+    from lowbit.kernels import cpu_features
+
     print(f"lowbit demo: {args.model}, {args.windows} windows x 512 tokens of the built-in "
-          f"corpus, {args.threads} threads", flush=True)
+          f"corpus, {args.threads} threads; CPU: {cpu_features().describe()}", flush=True)
     base = load_model(args.model)
     tok = load_tokenizer(args.model)
     speed = not args.no_speed
