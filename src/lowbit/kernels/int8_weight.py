@@ -42,6 +42,7 @@ from lowbit.kernels._common import (
     check_input,
     check_vector,
     check_weight,
+    select_by_rows,
     use_fast,
 )
 from lowbit.kernels.cpu import fast_float_dtype
@@ -168,12 +169,8 @@ def int8_weight_linear(
 
 def select_kernel(x: torch.Tensor, impl: str = "auto") -> str:
     """The ``lowbit.kernels.KERNELS`` key that ``int8_weight_linear(x, ..., impl)`` runs."""
-    if not use_fast(impl, x, FAMILY):
-        return REFERENCE
-    rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 1
-    if impl == "auto" and rows >= PREFILL_ROWS:
-        return PREFILL_FP32 if fast_float_dtype() is torch.float32 else PREFILL
-    return FAST
+    return select_by_rows(x, impl, FAMILY, PREFILL_ROWS,
+                          (FAST, PREFILL, PREFILL_FP32, REFERENCE))
 
 
 def _reference(
