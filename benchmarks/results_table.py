@@ -2,7 +2,8 @@
 
 Equivalent to
 
-    lowbit bench smollm2-135m --recipes bf16,w8,w4g128,w4g32,w3g64,nf4g64,w8a8 --report report/
+    lowbit bench smollm2-135m --report report/ \
+        --recipes bf16,w8,w8a8,w4g32,w4g128,w4g128-gptq,w4g128-awq,nf4g64,w3g64-gptq
 
 (same rows, same results.json / report.md / report.html / plots in --report), followed by a
 compact Markdown table for the README and the command that regenerates it. An interrupted run
@@ -15,8 +16,10 @@ Run: .venv/bin/python benchmarks/results_table.py [--windows 32] [--report repor
 from __future__ import annotations
 
 import argparse
+import shutil
+from pathlib import Path
 
-RECIPES = "bf16,w8,w4g128,w4g32,w3g64,nf4g64,w8a8"
+RECIPES = "bf16,w8,w8a8,w4g32,w4g128,w4g128-gptq,w4g128-awq,nf4g64,w3g64-gptq"
 
 
 def readme_table(results: dict) -> str:
@@ -56,6 +59,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--no-speed", action="store_true")
+    parser.add_argument("--plot-to", default="docs/pareto_ppl.png",
+                        help="copy the Pareto plot here (the README shows it); '' to skip")
     args = parser.parse_args()
 
     from lowbit.eval.bench import BenchSettings, bench_command, run_bench, split_list
@@ -74,6 +79,11 @@ def main() -> None:
             print(f"\n{r['id']}: {r['status']} {r.get('error', '')}")
     print(f"\nRegenerate: {bench_command(settings, args.report)}")
     print(f"Pareto plot: {args.report}/pareto_ppl.png; full report: {args.report}/report.md")
+    plot = Path(args.report) / "pareto_ppl.png"
+    if args.plot_to and plot.exists():
+        Path(args.plot_to).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(plot, args.plot_to)
+        print(f"copied the Pareto plot to {args.plot_to}")
 
 
 if __name__ == "__main__":
