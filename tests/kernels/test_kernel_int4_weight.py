@@ -236,3 +236,14 @@ def test_relayout_from_another_cpu():
         assert torch.equal(unpack_int4_codes(foreign), q)
         fixed = relayout_int4_weight(foreign)
         assert fixed.layout == state.layout and torch.equal(fixed.packed, state.packed)
+
+
+def test_packing_in_row_chunks_is_bit_exact(monkeypatch):
+    import lowbit.kernels.int4_weight as k4
+
+    q, scale, zp, _ = _layer(300, 64, 32)
+    whole = prepare_int4_weight(q, scale, zp, group_size=32)
+    monkeypatch.setattr(k4, "PACK_ROWS", 128)  # 128, 128, then 44 rows (+4 padding)
+    chunked = prepare_int4_weight(q, scale, zp, group_size=32)
+    assert torch.equal(whole.packed, chunked.packed)
+    assert torch.equal(unpack_int4_codes(chunked), q)

@@ -90,15 +90,17 @@ class IntFormat(NumberFormat):
         if self.bits == 8:  # two's complement bytes are already the pattern
             return codes.to(self.code_dtype).view(torch.uint8)
         mask = (1 << self.bits) - 1
+        if codes.dtype in (torch.uint8, torch.int8):  # two's complement: the low bits
+            return codes.view(torch.uint8) & mask  # (no wider temporary of a large weight)
         return (codes.to(torch.int16) & mask).to(torch.uint8)
 
     def from_bits(self, bits):
         if self.bits == 8:
             return bits.to(torch.uint8).view(self.code_dtype)
-        b = bits.to(torch.int16)
-        if self.signed:
-            b = torch.where(b >= (1 << (self.bits - 1)), b - (1 << self.bits), b)
-        return b.to(self.code_dtype)
+        if not self.signed:
+            return bits.to(torch.uint8)
+        b = bits.to(torch.int8)  # patterns < 2^bits <= 128
+        return torch.where(b >= (1 << (self.bits - 1)), b - (1 << self.bits), b)
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,9 @@ PREFILL_FP32 = "int4_weight.dequant_fp32_linear"
 #: at 512x576x1536 the kernel takes 3.0 ms vs 1.4 ms for bf16 ``F.linear`` on AVX-512 BF16
 #: (shared/BENCHMARKS.md), and 18 ms vs 6 + 2 ms (dequantize) for fp32 on AVX2
 PREFILL_ROWS = 32
+#: rows packed at a time (a multiple of every layout's 64- or 32-row blocks), so packing
+#: SmolLM2's 49152-row head holds int32 nibbles of 4096 rows, not of all of them
+PACK_ROWS = 4096
 REFERENCE = "int4_weight.reference"
 KERNEL_GROUP_SIZES = (256, 128, 64, 32)
 _BF16 = torch.bfloat16
@@ -144,17 +147,16 @@ def prepare_int4_weight(
     kg = _kernel_group(group, k)
     k_pad, n_pad = (-k) % kg, (-n) % 16
 
-    nibbles = qdata.to(torch.int32) + (8 if signed else 0)
-    lo, hi = torch.aminmax(nibbles)
-    if lo < 0 or hi > 15:
+    lo, hi = torch.aminmax(qdata)
+    shift = 8 if signed else 0
+    if int(lo) + shift < 0 or int(hi) + shift > 15:
         raise KernelError(
             f"{FAMILY}: {'signed' if signed else 'unsigned'} codes must lie in "
-            f"{'-8..7' if signed else '0..15'}, found {int(lo) - (8 if signed else 0)}.."
-            f"{int(hi) - (8 if signed else 0)}"
+            f"{'-8..7' if signed else '0..15'}, found {int(lo)}..{int(hi)}"
         )
-    # padding nibbles are 8 (weight 0 when zero is 0); padded K meets zero activations anyway
-    nibbles = torch.nn.functional.pad(nibbles, (0, k_pad, 0, n_pad), value=8)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles.contiguous(), 1)
+    packed = torch.cat([_pack_rows(qdata[i:i + PACK_ROWS], shift, k_pad,
+                                   n_pad if i + PACK_ROWS >= n else 0)
+                        for i in range(0, n, PACK_ROWS)])
 
     s, zero = _scales_and_zeros(params, signed)  # float32 [N, n_groups] each
     col = torch.arange((k + k_pad) // kg) * kg // group  # layer group of each kernel group
@@ -163,6 +165,15 @@ def prepare_int4_weight(
     sz = torch.nn.functional.pad(sz, (0, 0, 0, 0, 0, n_pad))
     sz = sz.transpose(0, 1).contiguous().to(_BF16)
     return Int4WeightState(packed, sz, k, n, group, kg, signed, _layout())
+
+
+def _pack_rows(codes: torch.Tensor, shift: int, k_pad: int, n_pad: int) -> torch.Tensor:
+    """torch's packing of some rows (a multiple of the layout's row blocks, or the last rows):
+    the packed rows of a slice are the same bytes as that slice of the whole packed weight."""
+    nibbles = codes.to(torch.int32) + shift
+    # padding nibbles are 8 (weight 0 when zero is 0); padded K meets zero activations anyway
+    nibbles = torch.nn.functional.pad(nibbles, (0, k_pad, 0, n_pad), value=8)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles.contiguous(), 1)
 
 
 def _check_params(scale, zero_point, offset, n: int, n_groups: int) -> tuple:

@@ -117,9 +117,29 @@ def split_outliers(weight: torch.Tensor, channel_absmax: torch.Tensor, k: int):
     return rest, (index, columns)
 
 
+#: row-local granularities (per channel, per group) are quantized this many rows at a time,
+#: so the temporaries of a large layer (SmolLM2's 49152 x 576 head: 113 MB per float copy)
+#: stay small; the codes and parameters are the same as in one piece
+CHUNK_ROWS = 4096
+
+
 def quantize_weight(weight: torch.Tensor, scheme: Scheme):
     """Codes and parameters for one weight under ``scheme`` (round to nearest); of ``W @ H``
     when the scheme rotates the layer's input (``formats.rotation``)."""
+    gran = scheme.weight.granularity_obj()
+    row_local = weight.dim() == 2 and (gran.kind == "group" or (gran.kind == "channel"
+                                                                and gran.axis == 0))
+    if row_local and weight.shape[0] > CHUNK_ROWS:
+        parts = [_quantize_rows(weight[i:i + CHUNK_ROWS], scheme)
+                 for i in range(0, weight.shape[0], CHUNK_ROWS)]
+        first = parts[0][1]
+        zero = None if first.zero_point is None else torch.cat([q.zero_point for _, q in parts])
+        return torch.cat([c for c, _ in parts]), replace(
+            first, scale=torch.cat([q.scale for _, q in parts]), zero_point=zero)
+    return _quantize_rows(weight, scheme)
+
+
+def _quantize_rows(weight: torch.Tensor, scheme: Scheme):
     spec = scheme.weight
     w = weight.detach().float()
     if spec.rotation is not None:
