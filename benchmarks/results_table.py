@@ -3,7 +3,7 @@
 Equivalent to
 
     lowbit bench smollm2-135m --report report/ \
-        --recipes bf16,w8,w8a8,w4g32,w4g128,w4g128-gptq,w4g128-awq,nf4g64,w3g64-gptq
+        --recipes bf16,w8,w8a8,w4g32,w4g128,w4g128-gptq,nf4g64
 
 (same rows, same results.json / report.md / report.html / plots in --report), followed by a
 compact Markdown table for the README and the command that regenerates it. An interrupted run
@@ -19,7 +19,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-RECIPES = "bf16,w8,w8a8,w4g32,w4g128,w4g128-gptq,w4g128-awq,nf4g64,w3g64-gptq"
+RECIPES = "bf16,w8,w8a8,w4g32,w4g128,w4g128-gptq,nf4g64"
 
 
 def readme_table(results: dict) -> str:
