@@ -13,7 +13,7 @@ Columns: PPL on the first ``--windows`` x 512 tokens of the pydoc corpus (every 
 scored), ΔPPL vs FP32, the share of decoder-linear weights that are exactly zero after
 quantization (asymmetric grids with a float zero-point, as in ``w4g32``, do not hold an exact
 0, so they lose the sparsity), and decoder-linear bytes: dense FP32; packed codes + scales
-(``weight_nbytes``); for pruned layers a sparse layout estimate (``sparse_nbytes``: 1-bit map
+(``weight_nbytes``); for pruned layers that kept their zeros a sparse layout estimate (``sparse_nbytes``: 1-bit map
 + kept values, or 2-bit indices per kept value for 2:4) of the kept codes, plus the scales.
 """
 
@@ -59,6 +59,8 @@ def _layer_bytes(model, masks, pattern) -> tuple[float, float]:
             w = m.weight.detach()
             dense, code_bits, scales = w.numel() * 4, 32, 0
         mask = masks.masks.get(name) if masks else None
+        if mask is not None and float((w == 0).sum()) < 0.99 * float((~mask).sum()):
+            mask = None  # the grid lost the exact zeros: no sparse layout, dense bytes
         total += dense if mask is None else sparse_nbytes(mask, code_bits, pattern) + scales
         zeros += float((w == 0).sum())
         numel += w.numel()
