@@ -13,8 +13,9 @@ Columns: PPL on the first ``--windows`` x 512 tokens of the pydoc corpus (every 
 scored), ΔPPL vs FP32, the share of decoder-linear weights that are exactly zero after
 quantization (asymmetric grids with a float zero-point, as in ``w4g32``, do not hold an exact
 0, so they lose the sparsity), and decoder-linear bytes: dense FP32; packed codes + scales
-(``weight_nbytes``); for pruned layers that kept their zeros a sparse layout estimate (``sparse_nbytes``: 1-bit map
-+ kept values, or 2-bit indices per kept value for 2:4) of the kept codes, plus the scales.
+(``weight_nbytes``); for pruned layers that kept their zeros a sparse layout estimate
+(``sparse_nbytes``: 1-bit map + kept values, or 2-bit indices per kept value for 2:4) of the
+kept codes, plus the scales.
 """
 
 from __future__ import annotations
