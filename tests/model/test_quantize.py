@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from lowbit.formats import rotate
 from lowbit.kernels import assume_cpu
 from lowbit.model import Recipe, RecipeError, Rule, Scheme, quantize
 from lowbit.nn import QuantizedLinear, WeightSpec
@@ -184,3 +185,25 @@ def test_rotation_refuses_calibrated_algorithms():
     spec = WeightSpec("int8", "channel", rotation="hadamard")
     with pytest.raises(RecipeError, match="round-to-nearest"):
         Scheme(spec, algorithm="gptq")
+
+
+def test_static_rotation_calibrates_the_rotated_input():
+    """w8a8-static-rot fixes its per-tensor input scale from the rotated activations x H
+    (what the layer quantizes), not from x: an outlier channel spread by H gives a smaller
+    scale, and the fast path still equals the reference."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32))
+    calib = [torch.randn(4, 64) for _ in range(3)]
+    for x in calib:
+        x[:, 5] *= 40.0  # one outlier channel
+    quantize(model, "w8a8-static-rot", calib, progress=False)
+    layer = model[0]
+    assert layer.spec.rotation == "hadamard"
+    rotated_absmax = max(rotate(x, "hadamard").abs().max() for x in calib)
+    plain_absmax = max(x.abs().max() for x in calib)
+    scale = layer.input_qparams.scale.item()
+    assert scale * 127 == pytest.approx(rotated_absmax.item(), rel=0.02)
+    assert scale * 127 < 0.5 * plain_absmax.item()
+    x = calib[0]
+    assert torch.allclose(layer(x).float(), layer(x, impl="reference").float(),
+                          rtol=1e-3, atol=1e-3)

@@ -8,6 +8,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from lowbit.formats import has_hadamard, rotate
+
 
 def _as_inputs(batch):
     """A calibration item as (args, kwargs) for ``model(...)``."""
@@ -54,12 +56,16 @@ def collect_input_ranges(
     progress: bool = True,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Running min/max (per tensor) and absmax (per input channel) of each target layer's
-    input over the calibration data."""
+    input over the calibration data (of the rotated input, for a scheme that rotates it)."""
     ranges: dict[str, list[torch.Tensor]] = {}
 
-    def hook_for(name):
+    def hook_for(name, scheme):
+        rotation = getattr(getattr(scheme, "weight", None), "rotation", None)
+
         def hook(module, args):
             x = args[0].detach().float()
+            if rotation is not None and has_hadamard(x.shape[-1]):
+                x = rotate(x, rotation)  # the layer quantizes its rotated input
             lo, hi = torch.aminmax(x)
             chan = x.abs().reshape(-1, x.shape[-1]).amax(0)
             if name in ranges:
@@ -70,7 +76,7 @@ def collect_input_ranges(
                 ranges[name] = [lo, hi, chan]
         return hook
 
-    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m, _ in targets]
+    handles = [m.register_forward_pre_hook(hook_for(n, s)) for n, m, s in targets]
     try:
         run_calibration(model, calibration, progress)
     finally:

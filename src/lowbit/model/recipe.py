@@ -54,12 +54,10 @@ class Scheme:
             get_format(self.weight.format)
             Granularity.parse(self.weight.granularity)
             if self.weight.rotation is not None and (
-                    self.algorithm != "rtn" or self.outlier_channels
-                    or (self.activation is not None and self.activation.mode == "static")):
+                    self.algorithm != "rtn" or self.outlier_channels):
                 raise RecipeError(
-                    "a Hadamard input rotation runs with round-to-nearest weights and dynamic "
-                    "(or no) activation quantization; drop 'rotation' for calibrated "
-                    "algorithms, static activations or outlier channels")
+                    "a Hadamard input rotation runs with round-to-nearest weights; drop "
+                    "'rotation' for calibrated algorithms (GPTQ, AWQ, ...) or outlier channels")
 
     @property
     def needs_calibration(self) -> bool:
@@ -270,6 +268,9 @@ PRESETS: dict[str, Recipe] = {
                                           activation=ActivationSpec("dynamic"))),
     "w8a8-static": Recipe("w8a8-static", _w(
         "int8", "channel", activation=ActivationSpec("static", granularity="tensor"))),
+    "w8a8-static-rot": Recipe("w8a8-static-rot", _w(
+        "int8", "channel", rotation="hadamard",
+        activation=ActivationSpec("static", granularity="tensor"))),
     "w4a8": Recipe("w4a8", _w("int4", "channel", rotation="hadamard",
                               activation=ActivationSpec("dynamic"))),
     "w8a8-outliers": Recipe("w8a8-outliers", _w(
@@ -302,6 +303,8 @@ PRESET_DESCRIPTIONS = {
     "w8a8-plain": "w8a8 without the rotation (what torchao's int8 dynamic config does)",
     "w8a8-static": "int8 weights + int8 activations with calibrated per-tensor scales",
     "w4a8": "4-bit per-channel weights + int8 per-token activations, Hadamard-rotated",
+    "w8a8-static-rot": "w8a8-static in a Hadamard-rotated basis: one calibrated scale per "
+    "tensor for the rotated activations",
     "w8a8-outliers": "w8a8, but the 8 input channels with the largest calibration "
     "activations of each layer stay in bf16 (LLM.int8()-style)",
     "w4g128-gptq": "4-bit g128 weights chosen by GPTQ (Hessian error compensation)",
