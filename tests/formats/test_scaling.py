@@ -194,3 +194,23 @@ def test_float_zero_point_hits_the_range_ends_exactly():
     assert qp.zero_point.dtype == torch.uint8 and exact.zero_point.dtype == torch.float32
     assert torch.allclose(dequantize(quantize(x, exact), exact), x, atol=1e-6)
     assert not torch.allclose(dequantize(codes, qp), x, atol=1e-3)
+
+
+def test_float_zero_point_is_float16_beside_16_bit_scales():
+    """2 bytes per group: a <= 4-bit zero-point lies in [0, 15], where float16 is within
+    2^-8 of a step; beside fp32 scales, or for 8-bit codes, it stays float32."""
+    x = torch.randn(8, 256, generator=torch.Generator().manual_seed(1))
+    g64 = Granularity.parse("group:64")
+    half = compute_qparams(x, "uint4", g64, symmetric=False, scale_dtype="bf16",
+                           integer_zero_point=False)
+    full = compute_qparams(x, "uint4", g64, symmetric=False, integer_zero_point=False)
+    wide = compute_qparams(x, "uint8", g64, symmetric=False, scale_dtype="bf16",
+                           integer_zero_point=False)
+    assert half.zero_point.dtype == torch.float16
+    assert full.zero_point.dtype == wide.zero_point.dtype == torch.float32
+    lo = x.reshape(8, 4, 64).amin(-1).clamp(max=0)
+    exact = -lo / half.scale.float()  # qmin - lo / scale, unrounded
+    assert (half.zero_point.float() - exact).abs().max() <= 2 ** -8
+    err = (dequantize(quantize(x, half), half) - x).abs().max(-1).values
+    step = half.scale.float().amax(-1)
+    assert bool((err <= 0.5 * step + 1e-6).all())  # still within half a step

@@ -134,6 +134,32 @@ def test_smoothquant_static_close_to_float(base, calib, ids):
     assert _kl(model, base, ids) < 5e-3
 
 
+def test_smoothquant_then_rotation(base, calib, ids):
+    """w8a8-smooth-rot: SmoothQuant's scales folded into the feeders, then each layer
+    rotates its smoothed input; a width without a Hadamard matrix (160) stays unrotated and
+    is listed. The fast path equals the reference and the model stays close to float."""
+    with pytest.warns(UserWarning, match="no Hadamard rotation of size 160"):
+        model = _quantized(base, "w8a8-smooth-rot", calib)
+    layers = model.model.layers
+    assert layers[0].self_attn.q_proj.spec.rotation == "hadamard"
+    assert layers[0].mlp.down_proj.spec.rotation is None
+    assert "model.layers.0.mlp.down_proj" in model.lowbit_summary.unrotated
+    q = layers[1].mlp.gate_proj
+    x = torch.randn(5, q.in_features)
+    assert torch.allclose(q(x).float(), q(x, impl="reference").float(), atol=1e-3, rtol=1e-3)
+    assert _kl(model, base, ids) < 5e-3
+
+
+def test_token_sample_keeps_the_largest_rows():
+    """A static range is set by rare massive tokens: the sample holds them."""
+    stats = InputStats(8, {"sample"}, sample_per_batch=2)
+    x = torch.randn(1000, 8, generator=torch.Generator().manual_seed(0))
+    x[617] *= 100
+    stats.add(x)
+    assert stats.sample().abs().max() == x.abs().max()
+    assert len(stats.sample()) <= 2 + 8
+
+
 # -- bad input ---------------------------------------------------------------------------
 def test_calibrated_recipe_without_data(base):
     with pytest.raises(RecipeError, match="needs calibration data"):

@@ -101,9 +101,12 @@ def qparams_from_range(
 ) -> QParams:
     """Scale (and zero-point) that map ``[min_val, max_val]`` onto ``fmt``'s grid.
 
-    ``integer_zero_point=False`` keeps the asymmetric zero-point unrounded (float32), so the
-    grid is exactly ``min + scale * k`` (llama.cpp's Q4_1, torchao's int4): the range's ends
-    are hit exactly, at the price of 0.0 no longer being exactly representable.
+    ``integer_zero_point=False`` keeps the asymmetric zero-point unrounded, so the grid is
+    ``min + scale * k`` (llama.cpp's Q4_1, torchao's int4): the range's ends are hit (up to
+    the zero-point's own rounding), at the price of 0.0 no longer being exactly representable.
+    The float zero-point is float16 beside a 16-bit scale for codes of at most 4 bits (it lies
+    in ``[qmin, qmax] <= 15``, where float16 steps are at most ``2^-7`` of a quantization step;
+    the int4 kernel rounds its zeros to bf16 anyway), else float32.
 
     The single place where a range becomes quantization parameters: observers and
     algorithms call it with ranges they estimated or searched.
@@ -135,9 +138,15 @@ def qparams_from_range(
     scale = _round_scale(scale, fmt, scale_dtype)
     zero_point = qmin - lo / scale.float()
     if not integer_zero_point:
-        return QParams(fmt, granularity, scale, zero_point.float(), scale_dtype)
+        return QParams(fmt, granularity, scale, zero_point.to(_float_zero_dtype(fmt, scale_dtype)),
+                       scale_dtype)
     zero_point = torch.round(zero_point).clamp(qmin, qmax)
     return QParams(fmt, granularity, scale, zero_point.to(fmt.code_dtype), scale_dtype)
+
+
+def _float_zero_dtype(fmt: NumberFormat, scale_dtype: str) -> torch.dtype:
+    """2 bytes per group for a <= 4-bit format with 16-bit scales, else 4 (see above)."""
+    return torch.float16 if scale_dtype in ("bf16", "fp16") and fmt.bits <= 4 else torch.float32
 
 
 def compute_qparams(

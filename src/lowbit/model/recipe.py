@@ -54,10 +54,11 @@ class Scheme:
             get_format(self.weight.format)
             Granularity.parse(self.weight.granularity)
             if self.weight.rotation is not None and (
-                    self.algorithm != "rtn" or self.outlier_channels):
+                    self.algorithm not in ("rtn", "smoothquant") or self.outlier_channels):
                 raise RecipeError(
-                    "a Hadamard input rotation runs with round-to-nearest weights; drop "
-                    "'rotation' for calibrated algorithms (GPTQ, AWQ, ...) or outlier channels")
+                    "a Hadamard input rotation runs with round-to-nearest weights (alone or "
+                    "after SmoothQuant's scales); drop 'rotation' for GPTQ, AWQ, imatrix, HQQ, "
+                    "k-means or outlier channels")
 
     @property
     def needs_calibration(self) -> bool:
@@ -243,8 +244,9 @@ def _w(fmt: str, gran: str, symmetric: bool = True, rotation: str | None = None,
 
 
 def _integer_zero(symmetric: bool, gran: str) -> bool:
-    """Float zero-points (4 bytes) for groups of 32 or more; below that they would cost
-    more than a bit per weight, so small groups keep a 1-byte integer zero-point."""
+    """Float zero-points (2 bytes beside 16-bit scales, see ``compute_qparams``) for groups
+    of 32 or more; below that they would cost more than half a bit per weight, so small
+    groups keep a 1-byte integer zero-point."""
     if symmetric:
         return True
     g = Granularity.parse(gran)
@@ -283,6 +285,9 @@ PRESETS: dict[str, Recipe] = {
     "w8a8-smooth": Recipe("w8a8-smooth", _w(
         "int8", "channel", activation=ActivationSpec("static", granularity="tensor"),
         algorithm="smoothquant")),
+    "w8a8-smooth-rot": Recipe("w8a8-smooth-rot", _w(
+        "int8", "channel", rotation="hadamard",
+        activation=ActivationSpec("static", granularity="tensor"), algorithm="smoothquant")),
     "kmeans4": Recipe("kmeans4", Scheme(WeightSpec("codebook4", "channel", True, "fp16"),
                                         algorithm="kmeans")),
 }
@@ -312,5 +317,7 @@ PRESET_DESCRIPTIONS = {
     "w3g64-gptq": "3-bit g64 weights chosen by GPTQ",
     "w2g16-hqq": "2-bit g16 weights with HQQ-optimised float zero-points (no data)",
     "w8a8-smooth": "SmoothQuant: int8 weights + static int8 activations, outliers migrated",
+    "w8a8-smooth-rot": "SmoothQuant scales, then a Hadamard rotation of the smoothed input "
+    "(SmoothRot-style): static int8 activations without channel or token outliers",
     "kmeans4": "4-bit per-row k-means codebooks (16 fp16 centroids per row)",
 }

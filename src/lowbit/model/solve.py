@@ -49,6 +49,7 @@ from lowbit.formats import (
     fake_quantize,
     get_format,
     qparams_from_range,
+    rotate,
 )
 from lowbit.model.recipe import RecipeError, Scheme
 from lowbit.nn import QuantizedLinear, WeightSpec
@@ -58,6 +59,10 @@ NEEDS = {  # statistics each algorithm reads
     "rtn": set(), "hqq": set(), "kmeans": {"diag"}, "imatrix": {"diag"},
     "gptq": {"hessian"}, "awq": {"hessian", "absmean"}, "smoothquant": {"absmax", "sample"},
 }
+
+
+#: rows with the largest entries kept in every batch's token sample (``InputStats.add``)
+TOP_ROWS = 8
 
 
 def stats_needed(scheme: Scheme) -> set[str]:
@@ -90,9 +95,12 @@ class InputStats:
             self.abs_sum += x.abs().sum(0, dtype=torch.float64)
         if "absmax" in self.need:
             self.absmax = torch.maximum(self.absmax, x.abs().amax(0))
-        if "sample" in self.need and self.sample_per_batch:  # random rows, seeded
+        if "sample" in self.need and self.sample_per_batch:
+            # random rows (seeded) plus the rows with the largest entries: the rare tokens
+            # with massive activations set a static range, so the sample must hold them
             pick = torch.randperm(x.shape[0], generator=self._gen)[: self.sample_per_batch]
-            self.samples.append(x[pick.sort().values].clone())
+            top = x.abs().amax(1).topk(min(x.shape[0], TOP_ROWS)).indices
+            self.samples.append(x[torch.cat([pick, top]).unique()].clone())
 
     @property
     def mean_square(self) -> torch.Tensor:
@@ -216,8 +224,8 @@ class Solver:
             s = None if alpha is None else smoothquant_scales(stats.absmax, weights, alpha)
             w_hat = [_rtn_values(W if s is None else W * s, m.scheme)
                      for W, m in zip(weights, members, strict=True)]
-            amax = float((stats.absmax if s is None else stats.absmax / s).amax())
-            err, _ = self._best_clip(members, X if s is None else X / s, amax, w_hat, ref)
+            Xs, amax = _layer_input(members, stats, X, s)
+            err, _ = self._best_clip(members, Xs, amax, w_hat, ref)
             if err < best[0]:
                 best = (err, s, alpha)
         return best[1], {"smooth_alpha": best[2]}
@@ -322,8 +330,7 @@ class Solver:
         if not static:
             return
         X = stats.sample()
-        Xs = X if s is None else X / s
-        amax = float((stats.absmax if s is None else stats.absmax / s).amax())
+        Xs, amax = _layer_input([m for m, _ in static], stats, X, s)
         w_hat = [dequantize(sol.codes, sol.qparams) for _, sol in static]
         ref = [X @ m.module.weight.detach().float().T for m, _ in static]
         _, amax = self._best_clip([m for m, _ in static], Xs, amax, w_hat, ref)
@@ -332,6 +339,20 @@ class Solver:
             sol.input_qparams = qparams_from_range(-amax_t, amax_t, get_format("int8"),
                                                    symmetric=True)
             sol.info["act_amax"] = amax
+
+
+def _layer_input(members: list[Member], stats: InputStats, X: torch.Tensor,
+                 s: torch.Tensor | None) -> tuple[torch.Tensor, float]:
+    """What the members' int8 path sees of the sample ``X``: ``X / s``, rotated when their
+    scheme rotates the input (then ``W_hat`` is in the rotated basis too), and its absmax.
+    The rotated absmax comes from the sample (which holds each batch's largest rows); the
+    unrotated one from the running per-channel maxima over all tokens."""
+    Xs = X if s is None else X / s
+    rotation = members[0].scheme.weight.rotation
+    if rotation is None:
+        return Xs, float((stats.absmax if s is None else stats.absmax / s).amax())
+    Xr = rotate(Xs.double(), rotation).float()
+    return Xr, float(Xr.abs().amax()) if Xr.numel() else 0.0
 
 
 def _rtn_values(W: torch.Tensor, scheme: Scheme) -> torch.Tensor:
