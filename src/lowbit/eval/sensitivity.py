@@ -202,7 +202,7 @@ def sensitivity(
     from lowbit.eval.evaluate import baseline_logprobs
     from lowbit.eval.perplexity import perplexity
     from lowbit.model import Recipe
-    from lowbit.model.quantize import find_targets
+    from lowbit.model.quantize import drop_missing_rotations, find_targets
     from lowbit.nn import QuantizedLinear
 
     if per not in PER:
@@ -212,7 +212,7 @@ def sensitivity(
                                "(sensitivity quantizes one layer at a time itself)")
     t0 = time.perf_counter()
     recipe = Recipe.parse(recipe)
-    units = _units(find_targets(model, recipe), names, per)
+    units = _units(drop_missing_rotations(find_targets(model, recipe)), names, per)
     ids = tokens(data, tokenizer)[: window * n_windows]
     base_ppl, base_lp = baseline_logprobs(model, ids, window=window, n_windows=n_windows,
                                           protocol=protocol)

@@ -34,11 +34,11 @@ from lowbit.model.arch import Arch, Group, _feeder_kind, find_module, resolve_ar
 from lowbit.model.calibration import _as_inputs
 from lowbit.model.quantize import (
     QuantizeSummary,
-    _rotatable,
     _set_module,
     _tensor_bytes,
     cast_unquantized,
     compute_dtype,
+    drop_missing_rotations,
     find_targets,
 )
 from lowbit.model.recipe import Recipe, RecipeError, Scheme
@@ -299,12 +299,9 @@ def quantize_calibrated(
     batches = None if calibration is None else _batches(calibration, model)
     if is_auto(recipe):
         recipe = auto_recipe(model, recipe, batches, progress=progress)
-    targets = find_targets(model, recipe)
     summary = QuantizeSummary(recipe.name)
+    targets = drop_missing_rotations(find_targets(model, recipe), summary)
     plan = {n: s for n, _, s in targets if s is not None and s.weight is not None}
-    for n, m, s in targets:  # a size without a Hadamard matrix stays unrotated (and is listed)
-        if n in plan and s.weight.rotation is not None:
-            plan[n] = _rotatable(m.weight, s, n, summary)[1]
     summary.kept = [n for n, _, s in targets if n not in plan]
     summary.bytes_before = sum(_tensor_bytes(m.weight) + _tensor_bytes(m.bias)
                                for n, m, _ in targets if n in plan)

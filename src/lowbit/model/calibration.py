@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from lowbit.formats import has_hadamard, rotate
+from lowbit.formats import rotate
 
 
 def _as_inputs(batch):
@@ -60,11 +60,11 @@ def collect_input_ranges(
     ranges: dict[str, list[torch.Tensor]] = {}
 
     def hook_for(name, scheme):
-        rotation = getattr(getattr(scheme, "weight", None), "rotation", None)
+        rotation = scheme.weight.rotation
 
         def hook(module, args):
             x = args[0].detach().float()
-            if rotation is not None and has_hadamard(x.shape[-1]):
+            if rotation is not None:
                 x = rotate(x, rotation)  # the layer quantizes its rotated input
             lo, hi = torch.aminmax(x)
             chan = x.abs().reshape(-1, x.shape[-1]).amax(0)

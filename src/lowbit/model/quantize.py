@@ -194,8 +194,8 @@ def quantize_model(
         return quantize_calibrated(model, recipe, calibration, progress=progress,
                                    backend=backend)
     t0 = time.perf_counter()
-    targets = find_targets(model, recipe)
     summary = QuantizeSummary(recipe.name)
+    targets = drop_missing_rotations(find_targets(model, recipe), summary)
     dtype = compute_dtype(recipe)
     if recipe.default is not None and recipe.default.weight is None and not recipe.rules:
         # fp16 / bf16: cast only
@@ -231,8 +231,6 @@ def quantize_model(
         if scheme.outlier_channels > 0:
             weight, outliers = split_outliers(weight, input_ranges[name].channel_absmax,
                                               scheme.outlier_channels)
-        if scheme.weight.rotation is not None:
-            weight, scheme = _rotatable(weight, scheme, name, summary)
         codes, qparams = quantize_weight(weight, scheme)
         input_qparams = None
         if scheme.activation is not None and scheme.activation.mode == "static":
@@ -256,15 +254,23 @@ def quantize_model(
     return summary
 
 
-def _rotatable(weight: torch.Tensor, scheme: Scheme, name: str, summary: QuantizeSummary):
-    """``scheme`` for a layer whose input gets rotated (``formats.rotation``); a layer whose
-    size has no Hadamard matrix stays unrotated, and the summary says so."""
-    if has_hadamard(weight.shape[1]):
-        return weight, scheme
-    summary.unrotated.append(name)
-    warnings.warn(f"{name}: no Hadamard rotation of size {weight.shape[1]} (lowbit builds "
-                  f"12^a * 2^k); this layer is quantized without rotation", stacklevel=3)
-    return weight, replace(scheme, weight=replace(scheme.weight, rotation=None))
+def drop_missing_rotations(targets: list, summary: QuantizeSummary | None = None) -> list:
+    """``targets`` with the rotation dropped from the scheme of every layer whose input size
+    has no Hadamard matrix (``formats.rotation``): it is quantized unrotated, with a warning,
+    and the summary lists it. Decided once, before calibration, so every later step (ranges,
+    searches, quantization) reads the scheme alone."""
+    out = []
+    for name, module, scheme in targets:
+        rotation = None if scheme is None or scheme.weight is None else scheme.weight.rotation
+        width = module.weight.shape[1]
+        if rotation is not None and not has_hadamard(width):
+            if summary is not None:
+                summary.unrotated.append(name)
+            warnings.warn(f"{name}: no Hadamard rotation of size {width} (lowbit builds "
+                          f"12^a * 2^k); this layer is quantized without rotation", stacklevel=3)
+            scheme = replace(scheme, weight=replace(scheme.weight, rotation=None))
+        out.append((name, module, scheme))
+    return out
 
 
 def cast_unquantized(model: nn.Module, dtype: torch.dtype) -> None:
