@@ -7,6 +7,8 @@ process, interleaved round by round so that machine noise hits every column alik
   out, casts/padding/activation quantization included): ``int8_weight``, ``int4 g32``,
   ``int4 g128`` (K = 576 is padded to 640), ``w8a8 dynamic``, ``w8a8 static``,
   ``integer-only`` (int8 codes in and out);
+- ``int8_weight native`` / ``torch`` and ``int4 g128 native`` / ``torch`` (decode shapes):
+  lowbit's AVX2 loop (``kernels/native.py``) and torch's bf16 kernel, each forced;
 - with ``--raw``: the bare aten ops on prepared bf16/int8 inputs, to show wrapper overhead;
 - with ``--alternatives``: other CPU int8 paths torch ships (fbgemm ``quantize_dynamic``,
   oneDNN ``qlinear_pointwise``, FP16 ``F.linear``) for the decode question;
@@ -72,6 +74,11 @@ def _candidates(m: int, k: int, n: int, raw: bool, alternatives: bool) -> dict[s
         "w8a8 static": lambda: K.int8_static_linear(x, stat),
         "integer-only": lambda: K.integer_linear(qx, integ),
     }
+    if m < K.native.MAX_ROWS and K.native.available():  # decode: lowbit's loop vs torch's
+        for name, fn in (("int8_weight", lambda: K.int8_weight_linear(x, s8)),
+                         ("int4 g128", lambda: K.int4_weight_linear(x, s4[128]))):
+            c[f"{name} native"] = _forced(fn, True)
+            c[f"{name} torch"] = _forced(fn, False)
     if raw:
         op8 = torch.ops.aten._weight_int8pack_mm.default
         op4 = torch.ops.aten._weight_int4pack_mm_for_cpu.default
@@ -86,6 +93,13 @@ def _candidates(m: int, k: int, n: int, raw: bool, alternatives: bool) -> dict[s
     if alternatives:
         c.update(_alternatives(x, w, q8, w_scale, act_scale))
     return c
+
+
+def _forced(fn: Callable, native: bool) -> Callable:
+    def run():
+        with K.native.force(native):
+            return fn()
+    return run
 
 
 def _alternatives(x, w, q8, w_scale, act_scale) -> dict[str, Callable]:

@@ -13,6 +13,7 @@ from lowbit.kernels import (
     assume_cpu,
     dequantize_int4_weight,
     int4_weight_linear,
+    native,
     prepare_int4_weight,
     relayout_int4_weight,
     selected_kernel,
@@ -125,7 +126,9 @@ def test_prefill_path_matches_reference(native_bf16):
     with assume_cpu(native_bf16=native_bf16):
         name = "bf16" if native_bf16 else "fp32"
         assert selected_kernel("int4_weight", x) == f"int4_weight.dequant_{name}_linear"
-        assert selected_kernel("int4_weight", x[:, :3]) == "int4_weight.int4pack_mm"
+        decode = ("int4_weight.native_avx2_gemv" if not native_bf16 and native.available()
+                  else "int4_weight.int4pack_mm")
+        assert selected_kernel("int4_weight", x[:, :3]) == decode
         auto = int4_weight_linear(x, state, bias)
     ref = int4_weight_linear(x, state, bias, impl="reference")
     assert auto.shape == (2, 40, 200) and auto.dtype == torch.float32

@@ -9,6 +9,7 @@ from lowbit.kernels import (
     assume_cpu,
     int8_dynamic_linear,
     int8_static_linear,
+    native,
     prepare_int8_dynamic,
     prepare_int8_static,
     quantize_per_tensor,
@@ -96,9 +97,14 @@ def test_shapes_dtypes_and_names():
     assert int8_static_linear(x, static).shape == (2, 3, 24)
     with assume_cpu(vnni=True):
         assert selected_kernel("int8_dynamic", x) == "int8_dynamic.int_mm"
-    with assume_cpu(vnni=False):
+    with assume_cpu(vnni=False), native.force(False):
         assert selected_kernel("int8_dynamic", x) == "int8_dynamic.fp32_gemm"
         assert selected_kernel("int8_static", x) == "int8_static.fp32_gemm"
+    with assume_cpu(vnni=False), native.force(True):  # few rows: lowbit's AVX2 loop
+        decode = "native_avx2_gemv" if native.available() else "fp32_gemm"
+        assert selected_kernel("int8_dynamic", x) == f"int8_dynamic.{decode}"
+        assert selected_kernel("int8_static", x) == f"int8_static.{decode}"
+        assert selected_kernel("int8_static", torch.zeros(64, 40)) == "int8_static.fp32_gemm"
     assert selected_kernel("int8_static", x, "reference") == "int8_static.reference"
 
 
@@ -108,11 +114,12 @@ def test_float_gemm_is_exact_at_the_extremes_of_int8():
     from lowbit.kernels.int8_dynamic import integer_matmul
 
     for lo, hi in ((-127, 128), (127, 128), (-127, -126)):
-        a = torch.randint(lo, hi, (64, 576), dtype=torch.int8)
-        b = torch.randint(lo, hi, (96, 576), dtype=torch.int8)
-        with assume_cpu(vnni=False):
-            got = integer_matmul(a, b)
-        assert torch.equal(got.long(), a.long() @ b.long().T)
+        for rows in (64, 3):  # the float GEMM, and lowbit's AVX2 loop for few rows
+            a = torch.randint(lo, hi, (rows, 576), dtype=torch.int8)
+            b = torch.randint(lo, hi, (96, 576), dtype=torch.int8)
+            with assume_cpu(vnni=False), native.force(True):
+                got = integer_matmul(a, b)
+            assert torch.equal(got.long(), a.long() @ b.long().T)
 
 
 def test_clear_errors():

@@ -10,6 +10,7 @@ from lowbit.kernels import (
     assume_cpu,
     dequantize_int8_weight,
     int8_weight_linear,
+    native,
     prepare_int8_weight,
     selected_kernel,
 )
@@ -62,7 +63,9 @@ def test_prefill_path_widens_to_the_fast_float_dtype(dtype, native_bf16):
     with assume_cpu(native_bf16=native_bf16):
         widen = "bf16" if native_bf16 else "fp32"
         assert selected_kernel("int8_weight", x) == f"int8_weight.widen_{widen}_linear"
-        assert selected_kernel("int8_weight", x, "fast") == "int8_weight.int8pack_mm"
+        decode = ("int8_weight.native_avx2_gemv" if not native_bf16 and native.available()
+                  else "int8_weight.int8pack_mm")
+        assert selected_kernel("int8_weight", x, "fast") == decode
         bias = torch.randn(1536)
         auto = int8_weight_linear(x, state, bias)
     ref = int8_weight_linear(x, state, bias, impl="reference")
@@ -118,7 +121,11 @@ def test_non_contiguous_input():
 
 def test_kernel_names():
     x = torch.randn(1, 8)
-    assert selected_kernel("int8_weight", x) == "int8_weight.int8pack_mm"
+    with native.force(False):
+        assert selected_kernel("int8_weight", x) == "int8_weight.int8pack_mm"
+    with native.force(True):
+        assert selected_kernel("int8_weight", x) == (
+            "int8_weight.native_avx2_gemv" if native.available() else "int8_weight.int8pack_mm")
     assert selected_kernel("int8_weight", x, "reference") == "int8_weight.reference"
     assert selected_kernel("int8_weight", x.requires_grad_()) == "int8_weight.reference"
     names = {selected_kernel(f, x, i) for f in ("int8_weight", "int4_weight", "int8_dynamic",

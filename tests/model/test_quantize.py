@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lowbit.formats import rotate
-from lowbit.kernels import assume_cpu
+from lowbit.kernels import assume_cpu, native
 from lowbit.model import Recipe, RecipeError, Rule, Scheme, quantize
 from lowbit.nn import QuantizedLinear, WeightSpec
 
@@ -73,7 +73,10 @@ def test_kernels_chosen(base, native_bf16):
             quantize(model, recipe, progress=False)
             chosen[recipe] = set(model.lowbit_summary.kernels)
     widen = "bf16" if native_bf16 else "fp32"  # many rows: the CPU's fast float GEMM
-    assert chosen["w8"] == {f"int8_weight.int8pack_mm | int8_weight.widen_{widen}_linear"}
+    # few rows: lowbit's AVX2 loop where bf16 is emulated (and it builds), else torch's kernel
+    decode = ("int8_weight.native_avx2_gemv" if not native_bf16 and native.available()
+              else "int8_weight.int8pack_mm")
+    assert chosen["w8"] == {f"{decode} | int8_weight.widen_{widen}_linear"}
     assert chosen["w2g16"] == {"dequant+F.linear"}
 
 
@@ -133,8 +136,11 @@ def test_custom_scheme_any_format():
 
 @pytest.mark.parametrize("vnni", [True, False])
 def test_int4_and_w8a8_kernels_chosen(base, vnni):
-    int4 = "int4_weight.int4pack_mm | int4_weight.dequant_fp32_linear"
+    decode = "native_avx2_gemv" if native.available() else "int4pack_mm"
+    int4 = f"int4_weight.{decode} | int4_weight.dequant_fp32_linear"
     w8a8 = "int8_dynamic.int_mm" if vnni else "int8_dynamic.fp32_gemm"
+    if not vnni and native.available():  # decode: lowbit's AVX2 loop on the same codes
+        w8a8 = f"int8_dynamic.native_avx2_gemv | {w8a8}"
     for recipe, kernel in (("w4g128", int4), ("w3g64", int4), ("w8a8", w8a8), ("w4a8", w8a8)):
         model = copy.deepcopy(base)
         with assume_cpu(native_bf16=False, vnni=vnni):

@@ -144,6 +144,34 @@ def test_replaced_linears_run_inside_the_runtime() -> None:
     assert stats.matches_hf is True
 
 
+@pytest.mark.parametrize("recipe", ["w8", "w4g32"])
+def test_quantized_decode_takes_the_prebound_native_path(recipe: str) -> None:
+    """With lowbit's AVX2 loops the runtime calls prebound kernels, and greedy decode gives
+    the tokens of the modules' own forward (torch's kernels on bf16 activations differ)."""
+    from lowbit import quantize
+    from lowbit.kernels import native
+    from lowbit.runtime.decoder import prepare_linear
+
+    if not native.available():
+        pytest.skip(f"native kernels unavailable: {native.why_unavailable()}")
+    model = tiny()
+    quantize(model, recipe, progress=False)
+    layer = model.model.layers[0].mlp.down_proj
+    x = ids(batch=1)
+    with native.force(True):
+        fn = prepare_linear(layer, layer.in_features, torch.float32)
+        assert fn is not layer  # a closure over the kernel's pointers
+        h = torch.randn(1, 1, layer.in_features)
+        torch.testing.assert_close(fn(h), layer(h), atol=1e-5, rtol=1e-4)
+        fast, _ = generate(model, x, 8, dtype=torch.float32)
+    reference = x
+    for _ in range(8):  # greedy on the quantized modules' reference path
+        with torch.inference_mode():
+            logits = model(reference).logits[:, -1]
+        reference = torch.cat([reference, logits.argmax(-1, keepdim=True)], 1)
+    assert torch.equal(fast, reference)
+
+
 def test_not_llama_style_is_refused_clearly() -> None:
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
         vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2))

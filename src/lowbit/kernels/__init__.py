@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.kernels import cpu, int4_weight, int8_dynamic, int8_weight, integer_only
+from lowbit.kernels import cpu, int4_weight, int8_dynamic, int8_weight, integer_only, native
 from lowbit.kernels._common import KernelError, use_fast
 from lowbit.kernels.cpu import CpuFeatures, assume_cpu, cpu_features, fast_float_dtype
 from lowbit.kernels.int4_weight import (
@@ -57,9 +57,13 @@ KERNELS: dict[str, str] = {
     "bf16 F.linear, fp32 per-channel scale after",
     int8_weight.PREFILL_FP32: "int8 weight-only, many rows, CPU without native bf16: codes "
     "widened to fp32 (exact), fp32 F.linear, per-channel scale after",
+    int8_weight.NATIVE: "int8 weight-only, few rows, CPU without native bf16: lowbit's AVX2 "
+    "loop (kernels/csrc), int8 widened in registers, fp32 activations and accumulate",
     int8_weight.REFERENCE: "int8 weight-only: dequantize to fp32, then F.linear in fp32",
     int4_weight.FAST: "group-wise 4-bit (also 2/3-bit codes) weight-only: "
     "aten._weight_int4pack_mm_for_cpu on bf16 activations, fp32 accumulate",
+    int4_weight.NATIVE: "group-wise 4-bit, few rows, CPU without native bf16: lowbit's AVX2 "
+    "loop on the int4pack layout (kernels/csrc), fp32 activations and accumulate",
     int4_weight.PREFILL: "group-wise 4-bit, many rows: dequantize with the kernel's bf16 "
     "scale/zero, bf16 F.linear",
     int4_weight.PREFILL_FP32: "group-wise 4-bit, many rows, CPU without native bf16: "
@@ -72,6 +76,10 @@ KERNELS: dict[str, str] = {
     "same int8 codes through an fp32 GEMM (exact products), float rescale",
     int8_dynamic.STATIC_FLOAT: "W8A8 per-tensor static, CPU without VNNI: the same int8 "
     "codes through an fp32 GEMM (exact products), float rescale",
+    int8_dynamic.NATIVE: "W8A8 per-token dynamic, few rows, CPU without VNNI: lowbit's AVX2 "
+    "loop on the same int8 codes (exact products), float rescale",
+    int8_dynamic.STATIC_NATIVE: "W8A8 per-tensor static, few rows, CPU without VNNI: lowbit's "
+    "AVX2 loop on the same int8 codes (exact products), float rescale",
     int8_dynamic.REFERENCE: "W8A8 per-token dynamic: same int8 codes, exact float64 matmul",
     int8_dynamic.STATIC_FAST: "W8A8, calibrated per-tensor static int8 activations: "
     "torch._int_mm int8 x int8 -> int32, float rescale",
@@ -115,6 +123,7 @@ __all__ = [
     "CpuFeatures",
     "assume_cpu",
     "cpu",
+    "native",
     "cpu_features",
     "fast_float_dtype",
     "Int4WeightState",

@@ -50,6 +50,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lowbit.kernels import native
 from lowbit.kernels._common import (
     KernelError,
     check_bias,
@@ -62,6 +63,7 @@ from lowbit.kernels.cpu import fast_float_dtype
 
 FAMILY = "int4_weight"
 FAST = "int4_weight.int4pack_mm"
+NATIVE = "int4_weight.native_avx2_gemv"
 PREFILL = "int4_weight.dequant_bf16_linear"
 PREFILL_FP32 = "int4_weight.dequant_fp32_linear"
 #: from this many rows on, ``impl="auto"`` dequantizes the weight (with the kernel's own
@@ -332,6 +334,11 @@ def int4_weight_linear(
         y = y if bias is None else torch.add(y, bias)
         y = y.to(x.dtype)
         return y.view(*x.shape[:-1], n) if flat else y
+    if state.layout[1] and native.preferred():  # few rows, bf16 emulated: lowbit's AVX2 loop
+        y = native.int4_gemv(x2.float(), state.packed, state.scales_and_zeros,
+                             state.kernel_group_size, state.layout[0], bias, n)
+        y = y if y.dtype == x.dtype else y.to(x.dtype)
+        return y.view(*x.shape[:-1], n) if flat else y
     x2 = x2.to(_BF16)
     pad = state.packed.shape[1] * 2 - k
     if pad:
@@ -352,5 +359,15 @@ def int4_weight_linear(
 
 def select_kernel(x: torch.Tensor, impl: str = "auto") -> str:
     """The ``lowbit.kernels.KERNELS`` key that ``int4_weight_linear(x, ..., impl)`` runs."""
-    return select_by_rows(x, impl, FAMILY, PREFILL_ROWS,
-                          (FAST, PREFILL, PREFILL_FP32, REFERENCE))
+    name = select_by_rows(x, impl, FAMILY, PREFILL_ROWS, (FAST, PREFILL, PREFILL_FP32, REFERENCE))
+    return NATIVE if name == FAST and _layout()[1] and native.preferred() else name
+
+
+def decode_callable(state: Int4WeightState, bias: torch.Tensor | None):
+    """``f(x) == int4_weight_linear(x, state, bias)`` for float32 ``x`` with the native decode
+    kernel's pointers bound once, or None where the native kernel does not run."""
+    if not (state.layout[1] and native.preferred()):
+        return None
+    return native.int4_decoder(state.packed, state.scales_and_zeros, state.kernel_group_size,
+                               state.layout[0], bias, state.out_features, state.in_features,
+                               lambda x: int4_weight_linear(x, state, bias))

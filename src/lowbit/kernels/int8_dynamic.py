@@ -18,7 +18,9 @@ is a slow loop (197 ms vs 6 ms for FP32 at 512x576x1536), and oneDNN's and FBGEM
 kernels saturate 16-bit pair sums unless the activations lose a bit (FBGEMM's
 ``reduce_range``), so there the same integer codes are multiplied by a float32 GEMM: every
 product ``q_x * q_w`` (|.| <= 127^2) and every partial sum below 2^24 is exact in float32, so
-the result equals the int32 sum up to float32 rounding of sums beyond 2^24. On
+the result equals the int32 sum up to float32 rounding of sums beyond 2^24. Few rows
+(decode) go through lowbit's AVX2 loop (``kernels.native``) on the same codes, with eight
+float32 partial sums per row (each exact below 2^24). On
 the CPU in torch 2.13 it accepts any ``M`` (the ``M > 16`` rule is CUDA's) and is exact
 (tests check it against float64), so decode (``M = 1``) uses the same kernel; the weight
 is passed as the transposed view of the ``[N, K]`` codes, which is also its fastest layout
@@ -29,10 +31,12 @@ K * 2^14 < 2^53).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
+from lowbit.kernels import native
 from lowbit.kernels._common import (
     KernelError,
     aligned_contiguous,
@@ -51,6 +55,8 @@ STATIC_FAST = "int8_static.int_mm"
 STATIC_REFERENCE = "int8_static.reference"
 FLOAT = "int8_dynamic.fp32_gemm"
 STATIC_FLOAT = "int8_static.fp32_gemm"
+NATIVE = "int8_dynamic.native_avx2_gemv"
+STATIC_NATIVE = "int8_static.native_avx2_gemv"
 QMAX = 127
 _F32 = torch.float32
 _INT8 = torch.int8
@@ -134,7 +140,15 @@ def integer_matmul(codes: torch.Tensor, qdata: torch.Tensor) -> torch.Tensor:
     CPU has VNNI, else as float32 from a float32 GEMM on the same codes (see above)."""
     if cpu_features().vnni:
         return _INT_MM(codes, qdata.T)
+    if codes.shape[0] < native.MAX_ROWS and native.preferred():  # decode: lowbit's AVX2 loop
+        n = qdata.shape[0]
+        return native.int8_gemv(codes.to(_F32), qdata, _ones(n), None, n)
     return torch.nn.functional.linear(codes.to(_F32), qdata.to(_F32))
+
+
+@functools.lru_cache(maxsize=64)
+def _ones(n: int) -> torch.Tensor:
+    return torch.ones(n)
 
 
 def select_kernel(family: str, x: torch.Tensor, impl: str = "auto") -> str:
@@ -144,6 +158,9 @@ def select_kernel(family: str, x: torch.Tensor, impl: str = "auto") -> str:
         return STATIC_REFERENCE if static else REFERENCE
     if cpu_features().vnni:
         return STATIC_FAST if static else FAST
+    rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 1
+    if rows < native.MAX_ROWS and native.preferred():
+        return STATIC_NATIVE if static else NATIVE
     return STATIC_FLOAT if static else FLOAT
 
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lowbit.kernels import native
 from lowbit.kernels._common import (
     KernelError,
     aligned_contiguous,
@@ -49,6 +50,7 @@ from lowbit.kernels.cpu import fast_float_dtype
 
 FAMILY = "int8_weight"
 FAST = "int8_weight.int8pack_mm"
+NATIVE = "int8_weight.native_avx2_gemv"
 PREFILL = "int8_weight.widen_bf16_linear"
 PREFILL_FP32 = "int8_weight.widen_fp32_linear"
 REFERENCE = "int8_weight.reference"
@@ -148,6 +150,10 @@ def int8_weight_linear(
         if pad:
             x2 = torch.constant_pad_nd(x2, (0, pad))
         y = F.linear(x2, state.qdata.to(dtype))
+    elif native.preferred():  # few rows where bf16 is emulated: lowbit's AVX2 loop
+        y = native.int8_gemv(x2.float(), state.qdata, state.scale, bias, state.out_features)
+        y = y if y.dtype == x.dtype else y.to(x.dtype)
+        return y.view(*x.shape[:-1], state.out_features) if flat else y
     else:
         x2 = x2.to(_BF16)
         if pad:
@@ -169,8 +175,8 @@ def int8_weight_linear(
 
 def select_kernel(x: torch.Tensor, impl: str = "auto") -> str:
     """The ``lowbit.kernels.KERNELS`` key that ``int8_weight_linear(x, ..., impl)`` runs."""
-    return select_by_rows(x, impl, FAMILY, PREFILL_ROWS,
-                          (FAST, PREFILL, PREFILL_FP32, REFERENCE))
+    name = select_by_rows(x, impl, FAMILY, PREFILL_ROWS, (FAST, PREFILL, PREFILL_FP32, REFERENCE))
+    return NATIVE if name == FAST and native.preferred() else name
 
 
 def _reference(
@@ -179,3 +185,13 @@ def _reference(
     w = dequantize_int8_weight(state).to(x.device)
     b = None if bias is None else bias.float()
     return F.linear(x.float(), w, b).to(x.dtype)
+
+
+def decode_callable(state: Int8WeightState, bias: torch.Tensor | None):
+    """``f(x) == int8_weight_linear(x, state, bias)`` for float32 ``x`` with the native decode
+    kernel's pointers bound once (saves the per-call checks of a decode step), or None where
+    the native kernel does not run."""
+    if not native.preferred():
+        return None
+    return native.int8_decoder(state.qdata, state.scale, bias, state.out_features,
+                               state.in_features, lambda x: int8_weight_linear(x, state, bias))

@@ -60,6 +60,10 @@ class Backend:
     def forward(self, x, state, bias):
         raise NotImplementedError
 
+    def decode_callable(self, state, bias):
+        """A prebound ``f(x) == forward(x, state, bias)`` for float32 decode, or None."""
+        return None
+
     def simulate_input(self, x: torch.Tensor, state) -> torch.Tensor:
         """What the activations become before the matmul (reference path)."""
         if self.activation is None:
@@ -126,6 +130,9 @@ class Int8WeightBackend(Backend):
     def forward(self, x, state, bias):
         return k8.int8_weight_linear(x, state, bias)
 
+    def decode_callable(self, state, bias):
+        return k8.decode_callable(state, bias)
+
 
 class Int4WeightBackend(Backend):
     """Integer codes of <= 4 bits, per-group, through ``_weight_int4pack_mm_for_cpu``.
@@ -180,6 +187,9 @@ class Int4WeightBackend(Backend):
 
     def forward(self, x, state, bias):
         return k4.int4_weight_linear(x, state[0], bias)
+
+    def decode_callable(self, state, bias):
+        return k4.decode_callable(state[0], bias)
 
 
 class Int8DynamicBackend(Backend):

@@ -134,6 +134,16 @@ class QuantizedLinear(nn.Module):
         return y + torch.nn.functional.linear(x.index_select(-1, idx),
                                               self.outlier_weight.to(x.dtype))
 
+    def decode_callable(self, dtype: torch.dtype):
+        """``f(x) == self(x)`` for ``dtype`` activations with the kernel's arguments bound
+        once (a decode loop's fast path), or None when the layer has no such path (rotated
+        input, outlier columns, or no native kernel for its format here)."""
+        if self.spec.rotation is not None or self.outlier_index is not None:
+            return None
+        if dtype is not torch.float32:
+            return None
+        return self.backend.decode_callable(self._state, self.bias)
+
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Plain path: simulate activation quantization, dequantize, float32 matmul."""
         if x.shape[-1] != self.in_features:

@@ -44,6 +44,8 @@ def prepare_linear(module: nn.Module, in_features: int, dtype: torch.dtype) -> L
     ``nn.Linear`` (exactly that class) becomes ``F.linear`` on weights cast to ``dtype``
     (shared, not copied, when they already are). Anything else is probed once with a
     ``[1, in_features]`` input and called as is; its output is cast to ``dtype`` if needed.
+    A module with ``decode_callable(dtype)`` (``QuantizedLinear``) may hand back a prebound
+    kernel call instead, which the loop then calls directly.
     """
     if type(module) is nn.Linear:
         weight = module.weight.detach().to(dtype)
@@ -56,6 +58,10 @@ def prepare_linear(module: nn.Module, in_features: int, dtype: torch.dtype) -> L
             f"{type(module).__name__} does not map [1, {in_features}] to [1, N]: the runtime "
             "needs linear replacements whose forward(x) takes [..., K] and returns [..., N]"
         )
+    fast = getattr(module, "decode_callable", None)
+    fast = fast(dtype) if callable(fast) else None
+    if fast is not None:
+        return fast
     return module if out.dtype == dtype else functools.partial(_cast_output, module, dtype)
 
 

@@ -1,0 +1,231 @@
+/* Weight-only int8 / int4 GEMV for a few rows of float32 activations, AVX2 + FMA + OpenMP.
+ *
+ * Built by lowbit/kernels/native.py (gcc -O3 -mavx2 -mfma -fopenmp) and called through
+ * ctypes. Decode multiplies 1..31 activation rows by a weight matrix that is read once per
+ * token, so these loops are bound by memory bandwidth: they read 1 byte (int8) or half a
+ * byte (int4) per weight, widen it in registers and accumulate in float32. Threads split
+ * the output channels (OpenMP: the runtime torch already loaded, so torch.set_num_threads
+ * applies).
+ *
+ * int8: y[m, n] = scale[n] * sum_k x[m, k] q[n, k] + bias[n]; q is [N, ldq] row-major.
+ * int4: torch's _weight_int4pack_mm_for_cpu layout with interleaved row blocks of B rows
+ *       (B = 32 on AVX2, 64 on AVX-512 builds): for block b and input k, B/2 bytes; byte j
+ *       holds row j in its low nibble and row j + B/2 in its high nibble. A short last
+ *       block of R rows packs rows 2j, 2j + 1 into byte j. The weight is
+ *       w = (u - 8) * s + z with (s, z) bf16 pairs sz[g, n, 0..1], groups of kg inputs;
+ *       per group we accumulate sum x u and apply s and (z - 8 s) * sum x once.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#ifndef PREFETCH
+#define PREFETCH 4096
+#endif
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline __m256 widen8_i8(const int8_t *p) {
+    __m128i b = _mm_loadl_epi64((const __m128i *)p);
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* Four output channels at once: each x vector is loaded once for four weight rows. */
+static void int8_rows4(const float *x, int64_t K, const int8_t *q, int64_t ldq, float out[4]) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        if ((k & 63) == 0) { /* one prefetch per cache line and row, PREFETCH bytes ahead */
+            _mm_prefetch((const char *)(q + k + PREFETCH), _MM_HINT_T0);
+            _mm_prefetch((const char *)(q + ldq + k + PREFETCH), _MM_HINT_T0);
+            _mm_prefetch((const char *)(q + 2 * ldq + k + PREFETCH), _MM_HINT_T0);
+            _mm_prefetch((const char *)(q + 3 * ldq + k + PREFETCH), _MM_HINT_T0);
+        }
+        __m256 xv = _mm256_loadu_ps(x + k);
+        a0 = _mm256_fmadd_ps(xv, widen8_i8(q + k), a0);
+        a1 = _mm256_fmadd_ps(xv, widen8_i8(q + ldq + k), a1);
+        a2 = _mm256_fmadd_ps(xv, widen8_i8(q + 2 * ldq + k), a2);
+        a3 = _mm256_fmadd_ps(xv, widen8_i8(q + 3 * ldq + k), a3);
+    }
+    out[0] = hsum8(a0); out[1] = hsum8(a1); out[2] = hsum8(a2); out[3] = hsum8(a3);
+    for (; k < K; k++) {
+        for (int r = 0; r < 4; r++) out[r] += x[k] * (float)q[r * ldq + k];
+    }
+}
+
+static float int8_row(const float *x, int64_t K, const int8_t *q) {
+    __m256 a = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), widen8_i8(q + k), a);
+    float s = hsum8(a);
+    for (; k < K; k++) s += x[k] * (float)q[k];
+    return s;
+}
+
+void lowbit_int8_gemv(const float *x, int64_t M, int64_t K, const int8_t *q, int64_t ldq,
+                      const float *scale, const float *bias, float *y, int64_t N) {
+    int64_t chunks = N / 4;
+#pragma omp parallel for schedule(static) if (N * K >= 65536)
+    for (int64_t c = 0; c < chunks; c++) {
+        int64_t n = 4 * c;
+        for (int64_t m = 0; m < M; m++) {
+            float acc[4];
+            int8_rows4(x + m * K, K, q + n * ldq, ldq, acc);
+            for (int r = 0; r < 4; r++)
+                y[m * N + n + r] = acc[r] * scale[n + r] + (bias ? bias[n + r] : 0.0f);
+        }
+    }
+    for (int64_t n = 4 * chunks; n < N; n++) {
+        for (int64_t m = 0; m < M; m++)
+            y[m * N + n] = int8_row(x + m * K, K, q + n * ldq) * scale[n] + (bias ? bias[n] : 0.0f);
+    }
+}
+
+/* Per row m: group sums of x (xs[m, g], zero beyond K), and x rounded to int16 with one
+ * scale per row (xq[m, :kp], zero beyond K; xscale[m] = max |x| / 32767). */
+static void prepare_x(const float *x, int64_t M, int64_t K, int64_t kp, int64_t kg, int64_t G,
+                      float *xs, int16_t *xq, float *xscale) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *xm = x + m * K;
+        float amax = 0.0f;
+        for (int64_t k = 0; k < K; k++) amax = fabsf(xm[k]) > amax ? fabsf(xm[k]) : amax;
+        float inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
+        xscale[m] = amax / 32767.0f;
+        for (int64_t k = 0; k < kp; k++) xq[m * kp + k] = k < K ? (int16_t)lrintf(xm[k] * inv) : 0;
+        for (int64_t g = 0; g < G; g++) {
+            float t = 0.0f;
+            int64_t end = (g + 1) * kg < K ? (g + 1) * kg : K;
+            for (int64_t k = g * kg; k < end; k++) t += xm[k];
+            xs[m * G + g] = t;
+        }
+    }
+}
+
+/* One interleaved block of B rows: out[r] = sum_k w[r, k] x[k] with w = (u - 8) s + z.
+ * Two inputs k, k + 1 at a time: their bytes are interleaved so that each 16-bit lane pair
+ * holds one row's nibbles (u[r, k], u[r, k + 1]), and vpmaddwd against the int16 pair
+ * (xq[k], xq[k + 1]) sums both products in int32 (|sum| < 2^31 for groups up to 256 inputs:
+ * 128 steps x 2 x 15 x 32767). One conversion to float per group instead of per input. */
+static void int4_block(const int16_t *xq, float xscale, const float *xs, int64_t K, int64_t kg,
+                       int64_t G, const uint8_t *blk, int64_t B, const uint32_t *sz,
+                       int64_t np, int64_t n0, float *out /* [B] */) {
+    const int64_t half = B / 2;
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    const __m256i hi16 = _mm256_set1_epi32((int)0xFFFF0000u);
+    const int32_t *xpair = (const int32_t *)xq; /* xpair[k / 2] = (xq[k], xq[k + 1]), k even */
+    /* the next block's (s, z) pairs: one strided cache line pair per group, else a miss each */
+    for (int64_t g = 0; g < G && n0 + 2 * B <= np; g++) {
+        for (int64_t r = 0; r < B; r += 16)
+            _mm_prefetch((const char *)(sz + g * np + n0 + B + r), _MM_HINT_T0);
+    }
+    for (int64_t sub = 0; sub < half; sub += 16) {
+        __m256 t0 = _mm256_setzero_ps(), t1 = t0, t2 = t0, t3 = t0;
+        for (int64_t g = 0; g < G; g++) {
+            __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+            int64_t end = (g + 1) * kg < K ? (g + 1) * kg : K;
+            for (int64_t k = g * kg; k < end; k += 2) { /* k + 1 may be padding: xq is 0 */
+                if ((k & 3) == 0) /* 4 inputs x 16 bytes: one cache line */
+                    _mm_prefetch((const char *)(blk + k * half + sub + PREFETCH), _MM_HINT_T0);
+                __m128i b0 = _mm_loadu_si128((const __m128i *)(blk + k * half + sub));
+                __m128i b1 = _mm_loadu_si128((const __m128i *)(blk + (k + 1) * half + sub));
+                __m128i p0 = _mm_unpacklo_epi8(b0, b1), p1 = _mm_unpackhi_epi8(b0, b1);
+                __m256i xv = _mm256_set1_epi32(xpair[k / 2]);
+                __m256i w0 = _mm256_cvtepu8_epi16(_mm_and_si128(p0, low4));
+                __m256i w1 = _mm256_cvtepu8_epi16(_mm_and_si128(p1, low4));
+                __m256i w2 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(p0, 4), low4));
+                __m256i w3 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(p1, 4), low4));
+                a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(w0, xv));
+                a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(w1, xv));
+                a2 = _mm256_add_epi32(a2, _mm256_madd_epi16(w2, xv));
+                a3 = _mm256_add_epi32(a3, _mm256_madd_epi16(w3, xv));
+            }
+            /* (s, z) of rows r..r+7 as 8 uint32: low half s, high half z (little-endian) */
+            const uint32_t *row = sz + g * np + n0;
+            __m256 xsum = _mm256_set1_ps(xs[g]), eight = _mm256_set1_ps(8.0f);
+            __m256 xsc = _mm256_set1_ps(xscale);
+#define LOWBIT_APPLY(acc, tot, r)                                                          \
+    do {                                                                                   \
+        __m256i v = _mm256_loadu_si256((const __m256i *)(row + (r)));                      \
+        __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));                          \
+        __m256 z = _mm256_castsi256_ps(_mm256_and_si256(v, hi16));                         \
+        __m256 dot = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), xsc);                          \
+        tot = _mm256_fmadd_ps(s, dot, tot);                                                \
+        tot = _mm256_fmadd_ps(_mm256_fnmadd_ps(eight, s, z), xsum, tot);                   \
+    } while (0)
+            LOWBIT_APPLY(a0, t0, sub);
+            LOWBIT_APPLY(a1, t1, sub + 8);
+            LOWBIT_APPLY(a2, t2, half + sub);
+            LOWBIT_APPLY(a3, t3, half + sub + 8);
+#undef LOWBIT_APPLY
+        }
+        _mm256_storeu_ps(out + sub, t0);
+        _mm256_storeu_ps(out + sub + 8, t1);
+        _mm256_storeu_ps(out + half + sub, t2);
+        _mm256_storeu_ps(out + half + sub + 8, t3);
+    }
+}
+
+/* Rows of a short (non-interleaved) last block: row 2j low nibble, 2j + 1 high nibble. */
+static float int4_tail_row(const float *x, const float *xs, int64_t K, int64_t kg, int64_t G,
+                           const uint8_t *tail, int64_t R, int64_t j, const uint16_t *sz,
+                           int64_t np, int64_t n) {
+    float total = 0.0f;
+    for (int64_t g = 0; g < G; g++) {
+        float acc = 0.0f;
+        int64_t end = (g + 1) * kg < K ? (g + 1) * kg : K;
+        for (int64_t k = g * kg; k < end; k++) {
+            uint8_t b = tail[k * (R / 2) + j / 2];
+            acc += x[k] * (float)((j & 1) ? (b >> 4) : (b & 15));
+        }
+        float s = bf16_to_f32(sz[2 * (g * np + n)]), z = bf16_to_f32(sz[2 * (g * np + n) + 1]);
+        total += s * acc + (z - 8.0f * s) * xs[g];
+    }
+    return total;
+}
+
+/* packed: uint8 [np, kp / 2] in the layout above; sz: bf16 [kp / kg, np, 2]; x: [M, K]
+ * float32 with K <= kp (the padded inputs meet zero activations); y: [M, N], N <= np;
+ * scratch: at least M * (kp / 2 + kp / kg + 1) floats. */
+void lowbit_int4_gemv(const float *x, int64_t M, int64_t K, const uint8_t *packed, int64_t np,
+                      int64_t kp, int64_t B, const uint16_t *sz, int64_t kg, const float *bias,
+                      float *y, int64_t N, float *scratch) {
+    const int64_t G = kp / kg, full = np / B;
+    int16_t *xq = (int16_t *)scratch;
+    float *xs = scratch + M * kp / 2, *xscale = xs + M * G;
+    prepare_x(x, M, K, kp, kg, G, xs, xq, xscale);
+#pragma omp parallel for schedule(static) if (np * kp >= 65536)
+    for (int64_t b = 0; b < full; b++) {
+        float out[64];
+        const uint8_t *blk = packed + b * kp * (B / 2);
+        for (int64_t m = 0; m < M; m++) {
+            int4_block(xq + m * kp, xscale[m], xs + m * G, K, kg, G, blk, B,
+                       (const uint32_t *)sz, np, b * B, out);
+            for (int64_t r = 0; r < B; r++) {
+                int64_t n = b * B + r;
+                if (n < N) y[m * N + n] = out[r] + (bias ? bias[n] : 0.0f);
+            }
+        }
+    }
+    const int64_t R = np - full * B;
+    const uint8_t *tail = packed + full * B * kp / 2;
+    for (int64_t j = 0; j < R; j++) {
+        int64_t n = full * B + j;
+        if (n >= N) break;
+        for (int64_t m = 0; m < M; m++)
+            y[m * N + n] = int4_tail_row(x + m * K, xs + m * G, K, kg, G, tail, R, j, sz,
+                                         np, n) + (bias ? bias[n] : 0.0f);
+    }
+}

@@ -1,0 +1,242 @@
+"""lowbit's own AVX2 decode kernels (``csrc/gemv_avx2.c``), compiled on first use.
+
+Why: on a CPU without native bf16 (AVX2 only, e.g. AMD Zen 3) torch's weight-only kernels
+``_weight_int8pack_mm`` and ``_weight_int4pack_mm_for_cpu`` are its bf16 code paths run on
+emulated bf16: a decode step of SmolLM2-135M spends about 17 ms in them. Decode reads each
+weight once per token, so a loop that widens int8 (or int4) codes in registers and
+accumulates in float32 is bound by memory bandwidth instead (``benchmarks/kernels.py``
+measures both, side by side).
+
+The C source is compiled with the system's C compiler (``cc -O3 -mavx2 -mfma -fopenmp``)
+into ``~/.cache/lowbit/native/`` (or ``$LOWBIT_CACHE/native``) the first time a kernel is
+asked for (about a second), under a temporary name renamed when complete, and loaded with
+``ctypes``. OpenMP resolves to the ``libgomp`` torch has already loaded, so
+``torch.set_num_threads`` applies to these loops too.
+
+``available()`` is False, with ``why_unavailable()`` saying why, when the CPU lacks AVX2/FMA,
+no compiler is found, the build fails, or ``LOWBIT_NATIVE=0``. Where it is False the
+wrappers in ``int8_weight`` / ``int4_weight`` run torch's kernels as before. By default
+(``LOWBIT_NATIVE`` unset) the native kernels run only where bf16 is not native, since on
+AVX512-BF16 machines torch's kernels are fast; ``LOWBIT_NATIVE=1`` forces them on.
+
+The float32 weights these kernels multiply by are exactly those of the reference paths
+(``dequantize_int8_weight``, ``dequantize_int4_weight``); ``tests/kernels/test_native.py``
+compares them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "gemv_avx2.c"
+FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+_failure: str | None = None
+#: the decode callables hand this many rows and more back to the prefill path
+MAX_ROWS = 32
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("LOWBIT_CACHE") or Path.home() / ".cache" / "lowbit"
+    return Path(root) / "native"
+
+
+def _cpu_has_avx2_fma() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    return " avx2" in flags and " fma" in flags
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _build() -> Path:
+    """The compiled library, built once per source version into the cache."""
+    source = SOURCE.read_bytes()
+    tag = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
+    out = _cache_dir() / f"gemv_avx2-{tag}.so"
+    if out.exists():
+        return out
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (install gcc, or set CC)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True,
+                              text=True, timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-400:]}")
+        os.replace(tmp, out)  # atomic: another process sees the whole library or nothing
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    global _failure
+    setting = os.environ.get("LOWBIT_NATIVE", "").strip()
+    if setting == "0":
+        _failure = "disabled by LOWBIT_NATIVE=0"
+        return None
+    if not _cpu_has_avx2_fma():
+        _failure = "the CPU lacks AVX2/FMA"
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build()))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        _failure = f"could not build {SOURCE.name}: {exc}"
+        return None
+    lib.lowbit_int8_gemv.argtypes = [_P, _I, _I, _P, _I, _P, _P, _P, _I]
+    lib.lowbit_int8_gemv.restype = None
+    lib.lowbit_int4_gemv.argtypes = [_P, _I, _I, _P, _I, _I, _I, _P, _I, _P, _P, _I, _P]
+    lib.lowbit_int4_gemv.restype = None
+    return lib
+
+
+def available() -> bool:
+    """True when the native kernels are built and loadable here."""
+    return _library() is not None
+
+
+def why_unavailable() -> str | None:
+    _library()
+    return _failure
+
+
+_forced: bool | None = None
+
+
+@contextlib.contextmanager
+def force(enabled: bool):
+    """Run the native kernels (``True``) or torch's (``False``) for few-row calls inside the
+    block, whatever the CPU: benchmarks time both side by side, tests cover both."""
+    global _forced
+    before, _forced = _forced, bool(enabled)
+    try:
+        yield
+    finally:
+        _forced = before
+
+
+@functools.cache
+def _setting() -> str:
+    return os.environ.get("LOWBIT_NATIVE", "").strip()
+
+
+def preferred() -> bool:
+    """Whether few-row (decode) calls run the native kernels: where bf16 is emulated, unless
+    ``LOWBIT_NATIVE`` (``0`` / ``1``) or ``force`` says otherwise."""
+    if _forced is not None:
+        return _forced and available()
+    setting = _setting()
+    if setting in ("0", "1"):
+        return setting == "1" and available()
+    from lowbit.kernels.cpu import cpu_features
+
+    return not cpu_features().native_bf16 and available()
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def int8_gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
+              bias: torch.Tensor | None, n: int) -> torch.Tensor:
+    """``x @ (qdata[:, :K] * scale).T + bias`` for float32 ``x`` ``[M, K]``; float32 out.
+
+    ``qdata`` int8 ``[N, ldq]`` contiguous (``ldq >= K``), ``scale`` float32 ``[N]``.
+    """
+    x = x.contiguous()
+    m, k = x.shape
+    y = torch.empty(m, n, dtype=torch.float32)
+    bias = None if bias is None else bias.float().contiguous()
+    _library().lowbit_int8_gemv(x.data_ptr(), m, k, qdata.data_ptr(), qdata.shape[1],
+                                scale.data_ptr(), _ptr(bias), y.data_ptr(), n)
+    return y
+
+
+def _scratch_floats(rows: int, kp: int, kernel_group: int) -> int:
+    """Scratch of ``lowbit_int4_gemv``: int16 activations, group sums, one scale per row."""
+    return rows * (kp // 2 + kp // kernel_group + 1)
+
+
+def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor,
+              kernel_group: int, block: int, bias: torch.Tensor | None,
+              n: int) -> torch.Tensor:
+    """``x @ w.T + bias`` with ``w`` in torch's int4 CPU layout (``int4_weight``)."""
+    x = x.contiguous()
+    m, k = x.shape
+    np_, kp = packed.shape[0], packed.shape[1] * 2
+    y = torch.empty(m, n, dtype=torch.float32)
+    scratch = torch.empty(_scratch_floats(m, kp, kernel_group), dtype=torch.float32)
+    bias = None if bias is None else bias.float().contiguous()
+    _library().lowbit_int4_gemv(x.data_ptr(), m, k, packed.data_ptr(), np_, kp, block,
+                                scales_and_zeros.data_ptr(), kernel_group, _ptr(bias),
+                                y.data_ptr(), n, scratch.data_ptr())
+    return y
+
+
+def int8_decoder(qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, n: int,
+                 k: int, fallback):
+    """``int8_gemv`` with every weight pointer bound once, for a decode loop: returns
+    ``f(x)`` for float32 ``x`` ``[..., k]`` that runs ``fallback(x)`` from ``max_rows`` rows on.
+    """
+    bias = None if bias is None else bias.float().contiguous()
+    call, ldq = _library().lowbit_int8_gemv, qdata.shape[1]
+    args = (qdata.data_ptr(), ldq, scale.data_ptr(), _ptr(bias))
+    keep = (qdata, scale, bias)  # the pointers stay valid while f lives
+
+    def f(x: torch.Tensor, _keep=keep) -> torch.Tensor:
+        m = x.numel() // k
+        if m >= MAX_ROWS or x.dtype is not torch.float32:
+            return fallback(x)
+        x = x.contiguous()
+        y = torch.empty(*x.shape[:-1], n)
+        call(x.data_ptr(), m, k, args[0], args[1], args[2], args[3], y.data_ptr(), n)
+        return y
+
+    return f
+
+
+def int4_decoder(packed: torch.Tensor, scales_and_zeros: torch.Tensor, kernel_group: int,
+                 block: int, bias: torch.Tensor | None, n: int, k: int, fallback):
+    """``int4_gemv`` with every weight pointer bound once (see ``int8_decoder``)."""
+    bias = None if bias is None else bias.float().contiguous()
+    np_, kp = packed.shape[0], packed.shape[1] * 2
+    scratch = torch.empty(_scratch_floats(MAX_ROWS, kp, kernel_group), dtype=torch.float32)
+    call = _library().lowbit_int4_gemv
+    args = (packed.data_ptr(), np_, kp, block, scales_and_zeros.data_ptr(), kernel_group,
+            _ptr(bias))
+    keep = (packed, scales_and_zeros, bias, scratch)
+
+    def f(x: torch.Tensor, _keep=keep) -> torch.Tensor:
+        m = x.numel() // k
+        if m >= MAX_ROWS or x.dtype is not torch.float32:
+            return fallback(x)
+        x = x.contiguous()
+        y = torch.empty(*x.shape[:-1], n)
+        call(x.data_ptr(), m, k, *args, y.data_ptr(), n, scratch.data_ptr())
+        return y
+
+    return f
