@@ -158,3 +158,26 @@ def test_static_groups_take_parameters_from_the_original_weight(layer):
     assert torch.equal(result.qparams.scale, upfront.scale)
     assert torch.equal(result.qparams.zero_point, upfront.zero_point)
     assert output_mse(W, X, result.dequantize()) < 0.7 * output_mse(W, X, rtn(W, cfg).dequantize())
+
+
+@pytest.mark.parametrize(("fmt", "gran", "symmetric", "act_order", "static_groups"), [
+    ("uint4", "group:64", False, True, False), ("int4", "group:64", True, False, True),
+    ("int8", "channel", True, True, False), ("int3", "tensor", True, False, False),
+])
+def test_integer_column_path_equals_the_generic_one(layer, monkeypatch, fmt, gran, symmetric,
+                                                    act_order, static_groups):
+    """The inlined integer arithmetic (``_IntColumn``) gives the codes ``scaling.quantize``
+    gives, bit for bit."""
+    import importlib
+
+    gptq_module = importlib.import_module("lowbit.algorithms.gptq")
+
+    W, X = layer
+    cfg = WeightQuantConfig(fmt, gran, symmetric=symmetric, scale_dtype="bf16")
+    opts = {"act_order": act_order, "static_groups": static_groups}
+    fast = gptq(W, hessian(X), cfg, **opts)
+    monkeypatch.setattr(gptq_module, "_IntColumn", lambda fmt, rows: gptq_module._AnyColumn())
+    generic = gptq(W, hessian(X), cfg, **opts)
+    assert fast.codes.dtype == generic.codes.dtype
+    assert torch.equal(fast.codes, generic.codes)
+    assert torch.equal(fast.qparams.scale, generic.qparams.scale)

@@ -45,6 +45,7 @@ from lowbit.algorithms.base import (
     check_weight,
 )
 from lowbit.formats.granularity import Granularity
+from lowbit.formats.integer import IntFormat
 from lowbit.formats.scaling import QParams, compute_qparams, dequantize, quantize
 
 
@@ -94,8 +95,12 @@ class GPTQ:
 
         Hinv, used_damp = _inverse_cholesky(H, self.percdamp, self.max_percdamp, W, nsamples)
 
-        codes = torch.empty(rows, cols, dtype=fmt.code_dtype, device=W.device)
+        integer = isinstance(fmt, IntFormat)  # codes kept as float until the end
+        codes = torch.empty(rows, cols, dtype=torch.float32 if integer else fmt.code_dtype,
+                            device=W.device)
         losses = torch.zeros(rows, cols, device=W.device)
+        diag = torch.diagonal(Hinv).tolist()
+        column = _IntColumn(fmt, rows) if integer else _AnyColumn()
         for i1 in range(0, cols, self.block_size):  # lazy batch: one block at a time
             i2 = min(i1 + self.block_size, cols)
             W1 = W[:, i1:i2].clone()
@@ -107,19 +112,22 @@ class GPTQ:
                     # the group's columns (none quantized yet) with the pending update applied
                     pos = invperm[g * gs : min((g + 1) * gs, cols)]
                     groups.start(g, W[:, pos] - Err1[:, :i] @ Hinv[i1 : i1 + i, pos])
-                col_qp = groups.column(g) if lazy else _column_qparams(upfront, g)
+                if column.group != g:  # (act_order visits the groups in any order)
+                    column.use(g, lambda g=g: groups.column(g) if lazy
+                               else _column_qparams(upfront, g))
                 w = W1[:, i]
-                d = Hinv1[i, i]
-                c = quantize(w.unsqueeze(1), col_qp)
-                q = dequantize(c, col_qp).squeeze(1)
-                codes[:, i1 + i] = c.squeeze(1)
-                losses[:, i1 + i] = (w - q) ** 2 / d**2 / 2
-                err1 = (w - q) / d  # OBQ update of the block's remaining columns
-                W1[:, i:] -= err1.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+                d = diag[i1 + i]
+                c, q = column.quantize(w)
+                codes[:, i1 + i] = c
+                err1 = (w - q).div_(d)  # OBQ update of the block's remaining columns
+                losses[:, i1 + i] = err1.square() / 2
+                W1[:, i:].addr_(err1, Hinv1[i, i:], alpha=-1)
                 Err1[:, i] = err1
             W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # the rest of W, once per block
 
         codes = codes[:, invperm]
+        if integer:
+            codes = codes.to(fmt.code_dtype)
         qparams = groups.qparams(gran) if lazy else upfront
         info = {
             "algorithm": "gptq",
@@ -172,6 +180,51 @@ class _GroupParams:
 
     def qparams(self, gran: Granularity) -> QParams:
         return QParams(self.config.fmt, gran, self.scale, self.zero, self.config.scale_dtype)
+
+
+class _AnyColumn:
+    """One column through ``scaling.quantize`` / ``dequantize``: any format."""
+
+    group = -1
+
+    def use(self, group: int, qparams) -> None:
+        """Quantize with group ``group``'s parameters (``qparams()``, final once started)."""
+        self.group, self.qp = group, qparams()
+
+    def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = quantize(w.unsqueeze(1), self.qp)
+        return c.squeeze(1), dequantize(c, self.qp).squeeze(1)
+
+
+class _IntColumn:
+    """The same arithmetic for integer formats, with the column's float32 scale and
+    zero-point expanded once per group (``QParams.expand``): ``c = clamp(round(w / s + z))``,
+    ``q = (c - z) s``, codes kept as float32 (exact for <= 8 bits) until the end."""
+
+    group = -1
+
+    def __init__(self, fmt: IntFormat, rows: int):
+        self.lo, self.hi, self.rows = float(fmt.qmin), float(fmt.qmax), rows
+        self.cache: dict[int, tuple] = {}
+
+    def use(self, group: int, qparams) -> None:
+        if group not in self.cache:
+            qp = qparams()
+            scale, zero = qp.expand((self.rows, 1))
+            scale = scale.expand(self.rows, 1).reshape(-1).contiguous()
+            zero = None if qp.zero_point is None else \
+                zero.expand(self.rows, 1).reshape(-1).contiguous()
+            self.cache[group] = (scale, zero)
+        self.group = group
+        self.scale, self.zero = self.cache[group]
+
+    def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = w / self.scale
+        if self.zero is not None:
+            y += self.zero
+        c = y.round_().clamp_(self.lo, self.hi)
+        q = c - self.zero if self.zero is not None else c.clone()
+        return c, q.mul_(self.scale)
 
 
 def _column_qparams(qp: QParams, group: int) -> QParams:
