@@ -181,3 +181,28 @@ def test_integer_column_path_equals_the_generic_one(layer, monkeypatch, fmt, gra
     assert fast.codes.dtype == generic.codes.dtype
     assert torch.equal(fast.codes, generic.codes)
     assert torch.equal(fast.qparams.scale, generic.qparams.scale)
+
+
+def test_clip_search_never_worsens_a_groups_weight_error(layer):
+    """``clip_ratios`` includes 1.0 (plain min/max), so each group's chosen range has at most
+    the plain range's error; a real grid moves some groups."""
+    import importlib
+
+    gptq_module = importlib.import_module("lowbit.algorithms.gptq")
+    W, X = layer
+    cfg = WeightQuantConfig("uint4", "group:64", symmetric=False, scale_dtype="bf16")
+
+    def err(qp):
+        return cfg.gran.rows((quantize_dequantize(W, qp) - W).abs().pow(2.4)).sum(-1)
+
+    from lowbit.formats import dequantize
+
+    def quantize_dequantize(w, qp):
+        return dequantize(quantize(w, qp), qp)
+
+    plain = gptq_module._clipped_qparams(W, cfg, cfg.gran, (), 2.4)
+    searched = gptq_module._clipped_qparams(W, cfg, cfg.gran, (1.0, 0.95, 0.9, 0.85), 2.4)
+    assert torch.all(err(searched) <= err(plain) + 1e-6)
+    assert not torch.equal(searched.scale, plain.scale)
+    res = gptq(W, hessian(X), cfg, clip_ratios=(1.0, 0.95, 0.9, 0.85))
+    assert res.codes.shape == W.shape

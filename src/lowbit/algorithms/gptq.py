@@ -25,10 +25,14 @@ Extras of the reference code (``gptq.py`` in IST-DASLab/gptq and its descendants
   ``Granularity`` stores). Without ``static_groups`` a group's scale / zero-point are
   computed when the first of its columns is reached, from the current, error-updated
   values of its columns (the pending in-block update is applied exactly); with
-  ``static_groups`` all group parameters come up front from the original ``W``.
+  ``static_groups`` all group parameters come up front from the original ``W``;
+- ``clip_ratios`` (the reference's ``Quantizer(mse=True)``): each group's min/max range is
+  shrunk by the ratio with the least ``sum |w - q(w)|^2.4`` over its elements (a recipe
+  asks for it with ``observer: mse``).
 
 Each column is quantized through ``scaling.quantize`` / ``dequantize`` with that column's
-parameters, so any format works: integer, float, lookup (NF4, codebooks).
+parameters, so any format works: integer, float, lookup (NF4, codebooks); integer formats
+take an inlined copy of the same arithmetic (``_IntColumn``, tested bit for bit).
 """
 
 from __future__ import annotations
@@ -46,7 +50,14 @@ from lowbit.algorithms.base import (
 )
 from lowbit.formats.granularity import Granularity
 from lowbit.formats.integer import IntFormat
-from lowbit.formats.scaling import QParams, compute_qparams, dequantize, quantize
+from lowbit.formats.scaling import (
+    QParams,
+    compute_qparams,
+    dequantize,
+    minmax,
+    qparams_from_range,
+    quantize,
+)
 
 
 @dataclass(frozen=True)
@@ -58,6 +69,11 @@ class GPTQ:
     block_size: int = 128
     act_order: bool = False
     static_groups: bool = False
+    #: shrink each row's (group's) min/max range by the ratio in ``clip_ratios`` that
+    #: minimises ``sum |w - q(w)|^clip_norm`` (the reference's ``Quantizer(mse=True)``:
+    #: grid 1.0 ... 0.8, norm 2.4); empty = plain min/max
+    clip_ratios: tuple[float, ...] = ()
+    clip_norm: float = 2.4
 
     def __post_init__(self) -> None:
         if not 0 <= self.percdamp <= self.max_percdamp:
@@ -83,8 +99,10 @@ class GPTQ:
         lazy = gran.kind == "group" and not self.static_groups
         gs = gran.group_size if gran.kind == "group" else cols
         # per-tensor / per-channel / static groups: parameters up front from W
-        upfront = None if lazy else config.qparams(W)
-        groups = _GroupParams(rows, -(-cols // gs), config) if lazy else None
+        upfront = None if lazy else _clipped_qparams(W, config, config.gran, self.clip_ratios,
+                                                       self.clip_norm)
+        groups = _GroupParams(rows, -(-cols // gs), config, self.clip_ratios,
+                              self.clip_norm) if lazy else None
 
         perm = torch.arange(cols, device=W.device)
         if self.act_order:  # columns in order of decreasing H_ii
@@ -152,18 +170,17 @@ def gptq(
 class _GroupParams:
     """Scale / zero-point of contiguous groups, computed when each group starts."""
 
-    def __init__(self, rows: int, n_groups: int, config: WeightQuantConfig):
-        self.config = config
+    def __init__(self, rows: int, n_groups: int, config: WeightQuantConfig,
+                 clip_ratios: tuple[float, ...] = (), clip_norm: float = 2.4):
+        self.config, self.clip_ratios, self.clip_norm = config, clip_ratios, clip_norm
         self.started = [False] * n_groups
         self.scale: torch.Tensor | None = None
         self.zero: torch.Tensor | None = None
         self.shape = (rows, n_groups)
 
     def start(self, g: int, current: torch.Tensor) -> None:
-        cfg = self.config
-        qp = compute_qparams(current, cfg.fmt, Granularity.per_channel(0),
-                             symmetric=cfg.symmetric, scale_dtype=cfg.scale_dtype,
-                             integer_zero_point=cfg.integer_zero_point)
+        qp = _clipped_qparams(current, self.config, Granularity.per_channel(0),
+                              self.clip_ratios, self.clip_norm)
         if self.scale is None:
             self.scale = qp.scale.new_ones(self.shape)
             if qp.zero_point is not None:
@@ -225,6 +242,31 @@ class _IntColumn:
         c = y.round_().clamp_(self.lo, self.hi)
         q = c - self.zero if self.zero is not None else c.clone()
         return c, q.mul_(self.scale)
+
+
+def _clipped_qparams(W: torch.Tensor, cfg: WeightQuantConfig, gran: Granularity,
+                     ratios: tuple[float, ...], norm: float) -> QParams:
+    """Min/max parameters of ``W`` under ``gran``, each parameter's range shrunk by the ratio
+    (of ``ratios``) with the least ``sum |W - q(W)|^norm`` over its elements."""
+    opts = dict(symmetric=cfg.symmetric, scale_dtype=cfg.scale_dtype,
+                integer_zero_point=cfg.integer_zero_point)
+    if not ratios:
+        return compute_qparams(W, cfg.fmt, gran, **opts)
+    lo, hi = minmax(W, gran)
+    best = best_err = None
+    for r in ratios:
+        qp = qparams_from_range(lo * r, hi * r, cfg.fmt, gran, **opts)
+        err = gran.rows((dequantize(quantize(W, qp), qp) - W).abs_().pow_(norm)).sum(-1)
+        err = err.reshape(qp.scale.shape)
+        if best is None:
+            best, best_err = qp, err
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best.scale = torch.where(better, qp.scale, best.scale)
+        if qp.zero_point is not None:
+            best.zero_point = torch.where(better, qp.zero_point, best.zero_point)
+    return best
 
 
 def _column_qparams(qp: QParams, group: int) -> QParams:

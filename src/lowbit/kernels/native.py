@@ -197,15 +197,10 @@ def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Ten
     return y
 
 
-def int8_decoder(qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, n: int,
-                 k: int, fallback):
-    """``int8_gemv`` with every weight pointer bound once, for a decode loop: returns
-    ``f(x)`` for float32 ``x`` ``[..., k]`` that runs ``fallback(x)`` from ``max_rows`` rows on.
-    """
-    bias = None if bias is None else bias.float().contiguous()
-    call, ldq = _library().lowbit_int8_gemv, qdata.shape[1]
-    args = (qdata.data_ptr(), ldq, scale.data_ptr(), _ptr(bias))
-    keep = (qdata, scale, bias)  # the pointers stay valid while f lives
+def _bound(call, k: int, n: int, fallback, before: tuple, after: tuple, keep: tuple):
+    """``f(x)`` = ``call(x, m, k, *before, y, n, *after)`` for float32 ``x`` ``[..., k]`` with
+    fewer than ``MAX_ROWS`` rows, else ``fallback(x)``; ``keep`` holds the tensors whose
+    pointers are bound, so they stay valid while ``f`` lives."""
 
     def f(x: torch.Tensor, _keep=keep) -> torch.Tensor:
         m = x.numel() // k
@@ -213,10 +208,20 @@ def int8_decoder(qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | 
             return fallback(x)
         x = x.contiguous()
         y = torch.empty(*x.shape[:-1], n)
-        call(x.data_ptr(), m, k, args[0], args[1], args[2], args[3], y.data_ptr(), n)
+        call(x.data_ptr(), m, k, *before, y.data_ptr(), n, *after)
         return y
 
     return f
+
+
+def int8_decoder(qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, n: int,
+                 k: int, fallback):
+    """``int8_gemv`` with every weight pointer bound once, for a decode loop: ``f(x)`` for
+    float32 ``x`` ``[..., k]``, handing ``MAX_ROWS`` rows and more to ``fallback``."""
+    bias = None if bias is None else bias.float().contiguous()
+    before = (qdata.data_ptr(), qdata.shape[1], scale.data_ptr(), _ptr(bias))
+    return _bound(_library().lowbit_int8_gemv, k, n, fallback, before, (),
+                  (qdata, scale, bias))
 
 
 def int4_decoder(packed: torch.Tensor, scales_and_zeros: torch.Tensor, kernel_group: int,
@@ -225,18 +230,7 @@ def int4_decoder(packed: torch.Tensor, scales_and_zeros: torch.Tensor, kernel_gr
     bias = None if bias is None else bias.float().contiguous()
     np_, kp = packed.shape[0], packed.shape[1] * 2
     scratch = torch.empty(_scratch_floats(MAX_ROWS, kp, kernel_group), dtype=torch.float32)
-    call = _library().lowbit_int4_gemv
-    args = (packed.data_ptr(), np_, kp, block, scales_and_zeros.data_ptr(), kernel_group,
-            _ptr(bias))
-    keep = (packed, scales_and_zeros, bias, scratch)
-
-    def f(x: torch.Tensor, _keep=keep) -> torch.Tensor:
-        m = x.numel() // k
-        if m >= MAX_ROWS or x.dtype is not torch.float32:
-            return fallback(x)
-        x = x.contiguous()
-        y = torch.empty(*x.shape[:-1], n)
-        call(x.data_ptr(), m, k, *args, y.data_ptr(), n, scratch.data_ptr())
-        return y
-
-    return f
+    before = (packed.data_ptr(), np_, kp, block, scales_and_zeros.data_ptr(), kernel_group,
+              _ptr(bias))
+    return _bound(_library().lowbit_int4_gemv, k, n, fallback, before, (scratch.data_ptr(),),
+                  (packed, scales_and_zeros, bias, scratch))
