@@ -146,3 +146,31 @@ def test_disabled_falls_back_to_torch(monkeypatch):
 
 def test_source_ships_with_the_package():
     assert native.SOURCE.exists() and Path(native.SOURCE).suffix == ".c"
+
+
+def _pack_interleaved(nibbles: torch.Tensor, block: int) -> torch.Tensor:
+    """``int4pack``'s interleaved layout (``int4_weight._unpack``'s inverse) for ``block`` rows:
+    per block and input k, byte j = row j (low nibble) | row j + block/2 (high nibble)."""
+    n, k = nibbles.shape
+    b = nibbles.view(n // block, block, k).permute(0, 2, 1)  # [blocks, k, block]
+    half = block // 2
+    return (b[..., :half] | (b[..., half:] << 4)).contiguous().view(n, k // 2)
+
+
+@needs_native
+def test_int4_avx512_layout_of_64_row_blocks():
+    """AVX-512 builds of torch pack 64-row blocks; the loop reads either layout."""
+    from lowbit.kernels.int4_weight import _unpack
+
+    n, k = 128, 256
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    state = prepare_int4_weight(q, torch.rand(n, 2) * 0.02, torch.full((n, 2), 8.0),
+                                group_size=128)
+    nibbles = _unpack(state.packed, n, k, state.layout)
+    packed64 = _pack_interleaved(nibbles, 64)
+    assert torch.equal(_unpack(packed64, n, k, (64, True)), nibbles)
+    x = torch.randn(2, k)
+    y = native.int4_gemv(x, packed64, state.scales_and_zeros, state.kernel_group_size, 64,
+                         None, n)
+    ref = x @ dequantize_int4_weight(state).T
+    assert _rel_err(y, ref) < 2e-4

@@ -214,3 +214,12 @@ def test_codebook_format_needs_kmeans(base):
     recipe = Recipe("cb", Scheme(WeightSpec("codebook4", "channel"), algorithm="hqq"))
     with pytest.raises(RecipeError, match="k-means"):
         quantize(copy.deepcopy(base), recipe, progress=False)
+
+
+def test_awq_scales_then_gptq(base, calib, ids):
+    """``awq+gptq``: the group's AWQ scale is searched and folded, then GPTQ quantizes
+    ``W diag(s)`` against the scaled Hessian; it is at least as close as RTN at 3 bits."""
+    model = _quantized(base, "w3g32-awq+gptq", calib)
+    info = model.lowbit_calibration["layers"]["model.layers.1.mlp.down_proj"]
+    assert info["algorithm"] == "gptq" and "awq_alpha" in info
+    assert _kl(model, base, ids) < _kl(_quantized(base, "w3g32", calib), base, ids)

@@ -24,7 +24,8 @@ from lowbit.formats import Granularity, get_format
 from lowbit.nn import ActivationSpec, WeightSpec
 
 RECIPE_VERSION = 1
-ALGORITHMS = ("rtn", "gptq", "awq", "hqq", "kmeans", "imatrix", "smoothquant")
+#: ``awq+gptq``: AWQ's per-channel input scale for the group, then GPTQ on ``W diag(s)``
+ALGORITHMS = ("rtn", "gptq", "awq", "awq+gptq", "hqq", "kmeans", "imatrix", "smoothquant")
 WEIGHT_OBSERVERS = ("minmax", "mse")
 #: "auto": bf16 where the CPU has native bf16 matmuls, else fp32 (``lowbit.kernels.cpu``)
 COMPUTE_DTYPES = ("auto", "bf16", "fp32", "fp16")
@@ -62,7 +63,8 @@ class Scheme:
 
     @property
     def needs_calibration(self) -> bool:
-        return (self.algorithm in ("gptq", "awq", "imatrix", "smoothquant", "kmeans")
+        return (self.algorithm in ("gptq", "awq", "awq+gptq", "imatrix", "smoothquant",
+                                   "kmeans")
                 or self.outlier_channels > 0
                 or (self.activation is not None and self.activation.mode == "static"))
 
@@ -207,7 +209,7 @@ class Recipe:
         return PRESET_DESCRIPTIONS.get(self.name, "custom recipe")
 
 
-_GRAMMAR = re.compile(r"w([1-8])(?:g(\d+))?(a8)?(-static)?(?:-([a-z]+))?")
+_GRAMMAR = re.compile(r"w([1-8])(?:g(\d+))?(a8)?(-static)?(?:-([a-z+]+))?")
 
 
 def _parse_grammar(key: str) -> Recipe | None:

@@ -8,6 +8,7 @@ turns them into ``Solution`` objects by calling the layer-4 algorithms:
 | ``rtn`` | none | ``quantize_weight`` (min/max or MSE observer) |
 | ``gptq`` | ``H = 2/n X^T X`` | ``algorithms.gptq`` (Frantar et al., 2022, Alg. 1) |
 | ``awq`` | ``H``, mean abs x | ``algorithms.awq``: scales on the group, clipping per layer |
+| ``awq+gptq`` | ``H``, mean abs x | AWQ's scale search on the group, then GPTQ on ``W diag(s)`` |
 | ``imatrix`` | ``diag(H) / 2 = mean x^2`` | ``algorithms.importance_rtn`` (llama.cpp imatrix) |
 | ``hqq`` | none | ``algorithms.hqq`` (float zero-point, stored in fp16) |
 | ``kmeans`` | ``mean x^2`` when data is given | ``algorithms.kmeans`` (SqueezeLLM eq. 4-5) |
@@ -57,7 +58,8 @@ from lowbit.nn.codebook import is_row_codebook, packed_codebook
 
 NEEDS = {  # statistics each algorithm reads
     "rtn": set(), "hqq": set(), "kmeans": {"diag"}, "imatrix": {"diag"},
-    "gptq": {"hessian"}, "awq": {"hessian", "absmean"}, "smoothquant": {"absmax", "sample"},
+    "gptq": {"hessian"}, "awq": {"hessian", "absmean"}, "awq+gptq": {"hessian", "absmean"},
+    "smoothquant": {"absmax", "sample"},
 }
 
 
@@ -200,13 +202,14 @@ class Solver:
     def group_scale(self, members: list[Member], stats: InputStats | None, foldable: bool):
         """``s`` for the group (None = no scaling) and what the search found."""
         algos = {m.scheme.algorithm for m in members}
-        if {"awq", "smoothquant"} <= algos:
+        awq_like = {"awq", "awq+gptq"}
+        if algos & awq_like and "smoothquant" in algos:
             raise RecipeError(f"{', '.join(m.name for m in members)} share one input, so they "
                               f"cannot mix AWQ and SmoothQuant scales: pick one")
         if not foldable or stats is None:
             return None, {}
-        if "awq" in algos:
-            mm = [m for m in members if m.scheme.algorithm == "awq"]
+        if algos & awq_like:
+            mm = [m for m in members if m.scheme.algorithm in awq_like]
             W = torch.cat([m.module.weight.detach().float() for m in mm])
             cfg = min((weight_config(m.scheme.weight) for m in mm), key=lambda c: c.fmt.bits)
             opts = {k: v for k, v in self.awq.items() if k in ("n_grid",)}
@@ -304,7 +307,7 @@ class Solver:
                 if algo not in ("rtn", "smoothquant"):
                     info["fallback"] = f"{algo} needs calibration statistics: used RTN"
                 return codes, qp, info
-            if algo == "gptq":
+            if algo in ("gptq", "awq+gptq"):  # (awq+gptq: the group's AWQ scale is in s)
                 H = stats.hessian.H
                 opts = dict(self.gptq)
                 if scheme.observer == "mse":  # each group's range: the clipping search
