@@ -45,7 +45,10 @@ def test_build_is_cached_and_atomic(tmp_path, monkeypatch):
     monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path))
     path = native._build()
     assert path.parent == tmp_path / "native" and path.exists()
-    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left
+    (path.parent / "gemv_avx2-0000.so").write_bytes(b"")  # an earlier version, pruned below
+    path.unlink()
+    path = native._build()
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary or old build
     mtime = path.stat().st_mtime_ns
     assert native._build() == path and path.stat().st_mtime_ns == mtime  # not rebuilt
 

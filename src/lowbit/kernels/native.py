@@ -86,6 +86,9 @@ def _build() -> Path:
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-400:]}")
         os.replace(tmp, out)  # atomic: another process sees the whole library or nothing
+        for old in out.parent.glob("gemv_avx2-*.so"):  # earlier source versions (a process
+            if old != out:  # that still maps one keeps its pages: unlinking is safe on Linux)
+                old.unlink(missing_ok=True)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
