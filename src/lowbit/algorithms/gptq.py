@@ -119,6 +119,7 @@ class GPTQ:
         losses = torch.zeros(rows, cols, device=W.device)
         diag = torch.diagonal(Hinv).tolist()
         column = _IntColumn(fmt, rows) if integer else _AnyColumn()
+        params_of = groups.column if lazy else lambda g: _column_qparams(upfront, g)
         for i1 in range(0, cols, self.block_size):  # lazy batch: one block at a time
             i2 = min(i1 + self.block_size, cols)
             W1 = W[:, i1:i2].clone()
@@ -131,8 +132,7 @@ class GPTQ:
                     pos = invperm[g * gs : min((g + 1) * gs, cols)]
                     groups.start(g, W[:, pos] - Err1[:, :i] @ Hinv[i1 : i1 + i, pos])
                 if column.group != g:  # (act_order visits the groups in any order)
-                    column.use(g, lambda g=g: groups.column(g) if lazy
-                               else _column_qparams(upfront, g))
+                    column.use(g, params_of)
                 w = W1[:, i]
                 d = diag[i1 + i]
                 c, q = column.quantize(w)
@@ -204,9 +204,10 @@ class _AnyColumn:
 
     group = -1
 
-    def use(self, group: int, qparams) -> None:
-        """Quantize with group ``group``'s parameters (``qparams()``, final once started)."""
-        self.group, self.qp = group, qparams()
+    def use(self, group: int, params_of) -> None:
+        """Quantize with group ``group``'s parameters (``params_of(group)``, final once the
+        group has started)."""
+        self.group, self.qp = group, params_of(group)
 
     def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = quantize(w.unsqueeze(1), self.qp)
@@ -224,9 +225,9 @@ class _IntColumn:
         self.lo, self.hi, self.rows = float(fmt.qmin), float(fmt.qmax), rows
         self.cache: dict[int, tuple] = {}
 
-    def use(self, group: int, qparams) -> None:
+    def use(self, group: int, params_of) -> None:
         if group not in self.cache:
-            qp = qparams()
+            qp = params_of(group)
             scale, zero = qp.expand((self.rows, 1))
             scale = scale.expand(self.rows, 1).reshape(-1).contiguous()
             zero = None if qp.zero_point is None else \

@@ -31,7 +31,6 @@ K * 2^14 < 2^53).
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -141,14 +140,8 @@ def integer_matmul(codes: torch.Tensor, qdata: torch.Tensor) -> torch.Tensor:
     if cpu_features().vnni:
         return _INT_MM(codes, qdata.T)
     if codes.shape[0] < native.MAX_ROWS and native.preferred():  # decode: lowbit's AVX2 loop
-        n = qdata.shape[0]
-        return native.int8_gemv(codes.to(_F32), qdata, _ones(n), None, n)
+        return native.int8_gemv(codes.to(_F32), qdata, None, None, qdata.shape[0])
     return torch.nn.functional.linear(codes.to(_F32), qdata.to(_F32))
-
-
-@functools.lru_cache(maxsize=64)
-def _ones(n: int) -> torch.Tensor:
-    return torch.ones(n)
 
 
 def select_kernel(family: str, x: torch.Tensor, impl: str = "auto") -> str:

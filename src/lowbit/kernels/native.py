@@ -164,18 +164,19 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def int8_gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
+def int8_gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor | None,
               bias: torch.Tensor | None, n: int) -> torch.Tensor:
     """``x @ (qdata[:, :K] * scale).T + bias`` for float32 ``x`` ``[M, K]``; float32 out.
 
-    ``qdata`` int8 ``[N, ldq]`` contiguous (``ldq >= K``), ``scale`` float32 ``[N]``.
+    ``qdata`` int8 ``[N, ldq]`` contiguous (``ldq >= K``), ``scale`` float32 ``[N]`` (None: the
+    bare sums, e.g. of W8A8's integer codes).
     """
     x = x.contiguous()
     m, k = x.shape
     y = torch.empty(m, n, dtype=torch.float32)
     bias = None if bias is None else bias.float().contiguous()
     _library().lowbit_int8_gemv(x.data_ptr(), m, k, qdata.data_ptr(), qdata.shape[1],
-                                scale.data_ptr(), _ptr(bias), y.data_ptr(), n)
+                                _ptr(scale), _ptr(bias), y.data_ptr(), n)
     return y
 
 

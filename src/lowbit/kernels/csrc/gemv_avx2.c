@@ -2,12 +2,14 @@
  *
  * Built by lowbit/kernels/native.py (gcc -O3 -mavx2 -mfma -fopenmp) and called through
  * ctypes. Decode multiplies 1..31 activation rows by a weight matrix that is read once per
- * token, so these loops are bound by memory bandwidth: they read 1 byte (int8) or half a
- * byte (int4) per weight, widen it in registers and accumulate in float32. Threads split
+ * token: the loops read 1 byte (int8) or half a byte (int4) per weight and widen it in
+ * registers; int8 accumulates in float32 (bound by memory bandwidth), int4 in int32 per
+ * group against int16-rounded activations (bound by the widening here). Threads split
  * the output channels (OpenMP: the runtime torch already loaded, so torch.set_num_threads
  * applies).
  *
- * int8: y[m, n] = scale[n] * sum_k x[m, k] q[n, k] + bias[n]; q is [N, ldq] row-major.
+ * int8: y[m, n] = scale[n] * sum_k x[m, k] q[n, k] + bias[n]; q is [N, ldq] row-major;
+ *       scale (and bias) may be NULL: 1 (and 0).
  * int4: torch's _weight_int4pack_mm_for_cpu layout with interleaved row blocks of B rows
  *       (B = 32 on AVX2, 64 on AVX-512 builds): for block b and input k, B/2 bytes; byte j
  *       holds row j in its low nibble and row j + B/2 in its high nibble. A short last
@@ -85,12 +87,14 @@ void lowbit_int8_gemv(const float *x, int64_t M, int64_t K, const int8_t *q, int
             float acc[4];
             int8_rows4(x + m * K, K, q + n * ldq, ldq, acc);
             for (int r = 0; r < 4; r++)
-                y[m * N + n + r] = acc[r] * scale[n + r] + (bias ? bias[n + r] : 0.0f);
+                y[m * N + n + r] = acc[r] * (scale ? scale[n + r] : 1.0f) +
+                                   (bias ? bias[n + r] : 0.0f);
         }
     }
     for (int64_t n = 4 * chunks; n < N; n++) {
         for (int64_t m = 0; m < M; m++)
-            y[m * N + n] = int8_row(x + m * K, K, q + n * ldq) * scale[n] + (bias ? bias[n] : 0.0f);
+            y[m * N + n] = int8_row(x + m * K, K, q + n * ldq) * (scale ? scale[n] : 1.0f) +
+                           (bias ? bias[n] : 0.0f);
     }
 }
 
