@@ -26,6 +26,9 @@ def test_auto_grammar():
     assert Recipe.parse("auto:3.5bpw").name == "auto:3.5"
     r = Recipe.parse("auto:4-gptq")
     assert r.name == "auto:4-gptq" and r.default.algorithm == "gptq"
+    assert Recipe.parse("auto:3.5-awq+gptq").default.algorithm == "awq+gptq"
+    with pytest.raises(RecipeError, match="unknown algorithm 'bogus'"):
+        Recipe.parse("auto:3.5-bogus")
     with pytest.raises(RecipeError, match="auto:<bits per weight>"):
         auto_placeholder("auto:lots")
 

@@ -32,7 +32,7 @@ from lowbit.model.recipe import Recipe, RecipeError, Rule, Scheme
 from lowbit.nn import WeightSpec
 
 DEFAULT_CANDIDATES = ("w2g64", "w3g64", "w4g128", "w4g64", "w8")
-_AUTO = re.compile(r"auto:(\d+(?:\.\d+)?)(?:bpw)?(?:-([a-z]+))?")
+_AUTO = re.compile(r"auto:(\d+(?:\.\d+)?)(?:bpw)?(?:-([a-z+]+))?")
 
 
 def auto_placeholder(key: str) -> Recipe:
