@@ -89,7 +89,8 @@ def _engine(model: nn.Module, engine: str):
             if engine == "lowbit":
                 raise
         else:
-            name = f"lowbit.runtime ({str(dtype).removeprefix('torch.')})"
+            fused = ", fused C ops" if runtime.decode_path == "native fused ops" else ""
+            name = f"lowbit.runtime ({str(dtype).removeprefix('torch.')}{fused})"
             return (lambda p, n: generate(runtime, p, n, dtype=dtype)), name
 
     def hf(prompt, n):

@@ -1,4 +1,5 @@
-"""lowbit's own AVX2 decode kernels (``csrc/gemv_avx2.c``), compiled on first use.
+"""lowbit's own AVX2 decode kernels (``csrc/gemv_avx2.c``, ``csrc/decode_ops.c``), compiled
+on first use.
 
 Why: on a CPU without native bf16 (AVX2 only, e.g. AMD Zen 3) torch's weight-only kernels
 ``_weight_int8pack_mm`` and ``_weight_int4pack_mm_for_cpu`` are its bf16 code paths run on
@@ -7,10 +8,10 @@ weight once per token, so a loop that widens int8 (or int4) codes in registers a
 accumulates in float32 is bound by memory bandwidth instead (``benchmarks/kernels.py``
 measures both, side by side).
 
-The C source is compiled with the system's C compiler (``cc -O3 -mavx2 -mfma -fopenmp``)
-into ``~/.cache/lowbit/native/`` (or ``$LOWBIT_CACHE/native``) the first time a kernel is
-asked for (about a second), under a temporary name renamed when complete, and loaded with
-``ctypes``. OpenMP resolves to the ``libgomp`` torch has already loaded, so
+The C sources are compiled with the system's C compiler (``cc -O3 -mavx2 -mfma -fopenmp``)
+into one library in ``~/.cache/lowbit/native/`` (or ``$LOWBIT_CACHE/native``) the first time
+a kernel is asked for (about a second), under a temporary name renamed when complete, and
+loaded with ``ctypes``. OpenMP resolves to the ``libgomp`` torch has already loaded, so
 ``torch.set_num_threads`` applies to these loops too.
 
 ``available()`` is False, with ``why_unavailable()`` saying why, when the CPU lacks AVX2/FMA,
@@ -38,7 +39,10 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("csrc") / "gemv_avx2.c"
+#: the GEMVs and the fused small operations of a decode step, built into one library
+SOURCES = tuple(Path(__file__).with_name("csrc") / name
+                for name in ("gemv_avx2.c", "decode_ops.c"))
+_STEM = "lowbit-native"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -69,9 +73,9 @@ def _compiler() -> str | None:
 
 def _build() -> Path:
     """The compiled library, built once per source version into the cache."""
-    source = SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in SOURCES)
     tag = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
-    out = _cache_dir() / f"gemv_avx2-{tag}.so"
+    out = _cache_dir() / f"{_STEM}-{tag}.so"
     if out.exists():
         return out
     cc = _compiler()
@@ -81,14 +85,14 @@ def _build() -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True,
-                              text=True, timeout=120)
+        proc = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", tmp],
+                              capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-400:]}")
         os.replace(tmp, out)  # atomic: another process sees the whole library or nothing
-        for old in out.parent.glob("gemv_avx2-*.so"):  # earlier source versions (a process
-            if old != out:  # that still maps one keeps its pages: unlinking is safe on Linux)
-                old.unlink(missing_ok=True)
+        for old in (*out.parent.glob(f"{_STEM}-*.so"), *out.parent.glob("gemv_avx2-*.so")):
+            if old != out:  # earlier source versions (a process that still maps one keeps
+                old.unlink(missing_ok=True)  # its pages: unlinking is safe on Linux)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -108,12 +112,29 @@ def _library() -> ctypes.CDLL | None:
     try:
         lib = ctypes.CDLL(str(_build()))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        _failure = f"could not build {SOURCE.name}: {exc}"
+        _failure = f"could not build {', '.join(p.name for p in SOURCES)}: {exc}"
         return None
     lib.lowbit_int8_gemv.argtypes = [_P, _I, _I, _P, _I, _P, _P, _P, _I]
     lib.lowbit_int8_gemv.restype = None
     lib.lowbit_int4_gemv.argtypes = [_P, _I, _I, _P, _I, _I, _I, _P, _I, _P, _P, _I, _P]
     lib.lowbit_int4_gemv.restype = None
+    _F = ctypes.c_float
+    for name, args in (("lowbit_rmsnorm", [_P, _I, _I, _P, _F, _P]),
+                       ("lowbit_add_rmsnorm", [_P, _P, _I, _I, _P, _F, _P]),
+                       ("lowbit_silu_mul", [_P, _P, _I, _P]),
+                       ("lowbit_attend", [_P, _P, _P, _I, _I, _I, _I, _I, _I, _P, _P, _P, _P,
+                                          _F, _P, _P])):
+        getattr(lib, name).argtypes = args
+        getattr(lib, name).restype = None
+    return lib
+
+
+def library() -> ctypes.CDLL:
+    """The loaded library (call only where ``available()``): ``runtime.native_step`` binds
+    the fused decode operations of ``csrc/decode_ops.c`` from it."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"lowbit's native kernels are unavailable: {_failure}")
     return lib
 
 

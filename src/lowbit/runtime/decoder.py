@@ -13,7 +13,9 @@ activations in the runtime dtype. The model is never modified.
 Decode attends with the query heads of one KV head grouped as "rows" (``[B, Hkv, G, D]``), so
 grouped-query attention needs neither ``repeat_kv`` nor a mask. ``compile=True`` wraps a
 static-shape decode step (full-length cache plus an additive mask, positions as tensors) in
-``torch.compile``; nothing compiles until the first call.
+``torch.compile``; nothing compiles until the first call. In float32 on a CPU where lowbit's
+native kernels run, the eager decode step runs its small operations fused in C
+(:mod:`.native_step`); ``native=False`` keeps the torch operations.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from torch.nn import functional as F
 
 from lowbit.runtime.arch import DecoderSpec, UnsupportedModelError, resolve_decoder, rope_tables
 from lowbit.runtime.cache import StaticKVCache
+from lowbit.runtime.native_step import NativeDecodeStep, native_step_supported
 
 __all__ = ["DecoderRuntime"]
 
@@ -99,11 +102,14 @@ class DecoderRuntime:
     ``runtime.decode(ids)`` appends one token per row (``[B, 1]``) and returns ``[B, V]``
     logits. Logits come back in the runtime dtype. ``compile`` compiles the decode step
     (once per batch size and cache length), ``compile_prefill`` the prefill (once per shape).
+    ``native``: run the eager decode step's small operations in C (:mod:`.native_step`);
+    ``None`` = where supported, ``True`` = required (raises where not), ``False`` = never.
+    ``decode_path`` says which step runs.
     """
 
     def __init__(self, model: nn.Module, *, dtype: torch.dtype = torch.bfloat16,
                  compile: bool = False, compile_prefill: bool = False,
-                 compile_options: dict | None = None):
+                 compile_options: dict | None = None, native: bool | None = None):
         self.spec = spec = resolve_decoder(model)
         self.dtype = dtype
         self.compile = compile
@@ -120,6 +126,12 @@ class DecoderRuntime:
         self._compiled_step: Callable | None = None
         self._compiled_prefill: Callable | None = None
         self.masks = torch.zeros(0, 0, dtype=dtype)
+        why_not = "disabled (native=False)" if native is False else (
+            "the decode step is compiled" if compile else native_step_supported(spec, dtype))
+        if native and why_not:
+            raise UnsupportedModelError(f"native decode step unavailable: {why_not}")
+        self._native_step = None if why_not else NativeDecodeStep(self)
+        self.decode_path = "native fused ops" if why_not is None else f"torch ops ({why_not})"
 
     # ---- set-up -------------------------------------------------------------------------------
     def _ensure(self, batch: int, max_len: int) -> None:
@@ -203,6 +215,8 @@ class DecoderRuntime:
                                "max_len to prefill()")
         pos = self.length
         self.length += 1
+        if self._native_step is not None:
+            return self._native_step(input_ids, pos)
         if not self.compile:
             return self._decode_eager(input_ids, pos)
         if self._compiled_step is None:

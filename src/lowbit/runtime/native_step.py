@@ -1,0 +1,90 @@
+"""A float32 decode step whose small operations run fused in C (``csrc/decode_ops.c``).
+
+:class:`DecoderRuntime`'s eager decode issues about 25 torch operations per block besides its
+7 linears (RMSNorm, RoPE, cache writes, attention, SiLU, residual adds), each a few
+microseconds of dispatch for a few hundred floats: on SmolLM2-135M that is most of a
+decode step once the linears run lowbit's native GEMVs. :class:`NativeDecodeStep` keeps the
+linears as the runtime prepared them (prebound GEMVs, ``F.linear``, any module) and replaces
+everything between them with four C calls per block:
+
+    h = rmsnorm(x) (first block) or add_rmsnorm(x += down, ...)   x: the residual stream
+    q, k, v = linears(h);  attn = attend(q, k, v)                   RoPE, cache write, GQA
+    h = add_rmsnorm(x += o(attn));  g = silu_mul(gate(h), up(h));  down = down(g)
+
+It runs where the runtime computes in float32, the activation is SiLU and lowbit's native
+library is preferred here (``kernels.native.preferred``); ``DecoderRuntime(native=False)``
+keeps the torch operations. Its logits match the eager step's to float32 rounding
+(``tests/runtime/test_native_step.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from lowbit.kernels import native
+
+__all__ = ["NativeDecodeStep", "native_step_supported"]
+
+_MAX_HEAD_DIM = 512  # decode_ops.c's RoPE buffer
+
+
+def native_step_supported(spec, dtype: torch.dtype) -> str | None:
+    """None when the fused step can run for ``spec`` in ``dtype``, else the reason why not."""
+    if dtype is not torch.float32:
+        return f"the runtime computes in {dtype}, the fused step in float32"
+    if spec.act_fn is not F.silu:
+        return "the MLP activation is not SiLU"
+    if spec.head_dim % 2 or spec.head_dim > _MAX_HEAD_DIM:
+        return f"head_dim {spec.head_dim} is odd or above {_MAX_HEAD_DIM}"
+    if not native.preferred():
+        return "lowbit's native kernels are not preferred here (kernels.native.preferred)"
+    return None
+
+
+class NativeDecodeStep:
+    """``step(input_ids, pos)``: the runtime's decode step (``[B, 1]`` ids at position
+    ``pos``, the cache filled before it) with its small operations in C; returns logits."""
+
+    def __init__(self, runtime):
+        lib = native.library()
+        self.rt = runtime
+        self._rms, self._add_rms = lib.lowbit_rmsnorm, lib.lowbit_add_rmsnorm
+        self._silu_mul, self._attend = lib.lowbit_silu_mul, lib.lowbit_attend
+        self._norms = [(b.in_w.float().contiguous(), b.in_eps, b.post_w.float().contiguous(),
+                        b.post_eps) for b in runtime.blocks]
+        self._final = (runtime.final_w.float().contiguous(), runtime.final_eps)
+
+    def __call__(self, input_ids: torch.Tensor, pos: int) -> torch.Tensor:
+        rt = self.rt
+        spec, cache = rt.spec, rt.cache
+        batch, n = input_ids.shape[0], spec.hidden_size
+        heads, kv_heads, dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        rms, add_rms, silu_mul, attend = self._rms, self._add_rms, self._silu_mul, self._attend
+        x = spec.embed(input_ids).to(torch.float32).reshape(batch, n).contiguous()  # a copy
+        h = torch.empty(batch, n)
+        attn = torch.empty(batch, heads * dim)
+        scores = torch.empty(batch * heads * (pos + 1))
+        cos, sin = rt.cos[pos].contiguous(), rt.sin[pos].contiguous()
+        rope = (pos, cache.max_len, cos.data_ptr(), sin.data_ptr())
+        xp, hp, ap = x.data_ptr(), h.data_ptr(), attn.data_ptr()
+        down = None
+        for i, blk in enumerate(rt.blocks):
+            in_w, in_eps, post_w, post_eps = self._norms[i]
+            if down is None:
+                rms(xp, batch, n, in_w.data_ptr(), in_eps, hp)
+            else:
+                add_rms(xp, down.data_ptr(), batch, n, in_w.data_ptr(), in_eps, hp)
+            q = blk.q(h).contiguous()
+            k, v = blk.k(h).contiguous(), blk.v(h).contiguous()
+            attend(q.data_ptr(), k.data_ptr(), v.data_ptr(), batch, heads, kv_heads, dim, *rope,
+                   cache.k[i].data_ptr(), cache.v[i].data_ptr(), spec.attn_scale, ap,
+                   scores.data_ptr())
+            o = blk.o(attn).contiguous()
+            add_rms(xp, o.data_ptr(), batch, n, post_w.data_ptr(), post_eps, hp)
+            g, u = blk.gate(h).contiguous(), blk.up(h).contiguous()
+            silu_mul(g.data_ptr(), u.data_ptr(), g.numel(), g.data_ptr())
+            down = blk.down(g).contiguous()
+        final_w, final_eps = self._final
+        add_rms(xp, down.data_ptr(), batch, n, final_w.data_ptr(), final_eps, hp)
+        return rt.lm_head(h)

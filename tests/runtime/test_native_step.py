@@ -1,0 +1,105 @@
+"""The fused C decode step (``runtime.native_step``) against the runtime's torch operations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from lowbit.kernels import native
+from lowbit.runtime import DecoderRuntime, UnsupportedModelError, generate
+from tests.runtime.test_decoder import ids, tiny
+
+pytestmark = pytest.mark.skipif(not native.available(),
+                                reason=f"native kernels unavailable: {native.why_unavailable()}")
+
+
+def _steps(runtime: DecoderRuntime, x: torch.Tensor, start: int) -> list[torch.Tensor]:
+    runtime.prefill(x[:, :start], max_len=x.shape[1])
+    return [runtime.decode(x[:, p : p + 1]).clone() for p in range(start, x.shape[1])]
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (4, 1)])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_fused_step_matches_torch_ops(heads: int, kv_heads: int, batch: int) -> None:
+    model = tiny("llama", heads, kv_heads)
+    x = ids(batch=batch, length=20)
+    with native.force(True):
+        fused = DecoderRuntime(model, dtype=torch.float32, native=True)
+    plain = DecoderRuntime(model, dtype=torch.float32, native=False)
+    assert fused.decode_path == "native fused ops"
+    assert plain.decode_path.startswith("torch ops (disabled")
+    for a, b in zip(_steps(fused, x, 5), _steps(plain, x, 5), strict=True):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+
+
+def test_fused_step_with_quantized_linears_gives_the_same_tokens() -> None:
+    from lowbit import quantize
+
+    model = tiny()
+    quantize(model, "w4g32", progress=False)
+    x = ids(batch=1, length=6)
+    with native.force(True):
+        fused = DecoderRuntime(model, dtype=torch.float32)
+        assert fused.decode_path == "native fused ops"
+        got, _ = generate(fused, x, 24, dtype=torch.float32)
+        want, _ = generate(DecoderRuntime(model, dtype=torch.float32, native=False), x, 24,
+                           dtype=torch.float32)
+    assert torch.equal(got, want)
+
+
+def test_where_it_cannot_run_it_says_why() -> None:
+    model = tiny()
+    assert "bfloat16" in DecoderRuntime(model, dtype=torch.bfloat16).decode_path
+    with pytest.raises(UnsupportedModelError, match="computes in torch.bfloat16"):
+        DecoderRuntime(model, dtype=torch.bfloat16, native=True)
+    with native.force(False):
+        assert "not preferred" in DecoderRuntime(model, dtype=torch.float32).decode_path
+
+
+def test_attend_matches_sdpa_on_a_long_cache() -> None:
+    """Many positions (the threaded branch of ``lowbit_attend``), 9 query heads on 3 kv heads
+    as in SmolLM2, against RoPE + ``F.scaled_dot_product_attention`` in float64."""
+    lib = native.library()
+    gen = torch.Generator().manual_seed(0)
+    heads, kv_heads, dim, length, pos = 9, 3, 64, 600, 511
+    q, k, v = (torch.randn(1, h * dim, generator=gen) for h in (heads, kv_heads, kv_heads))
+    cos, sin = torch.randn(dim, generator=gen), torch.randn(dim, generator=gen)
+    kc = torch.randn(1, kv_heads, length, dim, generator=gen)
+    vc = torch.randn(1, kv_heads, length, dim, generator=gen)
+    out = torch.empty(1, heads * dim)
+    scores = torch.empty(heads * (pos + 1))
+
+    def rope(t):
+        return t * cos + torch.roll(t, dim // 2, -1) * sin
+
+    qr = rope(q.view(heads, dim))
+    kr, vr = rope(k.view(kv_heads, dim)), v.view(kv_heads, dim)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    kc_ref[0, :, pos], vc_ref[0, :, pos] = kr, vr
+    lib.lowbit_attend(q.data_ptr(), k.data_ptr(), v.data_ptr(), 1, heads, kv_heads, dim, pos,
+                      length, cos.data_ptr(), sin.data_ptr(), kc.data_ptr(), vc.data_ptr(),
+                      0.125, out.data_ptr(), scores.data_ptr())
+    torch.testing.assert_close(kc, kc_ref, atol=1e-6, rtol=1e-6)  # cache written at pos
+    torch.testing.assert_close(vc, vc_ref, atol=0, rtol=0)
+    ref = F.scaled_dot_product_attention(
+        qr.double().view(1, kv_heads, heads // kv_heads, dim),
+        kc_ref[:, :, : pos + 1].double(), vc_ref[:, :, : pos + 1].double(), scale=0.125)
+    torch.testing.assert_close(out.view(-1).double(), ref.reshape(-1), atol=1e-5, rtol=1e-5)
+
+
+def test_norm_and_silu_match_torch() -> None:
+    lib = native.library()
+    gen = torch.Generator().manual_seed(1)
+    x, d = torch.randn(3, 577, generator=gen), torch.randn(3, 577, generator=gen)
+    w = torch.randn(577, generator=gen)
+    out = torch.empty(3, 577)
+    want_x = x + d
+    lib.lowbit_add_rmsnorm(x.data_ptr(), d.data_ptr(), 3, 577, w.data_ptr(), 1e-5,
+                           out.data_ptr())
+    torch.testing.assert_close(x, want_x, atol=0, rtol=0)
+    torch.testing.assert_close(out, F.rms_norm(want_x, (577,), w, 1e-5), atol=1e-5, rtol=1e-5)
+    g, u = torch.randn(1000, generator=gen) * 8, torch.randn(1000, generator=gen)
+    got = torch.empty(1000)
+    lib.lowbit_silu_mul(g.data_ptr(), u.data_ptr(), 1000, got.data_ptr())
+    torch.testing.assert_close(got, F.silu(g) * u, atol=1e-6, rtol=1e-5)
