@@ -144,7 +144,7 @@ def test_replaced_linears_run_inside_the_runtime() -> None:
     assert stats.matches_hf is True
 
 
-@pytest.mark.parametrize("recipe", ["w8", "w4g32"])
+@pytest.mark.parametrize("recipe", ["w8", "w4g32", "w8a8"])
 def test_quantized_decode_takes_the_prebound_native_path(recipe: str) -> None:
     """With lowbit's AVX2 loops the runtime calls prebound kernels, and greedy decode gives
     the tokens of the modules' own forward (torch's kernels on bf16 activations differ)."""

@@ -223,3 +223,26 @@ def int8_static_linear(
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
     return y.view(*x.shape[:-1], state.out_features) if flat else y
+
+
+def decode_callable(state: Int8DynamicState | Int8StaticState, bias: torch.Tensor | None,
+                    factors: tuple[torch.Tensor, ...] = ()):
+    """``f(x) == int8_{dynamic,static}_linear(x @ H, state, bias)`` for float32 ``x``, with
+    ``H`` the Kronecker product of ``factors`` (none: ``H = I``), as one native call: the
+    rotation, the activation quantization, the int8 loop and the scaling; None where the
+    native kernel does not run."""
+    if not native.preferred():
+        return None
+    static = isinstance(state, Int8StaticState)
+    linear = int8_static_linear if static else int8_dynamic_linear
+    if factors:
+        from lowbit.formats.rotation import rotate
+
+        def fallback(x):
+            return linear(rotate(x), state, bias)
+    else:
+        def fallback(x):
+            return linear(x, state, bias)
+    return native.w8a8_decoder(state.qdata, state.out_scale if static else state.scale, bias,
+                               state.out_features, state.in_features,
+                               state.act_scale if static else 0.0, factors, fallback)

@@ -119,6 +119,8 @@ def _library() -> ctypes.CDLL | None:
     lib.lowbit_int4_gemv.argtypes = [_P, _I, _I, _P, _I, _I, _I, _P, _I, _P, _P, _I, _P]
     lib.lowbit_int4_gemv.restype = None
     _F = ctypes.c_float
+    lib.lowbit_w8a8_gemv.argtypes = [_P, _I, _I, _P, _I, _P, _P, _P, _I, _F, _I, _P, _P, _P]
+    lib.lowbit_w8a8_gemv.restype = None
     for name, args in (("lowbit_rmsnorm", [_P, _I, _I, _P, _F, _P]),
                        ("lowbit_add_rmsnorm", [_P, _P, _I, _I, _P, _F, _P]),
                        ("lowbit_silu_mul", [_P, _P, _I, _P]),
@@ -247,6 +249,24 @@ def int8_decoder(qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | 
     before = (qdata.data_ptr(), qdata.shape[1], scale.data_ptr(), _ptr(bias))
     return _bound(_library().lowbit_int8_gemv, k, n, fallback, before, (),
                   (qdata, scale, bias))
+
+
+def w8a8_decoder(qdata: torch.Tensor, wscale: torch.Tensor, bias: torch.Tensor | None,
+                 n: int, k: int, act_scale: float, factors: tuple[torch.Tensor, ...],
+                 fallback):
+    """W8A8 in one call: rotate the input by the Kronecker product of ``factors`` (none: no
+    rotation), quantize it per token (``act_scale`` 0) or with ``act_scale`` (static), run
+    the int8 loop on the codes and scale by ``wscale`` (``s_w``, or ``act_scale * s_w`` when
+    static). Bound as ``int8_decoder``."""
+    bias = None if bias is None else bias.float().contiguous()
+    sizes = torch.tensor([f.shape[0] for f in factors] or [0], dtype=torch.int64)
+    flat = torch.cat([f.float().reshape(-1) for f in factors]) if factors else torch.zeros(1)
+    scratch = torch.empty(2 * MAX_ROWS * k, dtype=torch.float32)
+    before = (qdata.data_ptr(), qdata.shape[1], wscale.data_ptr(), _ptr(bias))
+    after = (float(act_scale), len(factors), sizes.data_ptr(), flat.data_ptr(),
+             scratch.data_ptr())
+    return _bound(_library().lowbit_w8a8_gemv, k, n, fallback, before, after,
+                  (qdata, wscale, bias, sizes, flat, scratch))
 
 
 def int4_decoder(packed: torch.Tensor, scales_and_zeros: torch.Tensor, kernel_group: int,

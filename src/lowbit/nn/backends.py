@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.formats import IntFormat, QParams, compute_qparams, fake_quantize, get_format
+from lowbit.formats.rotation import hadamard_factors
 from lowbit.kernels import int4_weight as k4
 from lowbit.kernels import int8_dynamic as k8a8
 from lowbit.kernels import int8_weight as k8
@@ -60,8 +61,9 @@ class Backend:
     def forward(self, x, state, bias):
         raise NotImplementedError
 
-    def decode_callable(self, state, bias):
-        """A prebound ``f(x) == forward(x, state, bias)`` for float32 decode, or None."""
+    def decode_callable(self, state, bias, rotation: str | None = None):
+        """A prebound ``f(x) == forward(rotate(x), state, bias)`` for float32 decode (no
+        rotation when ``rotation`` is None), or None."""
         return None
 
     def simulate_input(self, x: torch.Tensor, state) -> torch.Tensor:
@@ -130,8 +132,8 @@ class Int8WeightBackend(Backend):
     def forward(self, x, state, bias):
         return k8.int8_weight_linear(x, state, bias)
 
-    def decode_callable(self, state, bias):
-        return k8.decode_callable(state, bias)
+    def decode_callable(self, state, bias, rotation=None):
+        return None if rotation else k8.decode_callable(state, bias)
 
 
 class Int4WeightBackend(Backend):
@@ -188,8 +190,8 @@ class Int4WeightBackend(Backend):
     def forward(self, x, state, bias):
         return k4.int4_weight_linear(x, state[0], bias)
 
-    def decode_callable(self, state, bias):
-        return k4.decode_callable(state[0], bias)
+    def decode_callable(self, state, bias, rotation=None):
+        return None if rotation else k4.decode_callable(state[0], bias)
 
 
 class Int8DynamicBackend(Backend):
@@ -225,6 +227,10 @@ class Int8DynamicBackend(Backend):
 
     def forward(self, x, state, bias):
         return k8a8.int8_dynamic_linear(x, state[0], bias)
+
+    def decode_callable(self, state, bias, rotation=None):
+        factors = () if rotation is None else hadamard_factors(state[0].in_features)
+        return k8a8.decode_callable(state[0], bias, factors)
 
 
 class Int8StaticBackend(Int8DynamicBackend):

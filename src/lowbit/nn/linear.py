@@ -136,13 +136,12 @@ class QuantizedLinear(nn.Module):
 
     def decode_callable(self, dtype: torch.dtype):
         """``f(x) == self(x)`` for ``dtype`` activations with the kernel's arguments bound
-        once (a decode loop's fast path), or None when the layer has no such path (rotated
-        input, outlier columns, or no native kernel for its format here)."""
-        if self.spec.rotation is not None or self.outlier_index is not None:
+        once (a decode loop's fast path), or None when the layer has no such path (outlier
+        columns, a rotated input its kernel does not fuse, or no native kernel for its
+        format here)."""
+        if self.outlier_index is not None or dtype is not torch.float32:
             return None
-        if dtype is not torch.float32:
-            return None
-        return self.backend.decode_callable(self._state, self.bias)
+        return self.backend.decode_callable(self._state, self.bias, self.spec.rotation)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Plain path: simulate activation quantization, dequantize, float32 matmul."""

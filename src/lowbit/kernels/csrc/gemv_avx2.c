@@ -10,6 +10,11 @@
  *
  * int8: y[m, n] = scale[n] * sum_k x[m, k] q[n, k] + bias[n]; q is [N, ldq] row-major;
  *       scale (and bias) may be NULL: 1 (and 0).
+ * w8a8: the input rotated by a Kronecker product of small factors (optional: nf = 0 for none),
+ *       quantized to int8 codes per token (dynamic: s = max |x| / 127, codes round(x / s),
+ *       y = sum * s * wscale[n]) or with one calibrated scale (static: act_scale > 0, codes
+ *       clamped to [-127, 127], y = sum * wscale[n] with wscale = act_scale * s_w), then the
+ *       int8 loop on the codes (every product and partial sum below 2^24 is exact).
  * int4: torch's _weight_int4pack_mm_for_cpu layout with interleaved row blocks of B rows
  *       (B = 32 on AVX2, 64 on AVX-512 builds): for block b and input k, B/2 bytes; byte j
  *       holds row j in its low nibble and row j + B/2 in its high nibble. A short last
@@ -95,6 +100,68 @@ void lowbit_int8_gemv(const float *x, int64_t M, int64_t K, const int8_t *q, int
         for (int64_t m = 0; m < M; m++)
             y[m * N + n] = int8_row(x + m * K, K, q + n * ldq) * (scale ? scale[n] : 1.0f) +
                            (bias ? bias[n] : 0.0f);
+    }
+}
+
+/* x[n] (viewed as the grid sizes[0] x ... x sizes[nf - 1], last fastest) times the
+ * Kronecker product of the row-major factors: axis a contracted with factor a, as
+ * formats/rotation.py's rotate. Returns the buffer holding the result (x or tmp). */
+static float *kron_rotate(float *x, float *tmp, int64_t n, int64_t nf, const int64_t *sizes,
+                          const float *factors) {
+    int64_t inner = n;
+    for (int64_t a = 0; a < nf; a++) {
+        const int64_t s = sizes[a];
+        inner /= s;
+        const int64_t outer = n / (inner * s);
+        for (int64_t o = 0; o < outer; o++) {
+            const float *xo = x + o * s * inner;
+            float *to = tmp + o * s * inner;
+            for (int64_t j = 0; j < s; j++) {
+                float *tj = to + j * inner;
+                for (int64_t r = 0; r < inner; r++) tj[r] = 0.0f;
+                for (int64_t i = 0; i < s; i++) {
+                    const float f = factors[i * s + j], *xi = xo + i * inner;
+                    for (int64_t r = 0; r < inner; r++) tj[r] += xi[r] * f;
+                }
+            }
+        }
+        factors += s * s;
+        float *t = x; x = tmp; tmp = t;
+    }
+    return x;
+}
+
+/* scratch: at least 2 * M * K floats. */
+void lowbit_w8a8_gemv(const float *x, int64_t M, int64_t K, const int8_t *q, int64_t ldq,
+                      const float *wscale, const float *bias, float *y, int64_t N,
+                      float act_scale, int64_t nf, const int64_t *sizes, const float *factors,
+                      float *scratch) {
+    float *codes = scratch, *tmp = scratch + M * K, xscale[64];
+    for (int64_t m = 0; m < M; m++) {
+        float *row = codes + m * K;
+        memcpy(row, x + m * K, K * sizeof(float));
+        float *r = nf ? kron_rotate(row, tmp, K, nf, sizes, factors) : row;
+        float s = act_scale;
+        if (s <= 0.0f) { /* dynamic, per token: as int8_dynamic.quantize_per_token */
+            float amax = 0.0f;
+            for (int64_t k = 0; k < K; k++) amax = fabsf(r[k]) > amax ? fabsf(r[k]) : amax;
+            s = (amax > 1e-12f ? amax : 1e-12f) / 127.0f;
+        }
+        xscale[m] = s;
+        for (int64_t k = 0; k < K; k++) {
+            float c = nearbyintf(r[k] / s);
+            row[k] = c > 127.0f ? 127.0f : (c < -127.0f ? -127.0f : c);
+        }
+    }
+    lowbit_int8_gemv(codes, M, K, q, ldq, NULL, NULL, y, N);
+    for (int64_t m = 0; m < M; m++) {
+        for (int64_t n = 0; n < N; n++) {
+            const float v = y[m * N + n];
+            if (act_scale > 0.0f) /* torch.addcmul(bias, acc, out_scale): one rounding */
+                y[m * N + n] = bias ? fmaf(v, wscale[n], bias[n]) : v * wscale[n];
+            else
+                y[m * N + n] = v * xscale[m] * wscale[n] + (bias ? bias[n] : 0.0f);
+        }
     }
 }
 
