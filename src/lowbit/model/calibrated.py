@@ -75,8 +75,11 @@ def _batches(calibration, model: nn.Module) -> list:
     return _rebatch(batches)
 
 
-#: calibration forwards run on up to this many tokens at once (e.g. 8 windows of 512)
-REBATCH_TOKENS = 4096
+#: calibration forwards run on up to this many tokens at once (2 windows of 512): on
+#: SmolLM2-135M, GPTQ's peak memory over 16 x 512 tokens was 1.37x the FP32 model at 1024
+#: against 1.67-1.74x at 4096 (one block's activations, attention scores included), in the
+#: same time (105 s vs 103-115 s; ``benchmarks/algorithms.py --memory``)
+REBATCH_TOKENS = 1024
 
 
 def _rebatch(batches: list, max_tokens: int = REBATCH_TOKENS) -> list:
