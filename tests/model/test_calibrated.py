@@ -223,3 +223,39 @@ def test_awq_scales_then_gptq(base, calib, ids):
     info = model.lowbit_calibration["layers"]["model.layers.1.mlp.down_proj"]
     assert info["algorithm"] == "gptq" and "awq_alpha" in info
     assert _kl(model, base, ids) < _kl(_quantized(base, "w3g32", calib), base, ids)
+
+
+@pytest.mark.parametrize("recipe", ["w8", "w4g32-gptq"])
+def test_float_weights_are_freed_as_layers_are_packed(base, calib, monkeypatch, recipe):
+    """Once a layer (RTN) or a block (calibrated) is packed nothing may keep its float
+    weight alive: the peak memory of quantizing a model in place depends on it."""
+    import gc
+    import sys
+    import weakref
+
+    quantize_module = sys.modules["lowbit.model.quantize"]  # (the package exports a function)
+
+    model = copy.deepcopy(base)
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and "lm_head" not in n]
+    refs = {n: weakref.ref(model.get_submodule(n).weight) for n in names}
+    alive_at = []
+    real = quantize_module._set_module
+
+    def spy(root, name, module):
+        real(root, name, module)
+        if isinstance(module, QuantizedLinear) and name in refs:
+            gc.collect()
+            alive_at.append((name, [n for n, r in refs.items() if r() is not None]))
+
+    monkeypatch.setattr(quantize_module, "_set_module", spy)
+    import lowbit.model.calibrated as calibrated_module
+
+    monkeypatch.setattr(calibrated_module, "_set_module", spy)
+    quantize(model, recipe, calib, progress=False)
+    placed = [n for n, _ in alive_at]
+    assert placed and set(placed) == set(names)
+    for i, (name, alive) in enumerate(alive_at):
+        block = name.split(".")[2]
+        earlier = {n for n in placed[:i] if n.split(".")[2] != block}  # other, earlier blocks
+        assert not earlier & set(alive), f"{sorted(earlier & set(alive))} still alive at {name}"
+    assert all(r() is None for r in refs.values())

@@ -89,6 +89,25 @@ def test_hf_dir_loads_causal_lm_fp32_eval(tiny_llama_dir: Path) -> None:
     assert out.shape == (1, 3, 300)
 
 
+def test_hf_weights_are_copied_out_of_the_file_mapping(tiny_llama_dir: Path) -> None:
+    """Every weight gets its own storage in process memory (so ``quantize`` can free each
+    layer it replaces), with the same values, and tied weights stay one tensor."""
+    from safetensors.torch import load_file
+
+    from lowbit.model.loaders import _into_process_memory
+
+    model = load_model(tiny_llama_dir)
+    on_disk = load_file(str(tiny_llama_dir / "model.safetensors"))
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p, on_disk[name], atol=0, rtol=0)
+    before = {n: p.data for n, p in model.named_parameters()}
+    _into_process_memory(model)
+    for n, p in model.named_parameters():
+        assert p.data_ptr() != before[n].data_ptr() and torch.equal(p, before[n])
+    if model.config.tie_word_embeddings:
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
 def test_hf_dir_encoder_stays_encoder(tmp_path: Path) -> None:
     from transformers import BertConfig, BertModel
 

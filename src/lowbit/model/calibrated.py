@@ -308,6 +308,7 @@ def quantize_calibrated(
     summary.kept = [n for n, _, s in targets if n not in plan]
     summary.bytes_before = sum(_tensor_bytes(m.weight) + _tensor_bytes(m.bias)
                                for n, m, _ in targets if n in plan)
+    del targets  # names only from here: each float layer is freed once its block is packed
     needs_data = any(stats_needed(s) - {"diag"} or s.algorithm == "imatrix"
                      for s in plan.values())
     if needs_data and batches is None:

@@ -219,13 +219,17 @@ def quantize_model(
             )
         static = [(n, m, s) for n, m, s in targets if s is not None and s.needs_calibration]
         input_ranges = collect_input_ranges(model, static, calibration, progress=progress)
+        del static
+    # names only from here: a replaced layer's float weight is freed as soon as it is packed
+    targets = [(name, scheme) for name, _, scheme in targets]
     bar = _progress(targets, progress)
-    for name, linear, scheme in bar:
+    for name, scheme in bar:
         if hasattr(bar, "set_postfix_str"):
             bar.set_postfix_str(name[-40:])
         if scheme is None or scheme.weight is None:
             summary.kept.append(name)
             continue
+        linear = model.get_submodule(name)
         summary.bytes_before += _tensor_bytes(linear.weight) + _tensor_bytes(linear.bias)
         weight, outliers = linear.weight, None
         if scheme.outlier_channels > 0:
@@ -244,6 +248,7 @@ def quantize_model(
             codes, qparams, scheme.weight, linear.bias, activation=scheme.activation,
             input_qparams=input_qparams, backend=backend, outliers=outliers)
         _set_module(model, name, qlinear)
+        del linear, weight
         summary.layers += 1
         summary.bytes_after += qlinear.weight_nbytes() + _tensor_bytes(qlinear.bias)
         summary.kernels[qlinear.kernel] = summary.kernels.get(qlinear.kernel, 0) + 1
