@@ -15,12 +15,11 @@ Protocol (../shared/BENCHMARKS.md):
 - The CPU's features are printed first: which kernels win depends on them (native bf16 and
   VNNI, ``lowbit.kernels.cpu``); shared/BENCHMARKS.md's peer table came from an AVX-512 BF16
   + VNNI machine.
-- Peak memory while quantizing (``--memory``): a subprocess loads the FP32 model, resets
-  the kernel's peak-RSS counter (/proc/self/clear_refs), quantizes, and reports
-  (peak RSS - RSS after loading) / (FP32 parameter bytes, the tied weight once), and how
-  much of the RSS growth is file-backed: the safetensors weights are memory-mapped, so the
-  pages quantization reads stay resident (reclaimable by the kernel) while the tied
-  embedding keeps the mapping open.
+- Peak memory while quantizing (``--memory``): a subprocess imports lowbit, resets the
+  kernel's peak-RSS counter (/proc/self/clear_refs), loads the FP32 model (its weights are
+  copied out of the safetensors mapping into process memory), quantizes in place, and
+  reports (peak RSS - RSS before loading) / (FP32 parameter bytes, the tied weight once):
+  the model itself counts as 1.0x. Also printed: the file-backed part of the growth.
 
 SmolLM2's weights were Q4_1 (block-32 asymmetric 4-bit) before dequantization, so w4g32 is
 the easy case here; w4g128 is the honest 4-bit comparison.
@@ -45,20 +44,20 @@ from lowbit.model import Recipe, load_model, load_tokenizer, quantize
 
 _MEMORY_PROBE = r"""
 import sys, torch
-from lowbit.model import load_model, quantize
+from lowbit.model import load_model, load_tokenizer, quantize
 def status():
     return {l.split(':')[0]: int(l.split()[1]) * 1024 for l in open('/proc/self/status')
             if l.startswith(('VmRSS', 'VmHWM', 'RssFile'))}
 torch.set_num_threads(2)
-model = load_model('smollm2-135m')  # weights memory-mapped, mostly not resident yet
-before = status()['VmRSS']
-fp32 = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weight once
+load_tokenizer('smollm2-135m')  # imports transformers (not counted), as algorithms.py
+before = status()
 open('/proc/self/clear_refs', 'w').write('5')  # reset VmHWM to the current RSS
-file_before = status()['RssFile']
+model = load_model('smollm2-135m')
+fp32 = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weight once
 quantize(model, sys.argv[1], progress=False)
 after = status()
-print((after['VmHWM'] - before) / fp32, fp32 / 1e6, (after['VmHWM'] - before) / 1e6,
-      (after['RssFile'] - file_before) / 1e6)
+print((after['VmHWM'] - before['VmRSS']) / fp32, fp32 / 1e6,
+      (after['VmHWM'] - before['VmRSS']) / 1e6, (after['RssFile'] - before['RssFile']) / 1e6)
 """
 
 

@@ -101,7 +101,7 @@ def test_hf_weights_are_copied_out_of_the_file_mapping(tiny_llama_dir: Path) -> 
     for name, p in model.named_parameters():
         torch.testing.assert_close(p, on_disk[name], atol=0, rtol=0)
     before = {n: p.data for n, p in model.named_parameters()}
-    _into_process_memory(model)
+    _into_process_memory(model, tiny_llama_dir)
     for n, p in model.named_parameters():
         assert p.data_ptr() != before[n].data_ptr() and torch.equal(p, before[n])
     if model.config.tie_word_embeddings:
