@@ -103,3 +103,50 @@ def test_norm_and_silu_match_torch() -> None:
     got = torch.empty(1000)
     lib.lowbit_silu_mul(g.data_ptr(), u.data_ptr(), 1000, got.data_ptr())
     torch.testing.assert_close(got, F.silu(g) * u, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("recipe", ["w8", "w4g32"])
+def test_merged_qkv_and_gate_up_give_the_same_logits(recipe: str, monkeypatch) -> None:
+    """q/k/v and gate/up run as one GEMV each; the rows are the same rows, so the logits are
+    identical to the step that calls each linear."""
+    from lowbit import quantize
+    from lowbit.runtime import native_step
+
+    model = tiny()
+    quantize(model, recipe, progress=False)
+    x = ids(batch=1, length=12)
+    with native.force(True):
+        merged = DecoderRuntime(model, dtype=torch.float32)
+        assert all(a is not None and b is not None for a, b in merged._native_step._merged)
+        got = _steps(merged, x, 4)
+        monkeypatch.setattr(native_step, "_merged", lambda modules: None)
+        separate = DecoderRuntime(model, dtype=torch.float32)
+        assert separate._native_step._merged[0] == (None, None)
+        want = _steps(separate, x, 4)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_merged_callable_concatenates_and_refuses_mixed_layers() -> None:
+    from lowbit import quantize
+    from lowbit.nn import QuantizedLinear
+
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Linear(64, 32, bias=False),
+                                 torch.nn.Linear(64, 40))
+    quantize(layers, "w8", progress=False)
+    x = torch.randn(2, 64)
+    with native.force(True):
+        f = QuantizedLinear.merged_decode_callable(list(layers), torch.float32)
+        want = torch.cat([m(x) for m in layers], -1)
+        torch.testing.assert_close(f(x), want, atol=1e-5, rtol=1e-5)
+        big = torch.randn(native.MAX_ROWS, 64)  # prefill rows: the layers one by one
+        torch.testing.assert_close(f(big), torch.cat([m(big) for m in layers], -1))
+        other = torch.nn.Sequential(torch.nn.Linear(64, 64))
+        quantize(other, "w4g32", progress=False)
+        assert QuantizedLinear.merged_decode_callable([layers[0], other[0]],
+                                                      torch.float32) is None
+        assert QuantizedLinear.merged_decode_callable(list(layers), torch.bfloat16) is None
+        tail = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 40))
+        quantize(tail, "w4g32", progress=False)  # 40 rows: a short int4 block, not mergeable
+        assert QuantizedLinear.merged_decode_callable(list(tail), torch.float32) is None

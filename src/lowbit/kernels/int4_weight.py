@@ -371,3 +371,26 @@ def decode_callable(state: Int4WeightState, bias: torch.Tensor | None):
     return native.int4_decoder(state.packed, state.scales_and_zeros, state.kernel_group_size,
                                state.layout[0], bias, state.out_features, state.in_features,
                                lambda x: int4_weight_linear(x, state, bias))
+
+
+def merged_decode_callable(states: list[Int4WeightState], biases: list):
+    """As ``int8_weight.merged_decode_callable``: the packed row blocks and their (scale,
+    zero) pairs concatenated along N, which needs every layer to fill whole blocks."""
+    first = states[0]
+    block, native_layout = first.layout
+    if not (native_layout and native.preferred()):
+        return None
+    if any(s.layout != first.layout or s.packed.shape[1] != first.packed.shape[1]
+           or s.kernel_group_size != first.kernel_group_size or s.n_padding
+           or s.packed.shape[0] % block for s in states):
+        return None
+    sizes = [s.out_features for s in states]
+
+    def fallback(x):
+        return torch.cat([int4_weight_linear(x, s, b) for s, b in zip(states, biases,
+                                                                        strict=True)], -1)
+
+    return native.int4_decoder(torch.cat([s.packed for s in states]),
+                               torch.cat([s.scales_and_zeros for s in states], dim=1),
+                               first.kernel_group_size, block, native.cat_bias(biases, sizes),
+                               sum(sizes), first.in_features, fallback)

@@ -195,3 +195,21 @@ def decode_callable(state: Int8WeightState, bias: torch.Tensor | None):
         return None
     return native.int8_decoder(state.qdata, state.scale, bias, state.out_features,
                                state.in_features, lambda x: int8_weight_linear(x, state, bias))
+
+
+def merged_decode_callable(states: list[Int8WeightState], biases: list):
+    """One native call for layers that read the same input (q/k/v, gate/up): their codes
+    and scales concatenated along N, so ``f(x)`` is ``[..., sum N]``, the layers' outputs
+    side by side; None where the native kernel does not run or the inputs differ."""
+    if not native.preferred() or len({s.qdata.shape[1] for s in states}) != 1:
+        return None
+    sizes = [s.out_features for s in states]
+    bias = native.cat_bias(biases, sizes)
+
+    def fallback(x):
+        return torch.cat([int8_weight_linear(x, s, b) for s, b in zip(states, biases,
+                                                                        strict=True)], -1)
+
+    return native.int8_decoder(torch.cat([s.qdata for s in states]),
+                               torch.cat([s.scale for s in states]), bias, sum(sizes),
+                               states[0].in_features, fallback)

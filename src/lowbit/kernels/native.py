@@ -279,3 +279,11 @@ def int4_decoder(packed: torch.Tensor, scales_and_zeros: torch.Tensor, kernel_gr
               _ptr(bias))
     return _bound(_library().lowbit_int4_gemv, k, n, fallback, before, (scratch.data_ptr(),),
                   (packed, scales_and_zeros, bias, scratch))
+
+
+def cat_bias(biases: list, sizes: list[int]) -> torch.Tensor | None:
+    """The biases of layers whose outputs are concatenated (zeros for a layer without)."""
+    if all(b is None for b in biases):
+        return None
+    return torch.cat([torch.zeros(n) if b is None else b.detach().float()
+                      for b, n in zip(biases, sizes, strict=True)])

@@ -66,6 +66,11 @@ class Backend:
         rotation when ``rotation`` is None), or None."""
         return None
 
+    def merged_decode_callable(self, states: list, biases: list):
+        """One prebound call for several layers of this backend that read the same input,
+        their outputs concatenated along the last dimension; or None."""
+        return None
+
     def simulate_input(self, x: torch.Tensor, state) -> torch.Tensor:
         """What the activations become before the matmul (reference path)."""
         if self.activation is None:
@@ -135,6 +140,9 @@ class Int8WeightBackend(Backend):
     def decode_callable(self, state, bias, rotation=None):
         return None if rotation else k8.decode_callable(state, bias)
 
+    def merged_decode_callable(self, states, biases):
+        return k8.merged_decode_callable(states, biases)
+
 
 class Int4WeightBackend(Backend):
     """Integer codes of <= 4 bits, per-group, through ``_weight_int4pack_mm_for_cpu``.
@@ -192,6 +200,9 @@ class Int4WeightBackend(Backend):
 
     def decode_callable(self, state, bias, rotation=None):
         return None if rotation else k4.decode_callable(state[0], bias)
+
+    def merged_decode_callable(self, states, biases):
+        return k4.merged_decode_callable([s[0] for s in states], biases)
 
 
 class Int8DynamicBackend(Backend):

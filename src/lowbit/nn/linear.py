@@ -143,6 +143,21 @@ class QuantizedLinear(nn.Module):
             return None
         return self.backend.decode_callable(self._state, self.bias, self.spec.rotation)
 
+    @staticmethod
+    def merged_decode_callable(layers: list, dtype: torch.dtype):
+        """One prebound call computing ``torch.cat([layer(x) for layer in layers], -1)`` for
+        ``dtype`` activations (layers that read the same input: q/k/v, gate/up), or None
+        unless they are all ``QuantizedLinear`` on one backend type whose native kernel can
+        concatenate them (no rotation, no outlier columns)."""
+        if dtype is not torch.float32 or not all(type(m) is QuantizedLinear for m in layers):
+            return None
+        kind = type(layers[0].backend)
+        if any(type(m.backend) is not kind or m.spec.rotation is not None
+               or m.outlier_index is not None for m in layers):
+            return None
+        return layers[0].backend.merged_decode_callable([m._state for m in layers],
+                                                        [m.bias for m in layers])
+
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Plain path: simulate activation quantization, dequantize, float32 matmul."""
         if x.shape[-1] != self.in_features:

@@ -4,8 +4,9 @@
 7 linears (RMSNorm, RoPE, cache writes, attention, SiLU, residual adds), each a few
 microseconds of dispatch for a few hundred floats: on SmolLM2-135M that is most of a
 decode step once the linears run lowbit's native GEMVs. :class:`NativeDecodeStep` keeps the
-linears as the runtime prepared them (prebound GEMVs, ``F.linear``, any module) and replaces
-everything between them with four C calls per block:
+linears as the runtime prepared them (prebound GEMVs, ``F.linear``, any module; q/k/v and
+gate/up as one GEMV each where their kernels allow) and replaces everything between them with
+four C calls per block:
 
     h = rmsnorm(x) (first block) or add_rmsnorm(x += down, ...)   x: the residual stream
     q, k, v = linears(h);  attn = attend(q, k, v)                   RoPE, cache write, GQA
@@ -18,6 +19,8 @@ keeps the torch operations. Its logits match the eager step's to float32 roundin
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch.nn import functional as F
@@ -42,6 +45,13 @@ def native_step_supported(spec, dtype: torch.dtype) -> str | None:
     return None
 
 
+def _merged(modules) -> Callable | None:
+    """One prebound call for linears that read the same input, where they allow it
+    (``QuantizedLinear.merged_decode_callable``), else None."""
+    merge = getattr(type(modules[0]), "merged_decode_callable", None)
+    return merge(list(modules), torch.float32) if callable(merge) else None
+
+
 class NativeDecodeStep:
     """``step(input_ids, pos)``: the runtime's decode step (``[B, 1]`` ids at position
     ``pos``, the cache filled before it) with its small operations in C; returns logits."""
@@ -54,6 +64,10 @@ class NativeDecodeStep:
         self._norms = [(b.in_w.float().contiguous(), b.in_eps, b.post_w.float().contiguous(),
                         b.post_eps) for b in runtime.blocks]
         self._final = (runtime.final_w.float().contiguous(), runtime.final_eps)
+        spec = runtime.spec
+        self._qkv_sizes = [spec.num_heads * spec.head_dim] + [spec.num_kv_heads * spec.head_dim] * 2
+        self._merged = [(_merged((m.q_proj, m.k_proj, m.v_proj)), _merged((m.gate_proj, m.up_proj)))
+                        for m in spec.layers]
 
     def __call__(self, input_ids: torch.Tensor, pos: int) -> torch.Tensor:
         rt = self.rt
@@ -75,14 +89,20 @@ class NativeDecodeStep:
                 rms(xp, batch, n, in_w.data_ptr(), in_eps, hp)
             else:
                 add_rms(xp, down.data_ptr(), batch, n, in_w.data_ptr(), in_eps, hp)
-            q = blk.q(h).contiguous()
-            k, v = blk.k(h).contiguous(), blk.v(h).contiguous()
+            qkv, gate_up = self._merged[i]
+            if qkv is None:
+                q, k, v = blk.q(h).contiguous(), blk.k(h).contiguous(), blk.v(h).contiguous()
+            else:  # one GEMV for the three (one row: the slices are contiguous already)
+                q, k, v = (t.contiguous() for t in qkv(h).split(self._qkv_sizes, -1))
             attend(q.data_ptr(), k.data_ptr(), v.data_ptr(), batch, heads, kv_heads, dim, *rope,
                    cache.k[i].data_ptr(), cache.v[i].data_ptr(), spec.attn_scale, ap,
                    scores.data_ptr())
             o = blk.o(attn).contiguous()
             add_rms(xp, o.data_ptr(), batch, n, post_w.data_ptr(), post_eps, hp)
-            g, u = blk.gate(h).contiguous(), blk.up(h).contiguous()
+            if gate_up is None:
+                g, u = blk.gate(h).contiguous(), blk.up(h).contiguous()
+            else:
+                g, u = (t.contiguous() for t in gate_up(h).chunk(2, -1))
             silu_mul(g.data_ptr(), u.data_ptr(), g.numel(), g.data_ptr())
             down = blk.down(g).contiguous()
         final_w, final_eps = self._final
