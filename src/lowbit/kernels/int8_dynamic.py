@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lowbit.formats.rotation import rotate
 from lowbit.kernels import native
 from lowbit.kernels._common import (
     KernelError,
@@ -235,14 +236,10 @@ def decode_callable(state: Int8DynamicState | Int8StaticState, bias: torch.Tenso
         return None
     static = isinstance(state, Int8StaticState)
     linear = int8_static_linear if static else int8_dynamic_linear
-    if factors:
-        from lowbit.formats.rotation import rotate
 
-        def fallback(x):
-            return linear(rotate(x), state, bias)
-    else:
-        def fallback(x):
-            return linear(x, state, bias)
+    def fallback(x):
+        return linear(rotate(x) if factors else x, state, bias)
+
     return native.w8a8_decoder(state.qdata, state.out_scale if static else state.scale, bias,
                                state.out_features, state.in_features,
                                state.act_scale if static else 0.0, factors, fallback)

@@ -42,10 +42,12 @@ import torch
 #: the GEMVs and the fused small operations of a decode step, built into one library
 SOURCES = tuple(Path(__file__).with_name("csrc") / name
                 for name in ("gemv_avx2.c", "decode_ops.c"))
+HEADERS = (Path(__file__).with_name("csrc") / "simd_avx2.h",)  # part of the build's hash
 _STEM = "lowbit-native"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
+_F = ctypes.c_float
 _failure: str | None = None
 #: the decode callables hand this many rows and more back to the prefill path
 MAX_ROWS = 32
@@ -73,7 +75,7 @@ def _compiler() -> str | None:
 
 def _build() -> Path:
     """The compiled library, built once per source version into the cache."""
-    source = b"".join(path.read_bytes() for path in SOURCES)
+    source = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
     tag = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
     out = _cache_dir() / f"{_STEM}-{tag}.so"
     if out.exists():
@@ -118,7 +120,6 @@ def _library() -> ctypes.CDLL | None:
     lib.lowbit_int8_gemv.restype = None
     lib.lowbit_int4_gemv.argtypes = [_P, _I, _I, _P, _I, _I, _I, _P, _I, _P, _P, _I, _P]
     lib.lowbit_int4_gemv.restype = None
-    _F = ctypes.c_float
     lib.lowbit_w8a8_gemv.argtypes = [_P, _I, _I, _P, _I, _P, _P, _P, _I, _F, _I, _P, _P, _P]
     lib.lowbit_w8a8_gemv.restype = None
     for name, args in (("lowbit_rmsnorm", [_P, _I, _I, _P, _F, _P]),

@@ -248,7 +248,6 @@ def quantize_model(
             codes, qparams, scheme.weight, linear.bias, activation=scheme.activation,
             input_qparams=input_qparams, backend=backend, outliers=outliers)
         _set_module(model, name, qlinear)
-        del linear, weight
         summary.layers += 1
         summary.bytes_after += qlinear.weight_nbytes() + _tensor_bytes(qlinear.bias)
         summary.kernels[qlinear.kernel] = summary.kernels.get(qlinear.kernel, 0) + 1

@@ -61,9 +61,6 @@ class NativeDecodeStep:
         self.rt = runtime
         self._rms, self._add_rms = lib.lowbit_rmsnorm, lib.lowbit_add_rmsnorm
         self._silu_mul, self._attend = lib.lowbit_silu_mul, lib.lowbit_attend
-        self._norms = [(b.in_w.float().contiguous(), b.in_eps, b.post_w.float().contiguous(),
-                        b.post_eps) for b in runtime.blocks]
-        self._final = (runtime.final_w.float().contiguous(), runtime.final_eps)
         spec = runtime.spec
         self._qkv_sizes = [spec.num_heads * spec.head_dim] + [spec.num_kv_heads * spec.head_dim] * 2
         self._merged = [(_merged((m.q_proj, m.k_proj, m.v_proj)), _merged((m.gate_proj, m.up_proj)))
@@ -84,11 +81,10 @@ class NativeDecodeStep:
         xp, hp, ap = x.data_ptr(), h.data_ptr(), attn.data_ptr()
         down = None
         for i, blk in enumerate(rt.blocks):
-            in_w, in_eps, post_w, post_eps = self._norms[i]
-            if down is None:
-                rms(xp, batch, n, in_w.data_ptr(), in_eps, hp)
+            if down is None:  # (the norm weights are float32 and contiguous: the runtime's)
+                rms(xp, batch, n, blk.in_w.data_ptr(), blk.in_eps, hp)
             else:
-                add_rms(xp, down.data_ptr(), batch, n, in_w.data_ptr(), in_eps, hp)
+                add_rms(xp, down.data_ptr(), batch, n, blk.in_w.data_ptr(), blk.in_eps, hp)
             qkv, gate_up = self._merged[i]
             if qkv is None:
                 q, k, v = blk.q(h).contiguous(), blk.k(h).contiguous(), blk.v(h).contiguous()
@@ -98,13 +94,12 @@ class NativeDecodeStep:
                    cache.k[i].data_ptr(), cache.v[i].data_ptr(), spec.attn_scale, ap,
                    scores.data_ptr())
             o = blk.o(attn).contiguous()
-            add_rms(xp, o.data_ptr(), batch, n, post_w.data_ptr(), post_eps, hp)
+            add_rms(xp, o.data_ptr(), batch, n, blk.post_w.data_ptr(), blk.post_eps, hp)
             if gate_up is None:
                 g, u = blk.gate(h).contiguous(), blk.up(h).contiguous()
             else:
                 g, u = (t.contiguous() for t in gate_up(h).chunk(2, -1))
             silu_mul(g.data_ptr(), u.data_ptr(), g.numel(), g.data_ptr())
             down = blk.down(g).contiguous()
-        final_w, final_eps = self._final
-        add_rms(xp, down.data_ptr(), batch, n, final_w.data_ptr(), final_eps, hp)
+        add_rms(xp, down.data_ptr(), batch, n, rt.final_w.data_ptr(), rt.final_eps, hp)
         return rt.lm_head(h)

@@ -27,16 +27,11 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "simd_avx2.h"
+
 #ifndef PREFETCH
 #define PREFETCH 4096
 #endif
-
-static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
 static inline __m256 widen8_i8(const int8_t *p) {
     __m128i b = _mm_loadl_epi64((const __m128i *)p);
