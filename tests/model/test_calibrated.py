@@ -259,3 +259,35 @@ def test_float_weights_are_freed_as_layers_are_packed(base, calib, monkeypatch, 
         earlier = {n for n in placed[:i] if n.split(".")[2] != block}  # other, earlier blocks
         assert not earlier & set(alive), f"{sorted(earlier & set(alive))} still alive at {name}"
     assert all(r() is None for r in refs.values())
+
+
+def test_block_inputs_are_held_in_half_precision_while_they_fit(base, calib, ids):
+    """The stored block inputs (the largest buffer) are float16 between blocks, unless an
+    entry exceeds ``HALF_LIMIT``; the result is as close to the float model as with float32."""
+    from lowbit.model import calibrated
+
+    held = []
+    real = calibrated._hold
+
+    def spy(h, half):
+        out = real(h, half)
+        held.append(out.dtype)
+        return out
+
+    calibrated._hold, saved = spy, calibrated._hold
+    try:
+        half = _quantized(base, "w4g32-gptq", calib)
+        assert held and set(held) == {torch.float16}
+        held.clear()
+        full = copy.deepcopy(base)
+        calibrated.quantize_calibrated(full, "w4g32-gptq", calib, progress=False,
+                                       half_inputs=False)
+        assert held and set(held) == {torch.float32}
+    finally:
+        calibrated._hold = saved
+    assert abs(_kl(half, base, ids) - _kl(full, base, ids)) < 0.1 * _kl(full, base, ids)
+    big = torch.full((2, 3), 3.0 * calibrated.HALF_LIMIT)
+    assert calibrated._hold(big, True).dtype == torch.float32  # would lose range: kept
+    nan = torch.tensor([1.0, float("nan")])
+    assert calibrated._hold(nan, True).dtype == torch.float32
+    assert calibrated._hold(torch.ones(3), True).dtype == torch.float16
