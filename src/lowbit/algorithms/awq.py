@@ -37,6 +37,7 @@ from lowbit.algorithms.base import (
     check_inputs,
     check_weight,
 )
+from lowbit.formats.rotation import rotate
 from lowbit.formats.scaling import dequantize, minmax, qparams_from_range, quantize
 
 
@@ -49,10 +50,16 @@ class AWQ:
     max_shrink: float = 0.5
     clip_grid: int = 20
     n_clip_tokens: int = 512
+    #: the layer quantizes ``W diag(s) R`` and rotates its input (``formats.rotation``): the
+    #: scale search measures that error; the clipping search has no rotated form
+    rotation: str | None = None
 
     def __post_init__(self) -> None:
         if self.n_grid < 1 or self.clip_grid < 1 or self.n_clip_tokens < 1:
             raise AlgorithmError("n_grid, clip_grid and n_clip_tokens must be >= 1")
+        if self.rotation is not None and self.clip:
+            raise AlgorithmError("AWQ's clipping search runs in the unrotated basis: pass "
+                                 "clip=False with a rotation (GPTQ then sets the ranges)")
         if not 0 <= self.max_shrink < 1:
             raise AlgorithmError(f"max_shrink must be in [0, 1), got {self.max_shrink}")
 
@@ -81,7 +88,7 @@ class AWQ:
             alpha = i / self.n_grid
             s = act_scale.pow(alpha).clamp(min=1e-4)
             s = s / (s.max() * s.min()).sqrt()
-            w_hat = _values(W * s, config.qparams(W * s)) / s
+            w_hat = self._rounded(W * s, config) / s
             loss = float((X @ w_hat.T - Y).pow(2).mean())
             losses.append(loss)
             if loss < best[0]:
@@ -103,6 +110,14 @@ class AWQ:
                 qp, info["output_mse"] = clipped, clip_loss
                 info["clip_ratio_mean"] = float(ratio.mean())
         return QuantResult(quantize(Ws, qp), qp, input_scale=s, info=info)
+
+    def _rounded(self, Ws: torch.Tensor, config: WeightQuantConfig) -> torch.Tensor:
+        """RTN of ``Ws`` as the layer applies it: ``Q(Ws R) R^T`` when it rotates its input."""
+        if self.rotation is None:
+            return _values(Ws, config.qparams(Ws))
+        Wr = rotate(Ws.double(), self.rotation).float()
+        q = _values(Wr, config.qparams(Wr))
+        return rotate(q.double(), self.rotation, inverse=True).float()
 
     @staticmethod
     def _qparams(lo, hi, config):

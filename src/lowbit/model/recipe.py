@@ -26,6 +26,8 @@ from lowbit.nn import ActivationSpec, WeightSpec
 RECIPE_VERSION = 1
 #: ``awq+gptq``: AWQ's per-channel input scale for the group, then GPTQ on ``W diag(s)``
 ALGORITHMS = ("rtn", "gptq", "awq", "awq+gptq", "hqq", "kmeans", "imatrix", "smoothquant")
+#: the algorithms that quantize in a Hadamard-rotated basis (``WeightSpec.rotation``)
+ROTATED_ALGORITHMS = ("rtn", "smoothquant", "gptq", "awq+gptq")
 WEIGHT_OBSERVERS = ("minmax", "mse")
 #: "auto": bf16 where the CPU has native bf16 matmuls, else fp32 (``lowbit.kernels.cpu``)
 COMPUTE_DTYPES = ("auto", "bf16", "fp32", "fp16")
@@ -55,11 +57,12 @@ class Scheme:
             get_format(self.weight.format)
             Granularity.parse(self.weight.granularity)
             if self.weight.rotation is not None and (
-                    self.algorithm not in ("rtn", "smoothquant") or self.outlier_channels):
+                    self.algorithm not in ROTATED_ALGORITHMS or self.outlier_channels):
+                extra = " and outlier channels" if self.outlier_channels else ""
                 raise RecipeError(
-                    "a Hadamard input rotation runs with round-to-nearest weights (alone or "
-                    "after SmoothQuant's scales); drop 'rotation' for GPTQ, AWQ, imatrix, HQQ, "
-                    "k-means or outlier channels")
+                    f"a Hadamard input rotation runs with {', '.join(ROTATED_ALGORITHMS)} "
+                    f"(got {self.algorithm!r}{extra}); drop 'rotation' (the '-rot' suffix) "
+                    f"for AWQ alone, imatrix, HQQ, k-means or outlier channels")
 
     @property
     def needs_calibration(self) -> bool:
@@ -201,7 +204,7 @@ class Recipe:
             return parsed
         raise RecipeError(
             f"unknown recipe {text!r}; presets: {', '.join(PRESETS)}; or w<bits>[g<group>]"
-            f"[a8[-static]][-<algorithm>] (algorithms: {', '.join(ALGORITHMS)}), "
+            f"[a8[-static]][-<algorithm>][-rot] (algorithms: {', '.join(ALGORITHMS)}), "
             f"or a .json/.yaml file"
         )
 
@@ -209,14 +212,16 @@ class Recipe:
         return PRESET_DESCRIPTIONS.get(self.name, "custom recipe")
 
 
-_GRAMMAR = re.compile(r"w([1-8])(?:g(\d+))?(a8)?(-static)?(?:-([a-z+]+))?")
+_GRAMMAR = re.compile(r"w([1-8])(?:g(\d+))?(a8)?(-static)?(?:-([a-z+]+))?(-rot)?")
 
 
 def _parse_grammar(key: str) -> Recipe | None:
     m = _GRAMMAR.fullmatch(key)
     if not m:
         return None
-    bits, group, a8, static, algorithm = m.groups()
+    bits, group, a8, static, algorithm, rot = m.groups()
+    if algorithm == "rot" and rot is None:  # "w3g64-rot": round to nearest, rotated
+        algorithm, rot = None, "-rot"
     bits = int(bits)
     if a8 is None and static:
         raise RecipeError(f"{key!r}: '-static' applies to activations; write w{bits}a8-static")
@@ -232,7 +237,8 @@ def _parse_grammar(key: str) -> Recipe | None:
     scale_dtype = "bf16" if group else "fp32"
     # grouped asymmetric weights keep a float zero-point: grid = min + scale * k (Q4_1)
     spec = WeightSpec(fmt, gran, symmetric, scale_dtype,
-                      integer_zero_point=_integer_zero(symmetric, gran))
+                      integer_zero_point=_integer_zero(symmetric, gran),
+                      rotation="hadamard" if rot else None)
     scheme = Scheme(spec, act, algorithm or "rtn")
     return Recipe(key, scheme)
 

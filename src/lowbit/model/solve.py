@@ -213,8 +213,12 @@ class Solver:
             W = torch.cat([m.module.weight.detach().float() for m in mm])
             cfg = min((weight_config(m.scheme.weight) for m in mm), key=lambda c: c.fmt.bits)
             opts = {k: v for k, v in self.awq.items() if k in ("n_grid",)}
+            rotations = {m.scheme.weight.rotation for m in mm}
+            if len(rotations) > 1:
+                raise RecipeError(f"{', '.join(m.name for m in mm)} share one input, so they "
+                                  f"share one AWQ scale: rotate all of them or none")
             res = awq(W, _sqrt_gram(stats.hessian.H), cfg, act_scale=stats.abs_mean,
-                      clip=False, **opts)
+                      clip=False, rotation=rotations.pop(), **opts)
             return res.input_scale, {"awq_alpha": res.info["alpha"]}
         if "smoothquant" in algos:
             return self._smooth_search(members, stats)
@@ -309,10 +313,13 @@ class Solver:
                 return codes, qp, info
             if algo in ("gptq", "awq+gptq"):  # (awq+gptq: the group's AWQ scale is in s)
                 H = stats.hessian.H
+                H = H if s is None else H / (s[:, None] * s[None, :])
                 opts = dict(self.gptq)
                 if scheme.observer == "mse":  # each group's range: the clipping search
                     opts.setdefault("clip_ratios", GPTQ_CLIP_RATIOS)
-                res = gptq(Ws, H if s is None else H / (s[:, None] * s[None, :]), cfg, **opts)
+                if spec.rotation is not None:  # GPTQ in the rotated basis (QuaRot sec. 4)
+                    Ws, H = rotate_weight_and_hessian(Ws, H, spec.rotation)
+                res = gptq(Ws, H, cfg, **opts)
             elif algo == "awq":  # clipping search only: the group's scale is already in s
                 U = _sqrt_gram(stats.hessian.H)
                 res = awq(Ws, U if s is None else U / s, cfg, n_grid=1,
@@ -348,6 +355,17 @@ class Solver:
             sol.input_qparams = qparams_from_range(-amax_t, amax_t, get_format("int8"),
                                                    symmetric=True)
             sol.info["act_amax"] = amax
+
+
+def rotate_weight_and_hessian(W: torch.Tensor, H: torch.Tensor, rotation: str):
+    """``(W R, R^T H R)``: the weight and input Hessian seen by a layer that rotates its input
+    ``x -> x R`` (``formats.rotation``), since ``x W^T = (x R)(W R)^T``. GPTQ on them is
+    "GPTQ on the rotated model" (QuaRot, Ashkboos et al., 2024, sec. 4; QuIP's incoherence
+    processing, Chee et al., 2023, sec. 3): the rotation spreads outlier input channels, so
+    every group holds weights of similar size. Computed in float64."""
+    Wr = rotate(W.double(), rotation).float()
+    Hr = rotate(rotate(H.double(), rotation).T.contiguous(), rotation)
+    return Wr, ((Hr + Hr.T) / 2).float()
 
 
 def _layer_input(members: list[Member], stats: InputStats, X: torch.Tensor,
