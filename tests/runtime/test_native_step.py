@@ -150,3 +150,34 @@ def test_merged_callable_concatenates_and_refuses_mixed_layers() -> None:
         tail = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 40))
         quantize(tail, "w4g32", progress=False)  # 40 rows: a short int4 block, not mergeable
         assert QuantizedLinear.merged_decode_callable(list(tail), torch.float32) is None
+
+
+@pytest.mark.parametrize("recipe", ["w8-rot", "w4g32-rot"])
+def test_rotated_weight_only_layers_decode_natively(recipe: str) -> None:
+    """A weight-only layer that rotates its input decodes as one native rotation then its
+    GEMV (alone or merged); both equal the layer's forward, and a runtime over them gives
+    the torch step's greedy tokens."""
+    from lowbit import quantize
+    from lowbit.nn import QuantizedLinear
+
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(torch.nn.Linear(48, 64), torch.nn.Linear(48, 32))
+    quantize(layers, recipe, progress=False)
+    assert layers[0].spec.rotation == "hadamard"
+    x = torch.randn(3, 48)
+    with native.force(True):
+        one = layers[0].decode_callable(torch.float32)
+        assert one is not None
+        torch.testing.assert_close(one(x), layers[0](x), atol=1e-4, rtol=1e-4)
+        merged = QuantizedLinear.merged_decode_callable(list(layers), torch.float32)
+        assert merged is not None
+        torch.testing.assert_close(merged(x), torch.cat([m(x) for m in layers], -1),
+                                   atol=1e-4, rtol=1e-4)
+        model = tiny()
+        quantize(model, recipe, progress=False)
+        ids_ = ids(batch=1, length=6)
+        got, _ = generate(DecoderRuntime(model, dtype=torch.float32), ids_, 16,
+                          dtype=torch.float32)
+        want, _ = generate(DecoderRuntime(model, dtype=torch.float32, native=False), ids_, 16,
+                           dtype=torch.float32)
+    assert torch.equal(got, want)

@@ -122,6 +122,8 @@ def _library() -> ctypes.CDLL | None:
     lib.lowbit_int4_gemv.restype = None
     lib.lowbit_w8a8_gemv.argtypes = [_P, _I, _I, _P, _I, _P, _P, _P, _I, _F, _I, _P, _P, _P]
     lib.lowbit_w8a8_gemv.restype = None
+    lib.lowbit_rotate.argtypes = [_P, _I, _I, _I, _P, _P, _P, _I, _P]
+    lib.lowbit_rotate.restype = None
     for name, args in (("lowbit_rmsnorm", [_P, _I, _I, _P, _F, _P]),
                        ("lowbit_add_rmsnorm", [_P, _P, _I, _I, _P, _F, _P]),
                        ("lowbit_silu_mul", [_P, _P, _I, _P]),
@@ -260,14 +262,31 @@ def w8a8_decoder(qdata: torch.Tensor, wscale: torch.Tensor, bias: torch.Tensor |
     the int8 loop on the codes and scale by ``wscale`` (``s_w``, or ``act_scale * s_w`` when
     static). Bound as ``int8_decoder``."""
     bias = None if bias is None else bias.float().contiguous()
-    sizes = torch.tensor([f.shape[0] for f in factors] or [0], dtype=torch.int64)
-    flat = torch.cat([f.float().reshape(-1) for f in factors]) if factors else torch.zeros(1)
+    sizes, flat = _factor_args(factors)
     scratch = torch.empty(2 * MAX_ROWS * k, dtype=torch.float32)
     before = (qdata.data_ptr(), qdata.shape[1], wscale.data_ptr(), _ptr(bias))
     after = (float(act_scale), len(factors), sizes.data_ptr(), flat.data_ptr(),
              scratch.data_ptr())
     return _bound(_library().lowbit_w8a8_gemv, k, n, fallback, before, after,
                   (qdata, wscale, bias, sizes, flat, scratch))
+
+
+def _factor_args(factors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors' sizes (int64) and their row-major entries back to back (float32)."""
+    sizes = torch.tensor([f.shape[0] for f in factors] or [0], dtype=torch.int64)
+    flat = torch.cat([f.float().reshape(-1) for f in factors]) if factors else torch.zeros(1)
+    return sizes, flat
+
+
+def rotator(k: int, factors: tuple[torch.Tensor, ...], fallback):
+    """``f(x) = x @ (factors[0] ⊗ factors[1] ⊗ ...)`` along the last dimension (``k``) for
+    float32 ``x`` in one call (``formats.rotation.rotate`` in C), ``fallback`` for many rows:
+    the input rotation of a weight-only layer in a decode step."""
+    sizes, flat = _factor_args(factors)
+    tmp = torch.empty(k, dtype=torch.float32)
+    return _bound(_library().lowbit_rotate, k, k, fallback,
+                  (len(factors), sizes.data_ptr(), flat.data_ptr()), (tmp.data_ptr(),),
+                  (sizes, flat, tmp))
 
 
 def int4_decoder(packed: torch.Tensor, scales_and_zeros: torch.Tensor, kernel_group: int,

@@ -141,22 +141,29 @@ class QuantizedLinear(nn.Module):
         format here)."""
         if self.outlier_index is not None or dtype is not torch.float32:
             return None
-        return self.backend.decode_callable(self._state, self.bias, self.spec.rotation)
+        rotation = self.spec.rotation
+        fused = self.backend.decode_callable(self._state, self.bias, rotation)
+        if fused is not None or rotation is None:
+            return fused
+        return _rotating(self.backend.decode_callable(self._state, self.bias, None),
+                         self.in_features, rotation)
 
     @staticmethod
     def merged_decode_callable(layers: list, dtype: torch.dtype):
         """One prebound call computing ``torch.cat([layer(x) for layer in layers], -1)`` for
         ``dtype`` activations (layers that read the same input: q/k/v, gate/up), or None
         unless they are all ``QuantizedLinear`` on one backend type whose native kernel can
-        concatenate them (no rotation, no outlier columns)."""
+        concatenate them (one rotation or none for all, no outlier columns)."""
         if dtype is not torch.float32 or not all(type(m) is QuantizedLinear for m in layers):
             return None
-        kind = type(layers[0].backend)
-        if any(type(m.backend) is not kind or m.spec.rotation is not None
+        kind, rotation = type(layers[0].backend), layers[0].spec.rotation
+        if any(type(m.backend) is not kind or m.spec.rotation != rotation
                or m.outlier_index is not None for m in layers):
             return None
-        return layers[0].backend.merged_decode_callable([m._state for m in layers],
-                                                        [m.bias for m in layers])
+        merged = layers[0].backend.merged_decode_callable([m._state for m in layers],
+                                                          [m.bias for m in layers])
+        return merged if rotation is None else _rotating(merged, layers[0].in_features,
+                                                         rotation)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Plain path: simulate activation quantization, dequantize, float32 matmul."""
@@ -208,3 +215,19 @@ class QuantizedLinear(nn.Module):
             self.bias = found["bias"].float().clone()
         if "outlier_index" in found:
             self._set_outliers((found["outlier_index"], found["outlier_weight"]))
+
+
+def _rotating(call, k: int, rotation: str):
+    """``call(rotate(x))`` with the rotation in one native call where lowbit's kernels run
+    (``kernels.native.rotator``), or None when ``call`` is None."""
+    if call is None:
+        return None
+    from lowbit.formats.rotation import hadamard_factors
+    from lowbit.kernels import native
+
+    def torch_rotate(x):
+        return rotate(x, rotation)
+
+    rot = native.rotator(k, hadamard_factors(k), torch_rotate) if native.available() \
+        else torch_rotate
+    return lambda x: call(rot(x))

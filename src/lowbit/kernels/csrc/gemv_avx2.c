@@ -126,6 +126,19 @@ static float *kron_rotate(float *x, float *tmp, int64_t n, int64_t nf, const int
     return x;
 }
 
+/* y[m, :] = x[m, :] rotated as kron_rotate, row by row (weight-only layers that rotate
+ * their input: the int8/int4 GEMV then reads y). N == K; tmp: K floats. */
+void lowbit_rotate(const float *x, int64_t M, int64_t K, int64_t nf, const int64_t *sizes,
+                   const float *factors, float *y, int64_t N, float *tmp) {
+    (void)N;
+    for (int64_t m = 0; m < M; m++) {
+        float *row = y + m * K;
+        memcpy(row, x + m * K, K * sizeof(float));
+        float *r = kron_rotate(row, tmp, K, nf, sizes, factors);
+        if (r != row) memcpy(row, r, K * sizeof(float));
+    }
+}
+
 /* scratch: at least 2 * M * K floats. */
 void lowbit_w8a8_gemv(const float *x, int64_t M, int64_t K, const int8_t *q, int64_t ldq,
                       const float *wscale, const float *bias, float *y, int64_t N,
