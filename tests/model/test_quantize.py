@@ -187,10 +187,15 @@ def test_rotation_skips_sizes_without_a_hadamard_and_says_so():
     assert any("stayed unrotated" in line for line in summary.lines())
 
 
-def test_rotation_refuses_calibrated_algorithms():
+def test_rotation_refuses_algorithms_without_a_rotated_form():
     spec = WeightSpec("int8", "channel", rotation="hadamard")
-    with pytest.raises(RecipeError, match="round-to-nearest"):
-        Scheme(spec, algorithm="gptq")
+    for algorithm in ("awq", "hqq", "imatrix", "kmeans"):
+        with pytest.raises(RecipeError, match="rotation runs with rtn, smoothquant, gptq"):
+            Scheme(spec, algorithm=algorithm)
+    with pytest.raises(RecipeError, match="and outlier channels"):
+        Scheme(spec, algorithm="gptq", outlier_channels=2)
+    for algorithm in ("rtn", "smoothquant", "gptq", "awq+gptq"):
+        Scheme(spec, algorithm=algorithm)
 
 
 def test_static_rotation_calibrates_the_rotated_input():

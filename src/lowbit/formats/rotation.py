@@ -86,9 +86,20 @@ def hadamard_matrix(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return h.to(dtype)
 
 
+#: ``rotate`` merges neighbouring factors up to this size (H_12 ⊗ H_4 = one 48 x 48): fewer,
+#: wider matmuls and fewer copies, for a few more multiply-adds per entry
+_MERGE_UP_TO = 128
+
+
 @functools.cache
 def _factors_as(n: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    return tuple(f.to(dtype) for f in hadamard_factors(n))
+    merged: list[torch.Tensor] = []
+    for f in reversed(hadamard_factors(n)):
+        if merged and merged[0].shape[0] * f.shape[0] <= _MERGE_UP_TO:
+            merged[0] = torch.kron(f, merged[0])
+        else:
+            merged.insert(0, f)
+    return tuple(f.to(dtype) for f in merged)
 
 
 def check_rotation(kind: str | None) -> None:
@@ -106,8 +117,17 @@ def rotate(x: torch.Tensor, kind: str = "hadamard", *, inverse: bool = False) ->
     if len(factors) == 1:
         return x @ factors[0]
     lead = x.shape[:-1]
-    sizes = [f.shape[0] for f in factors]
-    y = x.reshape(-1, *sizes)
-    for axis, f in enumerate(factors, start=1):  # contract axis ``axis`` with its factor
-        y = torch.movedim(torch.movedim(y, axis, -1) @ f, -1, axis)
+    y = x.reshape(-1, n)
+    rows = y.shape[0]
+    if len(factors) == 2:  # x (A ⊗ B) = A^T X B on each row's [a, b] grid: two matmuls
+        a, b = factors
+        grid = (y.reshape(-1, b.shape[0]) @ b).reshape(rows, a.shape[0], b.shape[0])
+        return (a.T @ grid).reshape(*lead, n)
+    for f in reversed(factors):
+        # the grid's last axis belongs to ``f``: contract it (one contiguous matmul), then
+        # move it to the front, so the next factor's axis is last; after every factor the
+        # axes are back in order. (Contracting axes in place with ``movedim`` ran 5-10x
+        # slower: strided batched matmuls.)
+        s = f.shape[0]
+        y = (y.reshape(-1, s) @ f).reshape(rows, n // s, s).transpose(1, 2).reshape(rows, n)
     return y.reshape(*lead, n)
