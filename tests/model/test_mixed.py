@@ -27,6 +27,12 @@ def test_auto_grammar():
     r = Recipe.parse("auto:4-gptq")
     assert r.name == "auto:4-gptq" and r.default.algorithm == "gptq"
     assert Recipe.parse("auto:3.5-awq+gptq").default.algorithm == "awq+gptq"
+    for key, algorithm in (("auto:3.5-gptq-rot", "gptq"), ("auto:3.5-rot", "rtn"),
+                           ("auto:3.5-awq+gptq-rot", "awq+gptq")):
+        r = Recipe.parse(key)
+        assert (r.name, r.default.algorithm, r.default.weight.rotation) == (
+            key, algorithm, "hadamard")
+    assert Recipe.parse("auto:3.5-gptq").default.weight.rotation is None
     with pytest.raises(RecipeError, match="unknown algorithm 'bogus'"):
         Recipe.parse("auto:3.5-bogus")
     with pytest.raises(RecipeError, match="auto:<bits per weight>"):
@@ -123,8 +129,8 @@ def _choice(recipe, sens):
     names = {}
     for n in sens:
         scheme = recipe.scheme_for(n)
-        names[n] = next(c for c, s in candidate_schemes(sens[n]["bits"]).items()
-                        if s.weight == scheme.weight)
+        names[n] = next(c for c, s in candidate_schemes(
+            sens[n]["bits"], rotation=scheme.weight.rotation).items() if s.weight == scheme.weight)
     return names
 
 
@@ -133,3 +139,30 @@ def test_auto_errors(base, calib):
         quantize(copy.deepcopy(base), "auto:1.5", calib, progress=False)
     with pytest.raises(RecipeError, match="calibration data"):
         quantize(copy.deepcopy(base), "auto:3.5", progress=False)
+
+
+def test_auto_recipe_in_the_rotated_basis(calib):
+    """``auto:<bpw>-gptq-rot``: sensitivity measures each candidate's RTN in the rotated
+    basis (rotated back to the weight the layer applies), every chosen scheme rotates, and
+    the bits stay within the budget; a width without a Hadamard matrix is measured and
+    quantized unrotated."""
+    base = tiny_llama(hidden=48)  # 48 = 12 * 4 and 128: both have Hadamard matrices
+    model = copy.deepcopy(base)
+    quantize(model, Recipe.parse("auto:4-gptq-rot").with_keep("lm_head"), calib, progress=False)
+    recipe = model.lowbit_recipe
+    assert recipe.name == "mixed-4bpw-gptq-rot"
+    sens = model.lowbit_sensitivity
+    for name in sens:
+        assert recipe.scheme_for(name).weight.rotation == "hadamard"
+        assert model.get_submodule(name).spec.rotation == "hadamard"
+    bits = sum(sens[n]["bits"][c] for n, c in _choice(recipe, sens).items())
+    assert bits <= 4 * sum(e["numel"] for e in sens.values())
+    with torch.no_grad():
+        ref = base(calib[0]).logits.log_softmax(-1)
+        out = model(calib[0]).logits.log_softmax(-1)
+    assert float((ref.exp() * (ref - out)).sum(-1).mean()) < 0.01
+    odd = copy.deepcopy(tiny_llama(hidden=64))  # intermediate 160: no Hadamard matrix
+    with pytest.warns(UserWarning, match="no Hadamard rotation of size 160"):
+        quantize(odd, Recipe.parse("auto:4-rot").with_keep("lm_head"), calib, progress=False)
+    assert odd.model.layers[0].mlp.down_proj.spec.rotation is None
+    assert odd.model.layers[0].mlp.up_proj.spec.rotation == "hadamard"

@@ -24,6 +24,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -32,18 +33,23 @@ from lowbit.model.recipe import Recipe, RecipeError, Rule, Scheme
 from lowbit.nn import WeightSpec
 
 DEFAULT_CANDIDATES = ("w2g64", "w3g64", "w4g128", "w4g64", "w8")
-_AUTO = re.compile(r"auto:(\d+(?:\.\d+)?)(?:bpw)?(?:-([a-z+]+))?")
+_AUTO = re.compile(r"auto:(\d+(?:\.\d+)?)(?:bpw)?(?:-([a-z+]+?))?(-rot)?")
 
 
 def auto_placeholder(key: str) -> Recipe:
-    """``auto:<bpw>[bpw][-<algorithm>]``: a recipe that ``quantize`` resolves with data."""
+    """``auto:<bpw>[bpw][-<algorithm>][-rot]``: a recipe that ``quantize`` resolves with data
+    (``-rot``: every candidate quantizes in the Hadamard-rotated basis)."""
     m = _AUTO.fullmatch(key.strip().lower())
     if not m:
-        raise RecipeError(f"cannot parse {key!r}: write auto:<bits per weight>[-<algorithm>], "
-                          f"e.g. auto:3.5 or auto:3.5-gptq")
-    algorithm = m.group(2) or "rtn"
-    scheme = Scheme(WeightSpec("uint4", "group:128", False, "bf16"), algorithm=algorithm)
-    return Recipe(f"auto:{m.group(1)}" + (f"-{algorithm}" if m.group(2) else ""), scheme)
+        raise RecipeError(f"cannot parse {key!r}: write auto:<bits per weight>[-<algorithm>]"
+                          f"[-rot], e.g. auto:3.5, auto:3.5-gptq or auto:3.5-gptq-rot")
+    algorithm, rot = m.group(2), m.group(3)
+    if algorithm == "rot" and rot is None:
+        algorithm, rot = None, "-rot"
+    spec = WeightSpec("uint4", "group:128", False, "bf16", rotation="hadamard" if rot else None)
+    scheme = Scheme(spec, algorithm=algorithm or "rtn")
+    return Recipe(f"auto:{m.group(1)}" + (f"-{algorithm}" if algorithm else "") + (rot or ""),
+                  scheme)
 
 
 def is_auto(recipe: Recipe) -> bool:
@@ -54,24 +60,39 @@ def budget_of(recipe: Recipe) -> float:
     return float(_AUTO.fullmatch(recipe.name).group(1))
 
 
-def candidate_schemes(names, algorithm: str = "rtn") -> dict[str, Scheme]:
+def candidate_schemes(names, algorithm: str = "rtn", rotation: str | None = None
+                      ) -> dict[str, Scheme]:
     out = {}
     for name in names:
         base = Recipe.parse(name).default
-        out[name] = Scheme(base.weight, base.activation, algorithm, base.observer)
+        weight = base.weight if rotation is None else replace(base.weight, rotation=rotation)
+        out[name] = Scheme(weight, base.activation, algorithm, base.observer)
     return out
+
+
+def _for_width(scheme: Scheme, width: int) -> Scheme:
+    """``scheme`` without its rotation where ``width`` has no Hadamard matrix (as
+    ``quantize.drop_missing_rotations`` does when the recipe is applied)."""
+    from lowbit.formats.rotation import has_hadamard
+
+    if scheme.weight.rotation is None or has_hadamard(width):
+        return scheme
+    return replace(scheme, weight=replace(scheme.weight, rotation=None))
 
 
 def layer_bits(weight: torch.Tensor, scheme: Scheme) -> tuple[int, torch.Tensor]:
     """Stored bits (codes + scales + zero-points) of ``weight`` at ``scheme`` and its RTN."""
-    from lowbit.formats import dequantize
+    from lowbit.formats import dequantize, rotate
     from lowbit.model.quantize import quantize_weight
     from lowbit.nn import PackedWeight
 
     codes, qp = quantize_weight(weight, scheme)
     packed = PackedWeight.from_codes(codes, qp)
     nbytes = sum(t.numel() * t.element_size() for t in packed.tensors().values())
-    return 8 * nbytes, dequantize(codes, qp)
+    w_hat = dequantize(codes, qp)
+    if scheme.weight.rotation is not None:  # codes of W R: the weight the layer applies
+        w_hat = rotate(w_hat.double(), scheme.weight.rotation, inverse=True).float()
+    return 8 * nbytes, w_hat
 
 
 def _kl(base_logp: torch.Tensor, logits: torch.Tensor) -> float:
@@ -132,7 +153,7 @@ def sensitivity(model: nn.Module, batches: list, candidates: dict[str, Scheme],
         ms = sq[name] / max(1, sq[name + "#n"])
         entry = {"kl": {}, "bits": {}, "err": {}, "numel": W.numel()}
         for cand, scheme in candidates.items():
-            bits, w_hat = layer_bits(W.float(), scheme)
+            bits, w_hat = layer_bits(W.float(), _for_width(scheme, W.shape[1]))
             entry["bits"][cand] = bits
             entry["err"][cand] = float(((W.float() - w_hat).pow(2) * ms).sum())
             if measure == "all" or cand == anchor:
@@ -238,14 +259,15 @@ def auto_recipe(model: nn.Module, recipe: Recipe, batches: list | None, *,
 
     bpw = budget_of(recipe)
     algorithm = recipe.default.algorithm if recipe.default is not None else "rtn"
-    schemes = candidate_schemes(candidates, algorithm)
+    rotation = recipe.default.weight.rotation if recipe.default is not None else None
+    schemes = candidate_schemes(candidates, algorithm, rotation)
     names = [n for n, _, s in find_targets(model, recipe) if s is not None]
     if sens is None:
         if not batches:
             raise RecipeError(f"{recipe.name} measures each layer's sensitivity on calibration "
                               f"data: pass calibration=lowbit.data.text('pydoc', tokenizer)")
         slice_ = _slice(batches, sensitivity_tokens)
-        rtn = candidate_schemes(candidates, "rtn")
+        rtn = candidate_schemes(candidates, "rtn", rotation)
         smallest = [c for c in candidates]
         anchor = min(smallest, key=lambda c: abs(_nominal_bits(rtn[c]) - bpw))
         sens = sensitivity(model, slice_, rtn, names, anchor=anchor, measure=measure,
@@ -253,7 +275,8 @@ def auto_recipe(model: nn.Module, recipe: Recipe, batches: list | None, *,
     model.lowbit_sensitivity = sens
     choice = allocate({n: sens[n] for n in names}, bpw)
     return recipe_from_choice(choice, schemes, f"mixed-{bpw:g}bpw" + (
-        f"-{algorithm}" if algorithm != "rtn" else ""), recipe.keep, recipe.compute_dtype)
+        f"-{algorithm}" if algorithm != "rtn" else "") + ("-rot" if rotation else ""),
+        recipe.keep, recipe.compute_dtype)
 
 
 def _nominal_bits(scheme: Scheme) -> float:

@@ -9,7 +9,8 @@ output head (``lm_head``, tied to the embedding in SmolLM2) is quantized like ev
 linear unless it is kept (``keep=["lm_head"]``).
 
 Short names (``Recipe.parse``): see ``PRESETS``; also the grammar
-``w<bits>[g<group>][a8[-static]][-<algorithm>]`` for integer weights.
+``w<bits>[g<group>][a8[-static]][-<algorithm>][-rot]`` for integer weights; ``-rot`` quantizes
+in a Hadamard-rotated basis (``formats.rotation``; with RTN, SmoothQuant, GPTQ or AWQ+GPTQ).
 """
 
 from __future__ import annotations
