@@ -344,3 +344,31 @@ def test_rotated_recipes_end_to_end(calib, ids, tmp_path):
         assert torch.equal(again(ids).logits, model(ids).logits)
     with pytest.raises(RecipeError, match="rotation runs with"):
         Recipe.parse("w4g32-awq-rot")
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc only")
+def test_free_heap_pages_go_back_to_the_os():
+    """Once glibc's mmap threshold has risen (after the first few-MB tensor is freed), tensors
+    of that size come from the heap and their pages stay resident after ``del``;
+    ``_give_back_free_memory`` (``malloc_trim``) returns them."""
+    from lowbit.model import calibrated
+
+    def rss_mb():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    assert calibrated._malloc_trim() is not None
+    first = torch.ones(300_000)  # 1.2 MB: mapped, and freeing it raises the threshold
+    del first
+    base = rss_mb()
+    many = [torch.ones(300_000) for _ in range(200)]  # 240 MB from the heap
+    top = torch.ones(300_000)  # a live block above them: plain free cannot shrink the heap
+    del many
+    after_free = rss_mb()
+    calibrated._give_back_free_memory()
+    after_trim = rss_mb()
+    assert after_free - base > 150  # the pages stayed resident...
+    assert after_free - after_trim > 150  # ...until trimmed
+    del top

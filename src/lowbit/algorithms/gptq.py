@@ -107,11 +107,12 @@ class GPTQ:
         perm = torch.arange(cols, device=W.device)
         if self.act_order:  # columns in order of decreasing H_ii
             perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
-            W, H = W[:, perm], H[perm][:, perm]
+            W, H = W[:, perm], H[perm[:, None], perm]  # (one gather, no [perm] copy)
         invperm = torch.argsort(perm)
         group_of = (perm // gs).tolist()  # original group of the column at each position
 
         Hinv, used_damp = _inverse_cholesky(H, self.percdamp, self.max_percdamp, W, nsamples)
+        del H  # (the largest buffers of the solve: at most two ``cols x cols`` at a time)
 
         integer = isinstance(fmt, IntFormat)  # codes kept as float until the end
         codes = torch.empty(rows, cols, dtype=torch.float32 if integer else fmt.code_dtype,
@@ -312,9 +313,12 @@ def _inverse_cholesky(
         Hd = H.clone()
         Hd.diagonal().add_(damp * mean_diag)
         L, info = torch.linalg.cholesky_ex(Hd)
+        del Hd
         if int(info) == 0:
             Hinv = torch.cholesky_inverse(L)
+            del L
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            del Hinv
             if int(info) == 0 and torch.isfinite(U).all():
                 return U.float(), damp
         nxt = damp * 10 if damp > 0 else 0.01
