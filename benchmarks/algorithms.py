@@ -20,6 +20,8 @@ Run:
   .venv/bin/python benchmarks/algorithms.py                       # everything, 32 windows
   .venv/bin/python benchmarks/algorithms.py --recipes w4g128,w4g128-gptq --n-windows 8
   .venv/bin/python benchmarks/algorithms.py --memory w4g128-gptq   # peak RSS vs model size
+  .venv/bin/python benchmarks/algorithms.py --recipes w4g128-gptq,w4g128-gptq/f32in  # A/B:
+      # calibration block inputs held in float16 (the default) or float32
 Results are also appended to ``--out`` (JSON lines) as each recipe finishes;
 ``--tables a.jsonl b.jsonl`` prints the tables of saved results (e.g. of parallel runs).
 """
@@ -35,7 +37,7 @@ import time
 from pathlib import Path
 
 RECIPES = ("w4g128,w4g128-gptq,w4g128-awq,w4g128-hqq,w4g128-imatrix,"
-           "w3g64,w3g64-gptq,w3g64-awq,w3g64-hqq,w3g64-imatrix,"
+           "w3g64,w3g64-gptq,w3g64-awq,w3g64-hqq,w3g64-imatrix,w3g64-gptq-rot,w4g64-gptq-rot,"
            "w2g16,w2g16-gptq,w2g16-awq,w2g16-hqq,w2g16-imatrix,"
            "kmeans4,w8a8-static,w8a8-smooth,auto:3.5")
 LLAMA_CPP = {"Q8_0": 0.48, "Q6_K": 1.38, "Q4_K_M": 7.93, "Q4_0": 23.6, "Q3_K_M": 13.4,
@@ -161,10 +163,18 @@ def run(args) -> list[dict]:
     rows = []
     for name in args.recipes.split(","):
         model = copy.deepcopy(base)
-        recipe = lowbit.Recipe.parse(name).with_keep("lm_head")
+        key, _, option = name.partition("/")
+        if option not in ("", "f32in"):
+            raise SystemExit(f"{name}: the only option is /f32in (block inputs in float32)")
+        recipe = lowbit.Recipe.parse(key).with_keep("lm_head")
         t0, c0 = time.perf_counter(), time.process_time()
         with PeakRSS() as mem:
-            lowbit.quantize(model, recipe, calib, progress=False)
+            if option:  # the A/B of holding calibration block inputs in float16 (default)
+                from lowbit.model.calibrated import quantize_calibrated
+
+                quantize_calibrated(model, recipe, calib, progress=False, half_inputs=False)
+            else:
+                lowbit.quantize(model, recipe, calib, progress=False)
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         res = score(model, ids, args.n_windows, ref.windows).result()
         saved, held = stored_bits(model)

@@ -153,11 +153,11 @@ def test_merged_callable_concatenates_and_refuses_mixed_layers() -> None:
 
 
 @pytest.mark.parametrize("recipe", ["w8-rot", "w4g32-rot"])
-def test_rotated_weight_only_layers_decode_natively(recipe: str) -> None:
+def test_rotated_weight_only_layers_decode_natively(recipe: str, tmp_path) -> None:
     """A weight-only layer that rotates its input decodes as one native rotation then its
-    GEMV (alone or merged); both equal the layer's forward, and a runtime over them gives
-    the torch step's greedy tokens."""
-    from lowbit import quantize
+    GEMV (alone or merged); both equal the layer's forward, a runtime over them gives the
+    torch step's greedy tokens, and the model saves and loads with its rotation."""
+    from lowbit import load, quantize, save
     from lowbit.nn import QuantizedLinear
 
     torch.manual_seed(0)
@@ -181,3 +181,10 @@ def test_rotated_weight_only_layers_decode_natively(recipe: str) -> None:
         want, _ = generate(DecoderRuntime(model, dtype=torch.float32, native=False), ids_, 16,
                            dtype=torch.float32)
     assert torch.equal(got, want)
+    layer = model.model.layers[0].mlp.down_proj
+    kernel = {"w8-rot": "int8_weight.", "w4g32-rot": "int4_weight."}[recipe]
+    assert layer.spec.rotation == "hadamard" and layer.kernel.startswith(kernel)
+    save(model, tmp_path / recipe)
+    again = load(tmp_path / recipe)
+    with torch.no_grad():
+        assert torch.equal(again(ids_).logits, model(ids_).logits)
