@@ -178,3 +178,19 @@ def test_int4_avx512_layout_of_64_row_blocks():
                          None, n)
     ref = x @ dequantize_int4_weight(state).T
     assert _rel_err(y, ref) < 2e-4
+
+
+@needs_native
+@pytest.mark.parametrize("k", [12, 64, 576, 768, 1536, 4096])
+def test_native_rotation_matches_the_reference(k: int) -> None:
+    """``lowbit_rotate``: dense Paley factors as multiply-adds, Sylvester factors (merged:
+    1536 = 12 x 128, 4096 = one 4096) as Walsh-Hadamard butterflies; equal to
+    ``formats.rotation.rotate`` in float64, for one row and several."""
+    from lowbit.formats.rotation import hadamard_factors, rotate
+
+    sizes, _ = native._factor_args(hadamard_factors(k))
+    assert sum(1 for s in sizes.tolist() if s < 0) <= 1  # neighbouring Sylvester merged
+    f = native.rotator(k, hadamard_factors(k), lambda x: rotate(x))
+    for rows in (1, 5):
+        x = torch.randn(rows, k, generator=torch.Generator().manual_seed(k + rows))
+        torch.testing.assert_close(f(x), rotate(x.double()).float(), atol=2e-6, rtol=1e-5)

@@ -70,6 +70,13 @@ def hadamard_factors(n: int) -> tuple[torch.Tensor, ...]:
     return tuple(factors)
 
 
+def is_sylvester(f: torch.Tensor) -> bool:
+    """True when ``f`` is the normalized Sylvester matrix of its size (a power of two)."""
+    n = f.shape[0]
+    return (f.dim() == 2 and f.shape[1] == n and n & (n - 1) == 0
+            and torch.equal(f.double(), _sylvester(n) / math.sqrt(n)))
+
+
 def has_hadamard(n: int) -> bool:
     try:
         hadamard_factors(n)

@@ -265,17 +265,33 @@ def w8a8_decoder(qdata: torch.Tensor, wscale: torch.Tensor, bias: torch.Tensor |
     sizes, flat = _factor_args(factors)
     scratch = torch.empty(2 * MAX_ROWS * k, dtype=torch.float32)
     before = (qdata.data_ptr(), qdata.shape[1], wscale.data_ptr(), _ptr(bias))
-    after = (float(act_scale), len(factors), sizes.data_ptr(), flat.data_ptr(),
+    after = (float(act_scale), len(sizes) if factors else 0, sizes.data_ptr(), flat.data_ptr(),
              scratch.data_ptr())
     return _bound(_library().lowbit_w8a8_gemv, k, n, fallback, before, after,
                   (qdata, wscale, bias, sizes, flat, scratch))
 
 
 def _factor_args(factors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The factors' sizes (int64) and their row-major entries back to back (float32)."""
-    sizes = torch.tensor([f.shape[0] for f in factors] or [0], dtype=torch.int64)
-    flat = torch.cat([f.float().reshape(-1) for f in factors]) if factors else torch.zeros(1)
-    return sizes, flat
+    """The factors' sizes (int64) and their row-major entries back to back (float32), as
+    ``kron_rotate`` reads them: a normalized Sylvester factor is passed as ``-size`` with no
+    entries (C applies it by Walsh-Hadamard butterflies), neighbouring ones merged
+    (``H_a ⊗ H_b = H_ab`` for Sylvester matrices)."""
+    from lowbit.formats.rotation import is_sylvester
+
+    sizes: list[int] = []
+    dense: list[torch.Tensor] = []
+    for f in factors:
+        s = f.shape[0]
+        if is_sylvester(f):
+            if sizes and sizes[-1] < 0:
+                sizes[-1] *= s
+            else:
+                sizes.append(-s)
+        else:
+            sizes.append(s)
+            dense.append(f.float().reshape(-1))
+    flat = torch.cat(dense) if dense else torch.zeros(1)
+    return torch.tensor(sizes or [0], dtype=torch.int64), flat
 
 
 def rotator(k: int, factors: tuple[torch.Tensor, ...], fallback):
@@ -285,7 +301,8 @@ def rotator(k: int, factors: tuple[torch.Tensor, ...], fallback):
     sizes, flat = _factor_args(factors)
     tmp = torch.empty(k, dtype=torch.float32)
     return _bound(_library().lowbit_rotate, k, k, fallback,
-                  (len(factors), sizes.data_ptr(), flat.data_ptr()), (tmp.data_ptr(),),
+                  (len(sizes) if factors else 0, sizes.data_ptr(), flat.data_ptr()),
+                  (tmp.data_ptr(),),
                   (sizes, flat, tmp))
 
 

@@ -98,16 +98,53 @@ void lowbit_int8_gemv(const float *x, int64_t M, int64_t K, const int8_t *q, int
     }
 }
 
-/* x[n] (viewed as the grid sizes[0] x ... x sizes[nf - 1], last fastest) times the
- * Kronecker product of the row-major factors: axis a contracted with factor a, as
- * formats/rotation.py's rotate. Returns the buffer holding the result (x or tmp). */
+/* In-place normalized Walsh-Hadamard transform (Sylvester order) of the s-long axis with
+ * stride `inner` of each of the `outer` blocks: log2(s) butterfly passes instead of s
+ * multiply-adds per entry. */
+static void fwht_axis(float *x, int64_t outer, int64_t s, int64_t inner) {
+    const float norm = 1.0f / sqrtf((float)s);
+    for (int64_t o = 0; o < outer; o++) {
+        float *xo = x + o * s * inner;
+        for (int64_t h = 1; h < s; h *= 2) {
+            for (int64_t i = 0; i < s; i += 2 * h) {
+                if (inner == 1) {
+                    for (int64_t j = i; j < i + h; j++) {
+                        const float u = xo[j], v = xo[j + h];
+                        xo[j] = u + v;
+                        xo[j + h] = u - v;
+                    }
+                    continue;
+                }
+                for (int64_t j = i; j < i + h; j++) {
+                    float *p = xo + j * inner, *q = xo + (j + h) * inner;
+                    for (int64_t r = 0; r < inner; r++) {
+                        const float u = p[r], v = q[r];
+                        p[r] = u + v;
+                        q[r] = u - v;
+                    }
+                }
+            }
+        }
+        for (int64_t k = 0; k < s * inner; k++) xo[k] *= norm;
+    }
+}
+
+/* x[n] (viewed as the grid |sizes[0]| x ... x |sizes[nf - 1]|, last fastest) times the
+ * Kronecker product of the factors, axis a contracted with factor a, as formats/rotation.py's
+ * rotate. A factor of size s > 0 is a dense row-major s x s block of `factors`; s < 0 is the
+ * normalized Sylvester matrix of size -s (no entries), applied by fwht_axis. Returns the
+ * buffer holding the result (x or tmp). */
 static float *kron_rotate(float *x, float *tmp, int64_t n, int64_t nf, const int64_t *sizes,
                           const float *factors) {
     int64_t inner = n;
     for (int64_t a = 0; a < nf; a++) {
-        const int64_t s = sizes[a];
+        const int64_t s = sizes[a] < 0 ? -sizes[a] : sizes[a];
         inner /= s;
         const int64_t outer = n / (inner * s);
+        if (sizes[a] < 0) {
+            fwht_axis(x, outer, s, inner);
+            continue;
+        }
         for (int64_t o = 0; o < outer; o++) {
             const float *xo = x + o * s * inner;
             float *to = tmp + o * s * inner;
