@@ -188,7 +188,7 @@ def test_native_rotation_matches_the_reference(k: int) -> None:
     ``formats.rotation.rotate`` in float64, for one row and several."""
     from lowbit.formats.rotation import hadamard_factors, rotate
 
-    sizes, _ = native._factor_args(hadamard_factors(k))
+    _, sizes, _ = native._factor_args(hadamard_factors(k))
     assert sum(1 for s in sizes.tolist() if s < 0) <= 1  # neighbouring Sylvester merged
     f = native.rotator(k, hadamard_factors(k), lambda x: rotate(x))
     for rows in (1, 5):

@@ -262,20 +262,20 @@ def w8a8_decoder(qdata: torch.Tensor, wscale: torch.Tensor, bias: torch.Tensor |
     the int8 loop on the codes and scale by ``wscale`` (``s_w``, or ``act_scale * s_w`` when
     static). Bound as ``int8_decoder``."""
     bias = None if bias is None else bias.float().contiguous()
-    sizes, flat = _factor_args(factors)
+    nf, sizes, flat = _factor_args(factors)
     scratch = torch.empty(2 * MAX_ROWS * k, dtype=torch.float32)
     before = (qdata.data_ptr(), qdata.shape[1], wscale.data_ptr(), _ptr(bias))
-    after = (float(act_scale), len(sizes) if factors else 0, sizes.data_ptr(), flat.data_ptr(),
+    after = (float(act_scale), nf, sizes.data_ptr(), flat.data_ptr(),
              scratch.data_ptr())
     return _bound(_library().lowbit_w8a8_gemv, k, n, fallback, before, after,
                   (qdata, wscale, bias, sizes, flat, scratch))
 
 
-def _factor_args(factors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The factors' sizes (int64) and their row-major entries back to back (float32), as
-    ``kron_rotate`` reads them: a normalized Sylvester factor is passed as ``-size`` with no
-    entries (C applies it by Walsh-Hadamard butterflies), neighbouring ones merged
-    (``H_a ⊗ H_b = H_ab`` for Sylvester matrices)."""
+def _factor_args(factors: tuple[torch.Tensor, ...]) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """The number of factors, their sizes (int64) and their row-major entries back to back
+    (float32), as ``kron_rotate`` reads them (no factors: 0 and a placeholder each). A
+    normalized Sylvester factor is passed as ``-size`` with no entries (C applies it by
+    Walsh-Hadamard butterflies), neighbouring ones merged (``H_a ⊗ H_b = H_ab``)."""
     from lowbit.formats.rotation import is_sylvester
 
     sizes: list[int] = []
@@ -291,19 +291,17 @@ def _factor_args(factors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch
             sizes.append(s)
             dense.append(f.float().reshape(-1))
     flat = torch.cat(dense) if dense else torch.zeros(1)
-    return torch.tensor(sizes or [0], dtype=torch.int64), flat
+    return len(sizes), torch.tensor(sizes or [0], dtype=torch.int64), flat
 
 
 def rotator(k: int, factors: tuple[torch.Tensor, ...], fallback):
     """``f(x) = x @ (factors[0] ⊗ factors[1] ⊗ ...)`` along the last dimension (``k``) for
     float32 ``x`` in one call (``formats.rotation.rotate`` in C), ``fallback`` for many rows:
     the input rotation of a weight-only layer in a decode step."""
-    sizes, flat = _factor_args(factors)
+    nf, sizes, flat = _factor_args(factors)
     tmp = torch.empty(k, dtype=torch.float32)
     return _bound(_library().lowbit_rotate, k, k, fallback,
-                  (len(sizes) if factors else 0, sizes.data_ptr(), flat.data_ptr()),
-                  (tmp.data_ptr(),),
-                  (sizes, flat, tmp))
+                  (nf, sizes.data_ptr(), flat.data_ptr()), (tmp.data_ptr(),), (sizes, flat, tmp))
 
 
 def int4_decoder(packed: torch.Tensor, scales_and_zeros: torch.Tensor, kernel_group: int,

@@ -70,16 +70,6 @@ def candidate_schemes(names, algorithm: str = "rtn", rotation: str | None = None
     return out
 
 
-def _for_width(scheme: Scheme, width: int) -> Scheme:
-    """``scheme`` without its rotation where ``width`` has no Hadamard matrix (as
-    ``quantize.drop_missing_rotations`` does when the recipe is applied)."""
-    from lowbit.formats.rotation import has_hadamard
-
-    if scheme.weight.rotation is None or has_hadamard(width):
-        return scheme
-    return replace(scheme, weight=replace(scheme.weight, rotation=None))
-
-
 def layer_bits(weight: torch.Tensor, scheme: Scheme) -> tuple[int, torch.Tensor]:
     """Stored bits (codes + scales + zero-points) of ``weight`` at ``scheme`` and its RTN."""
     from lowbit.formats import dequantize, rotate
@@ -107,6 +97,7 @@ def sensitivity(model: nn.Module, batches: list, candidates: dict[str, Scheme],
     """``{layer: {"kl": {cand: D}, "bits": {cand: bits}, "numel": n}}`` (module docstring)."""
     from lowbit.model.arch import find_module, resolve_arch
     from lowbit.model.calibrated import _capture, _output
+    from lowbit.model.quantize import scheme_for_width
 
     if measure not in ("anchor", "all"):
         raise RecipeError(f"measure must be 'anchor' or 'all', got {measure!r}")
@@ -153,7 +144,8 @@ def sensitivity(model: nn.Module, batches: list, candidates: dict[str, Scheme],
         ms = sq[name] / max(1, sq[name + "#n"])
         entry = {"kl": {}, "bits": {}, "err": {}, "numel": W.numel()}
         for cand, scheme in candidates.items():
-            bits, w_hat = layer_bits(W.float(), _for_width(scheme, W.shape[1]))
+            # (unrotated where the width has no Hadamard matrix, as the recipe is applied)
+            bits, w_hat = layer_bits(W.float(), scheme_for_width(scheme, W.shape[1]))
             entry["bits"][cand] = bits
             entry["err"][cand] = float(((W.float() - w_hat).pow(2) * ms).sum())
             if measure == "all" or cand == anchor:

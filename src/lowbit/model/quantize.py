@@ -265,16 +265,24 @@ def drop_missing_rotations(targets: list, summary: QuantizeSummary | None = None
     searches, quantization) reads the scheme alone."""
     out = []
     for name, module, scheme in targets:
-        rotation = None if scheme is None or scheme.weight is None else scheme.weight.rotation
         width = module.weight.shape[1]
-        if rotation is not None and not has_hadamard(width):
+        fitted = scheme_for_width(scheme, width)
+        if fitted is not scheme:
             if summary is not None:
                 summary.unrotated.append(name)
             warnings.warn(f"{name}: no Hadamard rotation of size {width} (lowbit builds "
                           f"12^a * 2^k); this layer is quantized without rotation", stacklevel=3)
-            scheme = replace(scheme, weight=replace(scheme.weight, rotation=None))
-        out.append((name, module, scheme))
+        out.append((name, module, fitted))
     return out
+
+
+def scheme_for_width(scheme: Scheme | None, width: int) -> Scheme | None:
+    """``scheme`` without its rotation when ``width`` inputs have no Hadamard matrix, else
+    ``scheme`` itself."""
+    rotation = None if scheme is None or scheme.weight is None else scheme.weight.rotation
+    if rotation is None or has_hadamard(width):
+        return scheme
+    return replace(scheme, weight=replace(scheme.weight, rotation=None))
 
 
 def cast_unquantized(model: nn.Module, dtype: torch.dtype) -> None:
