@@ -22,6 +22,8 @@ Run:
   .venv/bin/python benchmarks/algorithms.py --memory w4g128-gptq   # peak RSS vs model size
   .venv/bin/python benchmarks/algorithms.py --recipes w4g128-gptq,w4g128-gptq/f32in  # A/B:
       # calibration block inputs held in float16 (the default) or float32
+  .venv/bin/python benchmarks/algorithms.py --recipes w3g64-gptq-rot,w3g64-gptq-rot/refine3
+      # A/B: GPTQ, then 3 QuantEase coordinate-descent passes (GPTQ(refine_passes=3))
 Results are also appended to ``--out`` (JSON lines) as each recipe finishes;
 ``--tables a.jsonl b.jsonl`` prints the tables of saved results (e.g. of parallel runs).
 """
@@ -32,6 +34,7 @@ import argparse
 import copy
 import json
 import math
+import re
 import threading
 import time
 from pathlib import Path
@@ -164,15 +167,20 @@ def run(args) -> list[dict]:
     for name in args.recipes.split(","):
         model = copy.deepcopy(base)
         key, _, option = name.partition("/")
-        if option not in ("", "f32in"):
-            raise SystemExit(f"{name}: the only option is /f32in (block inputs in float32)")
+        refine = re.fullmatch(r"refine(\d+)", option)
+        if option not in ("", "f32in") and not refine:
+            raise SystemExit(f"{name}: options are /f32in (block inputs in float32) and "
+                             f"/refine<N> (N QuantEase passes after GPTQ)")
         recipe = lowbit.Recipe.parse(key).with_keep("lm_head")
         t0, c0 = time.perf_counter(), time.process_time()
         with PeakRSS() as mem:
-            if option:  # the A/B of holding calibration block inputs in float16 (default)
+            if option:  # A/B: block inputs held in float32; GPTQ's coordinate-descent passes
                 from lowbit.model.calibrated import quantize_calibrated
+                from lowbit.model.solve import Solver
 
-                quantize_calibrated(model, recipe, calib, progress=False, half_inputs=False)
+                gptq = {**Solver().gptq, "refine_passes": int(refine.group(1)) if refine else 0}
+                quantize_calibrated(model, recipe, calib, progress=False,
+                                    half_inputs=option != "f32in", solver=Solver(gptq=gptq))
             else:
                 lowbit.quantize(model, recipe, calib, progress=False)
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0

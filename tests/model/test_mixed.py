@@ -12,8 +12,10 @@ from lowbit.model.mixed import (
     auto_placeholder,
     candidate_schemes,
     is_auto,
+    layer_bits,
     recipe_from_choice,
     sensitivity,
+    solved_errors,
 )
 
 from .tiny import tiny_llama
@@ -112,6 +114,45 @@ def test_sensitivity_anchor_matches_measurement_at_the_anchor(base, calib):
         assert fast[n]["kl"]["w8"] < fast[n]["kl"]["w3g64"]
     with torch.no_grad():  # the model is left as it was
         assert torch.equal(model(calib[0]).logits, base(calib[0]).logits)
+
+
+def test_solved_errors_score_what_gptq_leaves(base, calib):
+    """For GPTQ the candidates are scored after solving: their Hessian-weighted output error
+    ``tr(dW H dW^T)`` (``H = 2/n X^T X`` of the float model's inputs) is below round to
+    nearest's on the same ``H``, and sensitivity measures the anchor's KL with GPTQ's weight."""
+    model = copy.deepcopy(base)
+    names = ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj",
+             "model.layers.1.self_attn.k_proj"]
+    cands = candidate_schemes(("w2g64", "w3g64", "w8"), "gptq")
+    solved = solved_errors(model, calib, cands, names, keep={"w3g64"}, progress=False)
+    xs = {}
+    hooks = [model.get_submodule(n).register_forward_pre_hook(
+        lambda m, a, n=n: xs.setdefault(n, []).append(a[0].reshape(-1, a[0].shape[-1])))
+        for n in names]
+    with torch.no_grad():
+        for b in calib:
+            model(b)
+    for h in hooks:
+        h.remove()
+    rtn = candidate_schemes(cands)
+    for n in names:
+        X = torch.cat(xs[n]).double()
+        H = (2 * X.T @ X / len(X)).float()
+        W = model.get_submodule(n).weight.detach().float()
+        err = solved[n]["err"]
+        assert set(solved[n]["w_hat"]) == {"w3g64"}
+        dW = W - solved[n]["w_hat"]["w3g64"]
+        assert err["w3g64"] == pytest.approx(float(((dW @ H) * dW).sum()), rel=1e-3)
+        for c in ("w2g64", "w3g64"):
+            dW = W - layer_bits(W, rtn[c])[1]
+            assert err[c] < 0.9 * float(((dW @ H) * dW).sum())
+        assert err["w2g64"] > err["w3g64"] > err["w8"]
+    sens = sensitivity(model, calib[:1], rtn, names, anchor="w3g64", progress=False,
+                       solved=solved)
+    plain = sensitivity(model, calib[:1], rtn, names, anchor="w3g64", progress=False)
+    for n in names:
+        assert sens[n]["err"] == solved[n]["err"]
+        assert sens[n]["kl"]["w3g64"] != plain[n]["kl"]["w3g64"]
 
 
 def test_auto_recipe_end_to_end(base, calib):

@@ -346,7 +346,7 @@ def quantize_calibrated(
     t0 = time.perf_counter()
     batches = None if calibration is None else _batches(calibration, model)
     if is_auto(recipe):
-        recipe = auto_recipe(model, recipe, batches, progress=progress)
+        recipe = auto_recipe(model, recipe, batches, solver=solver, progress=progress)
     summary = QuantizeSummary(recipe.name)
     targets = drop_missing_rotations(find_targets(model, recipe), summary)
     plan = {n: s for n, _, s in targets if s is not None and s.weight is not None}

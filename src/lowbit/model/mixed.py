@@ -12,6 +12,9 @@
    ``KL ~ 1/2 d^T F d``: proportional to the layer's output error, estimated as
    ``e_l(c) = sum_ij (W - Q_c(W))_ij^2 E[x_j^2]``, so ``D_l(c) = D_l(a) e_l(c) / e_l(a)``.
    ``measure="all"`` measures every pair.
+   For GPTQ and AWQ+GPTQ, round to nearest is the wrong stand-in (``solved_errors``): each
+   layer is solved at every candidate against the float model's Hessian, ``D`` is measured
+   with the solved weight and ``e_l(c) = tr(dW H dW^T)``, the error GPTQ minimises.
 2. Allocation: minimise ``sum_l D_l(c_l)`` subject to ``sum_l bits_l(c_l) <= bpw * sum_l n_l``
    where ``bits_l`` counts codes, scales and zero-points as stored (``PackedWeight``). Each
    layer's options are reduced to their lower convex hull, then the upgrade with the best
@@ -33,6 +36,8 @@ from lowbit.model.recipe import Recipe, RecipeError, Rule, Scheme
 from lowbit.nn import WeightSpec
 
 DEFAULT_CANDIDATES = ("w2g64", "w3g64", "w4g128", "w4g64", "w8")
+#: algorithms whose candidates are scored after solving against the Hessian
+SOLVED = ("gptq", "awq+gptq")
 _AUTO = re.compile(r"auto:(\d+(?:\.\d+)?)(?:bpw)?(?:-([a-z+]+?))?(-rot)?")
 
 
@@ -93,8 +98,11 @@ def _kl(base_logp: torch.Tensor, logits: torch.Tensor) -> float:
 @torch.no_grad()
 def sensitivity(model: nn.Module, batches: list, candidates: dict[str, Scheme],
                 names: list[str], *, anchor: str, measure: str = "anchor", top_k: int = 32,
-                progress: bool = True) -> dict[str, dict]:
-    """``{layer: {"kl": {cand: D}, "bits": {cand: bits}, "numel": n}}`` (module docstring)."""
+                progress: bool = True, solved: dict | None = None) -> dict[str, dict]:
+    """``{layer: {"kl": {cand: D}, "bits": {cand: bits}, "numel": n}}`` (module docstring).
+
+    ``solved`` (``solved_errors``): each layer's weights and errors as a calibrated algorithm
+    produced them, used instead of round to nearest's."""
     from lowbit.model.arch import find_module, resolve_arch
     from lowbit.model.calibrated import _capture, _output
     from lowbit.model.quantize import scheme_for_width
@@ -147,7 +155,11 @@ def sensitivity(model: nn.Module, batches: list, candidates: dict[str, Scheme],
             # (unrotated where the width has no Hadamard matrix, as the recipe is applied)
             bits, w_hat = layer_bits(W.float(), scheme_for_width(scheme, W.shape[1]))
             entry["bits"][cand] = bits
-            entry["err"][cand] = float(((W.float() - w_hat).pow(2) * ms).sum())
+            if solved is not None:  # the algorithm's weight and its Hessian-weighted error
+                entry["err"][cand] = solved[name]["err"][cand]
+                w_hat = solved[name]["w_hat"].get(cand)
+            else:
+                entry["err"][cand] = float(((W.float() - w_hat).pow(2) * ms).sum())
             if measure == "all" or cand == anchor:
                 lin.weight.data = w_hat.to(W.dtype)
                 try:
@@ -163,6 +175,70 @@ def sensitivity(model: nn.Module, batches: list, candidates: dict[str, Scheme],
             for cand in candidates:
                 entry["kl"].setdefault(cand, ref_kl * entry["err"][cand] / ref_err)
         out[name] = entry
+    return out
+
+
+@torch.no_grad()
+def solved_errors(model: nn.Module, batches: list, candidates: dict[str, Scheme],
+                  names: list[str], *, keep: set[str], solver=None,
+                  progress: bool = True) -> dict[str, dict]:
+    """``{layer: {"err": {cand: e}, "w_hat": {cand: W_hat}}}`` for a Hessian-solved algorithm.
+
+    Round to nearest misjudges what GPTQ leaves of a format: in the Hadamard basis RTN at 3
+    bits is worse than unrotated, GPTQ's far better, and GPTQ rescues 3 bits more than 2.
+    So each layer is solved at every candidate (``Solver.solve_group``, the calls the real
+    run makes) against the Hessian of the float model's inputs, block by block, and scored
+    by the output error ``e = tr(dW H dW^T)`` (GPTQ's objective, Frantar et al., 2022,
+    eq. 1). ``W_hat`` (in the layer's own basis) is kept for the candidates in ``keep``.
+    AWQ+GPTQ's group scale is not searched here: its layers are solved as GPTQ.
+    """
+    from lowbit.formats import dequantize, rotate
+    from lowbit.model.arch import resolve_arch
+    from lowbit.model.calibrated import _capture, _output
+    from lowbit.model.quantize import scheme_for_width
+    from lowbit.model.solve import InputStats, Member, Solver
+
+    solver = solver or Solver()
+    arch = resolve_arch(model)
+    wanted = set(names)
+    hidden, kws = _capture(model, arch.blocks[0].module, batches)
+    out: dict[str, dict] = {}
+    blocks = arch.blocks
+    if progress:
+        from tqdm.auto import tqdm
+
+        blocks = tqdm(blocks, desc="solving candidates", unit="block", leave=False,
+                      disable=None)
+    for block in blocks:
+        groups = [[n for n in g.linears if n in wanted] for g in block.groups]
+        groups = [g for g in groups if g]
+        stats, hooks = [], []
+        for g in groups:
+            first = model.get_submodule(g[0])
+            st = InputStats(first.in_features, {"hessian"})
+            hooks.append(first.register_forward_pre_hook(lambda m, a, st=st: st.add(a[0])))
+            stats.append(st)
+        try:
+            hidden = [_output(block.module(h, **kw)) for h, kw in zip(hidden, kws, strict=True)]
+        finally:
+            for h in hooks:
+                h.remove()
+        for g, st in zip(groups, stats, strict=True):
+            H = st.hessian.H.float()
+            for n in g:
+                out[n] = {"err": {}, "w_hat": {}}
+            for cand, scheme in candidates.items():
+                members = [Member(n, model.get_submodule(n), scheme_for_width(
+                    scheme, model.get_submodule(n).in_features)) for n in g]
+                for m, sol in zip(members, solver.solve_group(members, st, None), strict=True):
+                    w_hat = dequantize(sol.codes, sol.qparams)
+                    if m.scheme.weight.rotation is not None:  # back to the layer's basis
+                        w_hat = rotate(w_hat.double(), m.scheme.weight.rotation,
+                                       inverse=True).float()
+                    dW = m.module.weight.detach().float() - w_hat
+                    out[m.name]["err"][cand] = float(((dW @ H) * dW).sum())
+                    if cand in keep:
+                        out[m.name]["w_hat"][cand] = w_hat
     return out
 
 
@@ -239,13 +315,14 @@ def recipe_from_choice(choice: dict[str, str], schemes: dict[str, Scheme], name:
 
 def auto_recipe(model: nn.Module, recipe: Recipe, batches: list | None, *,
                 candidates=DEFAULT_CANDIDATES, measure: str = "anchor",
-                sensitivity_tokens: int = 256, progress: bool = True,
-                sens: dict | None = None) -> Recipe:
+                sensitivity_tokens: int = 256, solved_tokens: int = 8192,
+                solver=None, progress: bool = True, sens: dict | None = None) -> Recipe:
     """Resolve an ``auto:<bpw>`` placeholder into an explicit per-layer recipe.
 
-    Sensitivity runs on the first ``sensitivity_tokens`` tokens of ``batches``; the chosen
-    recipe is returned and its sensitivity table is kept on ``recipe_out.sensitivity``-like
-    attribute ``model.lowbit_sensitivity``.
+    Sensitivity runs on the first ``sensitivity_tokens`` tokens of ``batches``; for GPTQ and
+    AWQ+GPTQ the candidates' weights and errors come from solving each layer on the first
+    ``solved_tokens`` tokens (``solved_errors``, with ``solver``'s options). The chosen
+    recipe is returned and its sensitivity table is kept on ``model.lowbit_sensitivity``.
     """
     from lowbit.model.quantize import find_targets
 
@@ -262,8 +339,13 @@ def auto_recipe(model: nn.Module, recipe: Recipe, batches: list | None, *,
         rtn = candidate_schemes(candidates, "rtn", rotation)
         smallest = [c for c in candidates]
         anchor = min(smallest, key=lambda c: abs(_nominal_bits(rtn[c]) - bpw))
+        solved = None
+        if algorithm in SOLVED:
+            keep = set(candidates) if measure == "all" else {anchor}
+            solved = solved_errors(model, _slice(batches, solved_tokens), schemes, names,
+                                   keep=keep, solver=solver, progress=progress)
         sens = sensitivity(model, slice_, rtn, names, anchor=anchor, measure=measure,
-                           progress=progress)
+                           progress=progress, solved=solved)
     model.lowbit_sensitivity = sens
     choice = allocate({n: sens[n] for n in names}, bpw)
     return recipe_from_choice(choice, schemes, f"mixed-{bpw:g}bpw" + (
