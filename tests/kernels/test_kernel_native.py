@@ -183,14 +183,19 @@ def test_int4_avx512_layout_of_64_row_blocks():
 @needs_native
 @pytest.mark.parametrize("k", [12, 64, 576, 768, 1536, 4096])
 def test_native_rotation_matches_the_reference(k: int) -> None:
-    """``lowbit_rotate``: dense Paley factors as multiply-adds, Sylvester factors (merged:
-    1536 = 12 x 128, 4096 = one 4096) as Walsh-Hadamard butterflies; equal to
-    ``formats.rotation.rotate`` in float64, for one row and several."""
+    """The rotation of ``lowbit_rot_*_gemv`` (seen through an identity int8 weight): dense
+    Paley factors as multiply-adds (one whose axis has 2-7 entries after it multiplied out
+    with them: 576 = 12 x 48), Sylvester factors (merged: 1536 = 12 x 128, 4096 = one
+    4096) as Walsh-Hadamard butterflies; equal to ``formats.rotation.rotate`` in float64,
+    for one row and several."""
     from lowbit.formats.rotation import hadamard_factors, rotate
 
     _, sizes, _ = native._factor_args(hadamard_factors(k))
     assert sum(1 for s in sizes.tolist() if s < 0) <= 1  # neighbouring Sylvester merged
-    f = native.rotator(k, hadamard_factors(k), lambda x: rotate(x))
+    assert sizes.tolist() == {576: [12, 48], 1536: [12, -128]}.get(k, sizes.tolist())
+    eye = torch.eye(k, dtype=torch.int8)
+    f = native.int8_decoder(eye, torch.ones(k), None, k, k, lambda x: rotate(x),
+                            hadamard_factors(k))
     for rows in (1, 5):
         x = torch.randn(rows, k, generator=torch.Generator().manual_seed(k + rows))
         torch.testing.assert_close(f(x), rotate(x.double()).float(), atol=2e-6, rtol=1e-5)

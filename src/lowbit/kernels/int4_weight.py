@@ -50,6 +50,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lowbit.formats.rotation import rotate
 from lowbit.kernels import native
 from lowbit.kernels._common import (
     KernelError,
@@ -363,17 +364,24 @@ def select_kernel(x: torch.Tensor, impl: str = "auto") -> str:
     return NATIVE if name == FAST and _layout()[1] and native.preferred() else name
 
 
-def decode_callable(state: Int4WeightState, bias: torch.Tensor | None):
-    """``f(x) == int4_weight_linear(x, state, bias)`` for float32 ``x`` with the native decode
-    kernel's pointers bound once, or None where the native kernel does not run."""
+def decode_callable(state: Int4WeightState, bias: torch.Tensor | None,
+                    factors: tuple[torch.Tensor, ...] = ()):
+    """``f(x) == int4_weight_linear(x @ H, state, bias)`` for float32 ``x`` with the native
+    decode kernel's pointers bound once (``H`` as ``int8_weight.decode_callable``), or None
+    where the native kernel does not run."""
     if not (state.layout[1] and native.preferred()):
         return None
+
+    def fallback(x):
+        return int4_weight_linear(rotate(x) if factors else x, state, bias)
+
     return native.int4_decoder(state.packed, state.scales_and_zeros, state.kernel_group_size,
                                state.layout[0], bias, state.out_features, state.in_features,
-                               lambda x: int4_weight_linear(x, state, bias))
+                               fallback, factors)
 
 
-def merged_decode_callable(states: list[Int4WeightState], biases: list):
+def merged_decode_callable(states: list[Int4WeightState], biases: list,
+                           factors: tuple[torch.Tensor, ...] = ()):
     """As ``int8_weight.merged_decode_callable``: the packed row blocks and their (scale,
     zero) pairs concatenated along N, which needs every layer to fill whole blocks."""
     first = states[0]
@@ -387,10 +395,11 @@ def merged_decode_callable(states: list[Int4WeightState], biases: list):
     sizes = [s.out_features for s in states]
 
     def fallback(x):
+        x = rotate(x) if factors else x
         return torch.cat([int4_weight_linear(x, s, b) for s, b in zip(states, biases,
                                                                         strict=True)], -1)
 
     return native.int4_decoder(torch.cat([s.packed for s in states]),
                                torch.cat([s.scales_and_zeros for s in states], dim=1),
                                first.kernel_group_size, block, native.cat_bias(biases, sizes),
-                               sum(sizes), first.in_features, fallback)
+                               sum(sizes), first.in_features, fallback, factors)

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lowbit.formats.rotation import rotate
 from lowbit.kernels import native
 from lowbit.kernels._common import (
     KernelError,
@@ -187,29 +188,38 @@ def _reference(
     return F.linear(x.float(), w, b).to(x.dtype)
 
 
-def decode_callable(state: Int8WeightState, bias: torch.Tensor | None):
-    """``f(x) == int8_weight_linear(x, state, bias)`` for float32 ``x`` with the native decode
-    kernel's pointers bound once (saves the per-call checks of a decode step), or None where
-    the native kernel does not run."""
+def decode_callable(state: Int8WeightState, bias: torch.Tensor | None,
+                    factors: tuple[torch.Tensor, ...] = ()):
+    """``f(x) == int8_weight_linear(x @ H, state, bias)`` for float32 ``x`` with the native
+    decode kernel's pointers bound once (saves the per-call checks of a decode step), ``H``
+    the Kronecker product of ``factors`` (none: ``H = I``) applied in the same call; None
+    where the native kernel does not run."""
     if not native.preferred():
         return None
+
+    def fallback(x):
+        return int8_weight_linear(rotate(x) if factors else x, state, bias)
+
     return native.int8_decoder(state.qdata, state.scale, bias, state.out_features,
-                               state.in_features, lambda x: int8_weight_linear(x, state, bias))
+                               state.in_features, fallback, factors)
 
 
-def merged_decode_callable(states: list[Int8WeightState], biases: list):
+def merged_decode_callable(states: list[Int8WeightState], biases: list,
+                           factors: tuple[torch.Tensor, ...] = ()):
     """One native call for layers that read the same input (q/k/v, gate/up): their codes
     and scales concatenated along N, so ``f(x)`` is ``[..., sum N]``, the layers' outputs
-    side by side; None where the native kernel does not run or the inputs differ."""
+    side by side (the input rotated once first, as ``decode_callable``); None where the
+    native kernel does not run or the inputs differ."""
     if not native.preferred() or len({s.qdata.shape[1] for s in states}) != 1:
         return None
     sizes = [s.out_features for s in states]
     bias = native.cat_bias(biases, sizes)
 
     def fallback(x):
+        x = rotate(x) if factors else x
         return torch.cat([int8_weight_linear(x, s, b) for s, b in zip(states, biases,
                                                                         strict=True)], -1)
 
     return native.int8_decoder(torch.cat([s.qdata for s in states]),
                                torch.cat([s.scale for s in states]), bias, sum(sizes),
-                               states[0].in_features, fallback)
+                               states[0].in_features, fallback, factors)

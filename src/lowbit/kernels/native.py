@@ -122,8 +122,11 @@ def _library() -> ctypes.CDLL | None:
     lib.lowbit_int4_gemv.restype = None
     lib.lowbit_w8a8_gemv.argtypes = [_P, _I, _I, _P, _I, _P, _P, _P, _I, _F, _I, _P, _P, _P]
     lib.lowbit_w8a8_gemv.restype = None
-    lib.lowbit_rotate.argtypes = [_P, _I, _I, _I, _P, _P, _P, _I, _P]
-    lib.lowbit_rotate.restype = None
+    lib.lowbit_rot_int8_gemv.argtypes = [_P, _I, _I, _P, _I, _P, _P, _P, _I, _I, _P, _P, _P]
+    lib.lowbit_rot_int8_gemv.restype = None
+    lib.lowbit_rot_int4_gemv.argtypes = [_P, _I, _I, _P, _I, _I, _I, _P, _I, _P, _P, _I, _P,
+                                         _I, _P, _P, _P]
+    lib.lowbit_rot_int4_gemv.restype = None
     for name, args in (("lowbit_rmsnorm", [_P, _I, _I, _P, _F, _P]),
                        ("lowbit_add_rmsnorm", [_P, _P, _I, _I, _P, _F, _P]),
                        ("lowbit_silu_mul", [_P, _P, _I, _P]),
@@ -245,13 +248,16 @@ def _bound(call, k: int, n: int, fallback, before: tuple, after: tuple, keep: tu
 
 
 def int8_decoder(qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, n: int,
-                 k: int, fallback):
+                 k: int, fallback, factors: tuple[torch.Tensor, ...] = ()):
     """``int8_gemv`` with every weight pointer bound once, for a decode loop: ``f(x)`` for
-    float32 ``x`` ``[..., k]``, handing ``MAX_ROWS`` rows and more to ``fallback``."""
+    float32 ``x`` ``[..., k]``, handing ``MAX_ROWS`` rows and more to ``fallback``. With
+    ``factors`` the input is first rotated by their Kronecker product in the same call
+    (``lowbit_rot_int8_gemv``: a layer that rotates its input)."""
     bias = None if bias is None else bias.float().contiguous()
     before = (qdata.data_ptr(), qdata.shape[1], scale.data_ptr(), _ptr(bias))
-    return _bound(_library().lowbit_int8_gemv, k, n, fallback, before, (),
-                  (qdata, scale, bias))
+    after, keep = _rotation_args(k, factors)
+    call = _library().lowbit_rot_int8_gemv if factors else _library().lowbit_int8_gemv
+    return _bound(call, k, n, fallback, before, after, (qdata, scale, bias, *keep))
 
 
 def w8a8_decoder(qdata: torch.Tensor, wscale: torch.Tensor, bias: torch.Tensor | None,
@@ -278,6 +284,19 @@ def _factor_args(factors: tuple[torch.Tensor, ...]) -> tuple[int, torch.Tensor, 
     Walsh-Hadamard butterflies), neighbouring ones merged (``H_a ⊗ H_b = H_ab``)."""
     from lowbit.formats.rotation import is_sylvester
 
+    factors = list(factors)
+    inner = [1] * len(factors)  # entries after each factor's axis
+    for a in range(len(factors) - 2, -1, -1):
+        inner[a] = inner[a + 1] * factors[a + 1].shape[0]
+    for a, f in enumerate(factors):
+        # a dense factor whose axis has 2-7 entries after it would run a short strided
+        # loop: multiply it out with the factors after it (576 = 12 x (12 x 4) -> 12 x 48)
+        if not is_sylvester(f) and 1 < inner[a] < 8:
+            merged = factors[a].double()
+            for g in factors[a + 1:]:
+                merged = torch.kron(merged, g.double())
+            factors = factors[:a] + [merged.float()]
+            break
     sizes: list[int] = []
     dense: list[torch.Tensor] = []
     for f in factors:
@@ -294,26 +313,30 @@ def _factor_args(factors: tuple[torch.Tensor, ...]) -> tuple[int, torch.Tensor, 
     return len(sizes), torch.tensor(sizes or [0], dtype=torch.int64), flat
 
 
-def rotator(k: int, factors: tuple[torch.Tensor, ...], fallback):
-    """``f(x) = x @ (factors[0] ⊗ factors[1] ⊗ ...)`` along the last dimension (``k``) for
-    float32 ``x`` in one call (``formats.rotation.rotate`` in C), ``fallback`` for many rows:
-    the input rotation of a weight-only layer in a decode step."""
-    nf, sizes, flat = _factor_args(factors)
-    tmp = torch.empty(k, dtype=torch.float32)
-    return _bound(_library().lowbit_rotate, k, k, fallback,
-                  (nf, sizes.data_ptr(), flat.data_ptr()), (tmp.data_ptr(),), (sizes, flat, tmp))
-
-
 def int4_decoder(packed: torch.Tensor, scales_and_zeros: torch.Tensor, kernel_group: int,
-                 block: int, bias: torch.Tensor | None, n: int, k: int, fallback):
+                 block: int, bias: torch.Tensor | None, n: int, k: int, fallback,
+                 factors: tuple[torch.Tensor, ...] = ()):
     """``int4_gemv`` with every weight pointer bound once (see ``int8_decoder``)."""
     bias = None if bias is None else bias.float().contiguous()
     np_, kp = packed.shape[0], packed.shape[1] * 2
     scratch = torch.empty(_scratch_floats(MAX_ROWS, kp, kernel_group), dtype=torch.float32)
     before = (packed.data_ptr(), np_, kp, block, scales_and_zeros.data_ptr(), kernel_group,
               _ptr(bias))
-    return _bound(_library().lowbit_int4_gemv, k, n, fallback, before, (scratch.data_ptr(),),
-                  (packed, scales_and_zeros, bias, scratch))
+    after, keep = _rotation_args(k, factors)
+    call = _library().lowbit_rot_int4_gemv if factors else _library().lowbit_int4_gemv
+    return _bound(call, k, n, fallback, before, (scratch.data_ptr(), *after),
+                  (packed, scales_and_zeros, bias, scratch, *keep))
+
+
+def _rotation_args(k: int, factors: tuple[torch.Tensor, ...]) -> tuple[tuple, tuple]:
+    """The trailing arguments of ``lowbit_rot_*_gemv`` (none without ``factors``): the
+    factors as ``kron_rotate`` reads them and the rotated input's buffer; and the tensors
+    behind those pointers."""
+    if not factors:
+        return (), ()
+    nf, sizes, flat = _factor_args(factors)
+    rx = torch.empty(MAX_ROWS * k + k, dtype=torch.float32)
+    return (nf, sizes.data_ptr(), flat.data_ptr(), rx.data_ptr()), (sizes, flat, rx)
 
 
 def cat_bias(biases: list, sizes: list[int]) -> torch.Tensor | None:

@@ -66,9 +66,10 @@ class Backend:
         rotation when ``rotation`` is None), or None."""
         return None
 
-    def merged_decode_callable(self, states: list, biases: list):
-        """One prebound call for several layers of this backend that read the same input,
-        their outputs concatenated along the last dimension; or None."""
+    def merged_decode_callable(self, states: list, biases: list, rotation: str | None = None):
+        """One prebound call for several layers of this backend that read the same input
+        (rotated once by ``rotation`` when set), their outputs concatenated along the last
+        dimension; or None."""
         return None
 
     def simulate_input(self, x: torch.Tensor, state) -> torch.Tensor:
@@ -138,10 +139,11 @@ class Int8WeightBackend(Backend):
         return k8.int8_weight_linear(x, state, bias)
 
     def decode_callable(self, state, bias, rotation=None):
-        return None if rotation else k8.decode_callable(state, bias)
+        return k8.decode_callable(state, bias, _factors(state.in_features, rotation))
 
-    def merged_decode_callable(self, states, biases):
-        return k8.merged_decode_callable(states, biases)
+    def merged_decode_callable(self, states, biases, rotation=None):
+        return k8.merged_decode_callable(states, biases,
+                                         _factors(states[0].in_features, rotation))
 
 
 class Int4WeightBackend(Backend):
@@ -199,10 +201,11 @@ class Int4WeightBackend(Backend):
         return k4.int4_weight_linear(x, state[0], bias)
 
     def decode_callable(self, state, bias, rotation=None):
-        return None if rotation else k4.decode_callable(state[0], bias)
+        return k4.decode_callable(state[0], bias, _factors(state[0].in_features, rotation))
 
-    def merged_decode_callable(self, states, biases):
-        return k4.merged_decode_callable([s[0] for s in states], biases)
+    def merged_decode_callable(self, states, biases, rotation=None):
+        return k4.merged_decode_callable([s[0] for s in states], biases,
+                                         _factors(states[0][0].in_features, rotation))
 
 
 class Int8DynamicBackend(Backend):
@@ -240,8 +243,7 @@ class Int8DynamicBackend(Backend):
         return k8a8.int8_dynamic_linear(x, state[0], bias)
 
     def decode_callable(self, state, bias, rotation=None):
-        factors = () if rotation is None else hadamard_factors(state[0].in_features)
-        return k8a8.decode_callable(state[0], bias, factors)
+        return k8a8.decode_callable(state[0], bias, _factors(state[0].in_features, rotation))
 
 
 class Int8StaticBackend(Int8DynamicBackend):
@@ -324,3 +326,8 @@ def select_backend(
         if name in BACKENDS and (activation is None or name != "dequant"):
             return BACKENDS[name](spec, activation)
     return DequantBackend(spec, activation)
+
+
+def _factors(k: int, rotation: str | None) -> tuple[torch.Tensor, ...]:
+    """The Kronecker factors of the ``k``-wide input rotation (none without one)."""
+    return () if rotation is None else hadamard_factors(k)

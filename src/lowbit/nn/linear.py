@@ -141,12 +141,7 @@ class QuantizedLinear(nn.Module):
         format here)."""
         if self.outlier_index is not None or dtype is not torch.float32:
             return None
-        rotation = self.spec.rotation
-        fused = self.backend.decode_callable(self._state, self.bias, rotation)
-        if fused is not None or rotation is None:
-            return fused
-        return _rotating(self.backend.decode_callable(self._state, self.bias, None),
-                         self.in_features, rotation)
+        return self.backend.decode_callable(self._state, self.bias, self.spec.rotation)
 
     @staticmethod
     def merged_decode_callable(layers: list, dtype: torch.dtype):
@@ -160,10 +155,8 @@ class QuantizedLinear(nn.Module):
         if any(type(m.backend) is not kind or m.spec.rotation != rotation
                or m.outlier_index is not None for m in layers):
             return None
-        merged = layers[0].backend.merged_decode_callable([m._state for m in layers],
-                                                          [m.bias for m in layers])
-        return merged if rotation is None else _rotating(merged, layers[0].in_features,
-                                                         rotation)
+        return layers[0].backend.merged_decode_callable([m._state for m in layers],
+                                                        [m.bias for m in layers], rotation)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Plain path: simulate activation quantization, dequantize, float32 matmul."""
@@ -215,19 +208,3 @@ class QuantizedLinear(nn.Module):
             self.bias = found["bias"].float().clone()
         if "outlier_index" in found:
             self._set_outliers((found["outlier_index"], found["outlier_weight"]))
-
-
-def _rotating(call, k: int, rotation: str):
-    """``call(rotate(x))`` with the rotation in one native call where lowbit's kernels run
-    (``kernels.native.rotator``), or None when ``call`` is None."""
-    if call is None:
-        return None
-    from lowbit.formats.rotation import hadamard_factors
-    from lowbit.kernels import native
-
-    def torch_rotate(x):
-        return rotate(x, rotation)
-
-    rot = native.rotator(k, hadamard_factors(k), torch_rotate) if native.available() \
-        else torch_rotate
-    return lambda x: call(rot(x))

@@ -148,6 +148,14 @@ static float *kron_rotate(float *x, float *tmp, int64_t n, int64_t nf, const int
         for (int64_t o = 0; o < outer; o++) {
             const float *xo = x + o * s * inner;
             float *to = tmp + o * s * inner;
+            if (inner == 1) { /* a row times the block: axpy over its contiguous rows */
+                for (int64_t j = 0; j < s; j++) to[j] = 0.0f;
+                for (int64_t i = 0; i < s; i++) {
+                    const float xi = xo[i], *fi = factors + i * s;
+                    for (int64_t j = 0; j < s; j++) to[j] += xi * fi[j];
+                }
+                continue;
+            }
             for (int64_t j = 0; j < s; j++) {
                 float *tj = to + j * inner;
                 for (int64_t r = 0; r < inner; r++) tj[r] = 0.0f;
@@ -163,17 +171,24 @@ static float *kron_rotate(float *x, float *tmp, int64_t n, int64_t nf, const int
     return x;
 }
 
-/* y[m, :] = x[m, :] rotated as kron_rotate, row by row (weight-only layers that rotate
- * their input: the int8/int4 GEMV then reads y). N == K; tmp: K floats. */
-void lowbit_rotate(const float *x, int64_t M, int64_t K, int64_t nf, const int64_t *sizes,
-                   const float *factors, float *y, int64_t N, float *tmp) {
-    (void)N;
+/* y[m, :] = x[m, :] rotated as kron_rotate, row by row; tmp: K floats. */
+static void rotate_rows(const float *x, int64_t M, int64_t K, int64_t nf, const int64_t *sizes,
+                        const float *factors, float *y, float *tmp) {
     for (int64_t m = 0; m < M; m++) {
         float *row = y + m * K;
         memcpy(row, x + m * K, K * sizeof(float));
         float *r = kron_rotate(row, tmp, K, nf, sizes, factors);
         if (r != row) memcpy(row, r, K * sizeof(float));
     }
+}
+
+/* Weight-only layers that rotate their input, in one call: the input rotated (rotate_rows)
+ * into rx (M * K + K floats), then lowbit_int8_gemv / lowbit_int4_gemv read it. */
+void lowbit_rot_int8_gemv(const float *x, int64_t M, int64_t K, const int8_t *q, int64_t ldq,
+                          const float *scale, const float *bias, float *y, int64_t N,
+                          int64_t nf, const int64_t *sizes, const float *factors, float *rx) {
+    rotate_rows(x, M, K, nf, sizes, factors, rx, rx + M * K);
+    lowbit_int8_gemv(rx, M, K, q, ldq, scale, bias, y, N);
 }
 
 /* scratch: at least 2 * M * K floats. */
@@ -344,4 +359,12 @@ void lowbit_int4_gemv(const float *x, int64_t M, int64_t K, const uint8_t *packe
             y[m * N + n] = int4_tail_row(x + m * K, xs + m * G, K, kg, G, tail, R, j, sz,
                                          np, n) + (bias ? bias[n] : 0.0f);
     }
+}
+
+void lowbit_rot_int4_gemv(const float *x, int64_t M, int64_t K, const uint8_t *packed,
+                          int64_t np, int64_t kp, int64_t B, const uint16_t *sz, int64_t kg,
+                          const float *bias, float *y, int64_t N, float *scratch, int64_t nf,
+                          const int64_t *sizes, const float *factors, float *rx) {
+    rotate_rows(x, M, K, nf, sizes, factors, rx, rx + M * K);
+    lowbit_int4_gemv(rx, M, K, packed, np, kp, B, sz, kg, bias, y, N, scratch);
 }
