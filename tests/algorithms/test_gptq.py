@@ -208,19 +208,27 @@ def test_clip_search_never_worsens_a_groups_weight_error(layer):
     assert res.codes.shape == W.shape
 
 
-@pytest.mark.parametrize(("fmt", "gran", "act_order"), [
-    ("uint3", "group:64", True), ("int4", "channel", False), ("uint2", "group:32", True),
+@pytest.mark.parametrize(("fmt", "gran", "act_order", "float_zero"), [
+    ("uint3", "group:64", True, True), ("int4", "channel", False, False),
+    ("uint2", "group:32", True, False), ("uint4", "group:64", False, True),
 ])
-def test_coordinate_descent_lowers_the_gptq_objective(layer, fmt, gran, act_order):
-    """QuantEase passes after GPTQ keep the group parameters and lower ``tr(E H E^T)``
-    (on the damped ``H`` GPTQ solved against) below GPTQ's own loss; codes still match
-    the returned parameters, and the passes stop once nothing changes."""
+def test_refinement_lowers_the_gptq_objective(layer, fmt, gran, act_order, float_zero):
+    """Refinement after GPTQ (least-squares group parameters, then QuantEase sweeps) lowers
+    ``tr(E H E^T)`` (on the damped ``H`` GPTQ solved against) below GPTQ's own loss, keeps
+    the parameters' dtypes, codes still match the returned parameters, and the rounds stop
+    once a sweep changes nothing."""
     W, X = layer
-    cfg = WeightQuantConfig(fmt, gran, symmetric=fmt.startswith("int"), scale_dtype="bf16")
+    cfg = WeightQuantConfig(fmt, gran, symmetric=fmt.startswith("int"), scale_dtype="bf16",
+                            integer_zero_point=not float_zero)
     acc = hessian(X)
     plain = gptq(W, acc, cfg, act_order=act_order)
+    assert (plain.qparams.zero_point is not None
+            and plain.qparams.zero_point.is_floating_point()) == float_zero
     refined = gptq(W, acc, cfg, act_order=act_order, refine_passes=50)
-    assert torch.equal(refined.qparams.scale, plain.qparams.scale)
+    assert refined.qparams.scale.dtype == plain.qparams.scale.dtype
+    if plain.qparams.zero_point is not None:
+        assert refined.qparams.zero_point.dtype == plain.qparams.zero_point.dtype
+    assert refined.info["refitted_rows"] > 0
     H = acc.H.clone()
     H.diagonal().add_(plain.info["percdamp"] * float(torch.diagonal(acc.H).mean()))
 
@@ -231,7 +239,7 @@ def test_coordinate_descent_lowers_the_gptq_objective(layer, fmt, gran, act_orde
     assert objective(plain) == pytest.approx(plain.info["loss"], rel=1e-3)
     assert refined.info["refined_loss"] == pytest.approx(objective(refined), rel=1e-3)
     assert objective(refined) < 0.99 * objective(plain)
-    assert refined.info["refine_passes_run"] < 50
+    assert refined.info["refine_rounds"] < 50
     assert output_mse(W, X, refined.dequantize()) < output_mse(W, X, plain.dequantize())
     assert torch.equal(quantize(refined.dequantize(), refined.qparams), refined.codes)
     with pytest.raises(AlgorithmError, match="refine_passes"):

@@ -30,12 +30,10 @@ Extras of the reference code (``gptq.py`` in IST-DASLab/gptq and its descendants
   shrunk by the ratio with the least ``sum |w - q(w)|^2.4`` over its elements (a recipe
   asks for it with ``observer: mse``).
 
-``refine_passes`` then runs cyclic coordinate descent on the same objective with the group
-parameters fixed (QuantEase, Behdin et al., 2023, arXiv:2309.01885, Algorithm 1, started
-from GPTQ's solution). With ``E = W - Q`` and ``G = E H`` the objective ``tr(E H E^T)`` in
-column ``j`` alone is ``H_jj ||e_j - (e_j - G_j / H_jj)||^2`` + const, separable per row,
-so its exact minimiser over the grid is the nearest level to ``q_j + G_j / H_jj``; each
-update can only lower the objective. ``G`` is kept current with GPTQ's lazy-batch trick.
+``refine_passes`` then lowers the same objective from GPTQ's solution (``refine.py``):
+each pass refits every row's group scales (and float zero-points) by least squares under
+``H`` with the codes fixed, then runs one sweep of QuantEase coordinate descent over the
+codes with the parameters fixed (Behdin et al., 2023, Algorithm 1).
 
 Each column is quantized through ``scaling.quantize`` / ``dequantize`` with that column's
 parameters, so any format works: integer, float, lookup (NF4, codebooks); integer formats
@@ -55,6 +53,7 @@ from lowbit.algorithms.base import (
     WeightQuantConfig,
     check_weight,
 )
+from lowbit.algorithms.refine import refine as refine_solution
 from lowbit.formats.granularity import Granularity
 from lowbit.formats.integer import IntFormat
 from lowbit.formats.scaling import (
@@ -81,7 +80,8 @@ class GPTQ:
     #: grid 1.0 ... 0.8, norm 2.4); empty = plain min/max
     clip_ratios: tuple[float, ...] = ()
     clip_norm: float = 2.4
-    #: passes of coordinate descent after GPTQ (QuantEase; module docstring); 0 = plain GPTQ
+    #: rounds of (least-squares group parameters, coordinate-descent sweep) after GPTQ
+    #: (``refine.py``); 0 = plain GPTQ
     refine_passes: int = 0
 
     def __post_init__(self) -> None:
@@ -115,6 +115,9 @@ class GPTQ:
         groups = _GroupParams(rows, -(-cols // gs), config, self.clip_ratios,
                               self.clip_norm) if lazy else None
 
+        refine = self.refine_passes > 0
+        if refine:  # what the refinement works on, in the original column order
+            W0, H0 = W.clone(), H
         perm = torch.arange(cols, device=W.device)
         if self.act_order:  # columns in order of decreasing H_ii
             perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
@@ -123,13 +126,7 @@ class GPTQ:
         group_of = (perm // gs).tolist()  # original group of the column at each position
 
         Hinv, used_damp = _inverse_cholesky(H, self.percdamp, self.max_percdamp, W, nsamples)
-        refine = self.refine_passes > 0
-        if refine:  # the damped H that GPTQ solved against, the weights and their values
-            H.diagonal().add_(used_damp * float(torch.diagonal(H).mean()))
-            H = H.to(W.dtype)
-            W0, values = W.clone(), torch.empty_like(W)
-        else:
-            del H  # (the largest buffers of the solve: at most two ``cols x cols`` at a time)
+        del H  # (the largest buffers of the solve: at most two ``cols x cols`` at a time)
 
         integer = isinstance(fmt, IntFormat)  # codes kept as float until the end
         codes = torch.empty(rows, cols, dtype=torch.float32 if integer else fmt.code_dtype,
@@ -155,23 +152,28 @@ class GPTQ:
                 d = diag[i1 + i]
                 c, q = column.quantize(w)
                 codes[:, i1 + i] = c
-                if refine:
-                    values[:, i1 + i] = q
                 err1 = (w - q).div_(d)  # OBQ update of the block's remaining columns
                 losses[:, i1 + i] = err1.square() / 2
                 W1[:, i:].addr_(err1, Hinv1[i, i:], alpha=-1)
                 Err1[:, i] = err1
             W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # the rest of W, once per block
 
-        refined = None
-        if refine:
-            del Hinv
-            refined = _coordinate_descent(W0, H, values, codes, column, params_of, group_of,
-                                          self.refine_passes, self.block_size)
         codes = codes[:, invperm]
         if integer:
             codes = codes.to(fmt.code_dtype)
         qparams = groups.qparams(gran) if lazy else upfront
+        refined = None
+        if refine:
+            del Hinv, W
+            H0.diagonal().add_(used_damp * float(torch.diagonal(H0).mean()))
+
+            def columns(qp):
+                fresh = _IntColumn(fmt, rows) if integer else _AnyColumn()
+                return fresh, lambda g: _column_qparams(qp, g)
+
+            codes, qparams, refined = refine_solution(W0, H0.to(W0.dtype), codes, qparams,
+                                                      self.refine_passes, self.block_size,
+                                                      columns)
         info = {
             "algorithm": "gptq",
             "loss": float(losses.sum()),
@@ -180,7 +182,7 @@ class GPTQ:
             "act_order": self.act_order,
         }
         if refined is not None:
-            info["refined_loss"], info["refine_passes_run"] = refined
+            info.update(refined)
         return QuantResult(codes, qparams, info=info)
 
 
@@ -192,41 +194,6 @@ def gptq(
 ) -> QuantResult:
     """GPTQ-quantize ``W`` ``[out, in]`` given ``H`` ``[in, in]``; ``options`` are ``GPTQ``'s."""
     return GPTQ(**options).quantize(W, H, config)
-
-
-def _coordinate_descent(W, H, values, codes, column, params_of, group_of, passes: int,
-                        block: int) -> tuple[float, int]:
-    """QuantEase passes over the columns of ``values`` (= dequantized ``codes``) in place;
-    returns the final ``tr(E H E^T) / 2`` (GPTQ's ``loss`` units) and the passes run (it
-    stops early once a pass changes nothing)."""
-    rows, cols = W.shape
-    G = (W - values) @ H
-    d = torch.diagonal(H).tolist()
-    run = 0
-    for _ in range(passes):
-        run += 1
-        changed = 0
-        for i1 in range(0, cols, block):
-            i2 = min(i1 + block, cols)
-            Gb = G[:, i1:i2].clone()
-            dE = torch.zeros(rows, i2 - i1, dtype=W.dtype, device=W.device)
-            for i in range(i2 - i1):
-                j = i1 + i
-                g = group_of[j]
-                if column.group != g:
-                    column.use(g, params_of)
-                c, q = column.quantize(values[:, j] + Gb[:, i] / d[j])
-                delta = values[:, j] - q  # the change of e_j = w_j - q_j
-                changed += int(torch.count_nonzero(delta))
-                codes[:, j], values[:, j], dE[:, i] = c, q, delta
-                Gb.addr_(delta, H[j, i1:i2])
-            G[:, :i1].addmm_(dE, H[i1:i2, :i1])
-            G[:, i2:].addmm_(dE, H[i1:i2, i2:])
-            G[:, i1:i2] = Gb
-        if not changed:
-            break
-    E = W - values
-    return float((E * (E @ H)).sum()) / 2, run
 
 
 class _GroupParams:
