@@ -22,8 +22,8 @@ Run:
   .venv/bin/python benchmarks/algorithms.py --memory w4g128-gptq   # peak RSS vs model size
   .venv/bin/python benchmarks/algorithms.py --recipes w4g128-gptq,w4g128-gptq/f32in  # A/B:
       # calibration block inputs held in float16 (the default) or float32
-  .venv/bin/python benchmarks/algorithms.py --recipes w3g64-gptq-rot,w3g64-gptq-rot/refine3
-      # A/B: GPTQ, then 3 QuantEase coordinate-descent passes (GPTQ(refine_passes=3))
+  .venv/bin/python benchmarks/algorithms.py --recipes w3g64-gptq-rot/refine0,w3g64-gptq-rot
+      # A/B: plain GPTQ against the default 2 rounds of refinement (algorithms/refine.py)
 Results are also appended to ``--out`` (JSON lines) as each recipe finishes;
 ``--tables a.jsonl b.jsonl`` prints the tables of saved results (e.g. of parallel runs).
 """
@@ -170,7 +170,7 @@ def run(args) -> list[dict]:
         refine = re.fullmatch(r"refine(\d+)", option)
         if option not in ("", "f32in") and not refine:
             raise SystemExit(f"{name}: options are /f32in (block inputs in float32) and "
-                             f"/refine<N> (N QuantEase passes after GPTQ)")
+                             f"/refine<N> (N rounds of GPTQ refinement; the default is 2)")
         recipe = lowbit.Recipe.parse(key).with_keep("lm_head")
         t0, c0 = time.perf_counter(), time.process_time()
         with PeakRSS() as mem:
@@ -178,7 +178,9 @@ def run(args) -> list[dict]:
                 from lowbit.model.calibrated import quantize_calibrated
                 from lowbit.model.solve import Solver
 
-                gptq = {**Solver().gptq, "refine_passes": int(refine.group(1)) if refine else 0}
+                gptq = Solver().gptq
+                if refine:
+                    gptq = {**gptq, "refine_passes": int(refine.group(1))}
                 quantize_calibrated(model, recipe, calib, progress=False,
                                     half_inputs=option != "f32in", solver=Solver(gptq=gptq))
             else:

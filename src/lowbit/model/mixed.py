@@ -199,6 +199,9 @@ def solved_errors(model: nn.Module, batches: list, candidates: dict[str, Scheme]
     from lowbit.model.solve import InputStats, Member, Solver
 
     solver = solver or Solver()
+    # scored with plain GPTQ: refinement lowers every candidate's error by a similar 7-12%
+    # (algorithms/refine.py) and would multiply this pass's solves
+    solver = replace(solver, gptq={**solver.gptq, "refine_passes": 0})
     arch = resolve_arch(model)
     wanted = set(names)
     hidden, kws = _capture(model, arch.blocks[0].module, batches)
