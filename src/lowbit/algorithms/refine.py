@@ -49,16 +49,18 @@ def refine(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, qparams: QPara
     stopping early once a sweep changes no code. ``columns(qparams)`` gives the per-column
     quantizer and its ``params_of`` (as GPTQ's loop uses them). Returns the codes, the
     parameters and what happened (``refined_loss`` = ``f / 2`` at the end)."""
-    gs = _group_size(qparams, W.shape[1])
+    cols = W.shape[1]
+    gran = qparams.granularity
+    gs = gran.group_size if gran.kind == "group" else cols  # columns per parameter
+    fits = gran.kind in ("channel", "group") and cols % gs == 0
     rounds = refitted = 0
     for _ in range(passes):
         rounds += 1
-        if gs:
+        if fits:
             qparams, rows = refit_group_params(W, H, codes, qparams, gs)
             refitted += rows
         column, params_of = columns(qparams)
-        if not coordinate_descent(W, H, codes, qparams, column, params_of, gs or W.shape[1],
-                                  block):
+        if not coordinate_descent(W, H, codes, qparams, column, params_of, gs, block):
             break
     loss = float(objective_rows(W, dequantize(codes, qparams), H).sum()) / 2
     return codes, qparams, {"refined_loss": loss, "refine_rounds": rounds,
@@ -148,13 +150,3 @@ def refit_group_params(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor,
         new = replace(new, zero_point=torch.where(
             keep.reshape(-1, *[1] * (zero.dim() - 1)), zero, new.zero_point))
     return new, int(better.sum())
-
-
-def _group_size(qparams: QParams, cols: int) -> int:
-    """Columns per refitted parameter, or 0 where the parameters are not refitted."""
-    gran = qparams.granularity
-    if gran.kind == "channel":
-        return cols
-    if gran.kind == "group" and cols % gran.group_size == 0:
-        return gran.group_size
-    return 0
