@@ -133,20 +133,20 @@ def refit_group_params(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor,
         scale[r0:r1] = theta[:, :n_groups]
         if offsets:
             shift[r0:r1] = theta[:, n_groups:]
-    old_scale = qparams.scale.double().reshape(rows, n_groups)
+    old_scale = qparams.scale.reshape(rows, n_groups)
     ok = torch.isfinite(scale) & (scale > 0)
-    scale = torch.where(ok, scale, old_scale)
-    new = replace(qparams, scale=scale.to(qparams.scale.dtype).reshape(qparams.scale.shape))
+    new_scale = torch.where(ok, scale, old_scale.double()).to(old_scale.dtype)
+    old_zero = new_zero = None if zero is None else zero.reshape(rows, n_groups)
     if offsets:
-        z = torch.where(ok, -shift / scale, zero.double().reshape(rows, n_groups))
-        new = replace(new, zero_point=z.to(zero.dtype).reshape(zero.shape))
+        new_zero = torch.where(ok, -shift / scale, old_zero.double()).to(zero.dtype)
+
+    def with_params(s2, z2):  # (the parameters in the layout ``qparams`` holds them)
+        z2 = None if z2 is None else z2.reshape(zero.shape)
+        return replace(qparams, scale=s2.reshape(qparams.scale.shape), zero_point=z2)
+
     before = objective_rows(W, dequantize(codes, qparams), H)
-    after = objective_rows(W, dequantize(codes, new), H)
-    better = after < before
-    keep = ~better[:, None]
-    new = replace(new, scale=torch.where(keep.reshape(-1, *[1] * (new.scale.dim() - 1)),
-                                         qparams.scale, new.scale))
-    if offsets:
-        new = replace(new, zero_point=torch.where(
-            keep.reshape(-1, *[1] * (zero.dim() - 1)), zero, new.zero_point))
+    after = objective_rows(W, dequantize(codes, with_params(new_scale, new_zero)), H)
+    better = (after < before)[:, None]  # the other rows keep their parameters
+    new = with_params(torch.where(better, new_scale, old_scale),
+                      None if zero is None else torch.where(better, new_zero, old_zero))
     return new, int(better.sum())

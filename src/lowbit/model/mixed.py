@@ -231,8 +231,8 @@ def solved_errors(model: nn.Module, batches: list, candidates: dict[str, Scheme]
             for n in g:
                 out[n] = {"err": {}, "w_hat": {}}
             for cand, scheme in candidates.items():
-                members = [Member(n, model.get_submodule(n), scheme_for_width(
-                    scheme, model.get_submodule(n).in_features)) for n in g]
+                members = [Member(n, lin, scheme_for_width(scheme, lin.in_features))
+                           for n, lin in ((n, model.get_submodule(n)) for n in g)]
                 for m, sol in zip(members, solver.solve_group(members, st, None), strict=True):
                     w_hat = dequantize(sol.codes, sol.qparams)
                     if m.scheme.weight.rotation is not None:  # back to the layer's basis
@@ -340,8 +340,7 @@ def auto_recipe(model: nn.Module, recipe: Recipe, batches: list | None, *,
                               f"data: pass calibration=lowbit.data.text('pydoc', tokenizer)")
         slice_ = _slice(batches, sensitivity_tokens)
         rtn = candidate_schemes(candidates, "rtn", rotation)
-        smallest = [c for c in candidates]
-        anchor = min(smallest, key=lambda c: abs(_nominal_bits(rtn[c]) - bpw))
+        anchor = min(candidates, key=lambda c: abs(_nominal_bits(rtn[c]) - bpw))
         solved = None
         if algorithm in SOLVED:
             keep = set(candidates) if measure == "all" else {anchor}
