@@ -64,6 +64,7 @@ from lowbit.formats.scaling import (
     qparams_from_range,
     quantize,
 )
+from lowbit.kernels import native_solve
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,9 @@ class GPTQ:
     #: rounds of (least-squares group parameters, coordinate-descent sweep) after GPTQ
     #: (``refine.py``); 0 = plain GPTQ
     refine_passes: int = 0
+    #: run the column loops of integer formats in lowbit's C kernel where it is built
+    #: (``kernels/native_solve.py``); False = the torch loops here, the reference
+    native: bool = True
 
     def __post_init__(self) -> None:
         if not 0 <= self.percdamp <= self.max_percdamp:
@@ -132,32 +136,14 @@ class GPTQ:
         codes = torch.empty(rows, cols, dtype=torch.float32 if integer else fmt.code_dtype,
                             device=W.device)
         losses = torch.zeros(rows, cols, device=W.device)
-        diag = torch.diagonal(Hinv).tolist()
         column = _IntColumn(fmt, rows) if integer else _AnyColumn()
         params_of = groups.column if lazy else lambda g: _column_qparams(upfront, g)
-        for i1 in range(0, cols, self.block_size):  # lazy batch: one block at a time
-            i2 = min(i1 + self.block_size, cols)
-            W1 = W[:, i1:i2].clone()
-            Err1 = torch.zeros_like(W1)
-            Hinv1 = Hinv[i1:i2, i1:i2]
-            for i in range(i2 - i1):
-                g = group_of[i1 + i]
-                if lazy and not groups.started[g]:
-                    # the group's columns (none quantized yet) with the pending update applied
-                    pos = invperm[g * gs : min((g + 1) * gs, cols)]
-                    groups.start(g, W[:, pos] - Err1[:, :i] @ Hinv[i1 : i1 + i, pos])
-                if column.group != g:  # (act_order visits the groups in any order)
-                    column.use(g, params_of)
-                w = W1[:, i]
-                d = diag[i1 + i]
-                c, q = column.quantize(w)
-                codes[:, i1 + i] = c
-                err1 = (w - q).div_(d)  # OBQ update of the block's remaining columns
-                losses[:, i1 + i] = err1.square() / 2
-                W1[:, i:].addr_(err1, Hinv1[i, i:], alpha=-1)
-                Err1[:, i] = err1
-            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # the rest of W, once per block
-
+        if self.native and column.native and native_solve.usable(W, Hinv):
+            _native_blocks(W, Hinv, codes, losses, group_of, invperm, gs, groups, column,
+                           params_of, self.block_size)
+        else:
+            _reference_blocks(W, Hinv, codes, losses, group_of, invperm, gs, groups, column,
+                              params_of, self.block_size)
         codes = codes[:, invperm]
         if integer:
             codes = codes.to(fmt.code_dtype)
@@ -173,7 +159,7 @@ class GPTQ:
 
             codes, qparams, refined = refine_solution(W0, H0.to(W0.dtype), codes, qparams,
                                                       self.refine_passes, self.block_size,
-                                                      columns)
+                                                      columns, self.native)
         info = {
             "algorithm": "gptq",
             "loss": float(losses.sum()),
@@ -184,6 +170,74 @@ class GPTQ:
         if refined is not None:
             info.update(refined)
         return QuantResult(codes, qparams, info=info)
+
+
+def _reference_blocks(W, Hinv, codes, losses, group_of, invperm, gs, groups, column,
+                      params_of, block_size) -> None:
+    """Algorithm 1's loop over lazy-batch blocks, one torch call per column step (any
+    format; the reference of ``_native_blocks``). ``groups`` is None unless the group
+    parameters start lazily."""
+    cols = W.shape[1]
+    diag = torch.diagonal(Hinv).tolist()
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            g = group_of[i1 + i]
+            if groups is not None and not groups.started[g]:
+                _start_group(groups, g, W, Err1, Hinv, i1, i, invperm, gs)
+            if column.group != g:  # (act_order visits the groups in any order)
+                column.use(g, params_of)
+            w = W1[:, i]
+            c, q = column.quantize(w)
+            codes[:, i1 + i] = c
+            err1 = (w - q).div_(diag[i1 + i])  # OBQ update of the block's remaining columns
+            losses[:, i1 + i] = err1.square() / 2
+            W1[:, i:].addr_(err1, Hinv1[i, i:], alpha=-1)
+            Err1[:, i] = err1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # the rest of W, once per block
+
+
+def _start_group(groups, g, W, Err1, Hinv, i1, i, invperm, gs) -> None:
+    """Fix group ``g``'s parameters from its columns (none quantized yet) with the block's
+    pending update (columns ``i1 .. i1 + i`` done) applied."""
+    pos = invperm[g * gs : min((g + 1) * gs, W.shape[1])]
+    groups.start(g, W[:, pos] - Err1[:, :i] @ Hinv[i1 : i1 + i, pos])
+
+
+def _native_blocks(W, Hinv, codes, losses, group_of, invperm, gs, groups, column,
+                   params_of, block_size) -> None:
+    """``_reference_blocks`` for integer formats with each block's columns in one C call
+    (``native_solve.gptq_columns``), split only where a lazy group starts."""
+    rows, cols = W.shape
+    Hinv = Hinv.contiguous()  # (LAPACK hands back the factor in column-major order)
+    d = torch.diagonal(Hinv).contiguous()
+    group_idx = torch.tensor(group_of, dtype=torch.int64)
+    table = None
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        i = 0
+        while i < i2 - i1:
+            if groups is not None and not groups.started[group_of[i1 + i]]:
+                _start_group(groups, group_of[i1 + i], W, Err1, Hinv, i1, i, invperm, gs)
+            k = i + 1  # the segment runs until the next group that has not started
+            while k < i2 - i1 and (groups is None or groups.started[group_of[i1 + k]]):
+                k += 1
+            for g in sorted(set(group_of[i1 + i : i1 + k])):
+                column.use(g, params_of)
+                if table is None:
+                    table = native_solve.GroupTable(-(-cols // gs), rows,
+                                                    column.zero is not None)
+                table.set(g, column.scale, column.zero)
+            native_solve.gptq_columns(W1, Err1, i, k, Hinv, i1, d[i1:i2],
+                                      group_idx[i1:i2], table, column.lo, column.hi, codes,
+                                      losses)
+            i = k
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # the rest of W, once per block
 
 
 def gptq(
@@ -232,6 +286,7 @@ class _AnyColumn:
     """One column through ``scaling.quantize`` / ``dequantize``: any format."""
 
     group = -1
+    native = False  # no C loop for it
 
     def use(self, group: int, params_of) -> None:
         """Quantize with group ``group``'s parameters (``params_of(group)``, final once the
@@ -242,6 +297,10 @@ class _AnyColumn:
         c = quantize(w.unsqueeze(1), self.qp)
         return c.squeeze(1), dequantize(c, self.qp).squeeze(1)
 
+    def table(self, n_groups: int, params_of):
+        """No C loop for this format (``_IntColumn.table``)."""
+        return None
+
 
 class _IntColumn:
     """The same arithmetic for integer formats, with the column's float32 scale and
@@ -249,6 +308,7 @@ class _IntColumn:
     ``q = (c - z) s``, codes kept as float32 (exact for <= 8 bits) until the end."""
 
     group = -1
+    native = True  # the C loops (``native_solve``) do this arithmetic
 
     def __init__(self, fmt: IntFormat, rows: int):
         self.lo, self.hi, self.rows = float(fmt.qmin), float(fmt.qmax), rows
@@ -264,6 +324,16 @@ class _IntColumn:
             self.cache[group] = (scale, zero)
         self.group = group
         self.scale, self.zero = self.cache[group]
+
+    def table(self, n_groups: int, params_of) -> native_solve.GroupTable:
+        """Every group's parameters for the C loops (``native_solve``)."""
+        table = None
+        for g in range(n_groups):
+            self.use(g, params_of)
+            if table is None:
+                table = native_solve.GroupTable(n_groups, self.rows, self.zero is not None)
+            table.set(g, self.scale, self.zero)
+        return table
 
     def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         y = w / self.scale

@@ -32,6 +32,7 @@ from dataclasses import replace
 import torch
 
 from lowbit.formats.scaling import QParams, dequantize
+from lowbit.kernels import native_solve
 
 #: rows per chunk of the refit (its largest buffer is ``chunk x cols x groups`` floats)
 REFIT_ROWS = 64
@@ -44,10 +45,12 @@ def objective_rows(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> torch.T
 
 
 def refine(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, qparams: QParams,
-           passes: int, block: int, columns) -> tuple[torch.Tensor, QParams, dict]:
+           passes: int, block: int, columns, native: bool = False,
+           ) -> tuple[torch.Tensor, QParams, dict]:
     """``passes`` rounds of (refit the group parameters, one coordinate-descent sweep),
     stopping early once a sweep changes no code. ``columns(qparams)`` gives the per-column
-    quantizer and its ``params_of`` (as GPTQ's loop uses them). Returns the codes, the
+    quantizer and its ``params_of`` (as GPTQ's loop uses them); ``native`` runs the sweeps
+    in C where the quantizer allows (``native_solve.cd_columns``). Returns the codes, the
     parameters and what happened (``refined_loss`` = ``f / 2`` at the end)."""
     cols = W.shape[1]
     gran = qparams.granularity
@@ -60,7 +63,12 @@ def refine(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, qparams: QPara
             qparams, rows = refit_group_params(W, H, codes, qparams, gs)
             refitted += rows
         column, params_of = columns(qparams)
-        if not coordinate_descent(W, H, codes, qparams, column, params_of, gs, block):
+        table = column.table(-(-cols // gs), params_of) if native else None
+        if table is not None and native_solve.usable(W, H):
+            changed = native_descent(W, H, codes, qparams, table, column, gs, block)
+        else:
+            changed = coordinate_descent(W, H, codes, qparams, column, params_of, gs, block)
+        if not changed:
             break
     loss = float(objective_rows(W, dequantize(codes, qparams), H).sum()) / 2
     return codes, qparams, {"refined_loss": loss, "refine_rounds": rounds,
@@ -91,6 +99,30 @@ def coordinate_descent(W, H, codes, qparams, column, params_of, gs: int, block: 
         G[:, :i1].addmm_(dE, H[i1:i2, :i1])
         G[:, i2:].addmm_(dE, H[i1:i2, i2:])
         G[:, i1:i2] = Gb
+    return changed
+
+
+def native_descent(W, H, codes, qparams, table, column, gs: int, block: int) -> int:
+    """``coordinate_descent`` for integer formats with each block's columns in one C call
+    (``native_solve.cd_columns``); ``table`` holds every group's parameters."""
+    rows, cols = W.shape
+    values = dequantize(codes, qparams).float().contiguous()
+    G = (W - values) @ H
+    H = H.contiguous()
+    d = torch.diagonal(H).contiguous()
+    group_idx = torch.arange(cols) // gs
+    work = codes.float()  # the C loop writes float codes (exact for <= 8 bits)
+    changed = 0
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        Gb = G[:, i1:i2].clone()
+        dE = torch.zeros(rows, i2 - i1)
+        changed += native_solve.cd_columns(Gb, dE, H, i1, d[i1:i2], group_idx[i1:i2], table,
+                                           column.lo, column.hi, work, values)
+        G[:, :i1].addmm_(dE, H[i1:i2, :i1])
+        G[:, i2:].addmm_(dE, H[i1:i2, i2:])
+        G[:, i1:i2] = Gb
+    codes.copy_(work)
     return changed
 
 

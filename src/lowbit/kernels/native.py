@@ -1,5 +1,5 @@
-"""lowbit's own AVX2 decode kernels (``csrc/gemv_avx2.c``, ``csrc/decode_ops.c``), compiled
-on first use.
+"""lowbit's own AVX2 decode kernels (``csrc/gemv_avx2.c``, ``csrc/decode_ops.c``) and GPTQ's
+column loops (``csrc/solve_ops.c``, bound in ``native_solve``), compiled on first use.
 
 Why: on a CPU without native bf16 (AVX2 only, e.g. AMD Zen 3) torch's weight-only kernels
 ``_weight_int8pack_mm`` and ``_weight_int4pack_mm_for_cpu`` are its bf16 code paths run on
@@ -39,9 +39,10 @@ from pathlib import Path
 
 import torch
 
-#: the GEMVs and the fused small operations of a decode step, built into one library
+#: the GEMVs, the fused small operations of a decode step and the solvers' column loops,
+#: built into one library
 SOURCES = tuple(Path(__file__).with_name("csrc") / name
-                for name in ("gemv_avx2.c", "decode_ops.c"))
+                for name in ("gemv_avx2.c", "decode_ops.c", "solve_ops.c"))
 HEADERS = (Path(__file__).with_name("csrc") / "simd_avx2.h",)  # part of the build's hash
 _STEM = "lowbit-native"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c11")
