@@ -46,14 +46,26 @@ class GroupSpec:
 
 
 @dataclass(frozen=True)
+class ResidualSpec:
+    """A pre-norm residual branch of a block, ``h = h + branch(norm(h))``; ``kwargs``: the
+    branch takes the block's keyword arguments (attention: mask, positions)."""
+
+    norm: str
+    branch: str
+    kwargs: bool = False
+
+
+@dataclass(frozen=True)
 class Layout:
-    """One family: candidate paths of its block list, its groups, its final norm and head."""
+    """One family: candidate paths of its block list, its groups, its final norm and head,
+    and (pre-norm families) the residual branches a block computes, in order."""
 
     name: str
     blocks: tuple[str, ...]
     groups: tuple[GroupSpec, ...]
     final_norm: tuple[str, ...] = ()
     head: tuple[str, ...] = ()
+    residuals: tuple[ResidualSpec, ...] = ()
 
 
 LLAMA = Layout(
@@ -68,6 +80,8 @@ LLAMA = Layout(
     ),
     final_norm=("model.norm", "norm"),
     head=("lm_head",),
+    residuals=(ResidualSpec("input_layernorm", "self_attn", kwargs=True),
+               ResidualSpec("post_attention_layernorm", "mlp")),
 )
 BERT = Layout(
     "bert",  # post-norm encoder: LayerNorm outputs also feed the residual, so no norm feeder
@@ -92,10 +106,27 @@ class Group:
 
 
 @dataclass
+class Branch:
+    """A resolved residual branch: its norm and module, and the groups inside it."""
+
+    norm: nn.Module
+    module: nn.Module
+    kwargs: bool
+    groups: list[Group]
+
+    def __call__(self, h, kwargs: dict):
+        out = self.module(self.norm(h), **kwargs) if self.kwargs else self.module(self.norm(h))
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@dataclass
 class Block:
     name: str
     module: nn.Module
     groups: list[Group]
+    #: the block as ``h + branch(norm(h))`` steps covering every group, or empty; calibration
+    #: checks that they compose to the block's own forward before it uses them
+    branches: list[Branch] = field(default_factory=list)
 
 
 @dataclass
@@ -159,10 +190,26 @@ def _resolve_layout(model: nn.Module, layout: Layout) -> tuple[Arch | None, str 
         extra = [f"{prefix}.{n}" for n, m in block.named_modules() if n and _is_linear(m)
                  and f"{prefix}.{n}" not in declared and type(m) is nn.Linear]
         groups += [Group([n]) for n in extra]  # linears the table does not name: alone
-        blocks.append(Block(prefix, block, groups))
+        blocks.append(Block(prefix, block, groups, _branches(block, prefix, layout, groups)))
     final_norm = next((p for p in layout.final_norm if _get(model, p) is not None), None)
     head = next((p for p in layout.head if _is_linear(_get(model, p))), None)
     return Arch(layout.name, blocks, final_norm, head), None
+
+
+def _branches(block: nn.Module, prefix: str, layout: Layout, groups: list[Group]) -> list[Branch]:
+    """The layout's residual branches with their groups (by path), or [] when a branch is
+    missing or a group lies outside every branch."""
+    branches = []
+    for spec in layout.residuals:
+        norm, module = _get(block, spec.norm), _get(block, spec.branch)
+        if norm is None or module is None:
+            return []
+        inside = [g for g in groups
+                  if all(n.startswith(f"{prefix}.{spec.branch}.") for n in g.linears)]
+        branches.append(Branch(norm, module, spec.kwargs, inside))
+    if sum(len(b.groups) for b in branches) != len(groups):
+        return []
+    return branches
 
 
 def _structural(model: nn.Module) -> Arch | None:

@@ -96,7 +96,8 @@ class InputStats:
         self.n += x.shape[0]
         if self.hessian is not None:
             self.hessian.add_batch(x)
-        self.sq += x.pow(2).sum(0, dtype=torch.float64)
+        if self.hessian is None:  # (with a Hessian, mean x^2 is its diagonal / 2)
+            self.sq += x.pow(2).sum(0, dtype=torch.float64)
         if "absmean" in self.need:
             self.abs_sum += x.abs().sum(0, dtype=torch.float64)
         if "absmax" in self.need:
@@ -110,6 +111,8 @@ class InputStats:
 
     @property
     def mean_square(self) -> torch.Tensor:
+        if self.hessian is not None:
+            return self.hessian.mean_square.float()
         return (self.sq / max(self.n, 1)).float()
 
     @property

@@ -1,0 +1,89 @@
+"""Calibration by residual branch (pre-norm blocks): fewer forwards, the same result, and a
+block whose forward is not its branches runs whole."""
+
+import copy
+
+import pytest
+import torch
+
+from lowbit.model.arch import resolve_arch
+from lowbit.model.calibrated import quantize_calibrated
+
+from .tiny import tiny_llama
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def base():
+    return tiny_llama(hidden=64)
+
+
+@pytest.fixture(scope="module")
+def calib():
+    g = torch.Generator().manual_seed(0)
+    # lengths differ, so the batches stay apart (``_rebatch`` stacks equal shapes)
+    return [torch.randint(0, 128, (1, 64 - i), generator=g) for i in range(4)]
+
+
+def _kl(model, base):
+    ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        ref = base(ids).logits.float().log_softmax(-1)
+        out = model(ids).logits.float().log_softmax(-1)
+    return (ref.exp() * (ref - out)).sum(-1).mean().item()
+
+
+def _run(base, calib, whole: bool):
+    """Quantize a copy with w4g32-gptq; count the calls of block 0's attention and MLP
+    over the 4 calibration batches."""
+    model = copy.deepcopy(base)
+    arch = resolve_arch(model)
+    if whole:
+        for block in arch.blocks:
+            block.branches = []
+    calls = {"attn": 0, "mlp": 0}
+    layer = model.model.layers[0]
+    hooks = [layer.self_attn.register_forward_pre_hook(
+                 lambda *_: calls.__setitem__("attn", calls["attn"] + 1)),
+             layer.mlp.register_forward_pre_hook(
+                 lambda *_: calls.__setitem__("mlp", calls["mlp"] + 1))]
+    try:
+        quantize_calibrated(model, "w4g32-gptq", calib, progress=False, arch=arch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return model, calls
+
+
+def test_llama_blocks_resolve_into_two_branches(base):
+    arch = resolve_arch(base)
+    for block in arch.blocks:
+        assert [len(b.groups) for b in block.branches] == [2, 2]
+        assert block.branches[0].kwargs and not block.branches[1].kwargs
+        assert block.branches[0].groups[0].linears[0].endswith("self_attn.q_proj")
+
+
+def test_branches_rerun_less_and_quantize_the_same(base, calib):
+    """Whole blocks enter the attention for every group's pass (4) and the outputs (1);
+    branches for the attention groups (2) and the branch output (1), plus the check of
+    block 0 on the first batch (whole block and composed branches: 2). The MLP's groups and
+    output: 3 per batch either way (plus the check)."""
+    split, split_calls = _run(base, calib, whole=False)
+    whole, whole_calls = _run(base, calib, whole=True)
+    assert whole_calls == {"attn": 5 * 4, "mlp": 3 * 4}
+    assert split_calls == {"attn": 3 * 4 + 2, "mlp": 3 * 4 + 2}
+    kl_split, kl_whole = _kl(split, base), _kl(whole, base)
+    assert abs(kl_split - kl_whole) < 0.1 * kl_whole, (kl_split, kl_whole)
+
+
+def test_a_block_that_is_not_its_branches_runs_whole(base, calib):
+    """A forward that does more than ``h + b(norm(h))`` (here: scales the block output) is
+    caught on block 0's first batch; calibration then runs whole blocks and says so."""
+    model = copy.deepcopy(base)
+    for layer in model.model.layers:
+        layer.register_forward_hook(
+            lambda m, a, out: (out[0] * 0.5, *out[1:]) if isinstance(out, tuple) else out * 0.5)
+    quantize_calibrated(model, "w4g32-gptq", calib, progress=False)
+    notes = model.lowbit_calibration["notes"]
+    assert any("not its residual branches" in n for n in notes), notes
