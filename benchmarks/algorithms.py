@@ -24,6 +24,8 @@ Run:
       # calibration block inputs held in float16 (the default) or float32
   .venv/bin/python benchmarks/algorithms.py --recipes w3g64-gptq-rot/refine0,w3g64-gptq-rot
       # A/B: plain GPTQ against the default 2 rounds of refinement (algorithms/refine.py)
+  .venv/bin/python benchmarks/algorithms.py --recipes w4g128-gptq/whole+torchloops,w4g128-gptq
+      # A/B: the calibration loop before residual branches and C column loops, and now
 Results are also appended to ``--out`` (JSON lines) as each recipe finishes;
 ``--tables a.jsonl b.jsonl`` prints the tables of saved results (e.g. of parallel runs).
 """
@@ -166,23 +168,33 @@ def run(args) -> list[dict]:
     rows = []
     for name in args.recipes.split(","):
         model = copy.deepcopy(base)
-        key, _, option = name.partition("/")
-        refine = re.fullmatch(r"refine(\d+)", option)
-        if option not in ("", "f32in") and not refine:
-            raise SystemExit(f"{name}: options are /f32in (block inputs in float32) and "
-                             f"/refine<N> (N rounds of GPTQ refinement; the default is 2)")
+        key, _, options = name.partition("/")
+        options = set(options.split("+")) - {""}
+        refine = [int(o[6:]) for o in options if re.fullmatch(r"refine\d+", o)]
+        unknown = options - {"f32in", "whole", "torchloops"} - {f"refine{n}" for n in refine}
+        if unknown:
+            raise SystemExit(f"{name}: options (joined by +) are f32in (block inputs in "
+                             f"float32), refine<N> (N rounds of GPTQ refinement; the default "
+                             f"is 2), whole (whole blocks per group, not residual branches), "
+                             f"torchloops (GPTQ's column loops in torch, not C)")
         recipe = lowbit.Recipe.parse(key).with_keep("lm_head")
         t0, c0 = time.perf_counter(), time.process_time()
         with PeakRSS() as mem:
-            if option:  # A/B: block inputs held in float32; GPTQ's coordinate-descent passes
+            if options:  # A/B against the defaults
+                from lowbit.model.arch import resolve_arch
                 from lowbit.model.calibrated import quantize_calibrated
                 from lowbit.model.solve import Solver
 
-                gptq = Solver().gptq
+                gptq = {**Solver().gptq, "native": "torchloops" not in options}
                 if refine:
-                    gptq = {**gptq, "refine_passes": int(refine.group(1))}
-                quantize_calibrated(model, recipe, calib, progress=False,
-                                    half_inputs=option != "f32in", solver=Solver(gptq=gptq))
+                    gptq["refine_passes"] = refine[0]
+                arch = resolve_arch(model)
+                if "whole" in options:
+                    for block in arch.blocks:
+                        block.branches = []
+                quantize_calibrated(model, recipe, calib, progress=False, arch=arch,
+                                    half_inputs="f32in" not in options,
+                                    solver=Solver(gptq=gptq))
             else:
                 lowbit.quantize(model, recipe, calib, progress=False)
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
