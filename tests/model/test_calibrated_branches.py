@@ -8,6 +8,7 @@ import torch
 
 from lowbit.model.arch import resolve_arch
 from lowbit.model.calibrated import quantize_calibrated
+from lowbit.nn import QuantizedLinear
 
 from .tiny import tiny_llama
 
@@ -34,7 +35,7 @@ def _kl(model, base):
     return (ref.exp() * (ref - out)).sum(-1).mean().item()
 
 
-def _run(base, calib, whole: bool):
+def _run(base, calib, whole: bool, **kw):
     """Quantize a copy with w4g32-gptq; count the calls of block 0's attention and MLP
     over the 4 calibration batches."""
     model = copy.deepcopy(base)
@@ -49,7 +50,7 @@ def _run(base, calib, whole: bool):
              layer.mlp.register_forward_pre_hook(
                  lambda *_: calls.__setitem__("mlp", calls["mlp"] + 1))]
     try:
-        quantize_calibrated(model, "w4g32-gptq", calib, progress=False, arch=arch)
+        quantize_calibrated(model, "w4g32-gptq", calib, progress=False, arch=arch, **kw)
     finally:
         for h in hooks:
             h.remove()
@@ -75,6 +76,18 @@ def test_branches_rerun_less_and_quantize_the_same(base, calib):
     assert split_calls == {"attn": 3 * 4 + 2, "mlp": 3 * 4 + 2}
     kl_split, kl_whole = _kl(split, base), _kl(whole, base)
     assert abs(kl_split - kl_whole) < 0.1 * kl_whole, (kl_split, kl_whole)
+
+
+def test_in_float32_branches_compute_what_whole_blocks_compute(base, calib):
+    """With the stored inputs in float32 the two loops do the same arithmetic (the
+    branches' sum is the block's own residual add), so every layer gets the same codes;
+    in float16 (the default) the branches also round ``h + attention`` once."""
+    split, _ = _run(base, calib, whole=False, half_inputs=False)
+    whole, _ = _run(base, calib, whole=True, half_inputs=False)
+    for (name, a), (_, b) in zip(split.named_modules(), whole.named_modules(), strict=True):
+        if isinstance(a, QuantizedLinear):
+            torch.testing.assert_close(a.dequantize_weight(), b.dequantize_weight(),
+                                       rtol=0, atol=0, msg=name)
 
 
 def test_a_block_that_is_not_its_branches_runs_whole(base, calib):
