@@ -150,6 +150,39 @@ def score(model, ids, n_windows, baseline=None) -> Scores:
     return s
 
 
+def quantize_as(model, name: str, calib) -> None:
+    """Quantize ``model`` with recipe ``name`` (``recipe/option+option``: A/B options, see
+    the module docstring), the head kept."""
+    import lowbit
+
+    key, _, options = name.partition("/")
+    options = set(options.split("+")) - {""}
+    refine = [int(o[6:]) for o in options if re.fullmatch(r"refine\d+", o)]
+    unknown = options - {"f32in", "whole", "torchloops"} - {f"refine{n}" for n in refine}
+    if unknown:
+        raise SystemExit(f"{name}: options (joined by +) are f32in (block inputs in "
+                         f"float32), refine<N> (N rounds of GPTQ refinement; the default "
+                         f"is 2), whole (whole blocks per group, not residual branches), "
+                         f"torchloops (GPTQ's column loops in torch, not C)")
+    recipe = lowbit.Recipe.parse(key).with_keep("lm_head")
+    if not options:
+        lowbit.quantize(model, recipe, calib, progress=False)
+        return
+    from lowbit.model.arch import resolve_arch
+    from lowbit.model.calibrated import quantize_calibrated
+    from lowbit.model.solve import Solver
+
+    gptq = {**Solver().gptq, "native": "torchloops" not in options}
+    if refine:
+        gptq["refine_passes"] = refine[0]
+    arch = resolve_arch(model)
+    if "whole" in options:
+        for block in arch.blocks:
+            block.branches = []
+    quantize_calibrated(model, recipe, calib, progress=False, arch=arch,
+                        half_inputs="f32in" not in options, solver=Solver(gptq=gptq))
+
+
 def run(args) -> list[dict]:
     import torch
 
@@ -168,35 +201,9 @@ def run(args) -> list[dict]:
     rows = []
     for name in args.recipes.split(","):
         model = copy.deepcopy(base)
-        key, _, options = name.partition("/")
-        options = set(options.split("+")) - {""}
-        refine = [int(o[6:]) for o in options if re.fullmatch(r"refine\d+", o)]
-        unknown = options - {"f32in", "whole", "torchloops"} - {f"refine{n}" for n in refine}
-        if unknown:
-            raise SystemExit(f"{name}: options (joined by +) are f32in (block inputs in "
-                             f"float32), refine<N> (N rounds of GPTQ refinement; the default "
-                             f"is 2), whole (whole blocks per group, not residual branches), "
-                             f"torchloops (GPTQ's column loops in torch, not C)")
-        recipe = lowbit.Recipe.parse(key).with_keep("lm_head")
         t0, c0 = time.perf_counter(), time.process_time()
         with PeakRSS() as mem:
-            if options:  # A/B against the defaults
-                from lowbit.model.arch import resolve_arch
-                from lowbit.model.calibrated import quantize_calibrated
-                from lowbit.model.solve import Solver
-
-                gptq = {**Solver().gptq, "native": "torchloops" not in options}
-                if refine:
-                    gptq["refine_passes"] = refine[0]
-                arch = resolve_arch(model)
-                if "whole" in options:
-                    for block in arch.blocks:
-                        block.branches = []
-                quantize_calibrated(model, recipe, calib, progress=False, arch=arch,
-                                    half_inputs="f32in" not in options,
-                                    solver=Solver(gptq=gptq))
-            else:
-                lowbit.quantize(model, recipe, calib, progress=False)
+            quantize_as(model, name, calib)
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         res = score(model, ids, args.n_windows, ref.windows).result()
         saved, held = stored_bits(model)
@@ -257,8 +264,7 @@ def memory(args) -> None:
     r1 = rss_mb()
     t0, c0 = time.perf_counter(), time.process_time()
     with PeakRSS() as mem:
-        lowbit.quantize(model, lowbit.Recipe.parse(args.memory).with_keep("lm_head"), calib,
-                        progress=False)
+        quantize_as(model, args.memory, calib)
     print(json.dumps({"recipe": args.memory, "calib_tokens": args.calib_tokens,
                       "quantize_s": time.perf_counter() - t0,
                       "quantize_cpu_s": time.process_time() - c0, "fp32_model_mb": model_mb,

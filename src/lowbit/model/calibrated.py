@@ -446,6 +446,7 @@ def _run_blocks(run: _Run, arch: Arch, batches: list, sequential: bool, progress
                 run.stage(branch.groups, run_branch, hidden, kwargs_list, sequential)
                 for i, (h, kw) in enumerate(zip(hidden, kwargs_list, strict=True)):
                     hidden[i] = _hold(h.to(dtype) + run_branch(h, kw), half_inputs)
+                _give_back_free_memory()
         else:
             run.stage(block.groups, run_block, hidden, kwargs_list, sequential)
             for i, (h, kw) in enumerate(zip(hidden, kwargs_list, strict=True)):
