@@ -120,17 +120,18 @@ class GPTQ:
                               self.clip_norm) if lazy else None
 
         refine = self.refine_passes > 0
-        if refine:  # what the refinement works on, in the original column order
-            W0, H0 = W.clone(), H
+        W0 = W.clone() if refine else None  # what the refinement works on (with ``H``)
         perm = torch.arange(cols, device=W.device)
         if self.act_order:  # columns in order of decreasing H_ii
             perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
-            W, H = W[:, perm], H[perm[:, None], perm]  # (one gather, no [perm] copy)
+            W = W[:, perm]
         invperm = torch.argsort(perm)
         group_of = (perm // gs).tolist()  # original group of the column at each position
 
-        Hinv, used_damp = _inverse_cholesky(H, self.percdamp, self.max_percdamp, W, nsamples)
-        del H  # (the largest buffers of the solve: at most two ``cols x cols`` at a time)
+        Hinv, used_damp = _inverse_cholesky(H, perm if self.act_order else None,
+                                            self.percdamp, self.max_percdamp, W, nsamples)
+        if not refine:
+            del H  # (the largest buffers of the solve: at most three ``cols x cols``)
 
         integer = isinstance(fmt, IntFormat)  # codes kept as float until the end
         codes = torch.empty(rows, cols, dtype=torch.float32 if integer else fmt.code_dtype,
@@ -151,13 +152,13 @@ class GPTQ:
         refined = None
         if refine:
             del Hinv, W
-            H0.diagonal().add_(used_damp * float(torch.diagonal(H0).mean()))
+            H.diagonal().add_(used_damp * float(torch.diagonal(H).mean()))
 
             def columns(qp):
                 fresh = _IntColumn(fmt, rows) if integer else _AnyColumn()
                 return fresh, lambda g: _column_qparams(qp, g)
 
-            codes, qparams, refined = refine_solution(W0, H0.to(W0.dtype), codes, qparams,
+            codes, qparams, refined = refine_solution(W0, H.to(W0.dtype), codes, qparams,
                                                       self.refine_passes, self.block_size,
                                                       columns, self.native)
         info = {
@@ -212,7 +213,6 @@ def _native_blocks(W, Hinv, codes, losses, group_of, invperm, gs, groups, column
     """``_reference_blocks`` for integer formats with each block's columns in one C call
     (``native_solve.gptq_columns``), split only where a lazy group starts."""
     rows, cols = W.shape
-    Hinv = Hinv.contiguous()  # (LAPACK hands back the factor in column-major order)
     d = torch.diagonal(Hinv).contiguous()
     group_idx = torch.tensor(group_of, dtype=torch.int64)
     table = None
@@ -402,13 +402,15 @@ def _check_hessian(H: torch.Tensor | HessianAccumulator, W: torch.Tensor) -> tor
 
 
 def _inverse_cholesky(
-    H: torch.Tensor, percdamp: float, max_percdamp: float, W: torch.Tensor, nsamples
+    H: torch.Tensor, perm: torch.Tensor | None, percdamp: float, max_percdamp: float,
+    W: torch.Tensor, nsamples
 ) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of ``(H + lambda I)^-1``, escalating the damping on failure."""
+    """Upper Cholesky factor of ``(H_perm + lambda I)^-1`` (``H_perm``: rows and columns in
+    the order ``perm``, or as they are), escalating the damping on failure; row-major."""
     mean_diag = float(torch.diagonal(H).mean())
     damp = percdamp
     while True:
-        Hd = H.clone()
+        Hd = H.clone() if perm is None else H[perm[:, None], perm]  # (one gather)
         Hd.diagonal().add_(damp * mean_diag)
         L, info = torch.linalg.cholesky_ex(Hd)
         del Hd
@@ -418,7 +420,7 @@ def _inverse_cholesky(
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
             del Hinv
             if int(info) == 0 and torch.isfinite(U).all():
-                return U.float(), damp
+                return U.float().contiguous(), damp  # (LAPACK's factor is column-major)
         nxt = damp * 10 if damp > 0 else 0.01
         if nxt > max_percdamp * (1 + 1e-9):
             seen = f" from {nsamples} tokens" if nsamples is not None else ""

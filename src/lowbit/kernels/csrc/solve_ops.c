@@ -5,8 +5,10 @@
  * on its own given the block's slice of a shared matrix, so each row runs the whole block
  * in registers and cache (rows in parallel) instead of one torch call per column.
  * The torch loops in algorithms/gptq.py and algorithms/refine.py are the reference; the
- * arithmetic here is theirs, operation for operation (this file builds with
- * -ffp-contract=off via -std=c11, so no product is fused into an add that torch rounds).
+ * arithmetic here is theirs, operation for operation, rounding for rounding: the build's
+ * -std=c11 implies -ffp-contract=off, so a product is fused into an add only where torch
+ * fuses it too (GPTQ's rank-1 update with alpha = -1 on a contiguous row: fmaf), and the
+ * results agree bit for bit here (tests/algorithms/test_native_solve.py).
  *
  * Each column j of the block has a parameter set (group): scale[g * rows + r] and, when
  * zero is not NULL, zero[g * rows + r], with g = group[j]. One column of one row:
@@ -14,7 +16,7 @@
  *
  * gptq_columns (Frantar et al., 2022, Algorithm 1, the inner loop of one block): for
  * columns j in [c0, c1) of a block of `width` columns, with t = W1[r, j]
- *     e = (t - q) / d[j];  W1[r, j:] -= e * Hinv1[j, j:];  Err1[r, j] = e
+ *     e = (t - q) / d[j];  W1[r, j:] = fma(-e, Hinv1[j, j:], W1[r, j:]);  Err1[r, j] = e
  *     codes[r, j] = c;  losses[r, j] = e^2 / 2
  * cd_columns (QuantEase, Behdin et al., 2023, Algorithm 1, one block of a sweep): for every
  * column j of the block, with t = V[r, j] + G[r, j] / d[j]
@@ -55,7 +57,7 @@ void lowbit_gptq_columns(float *W1, float *Err1, int64_t rows, int64_t width, in
             float q = quant_level(w[j], scale[at], zero, at, lo, hi, &c);
             float e = (w[j] - q) / d[j];
             const float *h = Hinv1 + j * ldh;
-            for (int64_t k = j; k < width; k++) w[k] -= e * h[k];
+            for (int64_t k = j; k < width; k++) w[k] = fmaf(-e, h[k], w[k]);
             Err1[r * ld + j] = e;
             codes[r * ldc + j] = c;
             losses[r * ldc + j] = e * e / 2.0f;
