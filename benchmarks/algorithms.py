@@ -158,12 +158,15 @@ def quantize_as(model, name: str, calib) -> None:
     key, _, options = name.partition("/")
     options = set(options.split("+")) - {""}
     refine = [int(o[6:]) for o in options if re.fullmatch(r"refine\d+", o)]
-    unknown = options - {"f32in", "whole", "torchloops"} - {f"refine{n}" for n in refine}
+    batch = [int(o[5:]) for o in options if re.fullmatch(r"batch\d+", o)]
+    unknown = (options - {"f32in", "whole", "torchloops"} - {f"refine{n}" for n in refine}
+               - {f"batch{n}" for n in batch})
     if unknown:
         raise SystemExit(f"{name}: options (joined by +) are f32in (block inputs in "
                          f"float32), refine<N> (N rounds of GPTQ refinement; the default "
                          f"is 2), whole (whole blocks per group, not residual branches), "
-                         f"torchloops (GPTQ's column loops in torch, not C)")
+                         f"torchloops (GPTQ's column loops in torch, not C), batch<N> (N "
+                         f"tokens per calibration forward; the default is 1024)")
     recipe = lowbit.Recipe.parse(key).with_keep("lm_head")
     if not options:
         lowbit.quantize(model, recipe, calib, progress=False)
@@ -179,8 +182,9 @@ def quantize_as(model, name: str, calib) -> None:
     if "whole" in options:
         for block in arch.blocks:
             block.branches = []
+    extra = {"batch_tokens": batch[0]} if batch else {}
     quantize_calibrated(model, recipe, calib, progress=False, arch=arch,
-                        half_inputs="f32in" not in options, solver=Solver(gptq=gptq))
+                        half_inputs="f32in" not in options, solver=Solver(gptq=gptq), **extra)
 
 
 def run(args) -> list[dict]:

@@ -71,7 +71,7 @@ def routes_here(recipe: Recipe) -> bool:
         s.algorithm != "rtn" or is_row_codebook(get_format(s.weight.format))) for s in schemes)
 
 
-def _batches(calibration, model: nn.Module) -> list:
+def _batches(calibration, model: nn.Module, max_tokens: int) -> list:
     from lowbit.data import TextCalibration
 
     if isinstance(calibration, TextCalibration):
@@ -79,13 +79,14 @@ def _batches(calibration, model: nn.Module) -> list:
     batches = list(calibration)
     if not batches:
         raise RecipeError("the calibration data is empty: pass at least one batch")
-    return _rebatch(batches)
+    return _rebatch(batches, max_tokens)
 
 
 #: calibration forwards run on up to this many tokens at once (2 windows of 512): on
 #: SmolLM2-135M, GPTQ's peak memory over 16 x 512 tokens was 1.37x the FP32 model at 1024
 #: against 1.67-1.74x at 4096 (one block's activations, attention scores included), in the
-#: same time (105 s vs 103-115 s; ``benchmarks/algorithms.py --memory``)
+#: same time (105 s vs 103-115 s; ``benchmarks/algorithms.py --memory``); over 128 x 512
+#: tokens, 1.51x in 165-173 s at 1024 against 1.49x in 186 s at 512
 REBATCH_TOKENS = 1024
 
 
@@ -332,6 +333,7 @@ def quantize_calibrated(
     autocast: bool = False,
     half_inputs: bool = True,
     arch: Arch | None = None,
+    batch_tokens: int = REBATCH_TOKENS,
 ) -> QuantizeSummary:
     """Quantize ``model`` in place with calibrated algorithms (see the module docstring).
 
@@ -341,13 +343,15 @@ def quantize_calibrated(
     ``autocast=True`` runs the calibration forwards in bfloat16 (CPU autocast: about 4x faster
     matmuls on AVX512-BF16, activations as a bf16 deployment sees them; statistics are
     still accumulated in float32); ``half_inputs=False`` holds the blocks' inputs in float32
-    instead of float16 (``_hold``: twice the memory of the largest buffer).
+    instead of float16 (``_hold``: twice the memory of the largest buffer);
+    ``batch_tokens`` caps the tokens of one calibration forward (``REBATCH_TOKENS``; 512
+    took GPTQ's peak on SmolLM2-135M from 1.51x to 1.49x the FP32 model, and 165 s to 186 s).
     """
     from lowbit.model.mixed import auto_recipe, is_auto
 
     recipe = Recipe.parse(recipe)
     t0 = time.perf_counter()
-    batches = None if calibration is None else _batches(calibration, model)
+    batches = None if calibration is None else _batches(calibration, model, batch_tokens)
     if is_auto(recipe):
         recipe = auto_recipe(model, recipe, batches, solver=solver, progress=progress)
     summary = QuantizeSummary(recipe.name)
