@@ -166,7 +166,7 @@ def test_static_groups_take_parameters_from_the_original_weight(layer):
 ])
 def test_integer_column_path_equals_the_generic_one(layer, monkeypatch, fmt, gran, symmetric,
                                                     act_order, static_groups):
-    """The inlined integer arithmetic (``_IntColumn``) gives the codes ``scaling.quantize``
+    """The inlined integer arithmetic (``IntColumn``) gives the codes ``scaling.quantize``
     gives, bit for bit."""
     import importlib
 
@@ -176,7 +176,7 @@ def test_integer_column_path_equals_the_generic_one(layer, monkeypatch, fmt, gra
     cfg = WeightQuantConfig(fmt, gran, symmetric=symmetric, scale_dtype="bf16")
     opts = {"act_order": act_order, "static_groups": static_groups}
     fast = gptq(W, hessian(X), cfg, **opts)
-    monkeypatch.setattr(gptq_module, "_IntColumn", lambda fmt, rows: gptq_module._AnyColumn())
+    monkeypatch.setattr(gptq_module, "IntColumn", lambda fmt, rows: gptq_module.AnyColumn())
     generic = gptq(W, hessian(X), cfg, **opts)
     assert fast.codes.dtype == generic.codes.dtype
     assert torch.equal(fast.codes, generic.codes)
@@ -200,8 +200,8 @@ def test_clip_search_never_worsens_a_groups_weight_error(layer):
     def quantize_dequantize(w, qp):
         return dequantize(quantize(w, qp), qp)
 
-    plain = gptq_module._clipped_qparams(W, cfg, cfg.gran, (), 2.4)
-    searched = gptq_module._clipped_qparams(W, cfg, cfg.gran, (1.0, 0.95, 0.9, 0.85), 2.4)
+    plain = gptq_module.clipped_qparams(W, cfg, cfg.gran, (), 2.4)
+    searched = gptq_module.clipped_qparams(W, cfg, cfg.gran, (1.0, 0.95, 0.9, 0.85), 2.4)
     assert torch.all(err(searched) <= err(plain) + 1e-6)
     assert not torch.equal(searched.scale, plain.scale)
     res = gptq(W, hessian(X), cfg, clip_ratios=(1.0, 0.95, 0.9, 0.85))

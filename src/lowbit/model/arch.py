@@ -1,6 +1,6 @@
 """Architecture knowledge as data: which modules form a block and which op feeds which linears.
 
-Calibrated algorithms need three facts about a model, and this module keeps them in one small
+Calibrated algorithms need a few facts about a model, and this module keeps them in one small
 table (``LAYOUTS``) instead of class-name checks:
 
 1. the *blocks* (the repeated layers), so calibration can run one block at a time holding one
@@ -16,7 +16,11 @@ table (``LAYOUTS``) instead of class-name checks:
    reaches the group through ops that commute with a per-channel scale (``v_proj`` ->
    attention -> ``o_proj`` when their widths match, i.e. no grouped-query repetition;
    ``up_proj`` -> ``act(gate) * up`` -> ``down_proj``). Post-norm blocks (BERT) have no such
-   norm: their LayerNorm output also feeds the residual, so those groups have no feeder.
+   norm: their LayerNorm output also feeds the residual, so those groups have no feeder;
+4. in pre-norm families, the *residual branches* a block computes in turn,
+   ``h = h + branch(norm(h))`` (attention, then MLP): calibration then reruns only the
+   branch that holds a group, not the whole block up to it (``calibrated.py`` checks on
+   block 0 that the branches compose to the block's own forward before relying on them).
 
 ``resolve_arch(model)`` matches the table structurally (module paths, never class names).
 A model the table does not know falls back to the largest ``nn.ModuleList`` of identical
