@@ -264,7 +264,7 @@ def test_float_weights_are_freed_as_layers_are_packed(base, calib, monkeypatch, 
 def test_block_inputs_are_held_in_half_precision_while_they_fit(base, calib, ids):
     """The stored block inputs (the largest buffer) are float16 between blocks, unless an
     entry exceeds ``HALF_LIMIT``; the result is as close to the float model as with float32."""
-    from lowbit.model import calibrated
+    from lowbit.model import calib_memory, calibrated
 
     held = []
     real = calibrated._hold
@@ -286,7 +286,7 @@ def test_block_inputs_are_held_in_half_precision_while_they_fit(base, calib, ids
     finally:
         calibrated._hold = saved
     assert abs(_kl(half, base, ids) - _kl(full, base, ids)) < 0.1 * _kl(full, base, ids)
-    big = torch.full((2, 3), 3.0 * calibrated.HALF_LIMIT)
+    big = torch.full((2, 3), 3.0 * calib_memory.HALF_LIMIT)
     assert calibrated._hold(big, True).dtype == torch.float32  # would lose range: kept
     nan = torch.tensor([1.0, float("nan")])
     assert calibrated._hold(nan, True).dtype == torch.float32
@@ -351,7 +351,7 @@ def test_free_heap_pages_go_back_to_the_os():
     """Once glibc's mmap threshold has risen (after the first few-MB tensor is freed), tensors
     of that size come from the heap and their pages stay resident after ``del``;
     ``_give_back_free_memory`` (``malloc_trim``) returns them."""
-    from lowbit.model import calibrated
+    from lowbit.model import calib_memory
 
     def rss_mb():
         for line in open("/proc/self/status"):
@@ -359,7 +359,7 @@ def test_free_heap_pages_go_back_to_the_os():
                 return int(line.split()[1]) / 1024
         return 0.0
 
-    assert calibrated._malloc_trim() is not None
+    assert calib_memory._malloc_trim() is not None
     first = torch.ones(300_000)  # 1.2 MB: mapped, and freeing it raises the threshold
     del first
     base = rss_mb()
@@ -367,7 +367,7 @@ def test_free_heap_pages_go_back_to_the_os():
     top = torch.ones(300_000)  # a live block above them: plain free cannot shrink the heap
     del many
     after_free = rss_mb()
-    calibrated._give_back_free_memory()
+    calib_memory._give_back_free_memory()
     after_trim = rss_mb()
     assert after_free - base > 150  # the pages stayed resident...
     assert after_free - after_trim > 150  # ...until trimmed

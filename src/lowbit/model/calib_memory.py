@@ -1,0 +1,80 @@
+"""How calibration holds its data: batches of token ids, block inputs in float16, and
+freed heap pages handed back to the OS (``calibrated.py`` uses these)."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+
+import torch
+from torch import nn
+
+from lowbit.model.recipe import RecipeError
+
+
+def _batches(calibration, model: nn.Module, max_tokens: int) -> list:
+    from lowbit.data import TextCalibration
+
+    if isinstance(calibration, TextCalibration):
+        calibration = calibration.batches(model)
+    batches = list(calibration)
+    if not batches:
+        raise RecipeError("the calibration data is empty: pass at least one batch")
+    return _rebatch(batches, max_tokens)
+
+
+#: calibration forwards run on up to this many tokens at once (2 windows of 512): on
+#: SmolLM2-135M, GPTQ's peak memory over 16 x 512 tokens was 1.37x the FP32 model at 1024
+#: against 1.67-1.74x at 4096 (one block's activations, attention scores included), in the
+#: same time (105 s vs 103-115 s; ``benchmarks/algorithms.py --memory``); over 128 x 512
+#: tokens, 1.51x in 165-173 s at 1024 against 1.49x in 186 s at 512
+REBATCH_TOKENS = 1024
+
+
+def _rebatch(batches: list, max_tokens: int = REBATCH_TOKENS) -> list:
+    """Stack token-id tensors of one shape ``[b, T]`` into ``[k*b, T]`` batches of at most
+    ``max_tokens`` tokens: the same tokens and statistics, fewer and larger matmuls (one
+    forward of 8x512 tokens costs far less than 8 of 512). Anything else stays as given."""
+    first = batches[0]
+    if not (isinstance(first, torch.Tensor) and first.dim() == 2 and not first.is_floating_point()
+            and all(isinstance(b, torch.Tensor) and b.shape == first.shape for b in batches)):
+        return batches
+    per = max(1, max_tokens // first.numel())
+    return [torch.cat(batches[i:i + per]) for i in range(0, len(batches), per)]
+
+
+#: block inputs are held in float16 between blocks while every entry's magnitude is at most
+#: this (far below float16's 65504, so the block's own sums cannot overflow it): half the
+#: bytes of the largest buffer, ``tokens x hidden`` (0.29x the FP32 model at 128 x 512 tokens
+#: on SmolLM2-135M), for a relative rounding of 2^-11 on each input, far below what 2-8 bit
+#: weights add. The reference GPTQ code holds them in float16 too (it runs the model in it).
+#: A batch with larger (or non-finite) entries stays in its own dtype.
+HALF_LIMIT = 2.0**14
+
+
+def _hold(h: torch.Tensor, half: bool) -> torch.Tensor:
+    if half and h.dtype == torch.float32 and bool(h.abs().amax() <= HALF_LIMIT):
+        return h.half()
+    return h
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def _give_back_free_memory() -> None:
+    """Return the C heap's free pages to the OS (glibc ``malloc_trim``). Tensors of a few MB
+    (one batch of activations, a Hessian) come from the heap, not from their own mappings,
+    once glibc's dynamic mmap threshold has risen; their freed pages stay resident and the
+    next block's transients land on top. With the solve's ``cols x cols`` buffers freed as
+    it goes, trimming before and after each group's solve took GPTQ's peak over 128 x 512
+    tokens on SmolLM2-135M from 1.52x to 1.44x the FP32 model
+    (``benchmarks/algorithms.py --memory w4g128-gptq``)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
