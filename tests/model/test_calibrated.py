@@ -19,15 +19,6 @@ from .tiny import tiny_llama
 torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="module")
-def base():
-    return tiny_llama(hidden=64)
-
-
-@pytest.fixture(scope="module")
-def calib():
-    g = torch.Generator().manual_seed(0)
-    return [torch.randint(0, 128, (1, 64), generator=g) for _ in range(4)]  # 256 tokens
 
 
 @pytest.fixture(scope="module")

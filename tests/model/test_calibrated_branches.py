@@ -10,20 +10,14 @@ from lowbit.model.arch import resolve_arch
 from lowbit.model.calibrated import quantize_calibrated
 from lowbit.nn import QuantizedLinear
 
-from .tiny import tiny_llama
-
 torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
-def base():
-    return tiny_llama(hidden=64)
-
-
-@pytest.fixture(scope="module")
-def calib():
+def ragged():
+    """4 batches whose lengths differ, so they stay apart (``_rebatch`` stacks equal
+    shapes)."""
     g = torch.Generator().manual_seed(0)
-    # lengths differ, so the batches stay apart (``_rebatch`` stacks equal shapes)
     return [torch.randint(0, 128, (1, 64 - i), generator=g) for i in range(4)]
 
 
@@ -65,38 +59,38 @@ def test_llama_blocks_resolve_into_two_branches(base):
         assert block.branches[0].groups[0].linears[0].endswith("self_attn.q_proj")
 
 
-def test_branches_rerun_less_and_quantize_the_same(base, calib):
+def test_branches_rerun_less_and_quantize_the_same(base, ragged):
     """Whole blocks enter the attention for every group's pass (4) and the outputs (1);
     branches for the attention groups (2) and the branch output (1), plus the check of
     block 0 on the first batch (whole block and composed branches: 2). The MLP's groups and
     output: 3 per batch either way (plus the check)."""
-    split, split_calls = _run(base, calib, whole=False)
-    whole, whole_calls = _run(base, calib, whole=True)
+    split, split_calls = _run(base, ragged, whole=False)
+    whole, whole_calls = _run(base, ragged, whole=True)
     assert whole_calls == {"attn": 5 * 4, "mlp": 3 * 4}
     assert split_calls == {"attn": 3 * 4 + 2, "mlp": 3 * 4 + 2}
     kl_split, kl_whole = _kl(split, base), _kl(whole, base)
     assert abs(kl_split - kl_whole) < 0.1 * kl_whole, (kl_split, kl_whole)
 
 
-def test_in_float32_branches_compute_what_whole_blocks_compute(base, calib):
+def test_in_float32_branches_compute_what_whole_blocks_compute(base, ragged):
     """With the stored inputs in float32 the two loops do the same arithmetic (the
     branches' sum is the block's own residual add), so every layer gets the same codes;
     in float16 (the default) the branches also round ``h + attention`` once."""
-    split, _ = _run(base, calib, whole=False, half_inputs=False)
-    whole, _ = _run(base, calib, whole=True, half_inputs=False)
+    split, _ = _run(base, ragged, whole=False, half_inputs=False)
+    whole, _ = _run(base, ragged, whole=True, half_inputs=False)
     for (name, a), (_, b) in zip(split.named_modules(), whole.named_modules(), strict=True):
         if isinstance(a, QuantizedLinear):
             torch.testing.assert_close(a.dequantize_weight(), b.dequantize_weight(),
                                        rtol=0, atol=0, msg=name)
 
 
-def test_a_block_that_is_not_its_branches_runs_whole(base, calib):
+def test_a_block_that_is_not_its_branches_runs_whole(base, ragged):
     """A forward that does more than ``h + b(norm(h))`` (here: scales the block output) is
     caught on block 0's first batch; calibration then runs whole blocks and says so."""
     model = copy.deepcopy(base)
     for layer in model.model.layers:
         layer.register_forward_hook(
             lambda m, a, out: (out[0] * 0.5, *out[1:]) if isinstance(out, tuple) else out * 0.5)
-    quantize_calibrated(model, "w4g32-gptq", calib, progress=False)
+    quantize_calibrated(model, "w4g32-gptq", ragged, progress=False)
     notes = model.lowbit_calibration["notes"]
     assert any("not its residual branches" in n for n in notes), notes

@@ -90,15 +90,6 @@ def test_explicit_recipe_round_trips_json():
     assert recipe.scheme_for("lm_head") is None
 
 
-@pytest.fixture(scope="module")
-def base():
-    return tiny_llama(hidden=64)
-
-
-@pytest.fixture(scope="module")
-def calib():
-    g = torch.Generator().manual_seed(0)
-    return [torch.randint(0, 128, (1, 64), generator=g) for _ in range(4)]
 
 
 def test_sensitivity_anchor_matches_measurement_at_the_anchor(base, calib):
