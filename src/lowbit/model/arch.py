@@ -122,6 +122,12 @@ class Branch:
         out = self.module(self.norm(h), **kwargs) if self.kwargs else self.module(self.norm(h))
         return out[0] if isinstance(out, (tuple, list)) else out
 
+    def on(self, block_copy: nn.Module, block: nn.Module) -> Branch:
+        """The same branch in ``block_copy`` (a deep copy of ``block``)."""
+        names = {id(m): n for n, m in block.named_modules()}
+        return Branch(block_copy.get_submodule(names[id(self.norm)]),
+                      block_copy.get_submodule(names[id(self.module)]), self.kwargs, self.groups)
+
 
 @dataclass
 class Block:

@@ -26,6 +26,7 @@ algorithms; static activation scales there are refused with a hint).
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Iterable
 from contextlib import nullcontext
@@ -147,12 +148,28 @@ def _output(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+class _Reference:
+    """GPTAQ's float path through the current block: the float model's block inputs
+    (``hidden``, as the quantized path holds its own), an untouched copy of the block taken
+    before any of its groups was quantized, and the stage to run on it."""
+
+    def __init__(self, hidden: list, block: nn.Module, prefix: str):
+        self.hidden, self.block, self.prefix = hidden, block, prefix
+        self.stage = None  # (h, kwargs) -> output, set per stage
+
+    def module(self, name: str) -> nn.Module:
+        """The float copy of the linear ``name`` (an absolute path inside the block)."""
+        return self.block.get_submodule(name[len(self.prefix) + 1:])
+
+
 class _Run:
     """State of one ``quantize_calibrated`` call."""
 
     def __init__(self, model, plan, solver, backend, sample_tokens):
         self.model, self.plan, self.solver, self.backend = model, plan, solver, backend
         self.sample_tokens = sample_tokens
+        #: GPTAQ's float path for the current stage, or None (``_Reference``)
+        self.reference: _Reference | None = None
         self.solutions: dict[str, Solution] = {}
         self.info: dict[str, dict] = {}
 
@@ -181,13 +198,30 @@ class _Run:
             return pre
 
         handles = [self.model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+        ref = self.reference if any("cross" in need for need in needs) else None
+        seen_float: dict[str, torch.Tensor] = {}
+        if ref is not None:  # the same pre-hooks on the float copy of the block
+            def float_hook(name):
+                def pre(module, args):
+                    seen_float[name] = args[0]
+                    if len(seen_float) == len(names):
+                        raise _Stop
+                return pre
+
+            handles += [ref.module(n).register_forward_pre_hook(float_hook(n)) for n in names]
         try:
-            for h, kw in zip(hidden, kwargs_list, strict=True):
+            for index, (h, kw) in enumerate(zip(hidden, kwargs_list, strict=True)):
                 seen.clear()
                 try:
                     run_stage(h, kw)
                 except _Stop:
                     pass
+                if ref is not None:
+                    seen_float.clear()
+                    try:
+                        ref.stage(ref.hidden[index], kw)
+                    except _Stop:
+                        pass
                 missing = [n for n in names if n not in seen]
                 if missing:
                     raise RecipeError(f"{', '.join(missing)} never ran in its block's forward, "
@@ -196,12 +230,13 @@ class _Run:
                 for name in names:  # members of a group share the input: count it once
                     i = owner[name]
                     if stats[i] is not None and i not in done:
-                        stats[i].add(seen[name])
+                        stats[i].add(seen[name], seen_float.get(name))
                         done.add(i)
         finally:
             for handle in handles:
                 handle.remove()
             seen.clear()
+            seen_float.clear()
         return stats
 
     def quantize_group(self, group: Group, members: list[Member], stats) -> None:
@@ -353,6 +388,20 @@ def _branches_compose(arch: Arch, hidden: list, kwargs_list: list, dtype) -> boo
     return close
 
 
+def _steps(block, block_copy, split: bool) -> list:
+    """(groups, step, the same step on the float copy, whether it is a residual branch)
+    for each part of ``block`` that calibration runs on its own: its residual branches
+    (``split``), else the whole block. A step is ``(h, kwargs) -> output``."""
+    def whole(module):
+        return lambda h, kw: _output(module(h, **kw))
+
+    if split:
+        return [(b.groups, b, b.on(block_copy, block.module) if block_copy is not None
+                 else None, True) for b in block.branches]
+    return [(block.groups, whole(block.module),
+             whole(block_copy) if block_copy is not None else None, False)]
+
+
 def _run_blocks(run: _Run, arch: Arch, batches: list, sequential: bool, progress: bool,
                 half_inputs: bool = True):
     """Steps 1-4 of the module docstring; returns the names it quantized."""
@@ -373,25 +422,28 @@ def _run_blocks(run: _Run, arch: Arch, batches: list, sequential: bool, progress
         blocks = tqdm(blocks, desc="calibrated quantization", unit="block", leave=False,
                       disable=None)
     split = _branches_compose(arch, hidden, kwargs_list, dtype)
+    # GPTAQ: the float model's block inputs too, and a float copy of each block
+    reference = any("cross" in stats_needed(s) for s in run.plan.values())
+    hidden_float = [h.clone() for h in hidden] if reference else None
     done = set()
     for block in blocks:
-        def run_block(h, kw, module=block.module):
-            return _output(module(h.to(dtype), **kw))
+        block_copy = copy.deepcopy(block.module) if reference else None
+        for groups, step, float_step, residual in _steps(block, block_copy, split):
+            def run_step(h, kw, step=step):
+                return step(h.to(dtype), kw)
 
-        if split:  # each residual branch on its own: no group reruns the branches before it
-            for branch in block.branches:
-                def run_branch(h, kw, branch=branch):
-                    return branch(h.to(dtype), kw)
-
-                run.stage(branch.groups, run_branch, hidden, kwargs_list, sequential)
-                for i, (h, kw) in enumerate(zip(hidden, kwargs_list, strict=True)):
-                    hidden[i] = _hold(h.to(dtype) + run_branch(h, kw), half_inputs)
-                _give_back_free_memory()
-        else:
-            run.stage(block.groups, run_block, hidden, kwargs_list, sequential)
-            for i, (h, kw) in enumerate(zip(hidden, kwargs_list, strict=True)):
-                hidden[i] = _hold(run_block(h, kw), half_inputs)
-        _give_back_free_memory()
+            if reference:
+                run.reference = _Reference(hidden_float, block_copy, block.name)
+                run.reference.stage = lambda h, kw, step=float_step: step(h.to(dtype), kw)
+            run.stage(groups, run_step, hidden, kwargs_list, sequential)
+            paths = [(hidden, step)] + ([(hidden_float, float_step)] if reference else [])
+            for states, fn in paths:
+                for i, (h, kw) in enumerate(zip(states, kwargs_list, strict=True)):
+                    y = fn(h.to(dtype), kw)
+                    states[i] = _hold(h.to(dtype) + y if residual else y, half_inputs)
+            _give_back_free_memory()
+        run.reference = None
+        del block_copy
         done |= {n for g in block.groups for n in g.linears}
         run.solutions.clear()  # feeders live in the same block: drop the unpacked codes
     head = arch.head

@@ -36,8 +36,9 @@ from lowbit.model.recipe import Recipe, RecipeError, Rule, Scheme
 from lowbit.nn import WeightSpec
 
 DEFAULT_CANDIDATES = ("w2g64", "w3g64", "w4g128", "w4g64", "w8")
-#: algorithms whose candidates are scored after solving against the Hessian
-SOLVED = ("gptq", "awq+gptq")
+#: algorithms whose candidates are scored after solving against the Hessian (GPTAQ's as
+#: GPTQ's: the scoring has the float model's inputs only)
+SOLVED = ("gptq", "gptaq", "awq+gptq")
 _AUTO = re.compile(r"auto:(\d+(?:\.\d+)?)(?:bpw)?(?:-([a-z+]+?))?(-rot)?")
 
 

@@ -26,9 +26,10 @@ from lowbit.nn import ActivationSpec, WeightSpec
 
 RECIPE_VERSION = 1
 #: ``awq+gptq``: AWQ's per-channel input scale for the group, then GPTQ on ``W diag(s)``
-ALGORITHMS = ("rtn", "gptq", "awq", "awq+gptq", "hqq", "kmeans", "imatrix", "smoothquant")
+ALGORITHMS = ("rtn", "gptq", "gptaq", "awq", "awq+gptq", "hqq", "kmeans", "imatrix",
+              "smoothquant")
 #: the algorithms that quantize in a Hadamard-rotated basis (``WeightSpec.rotation``)
-ROTATED_ALGORITHMS = ("rtn", "smoothquant", "gptq", "awq+gptq")
+ROTATED_ALGORITHMS = ("rtn", "smoothquant", "gptq", "gptaq", "awq+gptq")
 WEIGHT_OBSERVERS = ("minmax", "mse")
 #: "auto": bf16 where the CPU has native bf16 matmuls, else fp32 (``lowbit.kernels.cpu``)
 COMPUTE_DTYPES = ("auto", "bf16", "fp32", "fp16")
@@ -67,8 +68,8 @@ class Scheme:
 
     @property
     def needs_calibration(self) -> bool:
-        return (self.algorithm in ("gptq", "awq", "awq+gptq", "imatrix", "smoothquant",
-                                   "kmeans")
+        return (self.algorithm in ("gptq", "gptaq", "awq", "awq+gptq", "imatrix",
+                                   "smoothquant", "kmeans")
                 or self.outlier_channels > 0
                 or (self.activation is not None and self.activation.mode == "static"))
 

@@ -7,6 +7,7 @@ turns them into ``Solution`` objects by calling the layer-4 algorithms:
 |---|---|---|
 | ``rtn`` | none | ``quantize_weight`` (min/max or MSE observer) |
 | ``gptq`` | ``H = 2/n X^T X`` | ``algorithms.gptq`` (Frantar et al., 2022, Alg. 1) |
+| ``gptaq`` | ``H``, ``2/n X~^T X`` (float model's ``X``) | GPTQ on ``algorithms.gptaq``'s target |
 | ``awq`` | ``H``, mean abs x | ``algorithms.awq``: scales on the group, clipping per layer |
 | ``awq+gptq`` | ``H``, mean abs x | AWQ's scale search on the group, then GPTQ on ``W diag(s)`` |
 | ``imatrix`` | ``diag(H) / 2 = mean x^2`` | ``algorithms.importance_rtn`` (llama.cpp imatrix) |
@@ -44,6 +45,7 @@ from lowbit.algorithms import (
     kmeans,
     smoothquant_scales,
 )
+from lowbit.algorithms.gptaq import asymmetric_target
 from lowbit.formats import (
     compute_qparams,
     dequantize,
@@ -58,7 +60,8 @@ from lowbit.nn.codebook import is_row_codebook, packed_codebook
 
 NEEDS = {  # statistics each algorithm reads
     "rtn": set(), "hqq": set(), "kmeans": {"diag"}, "imatrix": {"diag"},
-    "gptq": {"hessian"}, "awq": {"hessian", "absmean"}, "awq+gptq": {"hessian", "absmean"},
+    "gptq": {"hessian"}, "gptaq": {"hessian", "cross"}, "awq": {"hessian", "absmean"},
+    "awq+gptq": {"hessian", "absmean"},
     "smoothquant": {"absmax", "sample"},
 }
 
@@ -84,6 +87,9 @@ class InputStats:
     def __init__(self, width: int, need: set[str], sample_per_batch: int = 0):
         self.width, self.need, self.n = width, need, 0
         self.hessian = HessianAccumulator(width) if "hessian" in need else None
+        #: GPTAQ's cross moment ``2/n sum x~ x^T`` with the float model's inputs ``x``
+        #: (``algorithms/gptaq.py``), averaged like the Hessian; None until both are seen
+        self.cross = None
         self.sq = torch.zeros(width, dtype=torch.float64)
         self.abs_sum = torch.zeros(width, dtype=torch.float64)
         self.absmax = torch.zeros(width)
@@ -91,11 +97,19 @@ class InputStats:
         self.sample_per_batch = sample_per_batch
         self._gen = torch.Generator().manual_seed(0)
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, x_float: torch.Tensor | None = None) -> None:
+        """Fold in one batch of inputs ``x``; ``x_float``: the float model's inputs to the
+        same layer for the same tokens (GPTAQ's cross moment)."""
         x = x.detach().reshape(-1, self.width).float()
         self.n += x.shape[0]
         if self.hessian is not None:
             self.hessian.add_batch(x)
+        if "cross" in self.need and x_float is not None:
+            xf = x_float.detach().reshape(-1, self.width).float()
+            if self.cross is None:
+                self.cross = torch.zeros(self.width, self.width)
+            n = self.hessian.nsamples  # (the Hessian's running average, same tokens)
+            self.cross.addmm_(x.T, xf, beta=(n - x.shape[0]) / n, alpha=2.0 / n)
         if self.hessian is None:  # (with a Hessian, mean x^2 is its diagonal / 2)
             self.sq += x.pow(2).sum(0, dtype=torch.float64)
         if "absmean" in self.need:
@@ -316,10 +330,12 @@ class Solver:
                 if algo not in ("rtn", "smoothquant"):
                     info["fallback"] = f"{algo} needs calibration statistics: used RTN"
                 return codes, qp, info
-            if algo in ("gptq", "awq+gptq"):  # (awq+gptq: the group's AWQ scale is in s)
+            if algo in ("gptq", "gptaq", "awq+gptq"):  # (awq+gptq: the AWQ scale is in s)
                 H = stats.hessian.H
                 H = H if s is None else H / (s[:, None] * s[None, :])
                 opts = dict(self.gptq)
+                if algo == "gptaq" and stats.cross is not None:  # the float model's output
+                    Ws = asymmetric_target(Ws, H, stats.cross, opts.get("percdamp", 0.01))
                 if scheme.observer == "mse":  # each group's range: the clipping search
                     opts.setdefault("clip_ratios", GPTQ_CLIP_RATIOS)
                 if spec.rotation is not None:  # GPTQ in the rotated basis (QuaRot sec. 4)
