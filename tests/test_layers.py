@@ -15,7 +15,8 @@ ALLOWED = {
     "observers": LOW,
     "kernels": LOW,
     "nn": LOW | {"kernels", "observers"},
-    "algorithms": LOW | {"observers"},
+    # (layer 3 holds the kernels: GPTQ's column loops run in lowbit's C library)
+    "algorithms": LOW | {"observers", "kernels"},
     "runtime": LOW | {"kernels", "nn"},
     # data and model are one layer: data resolves tokenizer names through model's loaders,
     # model resolves lazy calibration text through data

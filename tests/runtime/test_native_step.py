@@ -112,7 +112,7 @@ def test_merged_qkv_and_gate_up_give_the_same_logits(recipe: str, monkeypatch) -
     from lowbit import quantize
     from lowbit.runtime import native_step
 
-    model = tiny()
+    model = tiny(kv_heads=4)  # k/v with 64 rows: whole row blocks on AVX2 (32) and AVX-512 (64)
     quantize(model, recipe, progress=False)
     x = ids(batch=1, length=12)
     with native.force(True):
@@ -161,7 +161,8 @@ def test_rotated_weight_only_layers_decode_natively(recipe: str, tmp_path) -> No
     from lowbit.nn import QuantizedLinear
 
     torch.manual_seed(0)
-    layers = torch.nn.Sequential(torch.nn.Linear(48, 64), torch.nn.Linear(48, 32))
+    # (rows in whole int4 row blocks: 32 on AVX2, 64 on AVX-512, so merging applies)
+    layers = torch.nn.Sequential(torch.nn.Linear(48, 64), torch.nn.Linear(48, 128))
     quantize(layers, recipe, progress=False)
     assert layers[0].spec.rotation == "hadamard"
     x = torch.randn(3, 48)
@@ -173,7 +174,7 @@ def test_rotated_weight_only_layers_decode_natively(recipe: str, tmp_path) -> No
         assert merged is not None
         torch.testing.assert_close(merged(x), torch.cat([m(x) for m in layers], -1),
                                    atol=1e-4, rtol=1e-4)
-        model = tiny()
+        model = tiny(kv_heads=4)
         quantize(model, recipe, progress=False)
         ids_ = ids(batch=1, length=6)
         got, _ = generate(DecoderRuntime(model, dtype=torch.float32), ids_, 16,
