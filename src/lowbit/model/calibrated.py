@@ -189,26 +189,21 @@ class _Run:
                  for ms, need in zip(groups_members, needs, strict=True)]
         owner = {m.name: i for i, ms in enumerate(groups_members) for m in ms}
         seen: dict[str, torch.Tensor] = {}
+        seen_float: dict[str, torch.Tensor] = {}
 
-        def hook(name):
+        def hook(store, name):  # record the input; stop once every member has been called
             def pre(module, args):
-                seen[name] = args[0]
-                if len(seen) == len(names):
+                store[name] = args[0]
+                if len(store) == len(names):
                     raise _Stop
             return pre
 
-        handles = [self.model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+        handles = [self.model.get_submodule(n).register_forward_pre_hook(hook(seen, n))
+                   for n in names]
         ref = self.reference if any("cross" in need for need in needs) else None
-        seen_float: dict[str, torch.Tensor] = {}
         if ref is not None:  # the same pre-hooks on the float copy of the block
-            def float_hook(name):
-                def pre(module, args):
-                    seen_float[name] = args[0]
-                    if len(seen_float) == len(names):
-                        raise _Stop
-                return pre
-
-            handles += [ref.module(n).register_forward_pre_hook(float_hook(n)) for n in names]
+            handles += [ref.module(n).register_forward_pre_hook(hook(seen_float, n))
+                        for n in names]
         try:
             for index, (h, kw) in enumerate(zip(hidden, kwargs_list, strict=True)):
                 seen.clear()
