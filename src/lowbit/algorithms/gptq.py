@@ -59,8 +59,7 @@ from lowbit.algorithms.gptq_columns import (
     IntColumn,
     clipped_qparams,
     column_qparams,
-    native_blocks,
-    reference_blocks,
+    solve_blocks,
 )
 from lowbit.algorithms.refine import refine as refine_solution
 from lowbit.formats.integer import IntFormat
@@ -139,12 +138,9 @@ class GPTQ:
         losses = torch.zeros(rows, cols, device=W.device)
         column = IntColumn(fmt, rows) if integer else AnyColumn()
         params_of = groups.column if lazy else lambda g: column_qparams(upfront, g)
-        if self.native and column.native and native_solve.usable(W, Hinv):
-            native_blocks(W, Hinv, codes, losses, group_of, invperm, gs, groups, column,
-                           params_of, self.block_size)
-        else:
-            reference_blocks(W, Hinv, codes, losses, group_of, invperm, gs, groups, column,
-                              params_of, self.block_size)
+        native = self.native and column.native and native_solve.usable(W, Hinv)
+        solve_blocks(W, Hinv, codes, losses, group_of, invperm, gs, groups, column, params_of,
+                     self.block_size, native)
         codes = codes[:, invperm]
         if integer:
             codes = codes.to(fmt.code_dtype)

@@ -1,11 +1,11 @@
 """GPTQ's column loop and its per-column quantizers (Frantar et al., 2022, Algorithm 1).
 
-``reference_blocks`` is Algorithm 1's loop over lazy-batch blocks in torch, one call per
-column step, for any format (``AnyColumn``: ``scaling.quantize`` / ``dequantize``;
-``IntColumn``: the same arithmetic inlined for integer formats). ``native_blocks`` runs each
-block's columns for integer formats in one C call (``kernels/native_solve.py``), split only
-where a lazy group starts. ``GroupParams`` holds the group scales fixed as groups start;
-``clipped_qparams`` is the reference's ``Quantizer(mse=True)`` range search.
+``solve_blocks`` is Algorithm 1's loop over lazy-batch blocks: in torch, one call per column
+step, for any format (``AnyColumn``: ``scaling.quantize`` / ``dequantize``; ``IntColumn``:
+the same arithmetic inlined for integer formats), or for integer formats each block's
+columns in one C call (``kernels/native_solve.py``), split only where a lazy group starts.
+``GroupParams`` holds the group scales fixed as groups start; ``clipped_qparams`` is the
+reference's ``Quantizer(mse=True)`` range search.
 """
 
 from __future__ import annotations
@@ -26,49 +26,20 @@ from lowbit.formats.scaling import (
 from lowbit.kernels import native_solve
 
 
-def reference_blocks(W, Hinv, codes, losses, group_of, invperm, gs, groups, column,
-                      params_of, block_size) -> None:
-    """Algorithm 1's loop over lazy-batch blocks, one torch call per column step (any
-    format; the reference of ``native_blocks``). ``groups`` is None unless the group
-    parameters start lazily."""
-    cols = W.shape[1]
-    diag = torch.diagonal(Hinv).tolist()
-    for i1 in range(0, cols, block_size):
-        i2 = min(i1 + block_size, cols)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            g = group_of[i1 + i]
-            if groups is not None and not groups.started[g]:
-                _start_group(groups, g, W, Err1, Hinv, i1, i, invperm, gs)
-            if column.group != g:  # (act_order visits the groups in any order)
-                column.use(g, params_of)
-            w = W1[:, i]
-            c, q = column.quantize(w)
-            codes[:, i1 + i] = c
-            err1 = (w - q).div_(diag[i1 + i])  # OBQ update of the block's remaining columns
-            losses[:, i1 + i] = err1.square() / 2
-            W1[:, i:].addr_(err1, Hinv1[i, i:], alpha=-1)
-            Err1[:, i] = err1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # the rest of W, once per block
-
-
-def _start_group(groups, g, W, Err1, Hinv, i1, i, invperm, gs) -> None:
-    """Fix group ``g``'s parameters from its columns (none quantized yet) with the block's
-    pending update (columns ``i1 .. i1 + i`` done) applied."""
-    pos = invperm[g * gs : min((g + 1) * gs, W.shape[1])]
-    groups.start(g, W[:, pos] - Err1[:, :i] @ Hinv[i1 : i1 + i, pos])
-
-
-def native_blocks(W, Hinv, codes, losses, group_of, invperm, gs, groups, column,
-                   params_of, block_size) -> None:
-    """``reference_blocks`` for integer formats with each block's columns in one C call
-    (``native_solve.gptq_columns``), split only where a lazy group starts."""
+def solve_blocks(W, Hinv, codes, losses, group_of, invperm, gs, groups, column, params_of,
+                 block_size, native: bool) -> None:
+    """Algorithm 1's loop over lazy-batch blocks, in place. Each block's columns run in
+    segments that end where a lazy group starts (``groups`` is None unless the group
+    parameters start lazily): one C call per segment for integer formats (``native``,
+    ``native_solve.gptq_columns``), else one torch call per column step (any format; the
+    reference)."""
     rows, cols = W.shape
-    d = torch.diagonal(Hinv).contiguous()
-    group_idx = torch.tensor(group_of, dtype=torch.int64)
-    table = None
+    if native:
+        d = torch.diagonal(Hinv).contiguous()
+        group_idx = torch.tensor(group_of, dtype=torch.int64)
+        table = None
+    else:
+        diag = torch.diagonal(Hinv).tolist()
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         W1 = W[:, i1:i2].clone()
@@ -80,6 +51,11 @@ def native_blocks(W, Hinv, codes, losses, group_of, invperm, gs, groups, column,
             k = i + 1  # the segment runs until the next group that has not started
             while k < i2 - i1 and (groups is None or groups.started[group_of[i1 + k]]):
                 k += 1
+            if not native:
+                _reference_columns(W1, Err1, Hinv[i1:i2, i1:i2], i, k, i1, group_of, diag,
+                                   column, params_of, codes, losses)
+                i = k
+                continue
             for g in sorted(set(group_of[i1 + i : i1 + k])):
                 column.use(g, params_of)
                 if table is None:
@@ -91,6 +67,29 @@ def native_blocks(W, Hinv, codes, losses, group_of, invperm, gs, groups, column,
                                       losses)
             i = k
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # the rest of W, once per block
+
+
+def _reference_columns(W1, Err1, Hinv1, c0, c1, i1, group_of, diag, column, params_of,
+                       codes, losses) -> None:
+    """Columns ``c0 .. c1`` of the block at ``i1``, one torch call per step."""
+    for i in range(c0, c1):
+        g = group_of[i1 + i]
+        if column.group != g:  # (act_order visits the groups in any order)
+            column.use(g, params_of)
+        w = W1[:, i]
+        c, q = column.quantize(w)
+        codes[:, i1 + i] = c
+        err1 = (w - q).div_(diag[i1 + i])  # OBQ update of the block's remaining columns
+        losses[:, i1 + i] = err1.square() / 2
+        W1[:, i:].addr_(err1, Hinv1[i, i:], alpha=-1)
+        Err1[:, i] = err1
+
+
+def _start_group(groups, g, W, Err1, Hinv, i1, i, invperm, gs) -> None:
+    """Fix group ``g``'s parameters from its columns (none quantized yet) with the block's
+    pending update (columns ``i1 .. i1 + i`` done) applied."""
+    pos = invperm[g * gs : min((g + 1) * gs, W.shape[1])]
+    groups.start(g, W[:, pos] - Err1[:, :i] @ Hinv[i1 : i1 + i, pos])
 
 
 class GroupParams:

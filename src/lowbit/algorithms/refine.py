@@ -63,66 +63,52 @@ def refine(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, qparams: QPara
             qparams, rows = refit_group_params(W, H, codes, qparams, gs)
             refitted += rows
         column, params_of = columns(qparams)
-        table = column.table(-(-cols // gs), params_of) if native else None
-        if table is not None and native_solve.usable(W, H):
-            changed = native_descent(W, H, codes, qparams, table, column, gs, block)
-        else:
-            changed = coordinate_descent(W, H, codes, qparams, column, params_of, gs, block)
-        if not changed:
+        fast = native and native_solve.usable(W, H)
+        table = column.table(-(-cols // gs), params_of) if fast else None
+        if not coordinate_descent(W, H, codes, qparams, column, params_of, gs, block, table):
             break
     loss = float(objective_rows(W, dequantize(codes, qparams), H).sum()) / 2
     return codes, qparams, {"refined_loss": loss, "refine_rounds": rounds,
                             "refitted_rows": refitted}
 
 
-def coordinate_descent(W, H, codes, qparams, column, params_of, gs: int, block: int) -> int:
+def coordinate_descent(W, H, codes, qparams, column, params_of, gs: int, block: int,
+                       table=None) -> int:
     """One QuantEase sweep over the columns, updating ``codes`` in place; returns how many
-    codes changed."""
+    codes changed. With ``table`` (every group's parameters, ``native_solve.GroupTable``)
+    each block's columns run in one C call (``native_solve.cd_columns``), else one torch
+    call per column step (the reference)."""
     rows, cols = W.shape
     values = dequantize(codes, qparams)
     G = (W - values) @ H
-    d = torch.diagonal(H).tolist()
+    if table is not None:  # the C loop: contiguous float32 in, float codes out
+        values, H, work = values.float().contiguous(), H.contiguous(), codes.float()
+        d, group_idx = torch.diagonal(H).contiguous(), torch.arange(cols) // gs
+    else:
+        d = torch.diagonal(H).tolist()
     changed = 0
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         Gb = G[:, i1:i2].clone()
         dE = torch.zeros(rows, i2 - i1, dtype=W.dtype, device=W.device)
-        for i in range(i2 - i1):
-            j = i1 + i
-            if column.group != j // gs:
-                column.use(j // gs, params_of)
-            c, q = column.quantize(values[:, j] + Gb[:, i] / d[j])
-            delta = values[:, j] - q  # the change of e_j = w_j - q_j
-            changed += int(torch.count_nonzero(delta))
-            codes[:, j], values[:, j], dE[:, i] = c, q, delta
-            Gb.addr_(delta, H[j, i1:i2])
+        if table is not None:
+            changed += native_solve.cd_columns(Gb, dE, H, i1, d[i1:i2], group_idx[i1:i2],
+                                               table, column.lo, column.hi, work, values)
+        else:
+            for i in range(i2 - i1):
+                j = i1 + i
+                if column.group != j // gs:
+                    column.use(j // gs, params_of)
+                c, q = column.quantize(values[:, j] + Gb[:, i] / d[j])
+                delta = values[:, j] - q  # the change of e_j = w_j - q_j
+                changed += int(torch.count_nonzero(delta))
+                codes[:, j], values[:, j], dE[:, i] = c, q, delta
+                Gb.addr_(delta, H[j, i1:i2])
         G[:, :i1].addmm_(dE, H[i1:i2, :i1])
         G[:, i2:].addmm_(dE, H[i1:i2, i2:])
         G[:, i1:i2] = Gb
-    return changed
-
-
-def native_descent(W, H, codes, qparams, table, column, gs: int, block: int) -> int:
-    """``coordinate_descent`` for integer formats with each block's columns in one C call
-    (``native_solve.cd_columns``); ``table`` holds every group's parameters."""
-    rows, cols = W.shape
-    values = dequantize(codes, qparams).float().contiguous()
-    G = (W - values) @ H
-    H = H.contiguous()
-    d = torch.diagonal(H).contiguous()
-    group_idx = torch.arange(cols) // gs
-    work = codes.float()  # the C loop writes float codes (exact for <= 8 bits)
-    changed = 0
-    for i1 in range(0, cols, block):
-        i2 = min(i1 + block, cols)
-        Gb = G[:, i1:i2].clone()
-        dE = torch.zeros(rows, i2 - i1)
-        changed += native_solve.cd_columns(Gb, dE, H, i1, d[i1:i2], group_idx[i1:i2], table,
-                                           column.lo, column.hi, work, values)
-        G[:, :i1].addmm_(dE, H[i1:i2, :i1])
-        G[:, i2:].addmm_(dE, H[i1:i2, i2:])
-        G[:, i1:i2] = Gb
-    codes.copy_(work)
+    if table is not None:
+        codes.copy_(work)
     return changed
 
 

@@ -4,7 +4,7 @@ Both loops visit a block's columns one at a time, and in torch each column is a 
 calls (quantize, error, a rank-1 update of the block): about 60 us per column, 167,000
 columns per pass over SmolLM2-135M's decoder. Every row evolves on its own given the
 block's slice of ``H^-1`` (or ``H``), so the C loop runs one row's whole block at a time,
-rows in parallel. The torch loops in ``algorithms/gptq.py`` and ``algorithms/refine.py``
+rows in parallel. The torch loops in ``algorithms/gptq_columns.py`` and ``algorithms/refine.py``
 stay the reference (``native=False``); ``tests/algorithms/test_native_solve.py`` compares.
 """
 
