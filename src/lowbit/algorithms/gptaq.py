@@ -12,9 +12,9 @@ lowbit solves this with GPTQ's own machinery. With ``H = 2 X~ X~^T`` and the cro
 
     ||W X - Q X~||^2 = tr((Q - W') H (Q - W')^T) + const,   W' H = W C^T,
 
-so GPTQ (and its refinement) run unchanged on the target ``W' = W + W (C^T - H) H^-1``
-(the paper derives a column-wise update for the same objective instead)
-(written as a correction, so ``X~ = X`` gives ``W' = W`` exactly) against ``H``. The
+so GPTQ (and its refinement) run unchanged against ``H`` on the target
+``W' = W + W (C^T - H) H^-1``, written as a correction so that ``X~ = X`` gives ``W' = W``
+exactly (the paper derives a column-wise update for the same objective instead). The
 correction's solve is damped like GPTQ's (``percdamp * mean(diag H)`` on the diagonal).
 """
 

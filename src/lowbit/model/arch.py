@@ -109,6 +109,11 @@ class Group:
     feeder_kind: str | None = None  # "norm" | "linear" | None
 
 
+def first_output(out):
+    """The hidden states of a module's output (Hugging Face modules return tuples)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
 @dataclass
 class Branch:
     """A resolved residual branch: its norm and module, and the groups inside it."""
@@ -120,7 +125,7 @@ class Branch:
 
     def __call__(self, h, kwargs: dict):
         out = self.module(self.norm(h), **kwargs) if self.kwargs else self.module(self.norm(h))
-        return out[0] if isinstance(out, (tuple, list)) else out
+        return first_output(out)
 
     def on(self, block_copy: nn.Module, block: nn.Module) -> Branch:
         """The same branch in ``block_copy`` (a deep copy of ``block``)."""

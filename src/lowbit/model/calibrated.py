@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from lowbit.algorithms import AlgorithmError
-from lowbit.model.arch import Arch, Group, _feeder_kind, find_module, resolve_arch
+from lowbit.model.arch import Arch, Group, _feeder_kind, find_module, first_output, resolve_arch
 from lowbit.model.calib_memory import (
     REBATCH_TOKENS,
     _batches,
@@ -144,18 +144,14 @@ def _same(a: dict, b: dict) -> bool:
     return True
 
 
-def _output(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 class _Reference:
     """GPTAQ's float path through the current block: the float model's block inputs
     (``hidden``, as the quantized path holds its own), an untouched copy of the block taken
     before any of its groups was quantized, and the stage to run on it."""
 
-    def __init__(self, hidden: list, block: nn.Module, prefix: str):
+    def __init__(self, hidden: list, block: nn.Module, prefix: str, stage):
         self.hidden, self.block, self.prefix = hidden, block, prefix
-        self.stage = None  # (h, kwargs) -> output, set per stage
+        self.stage = stage  # (h, kwargs) -> output
 
     def module(self, name: str) -> nn.Module:
         """The float copy of the linear ``name`` (an absolute path inside the block)."""
@@ -373,7 +369,7 @@ def _branches_compose(arch: Arch, hidden: list, kwargs_list: list, dtype) -> boo
         return False
     block = arch.blocks[0]
     h, kw = hidden[0].to(dtype), kwargs_list[0]
-    whole = _output(block.module(h, **kw))
+    whole = first_output(block.module(h, **kw))
     for branch in block.branches:
         h = h + branch(h, kw)
     close = bool((whole - h).abs().amax() <= 1e-4 * whole.abs().amax().clamp_min(1e-30))
@@ -388,7 +384,7 @@ def _steps(block, block_copy, split: bool) -> list:
     for each part of ``block`` that calibration runs on its own: its residual branches
     (``split``), else the whole block. A step is ``(h, kwargs) -> output``."""
     def whole(module):
-        return lambda h, kw: _output(module(h, **kw))
+        return lambda h, kw: first_output(module(h, **kw))
 
     if split:
         return [(b.groups, b, b.on(block_copy, block.module) if block_copy is not None
@@ -428,14 +424,15 @@ def _run_blocks(run: _Run, arch: Arch, batches: list, sequential: bool, progress
                 return step(h.to(dtype), kw)
 
             if reference:
-                run.reference = _Reference(hidden_float, block_copy, block.name)
-                run.reference.stage = lambda h, kw, step=float_step: step(h.to(dtype), kw)
+                run.reference = _Reference(hidden_float, block_copy, block.name,
+                                           lambda h, kw, step=float_step: step(h.to(dtype), kw))
             run.stage(groups, run_step, hidden, kwargs_list, sequential)
             paths = [(hidden, step)] + ([(hidden_float, float_step)] if reference else [])
             for states, fn in paths:
                 for i, (h, kw) in enumerate(zip(states, kwargs_list, strict=True)):
-                    y = fn(h.to(dtype), kw)
-                    states[i] = _hold(h.to(dtype) + y if residual else y, half_inputs)
+                    x = h.to(dtype)
+                    y = fn(x, kw)
+                    states[i] = _hold(x + y if residual else y, half_inputs)
             _give_back_free_memory()
         run.reference = None
         del block_copy

@@ -104,8 +104,8 @@ def sensitivity(model: nn.Module, batches: list, candidates: dict[str, Scheme],
 
     ``solved`` (``solved_errors``): each layer's weights and errors as a calibrated algorithm
     produced them, used instead of round to nearest's."""
-    from lowbit.model.arch import find_module, resolve_arch
-    from lowbit.model.calibrated import _capture, _output
+    from lowbit.model.arch import find_module, first_output, resolve_arch
+    from lowbit.model.calibrated import _capture
     from lowbit.model.quantize import scheme_for_width
 
     if measure not in ("anchor", "all"):
@@ -118,7 +118,8 @@ def sensitivity(model: nn.Module, batches: list, candidates: dict[str, Scheme],
     try:
         for block in arch.blocks:
             inputs.append(list(hidden))
-            hidden = [_output(block.module(h, **kw)) for h, kw in zip(hidden, kws, strict=True)]
+            hidden = [first_output(block.module(h, **kw))
+                      for h, kw in zip(hidden, kws, strict=True)]
         if head is not None and norm is not None:
             last = [head(norm(h)).float() for h in hidden]
             vocab = torch.unique(torch.cat([x.reshape(-1, x.shape[-1]).topk(top_k, -1).indices
@@ -132,7 +133,7 @@ def sensitivity(model: nn.Module, batches: list, candidates: dict[str, Scheme],
 
     def divergence(start: int, hs: list) -> float:
         for block in arch.blocks[start:]:
-            hs = [_output(block.module(h, **kw)) for h, kw in zip(hs, kws, strict=True)]
+            hs = [first_output(block.module(h, **kw)) for h, kw in zip(hs, kws, strict=True)]
         if vocab is None:
             return float(sum((h - b).pow(2).sum() / b.pow(2).sum()
                              for h, b in zip(hs, base, strict=True)) / len(hs))
@@ -194,8 +195,8 @@ def solved_errors(model: nn.Module, batches: list, candidates: dict[str, Scheme]
     AWQ+GPTQ's group scale is not searched here: its layers are solved as GPTQ.
     """
     from lowbit.formats import dequantize, rotate
-    from lowbit.model.arch import resolve_arch
-    from lowbit.model.calibrated import _capture, _output
+    from lowbit.model.arch import first_output, resolve_arch
+    from lowbit.model.calibrated import _capture
     from lowbit.model.quantize import scheme_for_width
     from lowbit.model.solve import InputStats, Member, Solver
 
@@ -223,7 +224,8 @@ def solved_errors(model: nn.Module, batches: list, candidates: dict[str, Scheme]
             hooks.append(first.register_forward_pre_hook(lambda m, a, st=st: st.add(a[0])))
             stats.append(st)
         try:
-            hidden = [_output(block.module(h, **kw)) for h, kw in zip(hidden, kws, strict=True)]
+            hidden = [first_output(block.module(h, **kw))
+                      for h, kw in zip(hidden, kws, strict=True)]
         finally:
             for h in hooks:
                 h.remove()

@@ -28,6 +28,8 @@ RECIPE_VERSION = 1
 #: ``awq+gptq``: AWQ's per-channel input scale for the group, then GPTQ on ``W diag(s)``
 ALGORITHMS = ("rtn", "gptq", "gptaq", "awq", "awq+gptq", "hqq", "kmeans", "imatrix",
               "smoothquant")
+#: the algorithms that read calibration data (k-means: optionally)
+CALIBRATED_ALGORITHMS = tuple(a for a in ALGORITHMS if a not in ("rtn", "hqq"))
 #: the algorithms that quantize in a Hadamard-rotated basis (``WeightSpec.rotation``)
 ROTATED_ALGORITHMS = ("rtn", "smoothquant", "gptq", "gptaq", "awq+gptq")
 WEIGHT_OBSERVERS = ("minmax", "mse")
@@ -68,8 +70,7 @@ class Scheme:
 
     @property
     def needs_calibration(self) -> bool:
-        return (self.algorithm in ("gptq", "gptaq", "awq", "awq+gptq", "imatrix",
-                                   "smoothquant", "kmeans")
+        return (self.algorithm in CALIBRATED_ALGORITHMS
                 or self.outlier_channels > 0
                 or (self.activation is not None and self.activation.mode == "static"))
 

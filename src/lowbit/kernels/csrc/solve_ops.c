@@ -4,7 +4,7 @@
  * visit the columns of one lazy-batch block in order, and every row of the weight evolves
  * on its own given the block's slice of a shared matrix, so each row runs the whole block
  * in registers and cache (rows in parallel) instead of one torch call per column.
- * The torch loops in algorithms/gptq.py and algorithms/refine.py are the reference; the
+ * The torch loops in algorithms/gptq_columns.py and algorithms/refine.py are the reference; the
  * arithmetic here is theirs, operation for operation, rounding for rounding: the build's
  * -std=c11 implies -ffp-contract=off, so a product is fused into an add only where torch
  * fuses it too (GPTQ's rank-1 update with alpha = -1 on a contiguous row: fmaf), and the
