@@ -65,6 +65,23 @@ def test_hessian_accumulator_is_a_running_mean(layer):
         acc.add_batch(torch.randn(4, 3))
 
 
+def test_hessian_panels_match_the_full_product_and_catch_non_finite_inputs():
+    torch.manual_seed(0)
+    X = torch.randn(700, 577)  # wide enough for panels, not a multiple of their count
+    acc = HessianAccumulator(577)
+    acc.add_batch(X[:300])
+    first = acc.H.clone()  # read between batches: the next batch must still land
+    acc.add_batch(X[300:])
+    assert torch.allclose(first, 2 / 300 * X[:300].T @ X[:300], rtol=1e-5, atol=1e-5)
+    assert torch.equal(acc.H, acc.H.T)
+    assert torch.allclose(acc.H, 2 / 700 * X.T @ X, rtol=1e-5, atol=1e-5)
+    X[5, 17] = float("inf")
+    bad = HessianAccumulator(577)
+    bad.add_batch(X)
+    with pytest.raises(AlgorithmError, match="NaN or Inf.*float64"):
+        _ = bad.H
+
+
 def test_codebook_result_dequantizes_partial_groups():
     codes = torch.tensor([[0, 1, 1, 0, 1]], dtype=torch.uint8)
     centroids = torch.tensor([[[-1.0, 1.0], [-2.0, 2.0]]])

@@ -8,6 +8,7 @@ import torch
 
 from lowbit.model.arch import resolve_arch
 from lowbit.model.calibrated import quantize_calibrated
+from lowbit.model.recipe import RecipeError
 from lowbit.nn import QuantizedLinear
 
 torch.set_num_threads(1)
@@ -94,3 +95,17 @@ def test_a_block_that_is_not_its_branches_runs_whole(base, ragged):
     quantize_calibrated(model, "w4g32-gptq", ragged, progress=False)
     notes = model.lowbit_calibration["notes"]
     assert any("not its residual branches" in n for n in notes), notes
+
+
+def test_a_group_whose_members_read_different_inputs_is_refused(base, calib):
+    """The first batch checks what the table claims (one input per group) before later
+    batches stop at a group's first member."""
+    model = copy.deepcopy(base)
+    arch = resolve_arch(model)
+    mlp = arch.blocks[0].branches[1]
+    gate_up, down = mlp.groups
+    gate_up.linears.append(down.linears[0])  # down_proj reads act(gate) * up, not the norm
+    mlp.groups.remove(down)
+    arch.blocks[0].groups.remove(down)
+    with pytest.raises(RecipeError, match="gate_proj and .*down_proj are one group.*GroupSpec"):
+        quantize_calibrated(model, "w4g32-gptq", calib, progress=False, arch=arch)
