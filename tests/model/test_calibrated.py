@@ -254,8 +254,8 @@ def test_float_weights_are_freed_as_layers_are_packed(base, calib, monkeypatch, 
 
 def test_block_inputs_are_held_in_half_precision_while_they_fit(base, calib, ids):
     """The stored block inputs (the largest buffer) are float16 between blocks, unless an
-    entry exceeds ``HALF_LIMIT``; the result is as close to the float model as with float32."""
-    from lowbit.model import calib_memory, calibrated
+    row is non-finite; the result is as close to the float model as with float32."""
+    from lowbit.model import calibrated
 
     held = []
     real = calibrated._hold
@@ -277,11 +277,29 @@ def test_block_inputs_are_held_in_half_precision_while_they_fit(base, calib, ids
     finally:
         calibrated._hold = saved
     assert abs(_kl(half, base, ids) - _kl(full, base, ids)) < 0.1 * _kl(full, base, ids)
-    big = torch.full((2, 3), 3.0 * calib_memory.HALF_LIMIT)
-    assert calibrated._hold(big, True).dtype == torch.float32  # would lose range: kept
     nan = torch.tensor([1.0, float("nan")])
-    assert calibrated._hold(nan, True).dtype == torch.float32
+    assert calibrated._hold(nan, True).dtype == torch.float32  # kept as it is
     assert calibrated._hold(torch.ones(3), True).dtype == torch.float16
+
+
+def test_rows_past_the_half_limit_are_held_scaled_in_half_precision():
+    """Rows with "massive activations" are held in float16 divided by a power of two: half
+    the bytes of float32, and the same 2^-11 relative rounding as the other rows."""
+    from lowbit.model import calib_memory
+
+    torch.manual_seed(0)
+    h = torch.randn(2, 64, 96)
+    h[0, 5, 7] = 9.0 * calib_memory.HALF_LIMIT  # one token with a huge entry
+    h[1, 9, 0] = -70000.0  # past float16's range
+    held = calib_memory._hold(h, True)
+    assert isinstance(held, calib_memory.ScaledHalf) and held.dtype == torch.float16
+    assert held.half.element_size() * held.half.numel() == h.numel() * 2
+    assert held.half.abs().amax() <= calib_memory.HALF_LIMIT
+    assert set(held.scale.unique().tolist()) == {1.0, 16.0, 8.0}  # only the two big rows
+    back = calib_memory._restore(held, torch.float32)
+    rel = ((back - h).abs() / h.abs().clamp_min(1e-3)).amax()
+    assert back.dtype == torch.float32 and rel <= 2.0**-11
+    assert torch.equal(calib_memory._restore(h.half(), torch.float32), h.half().float())
 
 
 def test_gptq_in_a_rotated_basis_on_heavy_tailed_weights():

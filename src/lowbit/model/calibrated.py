@@ -38,9 +38,11 @@ from lowbit.algorithms import AlgorithmError
 from lowbit.model.arch import Arch, Group, _feeder_kind, find_module, first_output, resolve_arch
 from lowbit.model.calib_memory import (
     REBATCH_TOKENS,
+    TRIM_EVERY,
     _batches,
     _give_back_free_memory,
     _hold,
+    _restore,
     solve_allocations,
 )
 from lowbit.model.calibration import _as_inputs
@@ -394,7 +396,7 @@ def _branches_compose(arch: Arch, hidden: list, kwargs_list: list, dtype) -> boo
     if not hidden or not all(b.branches for b in arch.blocks):
         return False
     block = arch.blocks[0]
-    h, kw = hidden[0].to(dtype), kwargs_list[0]
+    h, kw = _restore(hidden[0], dtype), kwargs_list[0]
     whole = first_output(block.module(h, **kw))
     for branch in block.branches:
         h = h + branch(h, kw)
@@ -441,24 +443,27 @@ def _run_blocks(run: _Run, arch: Arch, batches: list, sequential: bool, progress
     split = _branches_compose(arch, hidden, kwargs_list, dtype)
     # GPTAQ: the float model's block inputs too, and a float copy of each block
     reference = any("cross" in stats_needed(s) for s in run.plan.values())
-    hidden_float = [h.clone() for h in hidden] if reference else None
+    hidden_float = list(hidden) if reference else None  # entries are replaced, not edited
+
+    def on_held(step):  # the step on a stored input
+        return lambda held, kwargs: step(_restore(held, dtype), kwargs)
+
     done = set()
     for block in blocks:
         block_copy = copy.deepcopy(block.module) if reference else None
         for groups, step, float_step, residual in _steps(block, block_copy, split):
-            def run_step(h, kw, step=step):
-                return step(h.to(dtype), kw)
-
             if reference:
                 run.reference = _Reference(hidden_float, block_copy, block.name,
-                                           lambda h, kw, step=float_step: step(h.to(dtype), kw))
-            run.stage(groups, run_step, hidden, kwargs_list, sequential)
+                                           on_held(float_step))
+            run.stage(groups, on_held(step), hidden, kwargs_list, sequential)
             paths = [(hidden, step)] + ([(hidden_float, float_step)] if reference else [])
             for states, fn in paths:
                 for i, (h, kw) in enumerate(zip(states, kwargs_list, strict=True)):
-                    x = h.to(dtype)
+                    x = _restore(h, dtype)
                     y = fn(x, kw)
                     states[i] = _hold(x + y if residual else y, half_inputs)
+                    if i % TRIM_EVERY == TRIM_EVERY - 1:  # the old inputs' freed pages
+                        _give_back_free_memory()
             _give_back_free_memory()
         run.reference = None
         del block_copy
@@ -472,7 +477,7 @@ def _run_blocks(run: _Run, arch: Arch, batches: list, sequential: bool, progress
         group = Group([head], arch.final_norm if kind else None, kind)
 
         def run_head(h, kw):
-            return model.get_submodule(head)(norm(h.to(dtype)))
+            return model.get_submodule(head)(norm(_restore(h, dtype)))
 
         run.stage([group], run_head, hidden, kwargs_list, sequential=True)
         done.add(head)
