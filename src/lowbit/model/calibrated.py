@@ -13,9 +13,10 @@ al., 2022, section 5 "true sequential"), which holds one block's activations at 
    group's input scale (AWQ, SmoothQuant) and fold ``1/s`` into the feeder (norm weight, or
    the rows of the linear before); quantize every member; swap in the ``QuantizedLinear``;
 3. run the quantized block on the stored inputs to get the next block's inputs, in place
-   (held in float16 while they fit, see ``_hold``); with branches, ``h + branch(norm(h))``
-   after each branch's last group, so no group reruns the branches before it (SmolLM2-135M:
-   about 2.0 instead of 2.8 block forwards of arithmetic per calibration token);
+   (held in float16, rows with huge entries over a power of two, see ``_hold``); with
+   branches, ``h + branch(norm(h))`` after each branch's last group, so no group reruns the
+   branches before it (SmolLM2-135M: about 2.0 instead of 2.8 block forwards of arithmetic
+   per calibration token);
 4. the head (``lm_head``) gets its statistics from ``final_norm(last hidden states)``.
 
 Memory: the model, one hidden state per calibration token (``tokens x hidden x 2`` bytes),
@@ -335,7 +336,7 @@ def quantize_calibrated(
     still accumulated in float32); ``half_inputs=False`` holds the blocks' inputs in float32
     instead of float16 (``_hold``: twice the memory of the largest buffer);
     ``batch_tokens`` caps the tokens of one calibration forward (``REBATCH_TOKENS``; 512
-    took GPTQ's peak on SmolLM2-135M from 1.51x to 1.49x the FP32 model, and 165 s to 186 s).
+    took GPTQ's peak on SmolLM2-135M from 1.47x to 1.44x the FP32 model, and 120 s to 135 s).
     """
     from lowbit.model.mixed import auto_recipe, is_auto
 
