@@ -56,6 +56,10 @@ def test_gptaq_layers_track_the_float_models_outputs(base, calib, whole):
         err = {a: float((_outputs(m, name, calib) - want).pow(2).mean())
                for a, m in models.items()}
         assert err["gptaq"] < 0.95 * err["gptq"], (name, err)
+    layers = models["gptaq"].lowbit_calibration["layers"]
+    assert layers["model.layers.1.mlp.down_proj"]["algorithm"] == "gptaq"
+    # no float path past the blocks: the head gets GPTQ, and its info says so
+    assert "used GPTQ" in layers["lm_head"]["fallback"]
 
 
 def test_gptaq_recipes_parse_and_rotate(base, calib):

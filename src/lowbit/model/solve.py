@@ -341,6 +341,10 @@ class Solver:
                 if spec.rotation is not None:  # GPTQ in the rotated basis (QuaRot sec. 4)
                     Ws, H = rotate_weight_and_hessian(Ws, H, spec.rotation)
                 res = gptq(Ws, H, cfg, **opts)
+                if algo == "gptaq":  # say which objective this layer got
+                    res.info.update({"algorithm": "gptaq"} if stats.cross is not None else {
+                        "fallback": "gptaq has no float-model path for this layer (outside "
+                                    "the blocks, e.g. the head): used GPTQ"})
             elif algo == "awq":  # clipping search only: the group's scale is already in s
                 U = _sqrt_gram(stats.hessian.H)
                 res = awq(Ws, U if s is None else U / s, cfg, n_grid=1,
