@@ -33,13 +33,23 @@ def asymmetric_target(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor,
         raise AlgorithmError(f"GPTAQ needs H and C of shape [{W.shape[1]}, {W.shape[1]}] for a "
                              f"weight of shape {tuple(W.shape)}, got {tuple(H.shape)} and "
                              f"{tuple(C.shape)}")
-    Hd = H.double().clone()
+    Hd = H.to(torch.float64, copy=True)
     Hd.diagonal().add_(percdamp * float(Hd.diagonal().mean().clamp_min(1e-30)))
     L, info = torch.linalg.cholesky_ex(Hd)
+    del Hd
     if int(info) != 0:
         raise AlgorithmError("GPTAQ: the input covariance is not positive definite even "
                              "damped; calibrate on more (and more varied) data")
-    Wd = W.double()
-    rhs = Wd @ (C.double().T - H.double())  # W (C^T - H): [out, in]
-    correction = torch.cholesky_solve(rhs.T, L).T  # rhs (H + lambda I)^-1 (symmetric)
-    return (Wd + correction).to(W.dtype)
+    U = L.mT  # LAPACK's column-major layout as it is: no copy of the factor per solve
+    D = C.mT.to(torch.float64, copy=True).sub_(H)  # C^T - H
+    out = torch.empty_like(W)
+    for a in range(0, W.shape[0], ROWS_AT_ONCE):  # row chunks: the float64 buffers stay small
+        Wd = W[a:a + ROWS_AT_ONCE].double()
+        correction = torch.cholesky_solve((Wd @ D).T, U, upper=True).T  # rhs (H + lambda I)^-1
+        out[a:a + ROWS_AT_ONCE] = Wd + correction
+    return out
+
+
+#: rows of ``W`` corrected at once (float64 buffers of ``ROWS_AT_ONCE x in``; a whole
+#: 3072 x 576 gate/up group took 69 MB at once, a 576 x 1536 down_proj 103 MB)
+ROWS_AT_ONCE = 256
