@@ -29,7 +29,7 @@ def _batches(calibration, model: nn.Module, max_tokens: int) -> list:
 #: SmolLM2-135M, GPTQ's peak memory over 16 x 512 tokens was 1.37x the FP32 model at 1024
 #: against 1.67-1.74x at 4096 (one block's activations, attention scores included), in the
 #: same time (105 s vs 103-115 s; ``benchmarks/algorithms.py --memory``); over 128 x 512
-#: tokens, 1.45-1.47x in 118-123 s at 1024 against 1.44x in 135 s at 512 (2 cores, AMX)
+#: tokens, 1.45-1.47x in 120-123 s at 1024 against 1.44x in 135 s at 512 (2 cores, AMX)
 REBATCH_TOKENS = 1024
 
 
