@@ -141,13 +141,15 @@ class GPTQ:
         native = self.native and column.native and native_solve.usable(W, Hinv)
         solve_blocks(W, Hinv, codes, losses, group_of, invperm, gs, groups, column, params_of,
                      self.block_size, native)
+        loss = float(losses.sum())
+        del losses, W  # the per-column losses and the error-fed working copy: done with
         codes = codes[:, invperm]
         if integer:
             codes = codes.to(fmt.code_dtype)
         qparams = groups.qparams(gran) if lazy else upfront
         refined = None
         if refine:
-            del Hinv, W
+            del Hinv
             H.diagonal().add_(used_damp * float(torch.diagonal(H).mean()))
 
             def columns(qp):
@@ -159,7 +161,7 @@ class GPTQ:
                                                       columns, self.native)
         info = {
             "algorithm": "gptq",
-            "loss": float(losses.sum()),
+            "loss": loss,
             "percdamp": used_damp,
             "dead_inputs": int(dead.sum()),
             "act_order": self.act_order,
