@@ -160,16 +160,17 @@ def check_weight(W: torch.Tensor, what: str = "weight") -> torch.Tensor:
 
 
 def check_inputs(
-    X: torch.Tensor, in_features: int, what: str = "calibration input"
+    X: torch.Tensor, in_features: int, what: str = "calibration input", finite: bool = True
 ) -> torch.Tensor:
-    """Activations as a float32 ``[tokens, in]`` matrix (leading dims are flattened)."""
+    """Activations as a float32 ``[tokens, in]`` matrix (leading dims are flattened);
+    ``finite=False`` skips the NaN/Inf pass (for a caller that catches them later)."""
     if not isinstance(X, torch.Tensor) or X.dim() < 1 or X.shape[-1] != in_features:
         got = tuple(X.shape) if isinstance(X, torch.Tensor) else type(X).__name__
         raise AlgorithmError(f"{what} must have last dimension {in_features}, got {got}")
     X = X.detach().reshape(-1, in_features).float()
     if X.shape[0] == 0:
         raise AlgorithmError(f"{what} has no tokens; run calibration on some data first")
-    if not torch.isfinite(X).all():
+    if finite and not torch.isfinite(X).all():
         raise AlgorithmError(f"{what} contains NaN or Inf")
     return X
 
@@ -208,30 +209,28 @@ class HessianAccumulator:
 
     def add_batch(self, x: torch.Tensor) -> None:
         """Fold in activations ``x`` of shape ``[..., in]`` (every row is one token)."""
-        d = self.in_features
-        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != d:
-            check_inputs(x, d, "Hessian batch")  # raises, naming the shape
-        x = x.detach().reshape(-1, d).to(self._acc.dtype)
+        x = check_inputs(x, self.in_features, "Hessian batch", finite=False)  # (see ``H``)
+        x = x.to(self._acc.dtype)
         t = x.shape[0]
-        if t == 0:
-            raise AlgorithmError("Hessian batch has no tokens; run calibration on some data")
         keep = self.nsamples / (self.nsamples + t)
         self.nsamples += t
         alpha = 2.0 / self.nsamples
-        step = d if d < self.MIN_PANEL_WIDTH else -(-d // self.PANELS)
-        for a in range(0, d, step):  # one pass per panel, no temporary
-            b = min(d, a + step)
+        for a, b in self._panels():  # one pass per panel, no temporary
             self._acc[a:b, a:].addmm_(x[:, a:b].T, x[:, a:], beta=keep, alpha=alpha)
         self._fresh = True
+
+    def _panels(self) -> list[tuple[int, int]]:
+        """The row ranges ``[a, b)`` of the panels (one, the whole matrix, when narrow)."""
+        d = self.in_features
+        step = d if d < self.MIN_PANEL_WIDTH else -(-d // self.PANELS)
+        return [(a, min(d, a + step)) for a in range(0, d, step)]
 
     @property
     def H(self) -> torch.Tensor:
         """The symmetric ``[in, in]`` matrix (the accumulator itself: in-place edits stick)."""
         acc, d = self._acc, self.in_features
         if self._fresh and d >= self.MIN_PANEL_WIDTH:
-            step = -(-d // self.PANELS)
-            for a in range(0, d, step):  # lower blocks := upper blocks transposed, in place
-                b = min(d, a + step)
+            for a, b in self._panels():  # lower blocks := upper blocks transposed, in place
                 diag = acc[a:b, a:b]
                 diag.copy_(diag.triu() + diag.triu(1).mT)
                 acc[b:, a:b] = acc[a:b, b:].mT

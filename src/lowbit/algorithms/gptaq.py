@@ -40,12 +40,11 @@ def asymmetric_target(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor,
     if int(info) != 0:
         raise AlgorithmError("GPTAQ: the input covariance is not positive definite even "
                              "damped; calibrate on more (and more varied) data")
-    U = L.mT  # LAPACK's column-major layout as it is: no copy of the factor per solve
     D = C.mT.to(torch.float64, copy=True).sub_(H)  # C^T - H
     out = torch.empty_like(W)
     for a in range(0, W.shape[0], ROWS_AT_ONCE):  # row chunks: the float64 buffers stay small
         Wd = W[a:a + ROWS_AT_ONCE].double()
-        correction = torch.cholesky_solve((Wd @ D).T, U, upper=True).T  # rhs (H + lambda I)^-1
+        correction = torch.cholesky_solve((Wd @ D).T, L).T  # rhs (H + lambda I)^-1
         out[a:a + ROWS_AT_ONCE] = Wd + correction
     return out
 

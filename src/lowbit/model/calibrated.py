@@ -210,12 +210,12 @@ class _Run:
         wanted = {owner[n] for n in names}
         seen: dict[str, torch.Tensor] = {}
         seen_float: dict[str, torch.Tensor] = {}
-        every = [True]  # the first batch records every member
+        first_batch = True  # records every member (the hooks read the current value)
 
         def hook(store, name):  # record the input; stop once the batch has what it needs
             def pre(module, args):
                 store[name] = args[0]
-                if (len(store) == len(names) if every[0]
+                if (len(store) == len(names) if first_batch
                         else len({owner[n] for n in store}) == len(wanted)):
                     raise _Stop
             return pre
@@ -239,9 +239,9 @@ class _Run:
                         ref.stage(ref.hidden[index], kw)
                     except _Stop:
                         pass
-                if every[0]:
+                if first_batch:
                     _check_members_share_inputs(groups_members, seen)
-                    every[0] = False
+                    first_batch = False
                 first = {}  # group -> the input one of its members read
                 for name in seen:
                     first.setdefault(owner[name], name)
