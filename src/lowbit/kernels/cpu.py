@@ -1,7 +1,7 @@
 """What this CPU runs fast, detected once on first use (never at import).
 
 Which kernel wins depends on the instruction set, not only on the shapes. Measured with
-torch 2.13 on 2 cores (benchmarks/kernels.py):
+torch 2.13 on 2 cores (benchmarks/kernel_speed.py):
 
 | 512x576x1536 (prefill) | AVX-512 + BF16 + VNNI | AVX2 only (no BF16, no VNNI) |
 |---|---|---|

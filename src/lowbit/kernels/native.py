@@ -5,7 +5,7 @@ Why: on a CPU without native bf16 (AVX2 only, e.g. AMD Zen 3) torch's weight-onl
 ``_weight_int8pack_mm`` and ``_weight_int4pack_mm_for_cpu`` are its bf16 code paths run on
 emulated bf16: a decode step of SmolLM2-135M spends about 17 ms in them. Decode reads each
 weight once per token, so a loop that widens int8 (or int4) codes in registers and
-accumulates in float32 is bound by memory bandwidth instead (``benchmarks/kernels.py``
+accumulates in float32 is bound by memory bandwidth instead (``benchmarks/kernel_speed.py``
 measures both, side by side).
 
 The C sources are compiled with the system's C compiler (``cc -O3 -mavx2 -mfma -fopenmp``)

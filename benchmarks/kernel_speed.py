@@ -18,7 +18,7 @@ Each cell is the per-call time in microseconds over all rounds (after a warm-up)
 median and, in a second table, the 10th percentile (on a shared host the low percentile is
 the better estimate of an idle machine); ``x`` is FP32 / cell (above 1: faster than FP32).
 
-Run: .venv/bin/python benchmarks/kernels.py [--rounds 5] [--calls 10] [--threads 2] [--raw]
+Run: .venv/bin/python benchmarks/kernel_speed.py [--rounds 5] [--calls 10] [--threads 2] [--raw]
 """
 
 from __future__ import annotations

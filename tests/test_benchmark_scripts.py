@@ -1,0 +1,44 @@
+"""Every benchmark script starts from the repository root (``python benchmarks/X.py --help``).
+
+A script named like an installed package (``benchmarks/kernels.py`` once shadowed the
+``kernels`` package that transformers imports) breaks only when run from there, so each
+runs in a subprocess exactly as the README says.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted((ROOT / "benchmarks").glob("*.py"))
+
+
+def test_there_are_benchmark_scripts():
+    assert len(SCRIPTS) >= 5
+
+
+def test_every_benchmark_starts_from_the_repo_root():
+    procs = {p.name: subprocess.Popen([sys.executable, str(p.relative_to(ROOT)), "--help"],
+                                      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True) for p in SCRIPTS}
+    failed = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        if proc.returncode != 0 or "usage" not in out.lower():
+            failed[name] = (proc.returncode, err.strip()[-500:])
+    assert not failed, failed
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_no_benchmark_shadows_an_installed_package(script):
+    import importlib.util
+
+    stem = script.stem
+    spec = importlib.util.find_spec(stem)
+    assert spec is None or Path(spec.origin or "").parent == script.parent, (
+        f"benchmarks/{script.name} has the name of the installed module {stem!r} "
+        f"({spec.origin}); scripts run from the repo root would import it instead")
