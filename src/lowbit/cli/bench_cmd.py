@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
+from lowbit.cli.common import unquantized_source
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="bundled name, HF folder or .gguf (the FP32 baseline)")
-    p.add_argument("--recipes", required=True,
+    p.add_argument("model", help="bundled name, HF folder or .gguf (the FP32 baseline), or a "
+                   "lowbit checkpoint (its source model, with its recipe)")
+    p.add_argument("--recipes", default=None,
                    help="comma-separated recipes (presets, w<bits>g<group>..., recipe files) "
                         "and peer configs such as torchao:int8-weight")
     p.add_argument("--peers", default="",
@@ -29,11 +32,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lowbit.eval.bench import BenchSettings, run_bench, split_list
+    from lowbit.eval.bench import BenchError, BenchSettings, run_bench, split_list
     from lowbit.eval.report import markdown_table
 
+    model, recipe = unquantized_source(args.model, args.recipes)
+    if recipe is None:
+        raise BenchError("no recipes to benchmark: pass --recipes, e.g. --recipes w8,w4g128")
     settings = BenchSettings(
-        model=args.model, recipes=tuple(split_list(args.recipes)),
+        model=model, recipes=tuple(split_list(recipe)),
         peers=tuple(split_list(args.peers)), data=args.data, window=args.window,
         n_windows=args.windows, protocol=args.protocol, speed=not args.no_speed,
         threads=args.threads)

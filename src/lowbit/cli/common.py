@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import sys
 
 import torch
 
@@ -11,18 +11,10 @@ def open_model(spec: str, recipe: str | None = None, calibration: str | None = N
                progress: bool = True):
     """(model, tokenizer) for a bundled name, HF folder, GGUF file or lowbit checkpoint;
     quantized with ``recipe`` first when one is given."""
-    from lowbit.model import load, load_model, load_tokenizer, quantize
-    from lowbit.model.serialization import MANIFEST, read_manifest
+    from lowbit.model import load_model, load_tokenizer, quantize
 
-    path = Path(spec)
-    if path.is_dir() and (path / MANIFEST).exists():
-        manifest = read_manifest(path)
-        model = load(path)
-        tok_source = path if (path / "tokenizer_config.json").exists() else manifest["source"]
-        tokenizer = load_tokenizer(str(tok_source)) if tok_source else None
-    else:
-        model = load_model(spec)
-        tokenizer = load_tokenizer(spec)
+    model = load_model(spec)
+    tokenizer = load_tokenizer(spec)
     if recipe:
         from lowbit.model import Recipe
 
@@ -30,6 +22,30 @@ def open_model(spec: str, recipe: str | None = None, calibration: str | None = N
         calib = calibration_batches(tokenizer, calibration) if r.needs_calibration else None
         quantize(model, r, calib, progress=progress)
     return model, tokenizer
+
+
+def unquantized_source(spec: str, recipe: str | None) -> tuple[str, str | None]:
+    """For commands that quantize a float model themselves (sensitivity, bench): a lowbit
+    checkpoint stands for the model it was made from, with its recipe unless ``recipe`` is
+    given. Anything else is returned as is."""
+    from pathlib import Path
+
+    from lowbit.model.serialization import MANIFEST, read_manifest
+
+    if not (Path(spec) / MANIFEST).is_file():
+        return spec, recipe
+    manifest = read_manifest(spec)
+    source = manifest.get("source")
+    if not source or source.startswith("<"):
+        from lowbit.model import CheckpointError
+
+        raise CheckpointError(f"{spec} does not name the model it was made from; pass that "
+                              "unquantized model instead")
+    saved = (manifest.get("recipe") or {}).get("name")
+    chosen = recipe or saved
+    print(f"lowbit: {spec} is a checkpoint of {source} ({saved}); measuring {source} with "
+          f"{chosen}", file=sys.stderr)
+    return source, chosen
 
 
 def calibration_batches(tokenizer, source: str | None, tokens: int = 16384, seq_len: int = 512):

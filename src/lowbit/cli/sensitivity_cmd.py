@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from lowbit.cli.common import set_threads
+from lowbit.cli.common import set_threads, unquantized_source
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="bundled name, HF folder or .gguf (unquantized)")
-    p.add_argument("--recipe", required=True, help="recipe whose scheme each layer gets")
+    p.add_argument("model", help="bundled name, HF folder or .gguf (unquantized), or a lowbit "
+                   "checkpoint (its source model, with its recipe)")
+    p.add_argument("--recipe", help="recipe whose scheme each layer gets (default: the "
+                   "checkpoint's)")
     p.add_argument("--per", choices=["layer", "block"], default="layer",
                    help="quantize one layer at a time, or every layer of one block")
     p.add_argument("--data", default="pydoc", help="text file, or 'pydoc' (built-in corpus)")
@@ -29,9 +31,14 @@ def run(args: argparse.Namespace) -> int:
     from lowbit.model import load_model, load_tokenizer
 
     set_threads(args.threads)
-    model = load_model(args.model)
-    tokenizer = load_tokenizer(args.model)
-    result = sensitivity(model, tokenizer, args.recipe, per=args.per, data=args.data,
+    spec, recipe = unquantized_source(args.model, args.recipe)
+    if recipe is None:
+        from lowbit.model import RecipeError
+
+        raise RecipeError("sensitivity needs a recipe: pass --recipe (e.g. --recipe w4g128)")
+    model = load_model(spec)
+    tokenizer = load_tokenizer(spec)
+    result = sensitivity(model, tokenizer, recipe, per=args.per, data=args.data,
                          window=args.window, n_windows=args.windows, protocol=args.protocol,
                          progress=not args.json)
     heatmap = None

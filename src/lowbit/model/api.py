@@ -24,5 +24,12 @@ def quantize(
     ``calibration``: an iterable of model inputs (``lowbit.data.text(...)`` builds token
     batches), needed by static activation quantization and calibrated algorithms.
     """
+    done = getattr(model, "lowbit_recipe", None)
+    if done is not None:
+        from lowbit.model.recipe import RecipeError
+
+        raise RecipeError(
+            f"this model is already quantized ({done.name}); quantize the unquantized model "
+            f"(e.g. lowbit.load_model of the source, {getattr(model, 'lowbit_spec', None)!r})")
     quantize_model(model, recipe, calibration, progress=progress, backend=backend)
     return model

@@ -45,7 +45,8 @@ def _refuse_pickle(path: Path) -> ModelLoadError:
 
 
 def resolve_spec(spec: str | os.PathLike[str]) -> tuple[str, Path]:
-    """Classify ``spec`` as ``("gguf", file)`` or ``("hf", folder)``; fetch bundled models.
+    """Classify ``spec`` as ``("gguf", file)``, ``("hf", folder)`` or ``("lowbit", folder)``
+    (a checkpoint written by ``lowbit.save``); fetch bundled models.
 
     Raises ``ModelLoadError`` for pickle files, unknown names and unsupported paths.
     """
@@ -80,6 +81,8 @@ def resolve_spec(spec: str | os.PathLike[str]) -> tuple[str, Path]:
             f"{path}: unsupported file type {suffix or '(none)'}; pass a .gguf file or a "
             "Hugging Face model folder."
         )
+    if (path / "manifest.json").is_file():  # a lowbit checkpoint (lowbit.save)
+        return "lowbit", path
     if not (path / "config.json").is_file():
         ggufs = sorted(path.glob("*.gguf"))
         extra = f" It holds GGUF files; pass one: {[str(g) for g in ggufs]}." if ggufs else ""
@@ -282,7 +285,8 @@ def _converted_dir(gguf_path: Path) -> Path:
 def load_model(spec: str | os.PathLike[str] | nn.Module) -> nn.Module:
     """Load a model for quantization.
 
-    ``spec`` is one of: a bundled name (see ``lowbit.model.hub.BUNDLED``); a Hugging Face model
+    ``spec`` is one of: a bundled name (see ``lowbit.model.hub.BUNDLED``); a lowbit checkpoint
+    folder (``lowbit.save``; rebuilt by ``lowbit.load``, quantized as saved); a Hugging Face model
     folder (config.json + safetensors; the class named in ``architectures`` is used, so causal
     LMs get their LM head and ``BertModel`` stays an encoder); a ``.gguf`` file (dequantized to
     FP32 into the matching transformers causal-LM class); or an ``nn.Module``, returned as is
@@ -300,6 +304,10 @@ def load_model(spec: str | os.PathLike[str] | nn.Module) -> nn.Module:
             f"load_model expects a bundled name, a path or an nn.Module, got {type(spec).__name__}"
         )
     kind, path = resolve_spec(spec)
+    if kind == "lowbit":  # already quantized: rebuilt as saved, dtypes kept
+        from lowbit.model.serialization import load
+
+        return load(path)
     model = _load_gguf(path) if kind == "gguf" else _load_hf_dir(path)
     model = model.to(torch.float32).eval()
     model.lowbit_spec = os.fspath(spec)
@@ -318,6 +326,8 @@ def _cached_tokenizer(kind: str, path: str) -> Any:
             )
         except Exception as exc:
             raise ModelLoadError(f"could not build a tokenizer from {p}: {exc}") from exc
+    if kind == "lowbit" and not (p / "tokenizer_config.json").is_file():
+        return _checkpoint_source_tokenizer(p)
     try:
         return transformers.AutoTokenizer.from_pretrained(
             p, local_files_only=True, trust_remote_code=False
@@ -327,6 +337,18 @@ def _cached_tokenizer(kind: str, path: str) -> Any:
             f"could not load a tokenizer from {p}: {exc}. The folder needs tokenizer.json "
             "(or the slow tokenizer's vocabulary files) next to config.json."
         ) from exc
+
+
+def _checkpoint_source_tokenizer(folder: Path) -> Any:
+    """The tokenizer of the model a checkpoint was made from (saved without one)."""
+    from lowbit.model.serialization import read_manifest
+
+    source = read_manifest(folder).get("source")
+    if not source or source.startswith("<"):
+        raise ModelLoadError(
+            f"{folder} holds no tokenizer files and names no source model; save it with "
+            "lowbit.save(model, dir, tokenizer=tok), or pass the tokenizer yourself.")
+    return load_tokenizer(source)
 
 
 def load_tokenizer(spec: str | os.PathLike[str] | nn.Module) -> Any:
