@@ -2,6 +2,7 @@
 scale folding is exact, storage round-trips, and bad input gets clear errors."""
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -47,9 +48,14 @@ def _quantized(base, recipe, calib, **kw):
 def test_every_algorithm_quantizes_every_linear(base, calib, ids, recipe, kernel):
     model = _quantized(base, recipe, calib)
     summary = model.lowbit_summary
-    assert summary.layers == 15 and len(summary.kernels) == 1  # 2 x 7 + lm_head
+    assert summary.layers == 15  # 2 x 7 + lm_head
     # the decode kernel (the prefill one, after " | ", depends on the CPU)
-    assert next(iter(summary.kernels)).split(" | ")[0].startswith(kernel)
+    block = model.model.layers[1].mlp.down_proj
+    assert block.kernel.split(" | ")[0].startswith(kernel)
+    # below 6 bits the presets' head rule gives the head int8 per channel
+    head = model.lm_head.spec
+    assert (head.format, head.granularity) == (("int8", "channel") if "w8" not in recipe
+                                               else (block.spec.format, block.spec.granularity))
     assert summary.bytes_after < summary.bytes_before / 3
     assert _kl(model, base, ids) < 0.1
     info = model.lowbit_calibration["layers"]["model.layers.1.mlp.down_proj"]
@@ -266,12 +272,14 @@ def test_block_inputs_are_held_in_half_precision_while_they_fit(base, calib, ids
         return out
 
     calibrated._hold, saved = spy, calibrated._hold
+    # the head at 4 bits too (no int8 head rule), so the KL is large enough to compare
+    recipe = replace(Recipe.parse("w4g32-gptq"), rules=())
     try:
-        half = _quantized(base, "w4g32-gptq", calib)
+        half = _quantized(base, recipe, calib)
         assert held and set(held) == {torch.float16}
         held.clear()
         full = copy.deepcopy(base)
-        calibrated.quantize_calibrated(full, "w4g32-gptq", calib, progress=False,
+        calibrated.quantize_calibrated(full, recipe, calib, progress=False,
                                        half_inputs=False)
         assert held and set(held) == {torch.float32}
     finally:

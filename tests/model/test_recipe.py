@@ -56,3 +56,44 @@ def test_newer_version_refused():
     d["lowbit_recipe_version"] = 99
     with pytest.raises(RecipeError, match="upgrade"):
         Recipe.from_dict(d)
+
+
+@pytest.mark.parametrize("name", ["w4g128", "w4g64", "w4g32", "w3g64", "w2g16", "nf4g64",
+                                  "kmeans4", "w4g128-gptq", "w4g64-gptq-rot", "w3g64-gptaq-rot",
+                                  "w4g128-awq", "w2g16-hqq", "w3g64-rot", "w5g64"])
+def test_low_bit_recipes_keep_the_head_at_int8(name):
+    recipe = Recipe.parse(name)
+    head = recipe.scheme_for("lm_head")
+    assert (head.weight.format, head.weight.granularity, head.algorithm) == (
+        "int8", "channel", "rtn")
+    assert recipe.scheme_for("model.layers.0.mlp.up_proj") == recipe.default
+    assert '"pattern": "lm_head"' in recipe.to_json()  # visible, and written to manifests
+    assert recipe.with_keep("lm_head").scheme_for("lm_head") is None
+
+
+@pytest.mark.parametrize("name", ["w8", "w6g64", "fp8", "w8a8", "bf16"])
+def test_six_bits_and_up_quantize_the_head_like_the_rest(name):
+    recipe = Recipe.parse(name)
+    assert recipe.rules == () and recipe.scheme_for("lm_head") == recipe.default
+
+
+def test_old_recipe_files_without_the_head_rule_still_load():
+    """A recipe written before the head rule (no rules) loads as written: head at 4 bits."""
+    old = {"lowbit_recipe_version": 1, "name": "w4g128", "compute_dtype": "auto",
+           "default": Recipe.parse("w4g128").default.to_dict(), "rules": [], "keep": []}
+    recipe = Recipe.from_dict(old)
+    assert recipe.scheme_for("lm_head").weight.format == "uint4"
+    assert Recipe.from_dict(Recipe.parse("w4g128").to_dict()).rules[0].optional
+
+
+def test_optional_head_rule_allows_models_without_a_head():
+    import torch.nn as nn
+
+    from lowbit.model import quantize
+
+    model = nn.Sequential(nn.Linear(64, 64))
+    quantize(model, "w4g32", progress=False)
+    assert model[0].spec.format == "uint4"
+    with pytest.raises(RecipeError, match="matches no Linear"):
+        quantize(nn.Sequential(nn.Linear(64, 64)), Recipe.parse("w8").with_keep("lm_head"),
+                 progress=False)

@@ -107,7 +107,7 @@ def qat_targets(model: nn.Module, recipe: Recipe, convs: bool = True
         raise RecipeError(f"{type(model).__name__} has no nn.Linear or nn.Conv2d layers, so "
                           f"there is nothing to train with quantization")
     names = [n for n, _ in found]
-    for pattern in [r.pattern for r in recipe.rules] + list(recipe.keep):
+    for pattern in [r.pattern for r in recipe.rules if not r.optional] + list(recipe.keep):
         if not any(match_pattern(pattern, n) for n in names):
             close = difflib.get_close_matches(pattern.removeprefix("re:"), names, n=5, cutoff=0.3)
             raise RecipeError(f"recipe pattern {pattern!r} matches no Linear/Conv2d layer; near "

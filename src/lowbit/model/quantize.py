@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from lowbit.errors import LowbitError
 from lowbit.formats import (
     compute_qparams,
     get_format,
@@ -27,7 +28,7 @@ from lowbit.formats import (
     quantize,
     rotate,
 )
-from lowbit.kernels.cpu import cpu_features, fast_float_dtype
+from lowbit.kernels.cpu import cpu_features
 from lowbit.model.calibration import collect_input_ranges
 from lowbit.model.recipe import Recipe, RecipeError, Scheme, match_pattern
 from lowbit.nn import QuantizedConv2d, QuantizedLinear
@@ -36,10 +37,12 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def compute_dtype(recipe: Recipe) -> torch.dtype:
-    """The dtype the unquantized parts run in: the recipe's, or for ``"auto"`` the CPU's
-    fastest matmul dtype (bf16 with native bf16 support, else fp32; ``lowbit.kernels.cpu``)."""
+    """The dtype the unquantized parts run in: the recipe's, or for ``"auto"`` the one whose
+    decode step measured fastest here (``lowbit.kernels.autotune``, ``compute``)."""
     if recipe.compute_dtype == "auto":
-        return fast_float_dtype()
+        from lowbit.kernels import autotune
+
+        return autotune.float_dtype("compute")
     return DTYPES[recipe.compute_dtype]
 
 
@@ -69,7 +72,17 @@ class QuantizeSummary:
             f"cpu           {self.cpu}",
             f"time          {self.seconds:.1f} s",
         ] + ([f"rotation      {len(self.unrotated)} layers without a Hadamard of their size "
-              f"stayed unrotated: {', '.join(self.unrotated[:4])}"] if self.unrotated else [])
+              f"stayed unrotated: {', '.join(self.unrotated[:4])}"] if self.unrotated else []
+             ) + _native_note()
+
+
+def _native_note() -> list[str]:
+    """A line saying lowbit's native kernels were unavailable and why (a failed build)."""
+    from lowbit.kernels import native
+
+    why = native.build_failure()
+    return [f"native        unavailable, torch's kernels ran instead: {why}; install gcc or "
+            f"set CC"] if why else []
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -89,14 +102,35 @@ def find_targets(model: nn.Module, recipe: Recipe) -> list[tuple[str, nn.Linear,
             f"(lowbit quantizes Linear layers; convolutions and embeddings are not supported yet)"
         )
     names = [n for n, _ in linears]
-    for pattern in [r.pattern for r in recipe.rules] + list(recipe.keep):
+    for pattern in [r.pattern for r in recipe.rules if not r.optional] + list(recipe.keep):
         if not any(match_pattern(pattern, n) for n in names):
             close = difflib.get_close_matches(pattern.removeprefix("re:"), names, n=5, cutoff=0.3)
             raise RecipeError(
                 f"recipe pattern {pattern!r} matches no Linear layer; near matches: "
                 f"{', '.join(close) or 'none'} (patterns are globs, '*' spans dots, or re:...)"
             )
-    return [(n, m, recipe.scheme_for(n)) for n, m in linears]
+    targets = [(n, m, recipe.scheme_for(n)) for n, m in linears]
+    _check_finite(targets)
+    return targets
+
+
+class WeightError(LowbitError, ValueError):
+    """A weight lowbit cannot quantize (NaN or Inf values); the message names the layer."""
+
+
+def _check_finite(targets: list) -> None:
+    """Refuse NaN / Inf weights up front: min/max scales of such a row would be NaN."""
+    for name, m, scheme in targets:
+        if scheme is None or scheme.weight is None:
+            continue
+        bad = ~torch.isfinite(m.weight.detach())
+        if bad.any():
+            row, col = bad.nonzero()[0].tolist()
+            raise WeightError(
+                f"{name}.weight has {int(bad.sum())} NaN/Inf values (first at [{row}, {col}]: "
+                f"{m.weight[row, col].item()}), so its scales would be NaN; repair the model "
+                f"(e.g. it overflowed in fp16) or leave the layer unquantized with "
+                f"keep=[{name!r}] (CLI: --keep {name})")
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -4,9 +4,11 @@ A recipe maps module names to a ``Scheme`` (weight format + granularity + symmet
 observer, optional activation quantization, algorithm). Rules are glob patterns
 (``model.layers.*.mlp.*``) or regular expressions (``re:.*proj$``); the first rule that
 matches wins, else ``default`` applies; ``keep`` lists modules left as they are.
-Only ``nn.Linear`` modules are quantized: the embedding lookup stays as it is, while the
-output head (``lm_head``, tied to the embedding in SmolLM2) is quantized like every other
-linear unless it is kept (``keep=["lm_head"]``).
+Only ``nn.Linear`` modules are quantized: the embedding lookup stays as it is. The output
+head (``lm_head``, tied to the embedding in SmolLM2; the largest matrix, and the one whose
+error reaches the logits undamped) gets int8 per channel (``HEAD_SCHEME``, an explicit rule
+visible in ``to_json()``) in every preset or grammar recipe below 6 bits, as llama.cpp's
+Q4_K_M / Q3_K mixes keep ``output.weight`` at Q6_K; ``keep=["lm_head"]`` leaves it as it is.
 
 Short names (``Recipe.parse``): see ``PRESETS``; also the grammar
 ``w<bits>[g<group>][a8[-static]][-<algorithm>][-rot]`` for integer weights; ``-rot`` quantizes
@@ -94,8 +96,12 @@ class Scheme:
 
 @dataclass(frozen=True)
 class Rule:
+    """``scheme`` for the modules ``pattern`` matches; a rule that matches nothing is an
+    error unless ``optional`` (the presets' head rule, for models without ``lm_head``)."""
+
     pattern: str
     scheme: Scheme
+    optional: bool = False
 
     def matches(self, name: str) -> bool:
         return match_pattern(self.pattern, name)
@@ -150,23 +156,34 @@ class Recipe:
             "name": self.name,
             "compute_dtype": self.compute_dtype,
             "default": None if self.default is None else self.default.to_dict(),
-            "rules": [{"pattern": r.pattern, "scheme": r.scheme.to_dict()} for r in self.rules],
+            "rules": [{"pattern": r.pattern, "scheme": r.scheme.to_dict()}
+                      | ({"optional": True} if r.optional else {}) for r in self.rules],
             "keep": list(self.keep),
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> Recipe:
+        if not isinstance(d, dict):
+            raise RecipeError(f"a recipe is a mapping with keys {', '.join(RECIPE_KEYS)}; got "
+                              f"{type(d).__name__}: see Recipe.to_dict() for the layout")
+        unknown = sorted(set(d) - set(RECIPE_KEYS))
+        if unknown:
+            raise RecipeError(f"unknown recipe keys {unknown}; allowed: {', '.join(RECIPE_KEYS)}"
+                              " (see Recipe.to_dict() for the layout)")
         try:
             return cls(
                 name=d.get("name", "custom"),
                 default=None if d.get("default") is None else Scheme.from_dict(d["default"]),
-                rules=tuple(Rule(r["pattern"], Scheme.from_dict(r["scheme"]))
+                rules=tuple(Rule(r["pattern"], Scheme.from_dict(r["scheme"]),
+                                 bool(r.get("optional", False)))
                             for r in d.get("rules", [])),
                 keep=tuple(d.get("keep", [])),
                 compute_dtype=d.get("compute_dtype", "auto"),
                 version=int(d.get("lowbit_recipe_version", RECIPE_VERSION)),
             )
-        except (TypeError, KeyError) as exc:
+        except (TypeError, KeyError, AttributeError, ValueError) as exc:
+            if isinstance(exc, LowbitError):
+                raise
             raise RecipeError(
                 f"malformed recipe: {exc}; see Recipe.to_dict() for the layout") from exc
 
@@ -180,13 +197,23 @@ class Recipe:
 
     @classmethod
     def load(cls, path: str | Path) -> Recipe:
-        """A recipe from a ``.json`` or ``.yaml`` file."""
-        text = Path(path).read_text()
-        if str(path).endswith((".yaml", ".yml")):
-            import yaml
+        """A recipe from a ``.json`` or ``.yaml`` file (YAML read with ``safe_load``)."""
+        import yaml
 
-            return cls.from_dict(yaml.safe_load(text))
-        return cls.from_dict(json.loads(text))
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RecipeError(f"cannot read recipe file {path}: {exc}") from exc
+        try:
+            data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as exc:
+            raise RecipeError(f"recipe file {path} is not valid {path.suffix[1:].upper()}: "
+                              f"{exc}; fix the syntax (write one with Recipe.to_yaml())") from exc
+        try:
+            return cls.from_dict(data)
+        except LowbitError as exc:
+            raise RecipeError(f"recipe file {path}: {exc}") from exc
 
     @classmethod
     def parse(cls, text: str | Recipe) -> Recipe:
@@ -194,7 +221,10 @@ class Recipe:
         if isinstance(text, Recipe):
             return text
         key = str(text).strip()
-        if key.endswith((".json", ".yaml", ".yml")) and Path(key).exists():
+        if key.endswith((".json", ".yaml", ".yml")):
+            if not Path(key).is_file():
+                raise RecipeError(f"recipe file {key} does not exist; check the path, or pass "
+                                  "a preset or w<bits>[g<group>] name")
             return cls.load(key)
         if key.lower() in PRESETS:
             return PRESETS[key.lower()]
@@ -218,6 +248,11 @@ class Recipe:
 _GRAMMAR = re.compile(r"w([1-8])(?:g(\d+))?(a8)?(-static)?(?:-([a-z+]+))?(-rot)?")
 
 
+#: the keys ``Recipe.from_dict`` reads; others are refused (a typo would be silently ignored)
+RECIPE_KEYS = ("lowbit_recipe_version", "name", "compute_dtype", "default", "rules", "keep")
+MAX_GROUP = 1 << 16
+
+
 def _parse_grammar(key: str) -> Recipe | None:
     m = _GRAMMAR.fullmatch(key)
     if not m:
@@ -226,6 +261,9 @@ def _parse_grammar(key: str) -> Recipe | None:
     if algorithm == "rot" and rot is None:  # "w3g64-rot": round to nearest, rotated
         algorithm, rot = None, "-rot"
     bits = int(bits)
+    if group is not None and not 1 <= int(group) <= MAX_GROUP:
+        raise RecipeError(f"{key!r}: group size {group} is out of range; use 1..{MAX_GROUP} "
+                          "inputs per scale (32, 64 or 128 are usual)")
     if a8 is None and static:
         raise RecipeError(f"{key!r}: '-static' applies to activations; write w{bits}a8-static")
     gran = f"group:{group}" if group else "channel"
@@ -243,7 +281,7 @@ def _parse_grammar(key: str) -> Recipe | None:
                       integer_zero_point=_integer_zero(symmetric, gran),
                       rotation="hadamard" if rot else None)
     scheme = Scheme(spec, act, algorithm or "rtn")
-    return Recipe(key, scheme)
+    return Recipe(key, scheme, _head_rules(bits, act))
 
 
 def _w(fmt: str, gran: str, symmetric: bool = True, rotation: str | None = None,
@@ -264,17 +302,41 @@ def _integer_zero(symmetric: bool, gran: str) -> bool:
     return g.kind != "group" or g.group_size < 32
 
 
+#: the output head's scheme in recipes below ``HEAD_MIN_BITS``: int8, symmetric, one scale
+#: per row, round to nearest (``benchmarks/calibration_domains.py --head`` compares choices)
+HEAD_SCHEME = _w("int8", "channel")
+HEAD_MIN_BITS = 6
+
+
+def _head_rules(bits: int, activation: ActivationSpec | None = None,
+                rotation: str | None = None) -> tuple[Rule, ...]:
+    """``(Rule("lm_head", HEAD_SCHEME),)`` for weights below ``HEAD_MIN_BITS``, else ``()``;
+    with int8 activations the head keeps the recipe's activation spec and rotation."""
+    if bits >= HEAD_MIN_BITS:
+        return ()
+    if activation is None and rotation is None:
+        return (Rule("lm_head", HEAD_SCHEME, optional=True),)
+    return (Rule("lm_head", _w("int8", "channel", rotation=rotation, activation=activation),
+                 optional=True),)
+
+
+def _low(name: str, scheme: Scheme) -> Recipe:
+    """A preset below 6 bits: ``scheme`` everywhere but the head (``_head_rules``)."""
+    bits = get_format(scheme.weight.format).bits
+    return Recipe(name, scheme, _head_rules(bits, scheme.activation, scheme.weight.rotation))
+
+
 PRESETS: dict[str, Recipe] = {
     "fp16": Recipe("fp16", Scheme(weight=None), compute_dtype="fp16"),
     "bf16": Recipe("bf16", Scheme(weight=None), compute_dtype="bf16"),
     "fp8": Recipe("fp8", _w("fp8_e4m3", "channel")),
     "w8": Recipe("w8", _w("int8", "channel")),
-    "w4g128": Recipe("w4g128", _w("uint4", "group:128", False)),
-    "w4g64": Recipe("w4g64", _w("uint4", "group:64", False)),
-    "w4g32": Recipe("w4g32", _w("uint4", "group:32", False)),
-    "w3g64": Recipe("w3g64", _w("uint3", "group:64", False)),
-    "w2g16": Recipe("w2g16", _w("uint2", "group:16", False)),
-    "nf4g64": Recipe("nf4g64", _w("nf4", "group:64")),
+    "w4g128": _low("w4g128", _w("uint4", "group:128", False)),
+    "w4g64": _low("w4g64", _w("uint4", "group:64", False)),
+    "w4g32": _low("w4g32", _w("uint4", "group:32", False)),
+    "w3g64": _low("w3g64", _w("uint3", "group:64", False)),
+    "w2g16": _low("w2g16", _w("uint2", "group:16", False)),
+    "nf4g64": _low("nf4g64", _w("nf4", "group:64")),
     "w8a8": Recipe("w8a8", _w("int8", "channel", rotation="hadamard",
                               activation=ActivationSpec("dynamic"))),
     "w8a8-plain": Recipe("w8a8-plain", _w("int8", "channel",
@@ -284,22 +346,22 @@ PRESETS: dict[str, Recipe] = {
     "w8a8-static-rot": Recipe("w8a8-static-rot", _w(
         "int8", "channel", rotation="hadamard",
         activation=ActivationSpec("static", granularity="tensor"))),
-    "w4a8": Recipe("w4a8", _w("int4", "channel", rotation="hadamard",
+    "w4a8": _low("w4a8", _w("int4", "channel", rotation="hadamard",
                               activation=ActivationSpec("dynamic"))),
     "w8a8-outliers": Recipe("w8a8-outliers", _w(
         "int8", "channel", activation=ActivationSpec("dynamic"), outlier_channels=8)),
     # calibrated algorithms (lowbit.model.calibrated); "imatrix" is importance-weighted RTN
-    "w4g128-gptq": Recipe("w4g128-gptq", _w("uint4", "group:128", False, algorithm="gptq")),
-    "w4g128-awq": Recipe("w4g128-awq", _w("uint4", "group:128", False, algorithm="awq")),
-    "w3g64-gptq": Recipe("w3g64-gptq", _w("uint3", "group:64", False, algorithm="gptq")),
-    "w2g16-hqq": Recipe("w2g16-hqq", _w("uint2", "group:16", False, algorithm="hqq")),
+    "w4g128-gptq": _low("w4g128-gptq", _w("uint4", "group:128", False, algorithm="gptq")),
+    "w4g128-awq": _low("w4g128-awq", _w("uint4", "group:128", False, algorithm="awq")),
+    "w3g64-gptq": _low("w3g64-gptq", _w("uint3", "group:64", False, algorithm="gptq")),
+    "w2g16-hqq": _low("w2g16-hqq", _w("uint2", "group:16", False, algorithm="hqq")),
     "w8a8-smooth": Recipe("w8a8-smooth", _w(
         "int8", "channel", activation=ActivationSpec("static", granularity="tensor"),
         algorithm="smoothquant")),
     "w8a8-smooth-rot": Recipe("w8a8-smooth-rot", _w(
         "int8", "channel", rotation="hadamard",
         activation=ActivationSpec("static", granularity="tensor"), algorithm="smoothquant")),
-    "kmeans4": Recipe("kmeans4", Scheme(WeightSpec("codebook4", "channel", True, "fp16"),
+    "kmeans4": _low("kmeans4", Scheme(WeightSpec("codebook4", "channel", True, "fp16"),
                                         algorithm="kmeans")),
 }
 
