@@ -32,3 +32,20 @@ def test_explain_unknown_format_is_a_clean_error(capsys):
     assert main(["explain", "int42", "--", "1"]) == 2
     err = capsys.readouterr().err
     assert "unknown format" in err and "int8" in err
+
+
+def test_demo_table_is_printed_once_and_aligned(capsys):
+    from lowbit.cli.demo_cmd import COLUMNS, _printer, _row
+
+    r = {"ppl": 14.456, "bits_per_weight": 32.0, "bytes": 538e6, "kernels": {"F.linear": 3},
+         "prefill_s": 10.072, "decode_tok_s": 11.8}
+    q = {**r, "delta_ppl_pct": 0.25, "kld_mean": 0.0048, "top1_agreement": 0.96,
+         "bits_per_weight": 8.07, "kernels": {"int8_weight.native": 211}}
+    line = _printer(["fp32", "w8a8-smooth-rot"])
+    line(_row("fp32", r, reference=True))
+    line(_row("w8a8-smooth-rot", q))
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and sum(ln.startswith("recipe") for ln in lines) == 1
+    header_starts = [lines[0].index(c) for c in COLUMNS[1:]]
+    for ln in (lines[2], lines[3]):
+        assert all(ln[i - 1] == " " and ln[i] != " " for i in header_starts), ln

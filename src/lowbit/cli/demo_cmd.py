@@ -27,22 +27,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-speed", action="store_true")
 
 
-def _row(name: str, r: dict) -> tuple[str, ...]:
+def _row(name: str, r: dict, reference: bool = False) -> tuple[str, ...]:
+    """One table row; the reference (FP32) row shows no divergence from itself."""
     kernels = max(r["kernels"].items(), key=lambda kv: kv[1])[0] if r["kernels"] else "-"
     speed = ("-", "-") if "prefill_s" not in r else (
         f"{r['prefill_s'] * 1e3:.0f} ms", f"{r['decode_tok_s']:.1f} tok/s")
-    return (name, f"{r['ppl']:.3f}", f"{r.get('delta_ppl_pct', 0.0):+.2f}%",
-            f"{r.get('kld_mean', 0.0):.4f}", f"{100 * r.get('top1_agreement', 1.0):.1f}%",
-            f"{r['bits_per_weight']:.2f}", f"{r['bytes'] / 1e6:.0f}", *speed, kernels)
+    quality = ("-", "-", "-") if reference else (
+        f"{r['delta_ppl_pct']:+.2f}%", f"{r['kld_mean']:.4f}", f"{100 * r['top1_agreement']:.1f}%")
+    return (name, f"{r['ppl']:.3f}", *quality, f"{r['bits_per_weight']:.2f}",
+            f"{r['bytes'] / 1e6:.0f}", *speed, kernels)
 
 
-def _print_table(rows: list[tuple[str, ...]]) -> None:
-    table = [COLUMNS, *rows]
-    widths = [max(len(r[i]) for r in table) for i in range(len(COLUMNS))]
-    for i, r in enumerate(table):
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip(), flush=True)
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+# widths of the columns after the recipe's: room for the values _row formats
+_WIDTHS = (7, 8, 6, 6, 6, 4, 9, 11)
+
+
+def _printer(names: list[str]):
+    """Print the header now and each row as it comes, aligned: one table, printed once."""
+    widths = [max(len(n) for n in [COLUMNS[0], *names]), *_WIDTHS, 0]
+    widths = [max(w, len(c)) for w, c in zip(widths, COLUMNS, strict=True)]
+
+    def line(cells: tuple[str, ...]) -> None:
+        print("  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip(),
+              flush=True)
+
+    line(COLUMNS)
+    print("  ".join("-" * w for w in widths))
+    return line
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,10 +69,9 @@ def run(args: argparse.Namespace) -> int:
     base = load_model(args.model)
     tok = load_tokenizer(args.model)
     speed = not args.no_speed
-    rows = []
+    print_row = _printer(["fp32", *(r.name for r in recipes)])
     base_result = evaluate(base, tok, baseline=base, n_windows=args.windows, speed=speed)
-    rows.append(_row("fp32", base_result))
-    _print_table(rows)
+    print_row(_row("fp32", base_result, reference=True))
     model = None
     for recipe in recipes:
         model = copy.deepcopy(base)
@@ -72,10 +82,7 @@ def run(args: argparse.Namespace) -> int:
             calib = calibration_batches(tok, None, tokens=8192)
         quantize(model, recipe, calib, progress=False)
         r = evaluate(model, tok, baseline=base, n_windows=args.windows, speed=speed)
-        rows.append(_row(recipe.name, r))
-        print("  ".join(rows[-1]), flush=True)
-    print()
-    _print_table(rows)
+        print_row(_row(recipe.name, r))
     if model is not None and args.output:
         out = save(model, args.output, overwrite=True, tokenizer=tok)
         print(f"\nsaved {recipes[-1].name} checkpoint to {out}; reopen it with "
