@@ -290,6 +290,13 @@ def main() -> None:
     ap.add_argument("--tables", nargs="+", default=None, metavar="JSONL",
                     help="only print the tables of results saved with --out")
     args = ap.parse_args()
+    from lowbit.model.calib_memory import allocator_tuning
+
+    with allocator_tuning():  # as the CLI runs (this process is lowbit's own)
+        _main(args)
+
+
+def _main(args) -> None:
     if args.memory:
         memory(args)
         return

@@ -16,6 +16,7 @@ COMMANDS = {
     "eval": ("lowbit.cli.eval_cmd", "perplexity, size and speed of a model or checkpoint"),
     "sensitivity": ("lowbit.cli.sensitivity_cmd", "which layers quantization hurts most (KLD)"),
     "bench": ("lowbit.cli.bench_cmd", "benchmark recipes and peers side by side, with a report"),
+    "kernels": ("lowbit.cli.kernels_cmd", "which kernels run here, measured once and cached"),
 }
 
 
@@ -48,8 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from lowbit.errors import LowbitError
 
+    from lowbit.model.calib_memory import allocator_tuning
+
     try:
-        return int(args._run(args) or 0)
+        with allocator_tuning():  # the CLI's process is lowbit's own
+            return int(args._run(args) or 0)
     except LowbitError as exc:
         print(f"lowbit {args.command}: error: {exc}", file=sys.stderr)
         return 2

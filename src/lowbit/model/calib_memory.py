@@ -4,6 +4,7 @@ freed heap pages handed back to the OS (``calibrated.py`` uses these)."""
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import ctypes.util
 import functools
@@ -114,11 +115,31 @@ SOLVE_MMAP_BYTES, FORWARD_MMAP_BYTES = 1 << 20, 32 << 20
 TRIM_EVERY = 8
 
 
+_TUNING = contextvars.ContextVar("lowbit_allocator_tuning", default=False)
+
+
+@contextlib.contextmanager
+def allocator_tuning():
+    """Let calibration set glibc's mmap threshold inside this block (``solve_allocations``).
+
+    glibc cannot undo ``mallopt(M_MMAP_THRESHOLD)``: the threshold stays fixed for the rest of
+    the process instead of adapting. So only processes that are lowbit's own (the CLI, the
+    benchmarks) turn this on; ``lowbit.quantize`` called from a user's program leaves its
+    allocator as it was and only hands freed pages back (``malloc_trim``, a one-off action).
+    """
+    token = _TUNING.set(True)
+    try:
+        yield
+    finally:
+        _TUNING.reset(token)
+
+
 @contextlib.contextmanager
 def solve_allocations():
-    """Large allocations of the block get their own mappings (glibc ``mallopt``)."""
+    """Inside ``allocator_tuning``: large allocations of the block get their own mappings
+    (glibc ``mallopt``), returned to the OS when freed. Elsewhere: nothing."""
     mallopt = _libc_function("mallopt")
-    if mallopt is None:
+    if mallopt is None or not _TUNING.get():
         yield
         return
     mallopt(_M_MMAP_THRESHOLD, SOLVE_MMAP_BYTES)
