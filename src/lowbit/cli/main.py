@@ -48,7 +48,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from lowbit.errors import LowbitError
-
     from lowbit.model.calib_memory import allocator_tuning
 
     try:
