@@ -67,7 +67,7 @@ def test_truncated_checkpoint(quantized, tmp_path):
     save(quantized, tmp_path / "ckpt")
     weights = tmp_path / "ckpt" / serialization.WEIGHTS
     weights.write_bytes(weights.read_bytes()[:1000])
-    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+    with pytest.raises(CheckpointError, match="truncated"):
         load(tmp_path / "ckpt")
 
 

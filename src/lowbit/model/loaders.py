@@ -20,6 +20,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.model.hub import BUNDLED, bundled_path
+from lowbit.model.safetensors_header import read_header
 
 __all__ = ["ModelLoadError", "load_model", "load_tokenizer", "resolve_spec"]
 
@@ -123,16 +124,43 @@ def _model_class(transformers: Any, config: Any) -> Any:
     return transformers.AutoModel
 
 
+def _check_config(path: Path) -> None:
+    """config.json must be a JSON object naming a ``model_type`` transformers knows."""
+    from transformers import CONFIG_MAPPING
+
+    file = path / "config.json"
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{file} is not valid JSON ({exc}); restore it from the model's "
+                             "source (save_pretrained writes it)") from exc
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise ModelLoadError(f"{file} is not a Hugging Face model config (a JSON object with a "
+                             "'model_type' key); restore it from the model's source")
+    if config["model_type"] not in CONFIG_MAPPING:
+        raise ModelLoadError(f"{file}: model_type {config['model_type']!r} is not an "
+                             "architecture this transformers knows; upgrade transformers or "
+                             "check the config")
+
+
 def _load_hf_dir(path: Path) -> nn.Module:
     transformers = _offline_transformers()
-    config = transformers.AutoConfig.from_pretrained(
-        path, local_files_only=True, trust_remote_code=False
-    )
-    cls = _model_class(transformers, config)
-    model = cls.from_pretrained(
-        path, config=config, local_files_only=True, use_safetensors=True,
-        trust_remote_code=False, dtype=torch.float32,
-    )
+    _check_config(path)
+    for file in sorted(path.glob("*.safetensors")):
+        read_header(file, ModelLoadError)
+    try:
+        config = transformers.AutoConfig.from_pretrained(
+            path, local_files_only=True, trust_remote_code=False
+        )
+        cls = _model_class(transformers, config)
+        model = cls.from_pretrained(
+            path, config=config, local_files_only=True, use_safetensors=True,
+            trust_remote_code=False, dtype=torch.float32,
+        )
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"could not build the model in {path}: {exc}. The weights do not "
+                             "match config.json (shapes, names) or a file is damaged: restore "
+                             "the folder from the model's source") from exc
     return _into_process_memory(model, path)
 
 
@@ -141,12 +169,10 @@ def _safetensors_index(folder: Path) -> dict[str, tuple[Path, int, str, tuple[in
     safetensors files (8-byte little-endian header length, then the header)."""
     index = {}
     for file in sorted(folder.glob("*.safetensors")):
-        with open(file, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(size))
+        header, start = read_header(file, ModelLoadError)
         for name, meta in header.items():
             if name != "__metadata__":
-                index[name] = (file, 8 + size + meta["data_offsets"][0], meta["dtype"],
+                index[name] = (file, start + meta["data_offsets"][0], meta["dtype"],
                                tuple(meta["shape"]))
     return index
 
@@ -194,11 +220,19 @@ def _into_process_memory(model: nn.Module, folder: Path) -> nn.Module:
 
 def _check_gguf_header(path: Path) -> None:
     with open(path, "rb") as f:
-        magic = f.read(4)
+        head = f.read(8)
+    magic = head[:4]
     if magic != b"GGUF":
+        what = "empty" if not head else f"it starts with {magic!r}, not b'GGUF'"
         raise ModelLoadError(
-            f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF'); "
-            "the file is corrupt or has the wrong extension."
+            f"{path} is not a GGUF file ({what}); the file is corrupt or has the wrong "
+            "extension: fetch it again."
+        )
+    version = int.from_bytes(head[4:8], "little") if len(head) == 8 else None
+    if version not in (2, 3):
+        raise ModelLoadError(
+            f"{path}: GGUF version {version} is not supported (lowbit reads versions 2 and 3); "
+            "the file is truncated, corrupt or from a newer llama.cpp: re-convert it."
         )
 
 

@@ -8,7 +8,9 @@ A checkpoint folder holds:
   (shape, weight spec, activation spec, backend);
 - tokenizer files, when the model came with a tokenizer.
 Writes go to a temporary folder beside the target, renamed into place when complete, so a
-crash never leaves a half-written checkpoint under the final name.
+crash never leaves a half-written checkpoint under the final name. Replacing a checkpoint moves
+the old one aside (``.NAME.old``) until the new one is in place; if a crash strikes between the
+two renames, the next ``save`` or ``load`` of that name puts the old one back.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.formats import Granularity, QParams, get_format
 from lowbit.model.recipe import Recipe
+from lowbit.model.safetensors_header import read_header
 from lowbit.nn import ActivationSpec, PackedWeight, QuantizedConv2d, QuantizedLinear, WeightSpec
 
 FILE_FORMAT = "lowbit-checkpoint"
@@ -76,6 +79,7 @@ def save(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = Fa
     from safetensors.torch import save_file
 
     target = Path(directory)
+    recover(target)
     if target.exists() and not overwrite:
         raise CheckpointError(f"{target} already exists; choose another folder or pass "
                               f"overwrite=True (CLI: --overwrite)")
@@ -98,18 +102,20 @@ def save(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = Fa
         "aliases": aliases,
         "dtypes": {k: str(v.dtype).removeprefix("torch.") for k, v in tensors.items()},
     }
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    _remove_stale_temps(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp",
+                                dir=target.parent))
     try:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FILE_FORMAT})
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            target.rename(old)
+            old = _aside(target)
+            _discard(old)  # left by a crash after an earlier swap: the target is newer
+            target.rename(old)  # from here to the next rename, recover() can undo
             tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
+            _discard(old)
         else:
             tmp.rename(target)
     except BaseException:
@@ -118,34 +124,113 @@ def save(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = Fa
     return target
 
 
+def _aside(target: Path) -> Path:
+    return target.with_name(f".{target.name}.old")
+
+
+def _discard(folder: Path) -> None:
+    """Delete ``folder`` after renaming it, so a half-deleted copy never keeps its name."""
+    if folder.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f"{folder.name}.", suffix=".trash",
+                                      dir=folder.parent))
+        folder.rename(trash / folder.name)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def recover(target: str | os.PathLike) -> None:
+    """Put back a checkpoint that ``save(..., overwrite=True)`` had moved aside when it was
+    killed before renaming the new one in (the target is missing, ``.NAME.old`` is there)."""
+    target = Path(target)
+    old = _aside(target)
+    if old.is_dir() and not target.exists():
+        old.rename(target)
+
+
+def _remove_stale_temps(target: Path) -> None:
+    """Delete temporary folders that killed saves to ``target`` left (their process is gone)."""
+    for tmp in target.parent.glob(f".{target.name}.*.tmp"):
+        pid = tmp.name[len(target.name) + 2:].split(".")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
 def read_manifest(directory: str | os.PathLike) -> dict:
     path = Path(directory)
     if path.is_file() and path.suffix in {".bin", ".pt", ".pth", ".pkl", ".ckpt"}:
         raise CheckpointError(f"{path} is a pickle file; lowbit never unpickles (it can run "
                               f"arbitrary code): save the model as safetensors instead")
+    recover(path)
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         raise CheckpointError(f"{path} is not a lowbit checkpoint (no {MANIFEST}); create one "
                               f"with lowbit.save(model, dir) or `lowbit quantize ... -o DIR`")
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as exc:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{manifest_path} is corrupt ({exc}); re-create the checkpoint") \
             from exc
-    if manifest.get("format") != FILE_FORMAT or manifest.get("format_version", 0) > FILE_VERSION:
-        raise CheckpointError(
-            f"{path} was written by a newer or different tool (format "
-            f"{manifest.get('format')!r} v{manifest.get('format_version')}): upgrade lowbit")
+    _check_manifest(manifest_path, manifest)
     return manifest
+
+
+def _check_manifest(path: Path, manifest: object) -> None:
+    """The manifest's layout, before anything trusts it; errors name the bad field."""
+    redo = "re-create the checkpoint (lowbit.save or `lowbit quantize -o`)"
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{path} is corrupt: the manifest is not a JSON object; {redo}")
+    version = manifest.get("format_version")
+    if manifest.get("format") != FILE_FORMAT or not isinstance(version, int):
+        raise CheckpointError(
+            f"{path} is not a lowbit checkpoint manifest (format {manifest.get('format')!r}, "
+            f"version {version!r}; expected {FILE_FORMAT!r} v{FILE_VERSION}); {redo}")
+    if version > FILE_VERSION:
+        raise CheckpointError(f"{path} is format version {version}, newer than this lowbit "
+                              f"reads ({FILE_VERSION}): upgrade lowbit")
+    for key in ("quantized", "aliases", "dtypes"):
+        value = manifest.get(key, {})
+        if not isinstance(value, dict) or key == "quantized" and (
+                key not in manifest or not all(isinstance(e, dict) for e in value.values())):
+            raise CheckpointError(f"{path} is corrupt: {key!r} is missing or not a mapping; "
+                                  f"{redo}")
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: the checkpoint is incomplete; re-create it")
+    read_header(path, CheckpointError)
     try:
         return load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types for bad headers
         raise CheckpointError(f"{path} is corrupt or truncated ({exc}); re-create it") from exc
+
+
+def _check_tensors(path: Path, manifest: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Every tensor the manifest lists is in the file, with the dtype it was saved in."""
+    dtypes = manifest.get("dtypes", {})
+    missing = [k for k in dtypes if k not in tensors]
+    if missing:
+        raise CheckpointError(f"{path / WEIGHTS} lacks {len(missing)} tensors the manifest "
+                              f"lists (e.g. {missing[:3]}): the checkpoint is incomplete; "
+                              "re-create it")
+    for key, t in tensors.items():
+        saved = dtypes.get(key)
+        if saved is not None and str(t.dtype).removeprefix("torch.") != saved:
+            raise CheckpointError(f"{path / WEIGHTS}: tensor {key!r} has dtype "
+                                  f"{str(t.dtype).removeprefix('torch.')}, but the manifest "
+                                  f"says {saved}: the files do not belong together; re-create "
+                                  "the checkpoint")
 
 
 def _skeleton(manifest: dict) -> nn.Module:
@@ -156,7 +241,12 @@ def _skeleton(manifest: dict) -> nn.Module:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    cfg = AutoConfig.for_model(**config)
+    try:
+        cfg = AutoConfig.for_model(**config)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"the checkpoint's hf_config cannot be rebuilt ({exc}); upgrade "
+                              "transformers, or pass the architecture: lowbit.load(dir, "
+                              "model=...)") from exc
     auto = AutoModelForCausalLM if manifest.get("model_class", "").endswith("ForCausalLM") \
         else AutoModel
     # built on the CPU (not the meta device) so non-persistent buffers such as rotary
@@ -170,33 +260,23 @@ def load(directory: str | os.PathLike, *, model: nn.Module | None = None) -> nn.
     path = Path(directory)
     manifest = read_manifest(path)
     tensors = _read_tensors(path / WEIGHTS)
+    _check_tensors(path, manifest, tensors)
     for alias, key in manifest.get("aliases", {}).items():
+        if key not in tensors:
+            raise CheckpointError(f"{path / WEIGHTS} lacks {key!r} (shared with {alias!r}): "
+                                  "the checkpoint is incomplete; re-create it")
         tensors[alias] = tensors[key]
     model = model if model is not None else _skeleton(manifest)
     for name, entry in manifest["quantized"].items():
-        prefix = f"{name}." if name else ""
-        spec = WeightSpec(**entry["weight"])
-        own = {k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)
-               and "." not in k[len(prefix):]}
-        if entry.get("kind") == "conv2d":
-            _set_child(model, name, QuantizedConv2d.from_manifest(entry, own))
-            continue
-        if "qdata" not in own:
-            raise CheckpointError(f"{name}: codes missing from {WEIGHTS}; the file is incomplete")
-        packed = PackedWeight.from_tensors(own, spec, entry["in_features"])
-        act = entry.get("activation")
-        activation = ActivationSpec(**act) if act else None
-        input_qparams = None
-        if "input_scale" in own:
-            input_qparams = QParams(get_format("int8"), Granularity.per_tensor(),
-                                    own["input_scale"], own.get("input_zero_point"))
-        outliers = None
-        if "outlier_index" in own:
-            outliers = (own["outlier_index"], own["outlier_weight"])
-        module = QuantizedLinear(packed, spec, own.get("bias"), activation=activation,
-                                 input_qparams=input_qparams, backend=entry.get("backend"),
-                                 outliers=outliers)
-        _set_child(model, name, module)
+        try:
+            _load_quantized(model, name, entry, tensors)
+        except CheckpointError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError, LowbitError) as exc:
+            raise CheckpointError(
+                f"{path}: layer {name!r} does not match its manifest entry ({exc!r:.300}); the "
+                "checkpoint is corrupt or its files do not belong together: re-create it"
+            ) from exc
     quantized_keys = {k for k in model.state_dict() if any(
         k.startswith(f"{n}.") for n in manifest["quantized"])}
     rest = {k: v for k, v in tensors.items() if k not in quantized_keys}
@@ -206,6 +286,36 @@ def load(directory: str | os.PathLike, *, model: nn.Module | None = None) -> nn.
     model.lowbit_spec = manifest.get("source")
     model.eval()
     return model
+
+
+def _load_quantized(model: nn.Module, name: str, entry: dict,
+                    tensors: dict[str, torch.Tensor]) -> None:
+    """Replace layer ``name`` of ``model`` by the quantized module its entry describes."""
+    prefix = f"{name}." if name else ""
+    spec = WeightSpec(**entry["weight"])
+    own = {k[len(prefix):]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)
+           and "." not in k[len(prefix):]}
+    if entry.get("kind") == "conv2d":
+        _set_child(model, name, QuantizedConv2d.from_manifest(entry, own))
+        return
+    missing = [k for k in ("qdata", "scale") if k not in own]
+    if missing:
+        raise CheckpointError(f"{name}: {' and '.join(missing)} missing from {WEIGHTS}; the "
+                              "file is incomplete: re-create the checkpoint")
+    packed = PackedWeight.from_tensors(own, spec, entry["in_features"])
+    act = entry.get("activation")
+    activation = ActivationSpec(**act) if act else None
+    input_qparams = None
+    if "input_scale" in own:
+        input_qparams = QParams(get_format("int8"), Granularity.per_tensor(),
+                                own["input_scale"], own.get("input_zero_point"))
+    outliers = None
+    if "outlier_index" in own:
+        outliers = (own["outlier_index"], own["outlier_weight"])
+    module = QuantizedLinear(packed, spec, own.get("bias"), activation=activation,
+                             input_qparams=input_qparams, backend=entry.get("backend"),
+                             outliers=outliers)
+    _set_child(model, name, module)
 
 
 def _set_child(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -227,6 +337,10 @@ def _load_rest(model: nn.Module, tensors: dict[str, torch.Tensor], skip: set[str
             if key not in own:
                 continue
             target = own[key]
+            if value.shape != target.shape:
+                raise CheckpointError(f"tensor {key!r} has shape {list(value.shape)} in the "
+                                      f"checkpoint but {list(target.shape)} in the model: the "
+                                      "checkpoint does not match this architecture or is corrupt")
             if isinstance(target, nn.Parameter):
                 target.data = value.to(target.device)
             else:
