@@ -1,33 +1,33 @@
 """lowbit's own AVX2 decode kernels (``csrc/gemv_avx2.c``, ``csrc/decode_ops.c``) and GPTQ's
 column loops (``csrc/solve_ops.c``, bound in ``native_solve``), compiled on first use.
 
-Why: on a CPU without native bf16 (AVX2 only, e.g. AMD Zen 3) torch's weight-only kernels
-``_weight_int8pack_mm`` and ``_weight_int4pack_mm_for_cpu`` are its bf16 code paths run on
-emulated bf16: a decode step of SmolLM2-135M spends about 17 ms in them. Decode reads each
-weight once per token, so a loop that widens int8 (or int4) codes in registers and
-accumulates in float32 is bound by memory bandwidth instead (``benchmarks/kernel_speed.py``
-measures both, side by side).
+Why: where bf16 is emulated (AVX2 only) torch's weight-only kernels ``_weight_int8pack_mm``
+and ``_weight_int4pack_mm_for_cpu`` run slow bf16 code, and even with native bf16 a
+one-row ``torch._int_mm`` is slow. Decode reads each weight once per token, so a loop that
+widens int8 (or int4) codes in registers and accumulates in float32 is bound by memory
+bandwidth instead (``benchmarks/kernel_speed.py`` measures both, side by side).
 
-The C sources are compiled with the system's C compiler (``cc -O3 -mavx2 -mfma -fopenmp``)
-into one library in ``~/.cache/lowbit/native/`` (or ``$LOWBIT_CACHE/native``) the first time
-a kernel is asked for (about a second), under a temporary name renamed when complete, and
-loaded with ``ctypes``. OpenMP resolves to the ``libgomp`` torch has already loaded, so
-``torch.set_num_threads`` applies to these loops too.
+Two libraries are built with the system's C compiler (``$CC``, else cc/gcc/clang) into
+``~/.cache/lowbit/native/`` (or ``$LOWBIT_CACHE/native``) the first time they are asked for
+(about a second), under a temporary name renamed when complete, and loaded with ``ctypes``:
+the GEMVs and fused decode operations with ``-mavx2 -mfma``, and the solvers' plain-C column
+loops with portable flags (so GPTQ's fast loops run on CPUs without AVX2 too). OpenMP
+resolves to the ``libgomp`` torch has already loaded, so ``torch.set_num_threads`` applies.
 
 ``available()`` is False, with ``why_unavailable()`` saying why, when the CPU lacks AVX2/FMA,
-no compiler is found, the build fails, or ``LOWBIT_NATIVE=0``. Where it is False the
-wrappers in ``int8_weight`` / ``int4_weight`` run torch's kernels as before. By default
-(``LOWBIT_NATIVE`` unset) the native kernels run only where bf16 is not native, since on
-AVX512-BF16 machines torch's kernels are fast; ``LOWBIT_NATIVE=1`` forces them on.
+no compiler is found, the build fails, or ``LOWBIT_NATIVE=0``; a missing compiler or a failed
+build also warns once (``NativeUnavailableWarning``). Where it is False the wrappers run
+torch's kernels. Whether few-row calls run these kernels where they are available is
+measured once per machine (``kernels.autotune``); ``LOWBIT_NATIVE=1`` or ``force`` override.
 
 The float32 weights these kernels multiply by are exactly those of the reference paths
-(``dequantize_int8_weight``, ``dequantize_int4_weight``); ``tests/kernels/test_native.py``
-compares them.
+(``dequantize_int8_weight``, ``dequantize_int4_weight``); ``tests/kernels`` compare them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import functools
 import hashlib
@@ -35,28 +35,42 @@ import os
 import shutil
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 
-#: the GEMVs, the fused small operations of a decode step and the solvers' column loops,
-#: built into one library
-SOURCES = tuple(Path(__file__).with_name("csrc") / name
-                for name in ("gemv_avx2.c", "decode_ops.c", "solve_ops.c"))
-HEADERS = (Path(__file__).with_name("csrc") / "simd_avx2.h",)  # part of the build's hash
+_CSRC = Path(__file__).with_name("csrc")
+#: the GEMVs and the fused small operations of a decode step (AVX2 + FMA)
+SOURCES = (_CSRC / "gemv_avx2.c", _CSRC / "decode_ops.c")
+HEADERS = (_CSRC / "simd_avx2.h",)  # part of the build's hash
+#: the solvers' column loops: plain C, built without x86 flags
+SOLVE_SOURCES = (_CSRC / "solve_ops.c",)
 _STEM = "lowbit-native"
-FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+_SOLVE_STEM = "lowbit-solve"
+_COMMON = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+FLAGS = ("-mavx2", "-mfma", *_COMMON)
+SOLVE_FLAGS = _COMMON
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
 _F = ctypes.c_float
 _failure: str | None = None
+_build_failure: str | None = None  # set when a compiler was missing or failed
 #: the decode callables hand this many rows and more back to the prefill path
 MAX_ROWS = 32
 
 
+class NativeUnavailableWarning(UserWarning):
+    """lowbit's C kernels could not be built; torch's (slower) kernels run instead."""
+
+
+def cache_root() -> Path:
+    """lowbit's cache directory: ``$LOWBIT_CACHE`` or ``~/.cache/lowbit``."""
+    return Path(os.environ.get("LOWBIT_CACHE") or Path.home() / ".cache" / "lowbit")
+
+
 def _cache_dir() -> Path:
-    root = os.environ.get("LOWBIT_CACHE") or Path.home() / ".cache" / "lowbit"
-    return Path(root) / "native"
+    return cache_root() / "native"
 
 
 def _cpu_has_avx2_fma() -> bool:
@@ -68,38 +82,64 @@ def _cpu_has_avx2_fma() -> bool:
 
 
 def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return name
-    return None
+    cc = os.environ.get("CC")
+    if cc:  # an explicit choice: use it or report it, never another compiler
+        return cc if shutil.which(cc) else None
+    return next((name for name in ("cc", "gcc", "clang") if shutil.which(name)), None)
 
 
-def _build() -> Path:
+def _tag(sources: tuple[Path, ...], flags: tuple[str, ...]) -> str:
+    source = b"".join(path.read_bytes() for path in sources)
+    return hashlib.sha256(source + " ".join(flags).encode()).hexdigest()[:16]
+
+
+def library_tag() -> str:
+    """Hash of the decode library's sources and flags (part of ``autotune``'s cache key)."""
+    return _tag(SOURCES + HEADERS, FLAGS)
+
+
+def _build(sources=SOURCES, flags=FLAGS, stem=_STEM, headers=HEADERS) -> Path:
     """The compiled library, built once per source version into the cache."""
-    source = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
-    tag = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
-    out = _cache_dir() / f"{_STEM}-{tag}.so"
+    out = _cache_dir() / f"{stem}-{_tag(sources + headers, flags)}.so"
     if out.exists():
         return out
     cc = _compiler()
     if cc is None:
-        raise RuntimeError("no C compiler found (install gcc, or set CC)")
+        named = os.environ.get("CC")
+        raise RuntimeError(f"C compiler CC={named!r} not found (install it, or unset CC)"
+                           if named else "no C compiler found (install gcc, or set CC)")
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", tmp],
+        proc = subprocess.run([cc, *flags, *map(str, sources), "-o", tmp],
                               capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-400:]}")
         os.replace(tmp, out)  # atomic: another process sees the whole library or nothing
-        for old in (*out.parent.glob(f"{_STEM}-*.so"), *out.parent.glob("gemv_avx2-*.so")):
+        legacy = out.parent.glob("gemv_avx2-*.so") if stem == _STEM else ()
+        for old in (*out.parent.glob(f"{stem}-*.so"), *legacy):
             if old != out:  # earlier source versions (a process that still maps one keeps
                 old.unlink(missing_ok=True)  # its pages: unlinking is safe on Linux)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return out
+
+
+def _load(sources, flags, stem, headers) -> ctypes.CDLL:
+    """Build and load one library; a missing compiler or failed build warns once."""
+    global _build_failure
+    try:
+        return ctypes.CDLL(str(_build(sources, flags, stem, headers)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        why = f"could not build {', '.join(p.name for p in sources)}: {exc}"
+        if _build_failure is None:
+            warnings.warn(f"lowbit's native kernels are unavailable, torch's slower kernels "
+                          f"run instead ({why}); install gcc or set CC to a C compiler",
+                          NativeUnavailableWarning, stacklevel=4)
+        _build_failure = why
+        raise RuntimeError(why) from exc
 
 
 @functools.cache
@@ -113,9 +153,9 @@ def _library() -> ctypes.CDLL | None:
         _failure = "the CPU lacks AVX2/FMA"
         return None
     try:
-        lib = ctypes.CDLL(str(_build()))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        _failure = f"could not build {', '.join(p.name for p in SOURCES)}: {exc}"
+        lib = _load(SOURCES, FLAGS, _STEM, HEADERS)
+    except RuntimeError as exc:
+        _failure = str(exc)
         return None
     lib.lowbit_int8_gemv.argtypes = [_P, _I, _I, _P, _I, _P, _P, _P, _I]
     lib.lowbit_int8_gemv.restype = None
@@ -138,6 +178,24 @@ def _library() -> ctypes.CDLL | None:
     return lib
 
 
+@functools.cache
+def solve_library() -> ctypes.CDLL | None:
+    """The solvers' column loops (``csrc/solve_ops.c``, portable flags), or None where
+    ``LOWBIT_NATIVE=0`` or the build fails (``why_unavailable(solve=True)`` says why)."""
+    global _solve_failure
+    if os.environ.get("LOWBIT_NATIVE", "").strip() == "0":
+        _solve_failure = "disabled by LOWBIT_NATIVE=0"
+        return None
+    try:
+        return _load(SOLVE_SOURCES, SOLVE_FLAGS, _SOLVE_STEM, ())
+    except RuntimeError as exc:
+        _solve_failure = str(exc)
+        return None
+
+
+_solve_failure: str | None = None
+
+
 def library() -> ctypes.CDLL:
     """The loaded library (call only where ``available()``): ``runtime.native_step`` binds
     the fused decode operations of ``csrc/decode_ops.c`` from it."""
@@ -148,28 +206,53 @@ def library() -> ctypes.CDLL:
 
 
 def available() -> bool:
-    """True when the native kernels are built and loadable here."""
+    """True when the native decode kernels are built and loadable here."""
     return _library() is not None
 
 
-def why_unavailable() -> str | None:
+def why_unavailable(solve: bool = False) -> str | None:
+    """Why the decode library (or with ``solve`` the solvers') is unavailable, or None."""
+    if solve:
+        solve_library()
+        return _solve_failure
     _library()
     return _failure
 
 
-_forced: bool | None = None
+def build_failure() -> str | None:
+    """Why a build attempted in this process failed (no compiler, compiler error), or None;
+    never builds anything itself (summaries call it)."""
+    return _build_failure
+
+
+def reset() -> None:
+    """Forget the loaded libraries, failures and settings of this process (tests: change
+    ``CC`` / ``LOWBIT_CACHE`` / ``LOWBIT_NATIVE``, then call this)."""
+    global _failure, _build_failure, _solve_failure
+    _failure = _build_failure = _solve_failure = None
+    for cached in (_library, solve_library, _setting):
+        cached.cache_clear()
+
+
+_forced: contextvars.ContextVar[bool | None] = contextvars.ContextVar("lowbit_native_forced",
+                                                                     default=None)
 
 
 @contextlib.contextmanager
 def force(enabled: bool):
     """Run the native kernels (``True``) or torch's (``False``) for few-row calls inside the
-    block, whatever the CPU: benchmarks time both side by side, tests cover both."""
-    global _forced
-    before, _forced = _forced, bool(enabled)
+    block, whatever the CPU: benchmarks time both side by side, tests cover both. Scoped to
+    the current thread / context and restored exactly on exit."""
+    token = _forced.set(bool(enabled))
     try:
         yield
     finally:
-        _forced = before
+        _forced.reset(token)
+
+
+def forced() -> bool | None:
+    """``force``'s setting in this context, or None."""
+    return _forced.get()
 
 
 @functools.cache
@@ -177,17 +260,22 @@ def _setting() -> str:
     return os.environ.get("LOWBIT_NATIVE", "").strip()
 
 
-def preferred() -> bool:
-    """Whether few-row (decode) calls run the native kernels: where bf16 is emulated, unless
-    ``LOWBIT_NATIVE`` (``0`` / ``1``) or ``force`` says otherwise."""
-    if _forced is not None:
-        return _forced and available()
+def preferred(family: str | None = None) -> bool:
+    """Whether few-row (decode) calls of ``family`` (``int8_weight``, ``int4_weight``,
+    ``w8a8``; None: the fused decode step) run the native kernels: ``force`` first, then
+    ``LOWBIT_NATIVE`` (``0`` / ``1``), then ``kernels.autotune``'s choice for this machine
+    (measured, or by CPU flags under ``assume_cpu`` / ``LOWBIT_CPU``)."""
+    f = _forced.get()
+    if f is not None:
+        return f and available()
     setting = _setting()
     if setting in ("0", "1"):
         return setting == "1" and available()
-    from lowbit.kernels.cpu import cpu_features
+    if not available():
+        return False
+    from lowbit.kernels import autotune
 
-    return not cpu_features().native_bf16 and available()
+    return autotune.native_preferred(family)
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:

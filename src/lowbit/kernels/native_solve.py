@@ -4,8 +4,10 @@ Both loops visit a block's columns one at a time, and in torch each column is a 
 calls (quantize, error, a rank-1 update of the block): about 60 us per column, 167,000
 columns per pass over SmolLM2-135M's decoder. Every row evolves on its own given the
 block's slice of ``H^-1`` (or ``H``), so the C loop runs one row's whole block at a time,
-rows in parallel. The torch loops in ``algorithms/gptq_columns.py`` and ``algorithms/refine.py``
-stay the reference (``native=False``); ``tests/algorithms/test_native_solve.py`` compares.
+rows in parallel. The loops are plain C, built as their own library without x86 flags
+(``native.solve_library``), so they run wherever a C compiler does. The torch loops in
+``algorithms/gptq_columns.py`` and ``algorithms/refine.py`` stay the reference
+(``native=False``); ``tests/algorithms/test_native_solve.py`` compares.
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
 @functools.cache
 def _lib():
-    lib = native.library()
+    lib = native.solve_library()
+    if lib is None:
+        raise RuntimeError(f"lowbit's C column loops are unavailable: "
+                           f"{native.why_unavailable(solve=True)}")
     lib.lowbit_gptq_columns.argtypes = [_P, _P, _I, _I, _I, _I, _I, _P, _I, _P, _P, _P, _P,
                                         _F, _F, _P, _P, _I]
     lib.lowbit_gptq_columns.restype = None
@@ -34,8 +39,8 @@ def _lib():
 
 def usable(*tensors: torch.Tensor) -> bool:
     """Whether the C loops can run on these (float32, CPU) tensors here."""
-    return native.available() and all(t.dtype == torch.float32 and t.device.type == "cpu"
-                                      for t in tensors)
+    return native.solve_library() is not None and all(
+        t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
 
 
 class GroupTable:
