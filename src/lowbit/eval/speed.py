@@ -1,4 +1,4 @@
-"""Prefill and decode speed, measured the way ../shared/BENCHMARKS.md does.
+"""Prefill and decode speed: one forward of many tokens, and greedy decode with a KV cache.
 
 Prefill: one forward of 1 x ``prefill_tokens`` tokens. Decode: ``decode_tokens`` greedy
 tokens after a ``prompt_tokens`` prompt with the KV cache. Median of ``repeats`` runs after
@@ -61,19 +61,34 @@ def activation_dtype(model: nn.Module) -> torch.dtype:
 
 
 _BF16_DECODE_KERNELS = ("int8_weight.int8pack_mm", "int4_weight.int4pack_mm")
+_FAMILIES = {"int8_weight": "int8_weight", "int4_weight": "int4_weight",
+             "int8_dynamic": "w8a8", "int8_static": "w8a8"}
 
 
 def runtime_dtype(model: nn.Module) -> torch.dtype:
-    """The activation dtype to decode in: the model's own, except bf16 when its quantized
-    linears decode with kernels that read bf16 activations anyway (``_weight_int8pack_mm``,
-    ``_weight_int4pack_mm_for_cpu``), which saves two casts per linear per token."""
+    """The activation dtype to decode in, as ``kernels.autotune`` measured the whole decode
+    step here (``runtime.<family>``: float32 with the fused C step, or bf16), by a majority
+    of the quantized linears' families. bf16 only where it changes no numbers the model
+    would not already round: a bf16 model, or one whose quantized linears are all
+    weight-only (their torch kernels read bf16 activations). A float32 model decodes in
+    float32. Under ``assume_cpu`` / ``LOWBIT_CPU``: bf16 when every linear's decode kernel
+    reads bf16 anyway, else the model's dtype."""
+    from lowbit.kernels import autotune
     from lowbit.nn import QuantizedLinear
 
     dtype = activation_dtype(model)
-    kernels = [m.kernel for m in model.modules() if isinstance(m, QuantizedLinear)]
-    if kernels and all(k.startswith(_BF16_DECODE_KERNELS) for k in kernels):
-        return torch.bfloat16
-    return dtype
+    linears = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    if autotune.by_flags():
+        kernels = [m.kernel for m in linears]
+        if kernels and all(k.startswith(_BF16_DECODE_KERNELS) for k in kernels):
+            return torch.bfloat16
+        return dtype
+    families = [_FAMILIES.get(m.backend.name, "float") for m in linears] or ["float"]
+    weight_only = all(f in ("int8_weight", "int4_weight") for f in families)
+    if dtype is not torch.bfloat16 and not (linears and weight_only):
+        return dtype
+    votes = [autotune.choice(f"runtime.{f}") for f in families]
+    return torch.bfloat16 if votes.count("bf16") > len(votes) / 2 else torch.float32
 
 
 def _engine(model: nn.Module, engine: str):

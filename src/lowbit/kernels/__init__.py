@@ -5,14 +5,23 @@ of plain tensors, done once) and ``*_linear`` (one call per forward), with ``imp
 ``"fast"`` (the torch CPU kernel), ``"reference"`` (plain float math the tests compare it
 with) or ``"auto"`` (fast for CPU tensors that need no gradient). ``KERNELS`` names every
 path so that a report can say which one ran; ``selected_kernel`` says which ``impl``
-resolves to for a given input. Nothing compiles or probes the CPU at import time.
+resolves to for a given input. Which fast path runs is measured once per machine on first
+use (``autotune``, cached); nothing compiles or probes the CPU at import time.
 """
 
 from __future__ import annotations
 
 import torch
 
-from lowbit.kernels import cpu, int4_weight, int8_dynamic, int8_weight, integer_only, native
+from lowbit.kernels import (
+    autotune,
+    cpu,
+    int4_weight,
+    int8_dynamic,
+    int8_weight,
+    integer_only,
+    native,
+)
 from lowbit.kernels._common import KernelError, use_fast
 from lowbit.kernels.cpu import CpuFeatures, assume_cpu, cpu_features, fast_float_dtype
 from lowbit.kernels.int4_weight import (
@@ -55,31 +64,31 @@ KERNELS: dict[str, str] = {
     "fp32 accumulate, per-channel scale",
     int8_weight.PREFILL: "int8 weight-only, many rows: codes widened to bf16 (exact), "
     "bf16 F.linear, fp32 per-channel scale after",
-    int8_weight.PREFILL_FP32: "int8 weight-only, many rows, CPU without native bf16: codes "
+    int8_weight.PREFILL_FP32: "int8 weight-only, many rows, where fp32 measured faster: codes "
     "widened to fp32 (exact), fp32 F.linear, per-channel scale after",
-    int8_weight.NATIVE: "int8 weight-only, few rows, CPU without native bf16: lowbit's AVX2 "
+    int8_weight.NATIVE: "int8 weight-only, few rows, where it measured faster: lowbit's AVX2 "
     "loop (kernels/csrc), int8 widened in registers, fp32 activations and accumulate",
     int8_weight.REFERENCE: "int8 weight-only: dequantize to fp32, then F.linear in fp32",
     int4_weight.FAST: "group-wise 4-bit (also 2/3-bit codes) weight-only: "
     "aten._weight_int4pack_mm_for_cpu on bf16 activations, fp32 accumulate",
-    int4_weight.NATIVE: "group-wise 4-bit, few rows, CPU without native bf16: lowbit's AVX2 "
+    int4_weight.NATIVE: "group-wise 4-bit, few rows, where it measured faster: lowbit's AVX2 "
     "loop on the int4pack layout (kernels/csrc), fp32 activations and accumulate",
     int4_weight.PREFILL: "group-wise 4-bit, many rows: dequantize with the kernel's bf16 "
     "scale/zero, bf16 F.linear",
-    int4_weight.PREFILL_FP32: "group-wise 4-bit, many rows, CPU without native bf16: "
+    int4_weight.PREFILL_FP32: "group-wise 4-bit, many rows, where fp32 measured faster: "
     "dequantize with the kernel's bf16 scale/zero to fp32, fp32 F.linear",
     int4_weight.REFERENCE: "group-wise 4-bit weight-only: dequantize (kernel's bf16 "
     "scale/zero) to fp32, then F.linear in fp32",
     int8_dynamic.FAST: "W8A8, per-token dynamic int8 activations: torch._int_mm "
     "int8 x int8 -> int32, float rescale",
-    int8_dynamic.FLOAT: "W8A8, per-token dynamic int8 activations, CPU without VNNI: the "
+    int8_dynamic.FLOAT: "W8A8, per-token dynamic int8 activations, where it measured faster: the "
     "same int8 codes through an fp32 GEMM (exact products), float rescale",
-    int8_dynamic.STATIC_FLOAT: "W8A8 per-tensor static, CPU without VNNI: the same int8 "
+    int8_dynamic.STATIC_FLOAT: "W8A8 per-tensor static, where it measured faster: the same int8 "
     "codes through an fp32 GEMM (exact products), float rescale",
-    int8_dynamic.NATIVE: "W8A8 per-token dynamic, few rows, CPU without VNNI: lowbit's AVX2 "
-    "loop on the same int8 codes (exact products), float rescale",
-    int8_dynamic.STATIC_NATIVE: "W8A8 per-tensor static, few rows, CPU without VNNI: lowbit's "
-    "AVX2 loop on the same int8 codes (exact products), float rescale",
+    int8_dynamic.NATIVE: "W8A8 per-token dynamic, few rows, where it measured faster: "
+    "lowbit's AVX2 loop on the same int8 codes (exact products), float rescale",
+    int8_dynamic.STATIC_NATIVE: "W8A8 per-tensor static, few rows, where it measured faster: "
+    "lowbit's AVX2 loop on the same int8 codes (exact products), float rescale",
     int8_dynamic.REFERENCE: "W8A8 per-token dynamic: same int8 codes, exact float64 matmul",
     int8_dynamic.STATIC_FAST: "W8A8, calibrated per-tensor static int8 activations: "
     "torch._int_mm int8 x int8 -> int32, float rescale",
@@ -121,6 +130,7 @@ def selected_kernel(family: str, x: torch.Tensor, impl: str = "auto") -> str:
 __all__ = [
     "KERNELS",
     "CpuFeatures",
+    "autotune",
     "assume_cpu",
     "cpu",
     "native",

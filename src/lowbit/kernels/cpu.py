@@ -1,4 +1,4 @@
-"""What this CPU runs fast, detected once on first use (never at import).
+"""What this CPU's instruction set offers, detected once on first use (never at import).
 
 Which kernel wins depends on the instruction set, not only on the shapes. Measured with
 torch 2.13 on 2 cores (benchmarks/kernel_speed.py):
@@ -9,10 +9,11 @@ torch 2.13 on 2 cores (benchmarks/kernel_speed.py):
 | BF16 ``F.linear`` | 1.4 ms | 52 ms |
 | ``torch._int_mm`` int8 x int8 | 0.7 ms | 197 ms |
 
-So bf16 activations pay off only where oneDNN has native bf16 matmuls, and ``torch._int_mm``
-only where the CPU has int8 dot-product instructions; elsewhere the fastest exact paths run
-in float32. ``assume_cpu`` overrides the detection (tests use it to run every path on one
-machine; ``LOWBIT_CPU=avx2`` or ``LOWBIT_CPU=avx512_bf16`` does the same for a process).
+Flags alone do not settle it (one-row ``torch._int_mm`` is slow even with VNNI), so kernels
+are chosen by measurement (``kernels.autotune``); these features are reported beside it.
+``assume_cpu`` (tests) or ``LOWBIT_CPU=avx2`` / ``LOWBIT_CPU=avx512_bf16`` (a process) make
+the choices follow the flags instead: bf16 GEMMs where bf16 is native, ``torch._int_mm``
+where the CPU has VNNI, lowbit's C GEMVs where bf16 is emulated.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ def cpu_features() -> CpuFeatures:
 
 
 def fast_float_dtype() -> torch.dtype:
+    """bf16 where bf16 matmuls are native, else float32 (by flags; kernels use autotune)."""
     return cpu_features().float_dtype
 
 

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.formats.rotation import rotate
-from lowbit.kernels import native
+from lowbit.kernels import autotune, native
 from lowbit.kernels._common import (
     KernelError,
     check_bias,
@@ -60,7 +60,6 @@ from lowbit.kernels._common import (
     select_by_rows,
     use_fast,
 )
-from lowbit.kernels.cpu import fast_float_dtype
 
 FAMILY = "int4_weight"
 FAST = "int4_weight.int4pack_mm"
@@ -326,7 +325,7 @@ def int4_weight_linear(
     flat = x.dim() != 2
     x2 = x.reshape(-1, k) if flat else x
     if impl == "auto" and x2.shape[0] >= PREFILL_ROWS:  # many rows: a float GEMM wins
-        dtype = fast_float_dtype()
+        dtype = autotune.float_dtype("prefill.int4_weight")
         w = _dequantize_padded(state).to(dtype)  # padded K: pad x rather than copy a slice
         pad = w.shape[1] - k
         x2 = x2.to(dtype)
@@ -335,7 +334,7 @@ def int4_weight_linear(
         y = y if bias is None else torch.add(y, bias)
         y = y.to(x.dtype)
         return y.view(*x.shape[:-1], n) if flat else y
-    if state.layout[1] and native.preferred():  # few rows, bf16 emulated: lowbit's AVX2 loop
+    if state.layout[1] and native.preferred(FAMILY):  # few rows: lowbit's loop (autotune)
         y = native.int4_gemv(x2.float(), state.packed, state.scales_and_zeros,
                              state.kernel_group_size, state.layout[0], bias, n)
         y = y if y.dtype == x.dtype else y.to(x.dtype)
@@ -361,7 +360,7 @@ def int4_weight_linear(
 def select_kernel(x: torch.Tensor, impl: str = "auto") -> str:
     """The ``lowbit.kernels.KERNELS`` key that ``int4_weight_linear(x, ..., impl)`` runs."""
     name = select_by_rows(x, impl, FAMILY, PREFILL_ROWS, (FAST, PREFILL, PREFILL_FP32, REFERENCE))
-    return NATIVE if name == FAST and _layout()[1] and native.preferred() else name
+    return NATIVE if name == FAST and _layout()[1] and native.preferred(FAMILY) else name
 
 
 def decode_callable(state: Int4WeightState, bias: torch.Tensor | None,
@@ -369,7 +368,7 @@ def decode_callable(state: Int4WeightState, bias: torch.Tensor | None,
     """``f(x) == int4_weight_linear(x @ H, state, bias)`` for float32 ``x`` with the native
     decode kernel's pointers bound once (``H`` as ``int8_weight.decode_callable``), or None
     where the native kernel does not run."""
-    if not (state.layout[1] and native.preferred()):
+    if not (state.layout[1] and native.preferred(FAMILY)):
         return None
 
     def fallback(x):
@@ -386,7 +385,7 @@ def merged_decode_callable(states: list[Int4WeightState], biases: list,
     zero) pairs concatenated along N, which needs every layer to fill whole blocks."""
     first = states[0]
     block, native_layout = first.layout
-    if not (native_layout and native.preferred()):
+    if not (native_layout and native.preferred(FAMILY)):
         return None
     if any(s.layout != first.layout or s.packed.shape[1] != first.packed.shape[1]
            or s.kernel_group_size != first.kernel_group_size or s.n_padding

@@ -12,11 +12,12 @@ with ``q_x = round(x / s_x)`` (half to even), then
 
     y[m, n] = s_x[m] * s_w[n] * sum_k q_x[m, k] * q_w[n, k]  (+ bias[n])
 
-The integer sum runs on ``torch._int_mm`` (int8 x int8 -> int32; oneDNN/VNNI on x86) where
-the CPU has int8 dot-product instructions (``kernels.cpu``). Without them (AVX2 only) that op
-is a slow loop (197 ms vs 6 ms for FP32 at 512x576x1536), and oneDNN's and FBGEMM's u8 x s8
-kernels saturate 16-bit pair sums unless the activations lose a bit (FBGEMM's
-``reduce_range``), so there the same integer codes are multiplied by a float32 GEMM: every
+The integer sum runs on whichever of three exact paths ``kernels.autotune`` measured fastest
+here (``decode.w8a8`` for few rows, ``prefill.w8a8`` for many): ``torch._int_mm`` (int8 x
+int8 -> int32; oneDNN/VNNI on x86), a float32 GEMM on the codes, or (few rows) lowbit's C
+loop. Without VNNI (AVX2 only) ``_int_mm`` is a slow loop (197 ms vs 6 ms for FP32 at
+512x576x1536), and oneDNN's and FBGEMM's u8 x s8 kernels saturate 16-bit pair sums unless
+the activations lose a bit (FBGEMM's ``reduce_range``), hence the float32 GEMM: every
 product ``q_x * q_w`` (|.| <= 127^2) and every partial sum below 2^24 is exact in float32, so
 the result equals the int32 sum up to float32 rounding of sums beyond 2^24. Few rows
 (decode) go through lowbit's AVX2 loop (``kernels.native``) on the same codes, with eight
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.formats.rotation import rotate
-from lowbit.kernels import native
+from lowbit.kernels import autotune, native
 from lowbit.kernels._common import (
     KernelError,
     aligned_contiguous,
@@ -46,7 +47,6 @@ from lowbit.kernels._common import (
     check_weight,
     use_fast,
 )
-from lowbit.kernels.cpu import cpu_features
 
 FAMILY = "int8_dynamic"
 FAST = "int8_dynamic.int_mm"
@@ -135,12 +135,22 @@ def quantize_per_tensor(x: torch.Tensor, act_scale: float) -> torch.Tensor:
     return torch.div(x, act_scale).round_().clamp_(-QMAX, QMAX).to(_INT8)
 
 
+def _path(rows: int) -> str:
+    """``native``, ``int_mm`` or ``fp32_gemm``: the integer matmul for ``rows`` rows."""
+    if rows >= native.MAX_ROWS:
+        return autotune.choice("prefill.w8a8")
+    if native.preferred("w8a8"):
+        return "native"
+    return autotune.choice("decode.w8a8", skip=("native",))
+
+
 def integer_matmul(codes: torch.Tensor, qdata: torch.Tensor) -> torch.Tensor:
-    """``codes [M, K] @ qdata[N, K].T`` of int8 tensors, as int32 (``torch._int_mm``) where the
-    CPU has VNNI, else as float32 from a float32 GEMM on the same codes (see above)."""
-    if cpu_features().vnni:
+    """``codes [M, K] @ qdata[N, K].T`` of int8 tensors: int32 from ``torch._int_mm``, or
+    float32 from lowbit's loop or a float32 GEMM on the same codes (see above)."""
+    path = _path(codes.shape[0])
+    if path == "int_mm":
         return _INT_MM(codes, qdata.T)
-    if codes.shape[0] < native.MAX_ROWS and native.preferred():  # decode: lowbit's AVX2 loop
+    if path == "native":
         return native.int8_gemv(codes.to(_F32), qdata, None, None, qdata.shape[0])
     return torch.nn.functional.linear(codes.to(_F32), qdata.to(_F32))
 
@@ -150,10 +160,10 @@ def select_kernel(family: str, x: torch.Tensor, impl: str = "auto") -> str:
     static = family == "int8_static"
     if not use_fast(impl, x, family):
         return STATIC_REFERENCE if static else REFERENCE
-    if cpu_features().vnni:
+    path = _path(x.numel() // max(x.shape[-1], 1) if x.dim() else 1)
+    if path == "int_mm":
         return STATIC_FAST if static else FAST
-    rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 1
-    if rows < native.MAX_ROWS and native.preferred():
+    if path == "native":
         return STATIC_NATIVE if static else NATIVE
     return STATIC_FLOAT if static else FLOAT
 
@@ -232,7 +242,7 @@ def decode_callable(state: Int8DynamicState | Int8StaticState, bias: torch.Tenso
     ``H`` the Kronecker product of ``factors`` (none: ``H = I``), as one native call: the
     rotation, the activation quantization, the int8 loop and the scaling; None where the
     native kernel does not run."""
-    if not native.preferred():
+    if not native.preferred("w8a8"):
         return None
     static = isinstance(state, Int8StaticState)
     linear = int8_static_linear if static else int8_dynamic_linear

@@ -22,8 +22,10 @@ float32. Facts about that kernel in torch 2.13 that shape this wrapper:
 For many rows (prefill) the kernel, a GEMV-style loop, is slower than a float GEMM
 (3.4 ms vs 1.4 ms in bf16 at 512x576x1536 in shared/BENCHMARKS.md; 55 ms vs 6 ms in fp32 on
 an AVX2 CPU without native bf16), so ``impl="auto"`` switches from ``PREFILL_ROWS`` rows on
-to widening the codes (exact for int8) to the CPU's fastest GEMM dtype (``kernels.cpu``:
-bf16 where native, else float32) and ``F.linear``, with the float32 scale applied after.
+to widening the codes (exact for int8) to the GEMM dtype measured fastest here
+(``kernels.autotune``, ``prefill.int8_weight``) and ``F.linear``, with the float32 scale
+applied after. Few rows run lowbit's C GEMV instead where it measured faster
+(``decode.int8_weight``).
 
 The reference path computes ``x @ (q * scale).T`` in float32 with ``F.linear``.
 """
@@ -36,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.formats.rotation import rotate
-from lowbit.kernels import native
+from lowbit.kernels import autotune, native
 from lowbit.kernels._common import (
     KernelError,
     aligned_contiguous,
@@ -47,7 +49,6 @@ from lowbit.kernels._common import (
     select_by_rows,
     use_fast,
 )
-from lowbit.kernels.cpu import fast_float_dtype
 
 FAMILY = "int8_weight"
 FAST = "int8_weight.int8pack_mm"
@@ -146,12 +147,12 @@ def int8_weight_linear(
     widen = impl == "auto" and x2.shape[0] >= PREFILL_ROWS
     pad = state.qdata.shape[1] - k
     if widen:  # int8 -> bf16/fp32 is exact; a float GEMM beats the kernel on many rows
-        dtype = fast_float_dtype()
+        dtype = autotune.float_dtype("prefill.int8_weight")
         x2 = x2.to(dtype)
         if pad:
             x2 = torch.constant_pad_nd(x2, (0, pad))
         y = F.linear(x2, state.qdata.to(dtype))
-    elif native.preferred():  # few rows where bf16 is emulated: lowbit's AVX2 loop
+    elif native.preferred(FAMILY):  # few rows, where lowbit's AVX2 loop wins (autotune)
         y = native.int8_gemv(x2.float(), state.qdata, state.scale, bias, state.out_features)
         y = y if y.dtype == x.dtype else y.to(x.dtype)
         return y.view(*x.shape[:-1], state.out_features) if flat else y
@@ -177,7 +178,7 @@ def int8_weight_linear(
 def select_kernel(x: torch.Tensor, impl: str = "auto") -> str:
     """The ``lowbit.kernels.KERNELS`` key that ``int8_weight_linear(x, ..., impl)`` runs."""
     name = select_by_rows(x, impl, FAMILY, PREFILL_ROWS, (FAST, PREFILL, PREFILL_FP32, REFERENCE))
-    return NATIVE if name == FAST and native.preferred() else name
+    return NATIVE if name == FAST and native.preferred(FAMILY) else name
 
 
 def _reference(
@@ -194,7 +195,7 @@ def decode_callable(state: Int8WeightState, bias: torch.Tensor | None,
     decode kernel's pointers bound once (saves the per-call checks of a decode step), ``H``
     the Kronecker product of ``factors`` (none: ``H = I``) applied in the same call; None
     where the native kernel does not run."""
-    if not native.preferred():
+    if not native.preferred(FAMILY):
         return None
 
     def fallback(x):
@@ -210,7 +211,7 @@ def merged_decode_callable(states: list[Int8WeightState], biases: list,
     and scales concatenated along N, so ``f(x)`` is ``[..., sum N]``, the layers' outputs
     side by side (the input rotated once first, as ``decode_callable``); None where the
     native kernel does not run or the inputs differ."""
-    if not native.preferred() or len({s.qdata.shape[1] for s in states}) != 1:
+    if not native.preferred(FAMILY) or len({s.qdata.shape[1] for s in states}) != 1:
         return None
     sizes = [s.out_features for s in states]
     bias = native.cat_bias(biases, sizes)

@@ -13,9 +13,10 @@ four C calls per block:
     h = add_rmsnorm(x += o(attn));  g = silu_mul(gate(h), up(h));  down = down(g)
 
 It runs where the runtime computes in float32, the activation is SiLU and lowbit's native
-library is preferred here (``kernels.native.preferred``); ``DecoderRuntime(native=False)``
-keeps the torch operations. Its logits match the eager step's to float32 rounding
-(``tests/runtime/test_native_step.py``).
+library is available and not switched off (``kernels.native.preferred``); whether decode
+runs in float32 at all is ``kernels.autotune``'s measured choice (``eval.speed.runtime_dtype``).
+``DecoderRuntime(native=False)`` keeps the torch operations. Its logits match the eager
+step's to float32 rounding (``tests/runtime/test_native_step.py``).
 """
 
 from __future__ import annotations

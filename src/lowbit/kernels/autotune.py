@@ -1,0 +1,249 @@
+"""Which kernel runs, chosen by a short measurement on first use and cached per machine.
+
+CPU flags do not predict the winner: with native bf16 torch's one-row ``torch._int_mm``
+still loses to lowbit's C GEMV (1.6 ms vs 0.6 ms at 576x49152 on an AMX Xeon), and the
+float32 runtime with the fused C step decoded 1.3-2.9x faster there than the bf16 default.
+So the first call that needs a choice times every decision's candidates on SmolLM2-sized
+shapes (interleaved, median of several rounds, about a second in all) and writes the
+result to ``<cache>/kernels.json`` (``$LOWBIT_CACHE`` or ``~/.cache/lowbit``, written to a
+temporary name and renamed), keyed by CPU model and flags, torch version, thread count and
+the native library's hash; later processes read it back. ``lowbit kernels`` prints it.
+
+Decisions and their candidates:
+
+- ``decode.int8_weight`` / ``decode.int4_weight``: ``native`` (lowbit's C GEMV, float32
+  activations) or torch's ``int8pack_mm`` / ``int4pack_mm`` (bf16 activations), few rows;
+- ``decode.w8a8``: ``native``, ``int_mm`` (``torch._int_mm``) or ``fp32_gemm`` (the codes
+  through a float32 GEMM);
+- ``prefill.int8_weight`` / ``prefill.int4_weight``: the ``bf16`` or ``fp32`` GEMM on the
+  widened weight, many rows; ``prefill.w8a8``: ``int_mm`` or ``fp32_gemm``;
+- ``runtime.<family>`` (``int8_weight``, ``int4_weight``, ``w8a8``, ``float``): the decode
+  runtime's activation dtype, ``fp32`` (fused C step where available) or ``bf16`` (torch
+  step), whichever makes a whole decode step fastest (``runtime.probe`` times one block);
+- ``compute``: ``compute_dtype: auto``'s dtype, the majority of the quantized
+  ``runtime.*`` choices.
+
+Every path computes the same numbers it did before; only which one runs is chosen.
+Overrides: ``assume_cpu`` / ``LOWBIT_CPU`` choose by CPU flags instead of measuring (tests),
+``native.force`` / ``LOWBIT_NATIVE`` switch the native kernels, ``forcing`` fixes choices
+in a block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import hashlib
+import json
+import os
+import platform
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from lowbit.kernels import cpu, native
+
+DECISIONS: dict[str, tuple[str, ...]] = {
+    "decode.int8_weight": ("native", "int8pack_mm"),
+    "decode.int4_weight": ("native", "int4pack_mm"),
+    "decode.w8a8": ("native", "int_mm", "fp32_gemm"),
+    "prefill.int8_weight": ("bf16", "fp32"),
+    "prefill.int4_weight": ("bf16", "fp32"),
+    "prefill.w8a8": ("int_mm", "fp32_gemm"),
+    "runtime.int8_weight": ("fp32", "bf16"),
+    "runtime.int4_weight": ("fp32", "bf16"),
+    "runtime.w8a8": ("fp32", "bf16"),
+    "runtime.float": ("fp32", "bf16"),
+    "compute": ("fp32", "bf16"),
+}
+CACHE_NAME = "kernels.json"
+VERSION = 1  # of the probe: a new version measures again
+_forced: contextvars.ContextVar[dict | None] = contextvars.ContextVar("lowbit_kernel_choices",
+                                                                      default=None)
+_result: dict | None = None
+_lock = threading.RLock()
+
+
+@contextlib.contextmanager
+def forcing(choices: dict[str, str]):
+    """Fix some decisions inside the block (this thread / context only)."""
+    for name, value in choices.items():
+        if value not in DECISIONS.get(name, ()):
+            from lowbit.kernels._common import KernelError
+
+            raise KernelError(f"unknown kernel choice {name}={value!r}; decisions and "
+                              f"candidates: {DECISIONS}")
+    token = _forced.set({**(_forced.get() or {}), **choices})
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def by_flags() -> bool:
+    """True where choices follow CPU flags (``assume_cpu`` or ``LOWBIT_CPU``), not timings."""
+    return cpu._override is not None or bool(os.environ.get("LOWBIT_CPU", "").strip())
+
+
+def _flag_ranking(name: str) -> list[str]:
+    """The old flag-based policy, as a ranking (best first)."""
+    f = cpu.cpu_features()
+    if name in ("decode.int8_weight", "decode.int4_weight"):
+        torch_kernel = DECISIONS[name][1]
+        return [torch_kernel, "native"] if f.native_bf16 else ["native", torch_kernel]
+    if name == "decode.w8a8":
+        return ["int_mm", "native", "fp32_gemm"] if f.vnni else ["native", "fp32_gemm"]
+    if name == "prefill.w8a8":
+        return ["int_mm", "fp32_gemm"] if f.vnni else ["fp32_gemm", "int_mm"]
+    return ["bf16", "fp32"] if f.native_bf16 else ["fp32", "bf16"]
+
+
+def ranking(name: str) -> list[str]:
+    """``name``'s candidates here, fastest first."""
+    if by_flags():
+        return _flag_ranking(name)
+    return measured()["ranking"][name]
+
+
+def choice(name: str, skip: tuple[str, ...] = ()) -> str:
+    """The candidate that runs for decision ``name`` (the best one not in ``skip``)."""
+    fixed = _forced.get()
+    value = None if fixed is None else fixed.get(name)
+    if value is not None and value not in skip:
+        return value
+    for candidate in ranking(name):
+        if candidate not in skip:
+            return candidate
+    return DECISIONS[name][-1]
+
+
+def native_preferred(family: str | None) -> bool:
+    """``native.preferred``'s answer where nothing forces it and the library is available."""
+    if family is None:  # the fused float32 decode step: whenever the runtime is float32
+        return not (by_flags() and cpu.cpu_features().native_bf16)
+    return choice(f"decode.{family}") == "native"
+
+
+def float_dtype(name: str) -> torch.dtype:
+    """The dtype of a ``bf16`` / ``fp32`` decision."""
+    return torch.bfloat16 if choice(name) == "bf16" else torch.float32
+
+
+# ---- the cache ------------------------------------------------------------------------------
+def cache_path() -> Path:
+    return native.cache_root() / CACHE_NAME
+
+
+def machine_key() -> dict:
+    """What the timings depend on: CPU model and flags, torch, threads, native library."""
+    info: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            name, _, value = line.partition(":")
+            info.setdefault(name.strip(), value.strip())
+    model = info.get("model name") or platform.processor() or platform.machine()
+    flags = info.get("flags") or info.get("Features") or ""
+    lib = native.library_tag() if native.available() else f"none ({native.why_unavailable()})"
+    return {"cpu": model, "flags": hashlib.sha256(flags.encode()).hexdigest()[:16],
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "native": lib, "probe": VERSION}
+
+
+def _key_id(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _read(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _valid(entry) -> bool:
+    """A complete entry measured on a quiet machine (a noisy one is measured again)."""
+    try:
+        return not entry["noisy"] and all(entry["ranking"][n][0] in c
+                                          for n, c in DECISIONS.items())
+    except (KeyError, IndexError, TypeError):
+        return False
+
+
+def _write(path: Path, entries: dict) -> None:
+    """Atomically: a temporary file in the same folder, renamed over the old one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(entries, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def measured(remeasure: bool = False) -> dict:
+    """This machine's entry: ``key``, ``ranking`` (per decision, fastest first), ``table``
+    (microseconds per candidate and shape), ``seconds`` (the probe's own time) and
+    ``cached`` (read back rather than measured in this process)."""
+    global _result
+    if _result is not None and not remeasure:
+        return _result
+    with _lock:
+        if _result is not None and not remeasure:
+            return _result
+        key = machine_key()
+        kid, path = _key_id(key), cache_path()
+        entries = _read(path)
+        entry = entries.get(kid)
+        if remeasure or not _valid(entry):
+            from lowbit.kernels.probe import measure
+
+            entry = {"key": key, **measure()}
+            entries = {k: v for k, v in entries.items() if _valid(v) and k != kid}
+            entries[kid] = entry
+            try:
+                _write(path, entries)
+            except OSError:  # a read-only cache still gets this process's choices
+                pass
+            _result = {**entry, "cached": False}
+        else:
+            _result = {**entry, "cached": True}
+        return _result
+
+
+def reset() -> None:
+    """Forget this process's choices (the cache file stays): tests, ``--remeasure``."""
+    global _result
+    with _lock:
+        _result = None
+
+
+def bench(candidates: dict, rounds: int = 7, number: int = 1,
+          noise: list | None = None) -> dict[str, float]:
+    """Median microseconds per call of each candidate (``name -> f``, ``f(n)`` making ``n``
+    calls), timed interleaved: each round runs every candidate ``number`` times. A candidate
+    slower than 4x the best after 3 rounds stops there (its median so far stands). ``noise``
+    gets the fastest candidate's median / minimum (near 1 on an idle machine)."""
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    live = dict(candidates)
+    for f in candidates.values():
+        f(1)  # warm-up
+    for r in range(rounds):
+        for name, f in live.items():
+            t0 = time.perf_counter()
+            f(number)
+            samples[name].append((time.perf_counter() - t0) / number * 1e6)
+        if r == 2:
+            best = min(statistics.median(s) for s in samples.values())
+            live = {n: f for n, f in live.items() if statistics.median(samples[n]) < 4 * best}
+    medians = {name: statistics.median(s) for name, s in samples.items()}
+    if noise is not None:
+        best = min(medians, key=medians.get)
+        noise.append(medians[best] / min(samples[best]))
+    return {name: round(t, 2) for name, t in medians.items()}

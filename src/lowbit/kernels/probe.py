@@ -1,0 +1,158 @@
+"""``autotune``'s measurement: every decision's candidates run through the real wrappers
+(``int8_weight_linear`` ...), each forced to one path, on SmolLM2-sized shapes.
+
+Decode: one row through ``576 -> 1536`` and ``1536 -> 576``; prefill: 128 rows through
+``576 -> 1536``. The runtime's activation dtype: one synthetic block's decode step in
+float32 and in bf16 (``runtime.probe``), with the family's measured GEMV times put in
+place of the block's float linears, ``step - linears(float) + linears(family)`` (the block's
+linears hold as many weights as twice the two decode shapes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.kernels import autotune, native
+from lowbit.kernels.int4_weight import _layout, int4_weight_linear, prepare_int4_weight
+from lowbit.kernels.int8_dynamic import int8_dynamic_linear, prepare_int8_dynamic
+from lowbit.kernels.int8_weight import int8_weight_linear, prepare_int8_weight
+
+DECODE_SHAPES = ((576, 1536), (1536, 576))  # (K, N)
+PREFILL_ROWS = 128
+#: a winner whose median is this many times its fastest run was timed on a busy machine:
+#: its choices are used by this process but measured again by the next
+NOISY = 2.0
+_BASE = {name: cands[-1] for name, cands in autotune.DECISIONS.items()}
+
+
+def _label(rows: int, k: int, n: int) -> str:
+    return f"{rows}x{k}x{n}"
+
+
+def _under(fn, native_on: bool | None = None, **choices):
+    """``f(n)``: ``n`` calls of ``fn`` with the native kernels forced and choices fixed."""
+
+    def f(n: int) -> None:
+        forced = native.force(native_on) if native_on is not None else contextlib.nullcontext()
+        with forced, autotune.forcing(choices):
+            for _ in range(n):
+                fn()
+
+    return f
+
+
+def _layers(k: int, n: int, gen: torch.Generator) -> dict:
+    codes = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    scale = torch.rand(n, generator=gen) * 0.01 + 1e-3
+    nib = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    s4 = torch.rand(n, -(-k // 128), generator=gen) * 0.01 + 1e-3
+    return {"int8": prepare_int8_weight(codes, scale),
+            "int4": prepare_int4_weight(nib, s4, group_size=128),
+            "w8a8": prepare_int8_dynamic(codes, scale),
+            "w32": torch.randn(n, k, generator=gen), "w16": torch.randn(n, k).bfloat16()}
+
+
+def _decode(table: dict, k: int, n: int, layer: dict, gen: torch.Generator,
+            noise: list) -> None:
+    x32 = torch.randn(1, k, generator=gen)
+    x16 = x32.bfloat16()
+    have = native.available()
+    i8, i4, w8a8 = layer["int8"], layer["int4"], layer["w8a8"]
+    runs = {
+        "decode.int8_weight": {
+            "native": have and _under(lambda: int8_weight_linear(x32, i8), True),
+            "int8pack_mm": _under(lambda: int8_weight_linear(x16, i8), False)},
+        "decode.int4_weight": {
+            "native": have and _layout()[1] and _under(lambda: int4_weight_linear(x32, i4),
+                                                       True),
+            "int4pack_mm": _under(lambda: int4_weight_linear(x16, i4), False)},
+        "decode.w8a8": {
+            "native": have and _under(lambda: int8_dynamic_linear(x32, w8a8), True),
+            "int_mm": _under(lambda: int8_dynamic_linear(x32, w8a8), False,
+                             **{"decode.w8a8": "int_mm"}),
+            "fp32_gemm": _under(lambda: int8_dynamic_linear(x32, w8a8), False,
+                                **{"decode.w8a8": "fp32_gemm"})},
+        "decode.float": {"fp32": _under(lambda: F.linear(x32, layer["w32"])),
+                         "bf16": _under(lambda: F.linear(x16, layer["w16"]))},
+    }
+    for name, cands in runs.items():
+        times = autotune.bench({c: f for c, f in cands.items() if f}, number=4, noise=noise)
+        for c, us in times.items():
+            table.setdefault(name, {}).setdefault(c, {})[_label(1, k, n)] = us
+
+
+def _prefill(table: dict, k: int, n: int, layer: dict, gen: torch.Generator,
+             noise: list) -> None:
+    x = torch.randn(PREFILL_ROWS, k, generator=gen)
+    i8, i4, w8a8 = layer["int8"], layer["int4"], layer["w8a8"]
+    runs = {}
+    for dt in ("bf16", "fp32"):
+        runs.setdefault("prefill.int8_weight", {})[dt] = _under(
+            lambda: int8_weight_linear(x, i8), **{"prefill.int8_weight": dt})
+        runs.setdefault("prefill.int4_weight", {})[dt] = _under(
+            lambda: int4_weight_linear(x, i4), **{"prefill.int4_weight": dt})
+    runs["prefill.w8a8"] = {c: _under(lambda: int8_dynamic_linear(x, w8a8),
+                                      **{"prefill.w8a8": c}) for c in ("int_mm", "fp32_gemm")}
+    for name, cands in runs.items():
+        for c, us in autotune.bench(cands, rounds=5, noise=noise).items():
+            table.setdefault(name, {}).setdefault(c, {})[_label(PREFILL_ROWS, k, n)] = us
+
+
+def _total(table: dict, name: str, cand: str) -> float:
+    return sum(table[name][cand].values())
+
+
+def _runtime(table: dict, noise: list) -> None:
+    """``runtime.<family>``: the estimated block step (see the module docstring)."""
+    from lowbit.runtime.probe import step_candidates
+
+    steps = autotune.bench(step_candidates(), rounds=7, number=2, noise=noise)
+    table["runtime.step"] = {dt: {"1 block": us} for dt, us in steps.items()}
+    fams = {"float": ("decode.float", "fp32", "bf16"),
+            "int8_weight": ("decode.int8_weight", "native", "int8pack_mm"),
+            "int4_weight": ("decode.int4_weight", "native", "int4pack_mm")}
+    for fam, (name, fp32, bf16) in fams.items():
+        if fp32 not in table[name]:  # no native GEMV: torch's kernel either way
+            fp32 = bf16
+        lin = {"fp32": _total(table, name, fp32), "bf16": _total(table, name, bf16)}
+        table[f"runtime.{fam}"] = {
+            dt: {"block (est.)": round(steps[dt] + 2 * (lin[dt] - _total(
+                table, "decode.float", dt)), 2)} for dt in ("fp32", "bf16")}
+    best_w8a8 = min(_total(table, "decode.w8a8", c) for c in table["decode.w8a8"])
+    table["runtime.w8a8"] = {
+        dt: {"block (est.)": round(steps[dt] + 2 * (best_w8a8 - _total(
+            table, "decode.float", dt)), 2)} for dt in ("fp32", "bf16")}
+
+
+def measure() -> dict:
+    """``{"ranking": ..., "table": ..., "seconds": ...}`` for ``autotune``'s cache."""
+    t0 = time.perf_counter()
+    gen = torch.Generator().manual_seed(0)
+    table: dict = {}
+    noise: list[float] = []
+    token = native._forced.set(None)  # the caller's native.force must not leak in
+    try:
+        with autotune.forcing(_BASE), torch.inference_mode():
+            for k, n in DECODE_SHAPES:
+                layer = _layers(k, n, gen)
+                _decode(table, k, n, layer, gen, noise)
+                if (k, n) == DECODE_SHAPES[0]:
+                    _prefill(table, k, n, layer, gen, noise)
+            _runtime(table, noise)
+    finally:
+        native._forced.reset(token)
+    ranking = {}
+    for name, cands in autotune.DECISIONS.items():
+        if name == "compute":
+            continue
+        timed = sorted(table[name], key=lambda c: _total(table, name, c))
+        ranking[name] = timed + [c for c in cands if c not in timed]
+    votes = [ranking[f"runtime.{f}"][0] for f in ("int8_weight", "int4_weight", "w8a8")]
+    ranking["compute"] = sorted(("fp32", "bf16"), key=lambda dt: -votes.count(dt))
+    worst = max(noise)  # the winners' median / minimum: near 1 on an idle machine
+    return {"ranking": ranking, "table": table, "noise": round(worst, 2),
+            "noisy": worst > NOISY, "seconds": round(time.perf_counter() - t0, 3)}
