@@ -49,9 +49,11 @@ def unquantized_source(spec: str, recipe: str | None) -> tuple[str, str | None]:
 
 
 def calibration_batches(tokenizer, source: str | None, tokens: int = 16384, seq_len: int = 512):
-    from lowbit.data import text
+    """``tokens`` of ``source`` (a file or built-in name), by default the ``"default"`` mix
+    of pydoc, stdlib docstrings and stdlib code (``lowbit.data.sources``)."""
+    from lowbit.data import DEFAULT_CALIBRATION, text
 
-    return text(source or "pydoc", tokenizer, tokens=tokens, seq_len=seq_len)
+    return text(source or DEFAULT_CALIBRATION, tokenizer, tokens=tokens, seq_len=seq_len)
 
 
 def set_threads(n: int | None) -> None:

@@ -1,7 +1,9 @@
-"""Text data for evaluation and calibration: the built-in pydoc corpus and user text files."""
+"""Text data for evaluation and calibration: built-in texts of CPython's standard library
+(``pydoc``, the ``default`` calibration mix, held-out texts; ``sources``) and user files."""
 
 from lowbit.data.corpus import (
     CALIBRATION_OFFSET,
+    DEFAULT_CALIBRATION,
     CorpusError,
     TextCalibration,
     corpus_text,
@@ -9,9 +11,13 @@ from lowbit.data.corpus import (
     text,
     tokens,
 )
+from lowbit.data.sources import HELD_OUT, MIX
 
 __all__ = [
     "CALIBRATION_OFFSET",
+    "DEFAULT_CALIBRATION",
+    "HELD_OUT",
+    "MIX",
     "CorpusError",
     "TextCalibration",
     "corpus_text",

@@ -1,11 +1,14 @@
-"""The built-in text corpus (CPython's ``pydoc_data.topics``) and user text files, tokenized.
+"""Built-in texts (CPython's ``pydoc_data.topics``, the named texts of ``sources``, the
+``"default"`` calibration mix) and user text files, tokenized.
 
 Tokenization convention: the whole text is encoded once with ``add_special_tokens=False``, so
 no BOS/EOS/CLS/SEP token is added anywhere; windows are plain slices of that token stream.
 This matches SmolLM2 (its tokenizer adds no BOS either: ``add_bos_token`` is false in the
 GGUF and in the Hugging Face tokenizer) and ``llama-perplexity`` on such models. Evaluation
-uses tokens 0..16383 of the stream; calibration defaults to tokens 20000 onward, so the two
-never overlap.
+uses tokens 0..16383 of the pydoc stream; calibration reads pydoc from token 20000 onward,
+so the two never overlap. The default calibration text is ``"default"``: windows drawn in
+turn from pydoc (past 20000), standard-library docstrings and standard-library code
+(``sources.MIX``); ``sources.HELD_OUT`` names texts calibration never sees.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from lowbit.errors import LowbitError
 
 __all__ = [
     "CALIBRATION_OFFSET",
+    "DEFAULT_CALIBRATION",
     "CorpusError",
     "TextCalibration",
     "corpus_text",
@@ -32,7 +36,9 @@ __all__ = [
 ]
 
 CALIBRATION_OFFSET = 20000
-"""First token of the default calibration slice (evaluation uses tokens 0..16383)."""
+"""First token of pydoc's calibration slice (evaluation uses tokens 0..16383)."""
+DEFAULT_CALIBRATION = "default"
+"""The calibration text the CLI and ``lowbit.data.text`` use when none is named."""
 
 
 class CorpusError(LowbitError, ValueError):
@@ -49,9 +55,17 @@ def pydoc_text() -> str:
     return "\n\n".join(topics[k].strip() for k in sorted(topics))
 
 
+def _named(source: str | os.PathLike[str]) -> str | None:
+    """The built-in name ``source`` stands for, or None for a file path."""
+    from lowbit.data.sources import NAMED
+
+    name = os.fspath(source)
+    return name if name == "pydoc" or name in NAMED else None
+
+
 def _source_key(source: str | os.PathLike[str]) -> tuple[Any, ...]:
-    if os.fspath(source) == "pydoc":
-        return ("pydoc",)
+    if _named(source):
+        return (os.fspath(source),)
     path = Path(source).expanduser().resolve()
     try:
         st = path.stat()
@@ -61,14 +75,26 @@ def _source_key(source: str | os.PathLike[str]) -> tuple[Any, ...]:
 
 
 def corpus_text(source: str | os.PathLike[str] = "pydoc") -> str:
-    """The text of ``source``: ``"pydoc"`` (the built-in corpus) or a path to a UTF-8 file."""
-    if os.fspath(source) == "pydoc":
+    """The text of ``source``: ``"pydoc"``, a name in ``sources.NAMED`` or a UTF-8 file path.
+
+    ``"default"`` is a mix of windows, not one text: its token stream comes from ``tokens``.
+    """
+    from lowbit.data.sources import NAMED, named_text
+
+    name = _named(source)
+    if name == "pydoc":
         return pydoc_text()
+    if name == "default":
+        raise CorpusError("'default' is a mix of token windows, not one text: use "
+                          "lowbit.data.tokens('default', tokenizer) or text('default', ...)")
+    if name is not None:
+        return named_text(name)
     path = Path(source).expanduser()
     if not path.is_file():
         raise CorpusError(
-            f"text source {os.fspath(source)!r} is neither 'pydoc' nor an existing file; "
-            "pass 'pydoc' or the path to a UTF-8 text file."
+            f"text source {os.fspath(source)!r} is neither a built-in text "
+            f"({', '.join(NAMED)}) nor an existing file; pass one of those "
+            "names or the path to a UTF-8 text file."
         )
     try:
         return path.read_text(encoding="utf-8")
@@ -101,8 +127,27 @@ def _all_tokens(source: str | os.PathLike[str], tokenizer: Any) -> torch.Tensor:
     except TypeError:  # not weak-referenceable / not hashable: no caching
         per_tok = {}
     if key not in per_tok:
-        per_tok[key] = torch.tensor(_encode(tokenizer, corpus_text(source)), dtype=torch.long)
+        if key == ("default",):
+            per_tok[key] = _mix(tokenizer, 512, None).flatten()
+        else:
+            ids = _encode(tokenizer, corpus_text(source))
+            per_tok[key] = torch.tensor(ids, dtype=torch.long)
     return per_tok[key]
+
+
+def _mix(tokenizer: Any, seq_len: int, n_windows: int | None) -> torch.Tensor:
+    """``(n, seq_len)`` windows of the ``"default"`` mix: window ``i`` is the ``i // k``-th
+    window of source ``i % k`` (``sources.MIX``, pydoc from ``CALIBRATION_OFFSET``), so any
+    prefix holds every kind of text in equal shares. ``None``: as many as every source has."""
+    from lowbit.data.sources import MIX
+
+    per = []
+    for name in MIX:
+        ids = _all_tokens(name, tokenizer)[CALIBRATION_OFFSET if name == "pydoc" else 0:]
+        per.append(ids[: len(ids) // seq_len * seq_len].view(-1, seq_len))
+    rounds = min(len(w) for w in per)
+    stacked = torch.stack([w[:rounds] for w in per], 1).reshape(-1, seq_len)
+    return stacked if n_windows is None else stacked[:n_windows]
 
 
 def _resolve_tokenizer(tokenizer: Any) -> Any:
@@ -154,7 +199,7 @@ class TextCalibration:
     source: str
     tokens: int = 65536
     seq_len: int = 512
-    offset: int = CALIBRATION_OFFSET
+    offset: int | None = None
     batch_size: int = 1
 
     def batches(self, tokenizer: Any) -> list[torch.Tensor]:
@@ -164,21 +209,28 @@ class TextCalibration:
 
 
 def text(
-    source: str | os.PathLike[str] = "pydoc",
+    source: str | os.PathLike[str] = DEFAULT_CALIBRATION,
     tokenizer: Any = None,
     *,
     tokens: int = 65536,
     seq_len: int = 512,
-    offset: int = CALIBRATION_OFFSET,
+    offset: int | None = None,
     batch_size: int = 1,
 ) -> list[torch.Tensor] | TextCalibration:
     """Calibration batches: ``tokens // seq_len`` windows of ``seq_len`` tokens from ``offset``.
+
+    ``source``: ``"default"`` (the mix of pydoc, docstrings and code, one window of each in
+    turn; ``sources.MIX``), ``"pydoc"``, another name of ``sources.NAMED`` or a file path.
+    ``offset=None``: ``CALIBRATION_OFFSET`` for pydoc and files (past pydoc's evaluation
+    windows), 0 for the mix (which already starts pydoc there) and the other named texts.
 
     Returns a list of ``torch.long`` tensors shaped ``(batch_size, seq_len)`` (the last batch
     may be smaller). With ``tokenizer=None`` a ``TextCalibration`` is returned instead, to be
     resolved later with the model's tokenizer. If the text holds fewer than ``tokens`` tokens
     after ``offset``, as many whole windows as fit are used; fewer than one is an error.
     """
+    if offset is None:
+        offset = 0 if _named(source) not in (None, "pydoc") else CALIBRATION_OFFSET
     if seq_len < 2 or tokens < seq_len or batch_size < 1 or offset < 0:
         raise CorpusError(
             f"need seq_len >= 2, tokens >= seq_len, batch_size >= 1 and offset >= 0; got "
@@ -186,7 +238,9 @@ def text(
         )
     if tokenizer is None:
         return TextCalibration(os.fspath(source), tokens, seq_len, offset, batch_size)
-    ids = _all_tokens(source, _resolve_tokenizer(tokenizer))
+    tokenizer = _resolve_tokenizer(tokenizer)
+    ids = (_mix(tokenizer, seq_len, None).flatten() if _named(source) == "default"
+           else _all_tokens(source, tokenizer))
     available = max(0, len(ids) - offset)
     n_windows = min(tokens, available) // seq_len
     if 1 <= n_windows < tokens // seq_len:
