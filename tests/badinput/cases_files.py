@@ -66,14 +66,21 @@ def _gguf_case(fields):
 register_all(files.GGUF_CASES, "gguf", _gguf_case)
 
 
-@case("gguf", "truncated", says=("truncated", "GGUF"))
+@case("gguf", "truncated in the metadata", says=("past the end",))
 def _(env: Env):
     path = env.tmp / "model.gguf"
     path.write_bytes(files.gguf_bytes()[:60])
     _load_model(path)
 
 
-@case("gguf", "empty", says=("not a GGUF", "empty"))
+@case("gguf", "truncated in the tensor data", says=("past the end",))
+def _(env: Env):
+    path = env.tmp / "model.gguf"
+    path.write_bytes(files.gguf_bytes()[:-8])
+    _load_model(path)
+
+
+@case("gguf", "empty", says=("empty",))
 def _(env: Env):
     (env.tmp / "model.gguf").write_bytes(b"")
     _load_model(env.tmp / "model.gguf")
@@ -109,7 +116,7 @@ for _name, _write in PICKLE_FILES.items():
         _pickle_as_checkpoint(_name, _write))
 
 
-@case("pickle", "pickle renamed .safetensors", says=("pickle",), no_marker=True)
+@case("pickle", "pickle renamed .safetensors", says=("never unpickles",), no_marker=True)
 def _(env: Env):
     _load_model(files.write_raw_pickle(env.tmp / "model.safetensors", env.marker))
 
@@ -151,7 +158,7 @@ def _(env: Env):
 # -- empty and half-made folders ------------------------------------------------------------
 
 
-@case("folders", "empty .safetensors file", says=("folder",))
+@case("folders", "empty .safetensors file", says=("pass the folder",))
 def _(env: Env):
     (env.tmp / "model.safetensors").write_bytes(b"")
     _load_model(env.tmp / "model.safetensors")

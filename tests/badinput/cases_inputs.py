@@ -56,7 +56,7 @@ RECIPE_FILES = {  # name -> ((file name, text), words the message must hold)
     "unknown observer": (("r.json", json.dumps({"default": {"observer": "median"}})), "median"),
     "unknown compute dtype": (("r.json", json.dumps({"compute_dtype": "fp64"})),
                               "compute_dtype"),
-    "rules not a list": (("r.json", json.dumps({"rules": {"a": 1}})), "malformed"),
+    "rules not a list": (("r.json", json.dumps({"rules": {"a": 1}})), "rules"),
     "newer recipe version": (("r.json", json.dumps({"lowbit_recipe_version": 7})),
                              "upgrade lowbit"),
 }

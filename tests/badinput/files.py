@@ -126,13 +126,13 @@ def gguf_bytes(*, magic: bytes = b"GGUF", version: int = 3, tensor_count: int | 
 
 GGUF_CASES = {
     "bad-magic": (dict(magic=b"GGUX"), ("not a GGUF",)),
-    "unsupported-version": (dict(version=99), ("version",)),
-    "version-1": (dict(version=1), ("version",)),
-    "string-length-past-end": (dict(key_length=2**40), ("GGUF",)),
-    "array-count-past-end": (dict(array_count=2**40), ("GGUF",)),
-    "tensor-count-past-end": (dict(tensor_count=10**6), ("GGUF",)),
-    "kv-count-past-end": (dict(kv_count=10**6), ("GGUF",)),
-    "unknown-tensor-type": (dict(tensor_type=999), ("type",)),
+    "unsupported-version": (dict(version=99), ("version 99",)),
+    "version-1": (dict(version=1), ("version 1",)),
+    "string-length-past-end": (dict(key_length=2**40), ("key 0 of 3",)),
+    "array-count-past-end": (dict(array_count=2**40), ("array",)),
+    "tensor-count-past-end": (dict(tensor_count=10**6), ("tensor",)),
+    "kv-count-past-end": (dict(kv_count=10**6), ("of 1000000",)),
+    "unknown-tensor-type": (dict(tensor_type=999), ("ggml type id 999",)),
 }
 
 # -- pickles --------------------------------------------------------------------------------

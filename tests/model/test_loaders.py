@@ -205,7 +205,7 @@ def test_bundled_gguf_converted_once_to_hf_folder(tiny_gguf: Path, tmp_path: Pat
 def test_truncated_gguf_names_file(tiny_gguf: Path, tmp_path: Path) -> None:
     bad = tmp_path / "cut.gguf"
     bad.write_bytes(tiny_gguf.read_bytes()[: tiny_gguf.stat().st_size // 2])
-    with pytest.raises(ModelLoadError, match="cut.gguf.*truncated or corrupt"):
+    with pytest.raises(ModelLoadError, match="cut.gguf.*truncated"):
         load_model(bad)
     notgguf = tmp_path / "fake.gguf"
     notgguf.write_bytes(b"PK\x03\x04 something else")

@@ -20,7 +20,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.model.hub import BUNDLED, bundled_path
-from lowbit.model.safetensors_header import read_header
+from lowbit.model.safetensors_header import is_pickle, read_header
 
 __all__ = ["ModelLoadError", "load_model", "load_tokenizer", "resolve_spec"]
 
@@ -74,6 +74,8 @@ def resolve_spec(spec: str | os.PathLike[str]) -> tuple[str, Path]:
         if suffix == ".gguf":
             return "gguf", path
         if suffix == ".safetensors" or path.name == "config.json":
+            if suffix == ".safetensors" and is_pickle(path):
+                raise _refuse_pickle(path)
             raise ModelLoadError(
                 f"{path} is a single file; pass the folder that holds config.json and the "
                 "*.safetensors weights (the architecture comes from config.json)."
@@ -219,21 +221,9 @@ def _into_process_memory(model: nn.Module, folder: Path) -> nn.Module:
 
 
 def _check_gguf_header(path: Path) -> None:
-    with open(path, "rb") as f:
-        head = f.read(8)
-    magic = head[:4]
-    if magic != b"GGUF":
-        what = "empty" if not head else f"it starts with {magic!r}, not b'GGUF'"
-        raise ModelLoadError(
-            f"{path} is not a GGUF file ({what}); the file is corrupt or has the wrong "
-            "extension: fetch it again."
-        )
-    version = int.from_bytes(head[4:8], "little") if len(head) == 8 else None
-    if version not in (2, 3):
-        raise ModelLoadError(
-            f"{path}: GGUF version {version} is not supported (lowbit reads versions 2 and 3); "
-            "the file is truncated, corrupt or from a newer llama.cpp: re-convert it."
-        )
+    from lowbit.model.gguf_header import check_gguf
+
+    check_gguf(path, ModelLoadError)
 
 
 def _load_gguf(path: Path) -> nn.Module:

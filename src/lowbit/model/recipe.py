@@ -170,6 +170,13 @@ class Recipe:
         if unknown:
             raise RecipeError(f"unknown recipe keys {unknown}; allowed: {', '.join(RECIPE_KEYS)}"
                               " (see Recipe.to_dict() for the layout)")
+        rules, keep = d.get("rules", []), d.get("keep", [])
+        if not (isinstance(rules, list) and all(
+                isinstance(r, dict) and {"pattern", "scheme"} <= set(r) for r in rules)):
+            raise RecipeError("recipe 'rules' must be a list of {pattern: ..., scheme: {...}} "
+                              f"mappings, got {rules!r:.80}")
+        if not (isinstance(keep, list) and all(isinstance(k, str) for k in keep)):
+            raise RecipeError(f"recipe 'keep' must be a list of module patterns, got {keep!r:.80}")
         try:
             return cls(
                 name=d.get("name", "custom"),

@@ -26,6 +26,14 @@ def _looks_pickled(head: bytes) -> bool:
     return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
+def is_pickle(path: Path) -> bool:
+    """Whether ``path`` looks like a pickle or ``torch.save`` zip rather than safetensors."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    n = int.from_bytes(head, "little") if len(head) == 8 else 0
+    return _looks_pickled(head) and not 0 < n <= min(path.stat().st_size - 8, MAX_HEADER)
+
+
 def read_header(path: Path, error: type[Exception]) -> tuple[dict, int]:
     """``(header, data_start)`` of safetensors file ``path``; raises ``error`` (a
     ``LowbitError`` subclass) naming the problem when the file is not well-formed."""

@@ -244,9 +244,9 @@ def _skeleton(manifest: dict) -> nn.Module:
     try:
         cfg = AutoConfig.for_model(**config)
     except (ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"the checkpoint's hf_config cannot be rebuilt ({exc}); upgrade "
-                              "transformers, or pass the architecture: lowbit.load(dir, "
-                              "model=...)") from exc
+        raise CheckpointError(f"the checkpoint's hf_config cannot be rebuilt ({exc!s:.160}); "
+                              "upgrade transformers, or pass the architecture: "
+                              "lowbit.load(dir, model=...)") from exc
     auto = AutoModelForCausalLM if manifest.get("model_class", "").endswith("ForCausalLM") \
         else AutoModel
     # built on the CPU (not the meta device) so non-persistent buffers such as rotary
