@@ -10,6 +10,10 @@ Protocol (../shared/BENCHMARKS.md):
   lowbit configs decode with lowbit's runtime (static KV cache) and prefill with the model's
   own forward; the engine is printed.
 - Bytes: the quantized linears' codes + scales + zero-points in memory vs their FP32 bytes.
+- Kernel policy (``--policies measured,flags``): each recipe quantized and timed once per
+  policy inside the same FP32 bracket: ``measured`` = the kernels ``lowbit kernels`` chose
+  by timing them on this machine (the default), ``flags`` = the earlier choice by CPU flags
+  (``assume_cpu`` with the detected features), so before/after compare in one process.
 - Engines: lowbit configs are also set beside FP32 on lowbit's own runtime (timed once at
   the start: ``decode_same_engine_x``), which separates the kernels' gain from the runtime's.
 - The CPU's features are printed first: which kernels win depends on them (native bf16 and
@@ -25,12 +29,13 @@ SmolLM2's weights were Q4_1 (block-32 asymmetric 4-bit) before dequantization, s
 the easy case here; w4g128 is the honest 4-bit comparison.
 
 Run: .venv/bin/python benchmarks/models.py [--recipes bf16,w8,w4g128,w4g32,w8a8]
-     [--windows 32] [--no-speed] [--memory] [--json out.json]
+     [--windows 32] [--no-speed] [--memory] [--policies measured,flags] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import subprocess
@@ -81,6 +86,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--no-speed", action="store_true")
     ap.add_argument("--memory", action="store_true", help="measure peak RSS while quantizing")
+    ap.add_argument("--policies", default="measured",
+                    help="comma-separated kernel policies to time per recipe: measured, flags")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -101,39 +108,62 @@ def main() -> None:
     if fp32_lowbit is not None:
         print(f"FP32 on lowbit's runtime: prefill {fp32_lowbit.prefill_s:.3f} s, decode "
               f"{fp32_lowbit.decode_tok_s:.1f} tok/s", flush=True)
+    policies = [p for p in args.policies.split(",") if p]
     for name in [r for r in args.recipes.split(",") if r]:
         recipe = _recipe(name)
-        model = copy.deepcopy(base)
         calib = calibration_batches(tok, None, tokens=8192) if recipe.needs_calibration else None
-        quantize(model, recipe, calib, progress=False)
-        r = evaluate(model, tok, baseline=base, n_windows=args.windows, speed=False)
-        row = {"recipe": name, "ppl": r["ppl"], "delta_ppl_pct": r["delta_ppl_pct"],
-               "kld_mean": r["kld_mean"], "top1": r["top1_agreement"],
-               "linear_bytes_ratio": r["linear_bytes"] / fp32_bytes,
-               "bits_per_weight": r["bits_per_weight"], "kernels": r["kernels"]}
+        group = []
+        for policy in policies:
+            model = copy.deepcopy(base)
+            with _policy(policy):
+                quantize(model, recipe, calib, progress=False)
+                r = evaluate(model, tok, baseline=base, n_windows=args.windows, speed=False)
+            label = name if len(policies) == 1 else f"{name}@{policy}"
+            group.append(({"recipe": label, "ppl": r["ppl"],
+                           "delta_ppl_pct": r["delta_ppl_pct"], "kld_mean": r["kld_mean"],
+                           "top1": r["top1_agreement"],
+                           "linear_bytes_ratio": r["linear_bytes"] / fp32_bytes,
+                           "bits_per_weight": r["bits_per_weight"], "kernels": r["kernels"]},
+                          model, policy))
         if not args.no_speed:
             before = fp32_speed(base, ids)
-            mine = measure_speed(model, ids)
+            mine = []
+            for _, model, policy in group:
+                with _policy(policy):
+                    mine.append(measure_speed(model, ids))
             after = fp32_speed(base, ids)
             ref_prefill = (before.prefill_s + after.prefill_s) / 2
             ref_decode = (before.decode_tok_s + after.decode_tok_s) / 2
-            row.update(prefill_s=mine.prefill_s, decode_tok_s=mine.decode_tok_s,
-                       engine=mine.engine, fp32_prefill_s=ref_prefill,
-                       fp32_decode_tok_s=ref_decode,
-                       prefill_x=ref_prefill / mine.prefill_s,
-                       decode_x=mine.decode_tok_s / ref_decode,
-                       decode_same_engine_x=mine.decode_tok_s / fp32_lowbit.decode_tok_s)
-        if args.memory:
-            (row["quantize_peak_x"], _, row["quantize_peak_mb"],
-             row["quantize_file_pages_mb"]) = quantize_memory(name)
-        rows.append(row)
-        print(_line(row), flush=True)
-        del model
+            for (row, _, _), m in zip(group, mine, strict=True):
+                row.update(prefill_s=m.prefill_s, decode_tok_s=m.decode_tok_s,
+                           engine=m.engine, fp32_prefill_s=ref_prefill,
+                           fp32_decode_tok_s=ref_decode,
+                           prefill_x=ref_prefill / m.prefill_s,
+                           decode_x=m.decode_tok_s / ref_decode,
+                           decode_same_engine_x=m.decode_tok_s / fp32_lowbit.decode_tok_s)
+        for row, _, _ in group:
+            if args.memory:
+                (row["quantize_peak_x"], _, row["quantize_peak_mb"],
+                 row["quantize_file_pages_mb"]) = quantize_memory(name)
+            rows.append(row)
+            print(_line(row), flush=True)
+        del group
     print()
     print(_table(rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
+
+
+def _policy(policy: str):
+    """``measured``: the kernels chosen by timing them here; ``flags``: by CPU flags."""
+    if policy == "flags":
+        from lowbit.kernels import assume_cpu
+
+        return assume_cpu()
+    if policy != "measured":
+        raise SystemExit(f"unknown policy {policy!r}: use measured or flags")
+    return contextlib.nullcontext()
 
 
 def _recipe(name: str) -> Recipe:

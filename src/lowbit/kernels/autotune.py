@@ -224,12 +224,13 @@ def reset() -> None:
         _result = None
 
 
-def bench(candidates: dict, rounds: int = 7, number: int = 1,
-          noise: list | None = None) -> dict[str, float]:
+def bench(candidates: dict, rounds: int = 7, number: int = 1, noise: list | None = None,
+          deadline: float | None = None) -> dict[str, float]:
     """Median microseconds per call of each candidate (``name -> f``, ``f(n)`` making ``n``
     calls), timed interleaved: each round runs every candidate ``number`` times. A candidate
     slower than 4x the best after 3 rounds stops there (its median so far stands). ``noise``
-    gets the fastest candidate's median / minimum (near 1 on an idle machine)."""
+    gets the fastest candidate's median / minimum (near 1 on an idle machine). Past
+    ``deadline`` (``time.perf_counter``) it stops after 3 rounds (a busy machine)."""
     samples: dict[str, list[float]] = {name: [] for name in candidates}
     live = dict(candidates)
     for f in candidates.values():
@@ -239,6 +240,8 @@ def bench(candidates: dict, rounds: int = 7, number: int = 1,
             t0 = time.perf_counter()
             f(number)
             samples[name].append((time.perf_counter() - t0) / number * 1e6)
+        if r == 2 and deadline is not None and time.perf_counter() > deadline:
+            break
         if r == 2:
             best = min(statistics.median(s) for s in samples.values())
             live = {n: f for n, f in live.items() if statistics.median(samples[n]) < 4 * best}

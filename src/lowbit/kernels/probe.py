@@ -1,11 +1,13 @@
 """``autotune``'s measurement: every decision's candidates run through the real wrappers
 (``int8_weight_linear`` ...), each forced to one path, on SmolLM2-sized shapes.
 
-Decode: one row through ``576 -> 1536`` and ``1536 -> 576``; prefill: 128 rows through
-``576 -> 1536``. The runtime's activation dtype: one synthetic block's decode step in
-float32 and in bf16 (``runtime.probe``), with the family's measured GEMV times put in
-place of the block's float linears, ``step - linears(float) + linears(family)`` (the block's
-linears hold as many weights as twice the two decode shapes).
+Decode: one row through ``576 -> 1536``, ``1536 -> 576`` and ``576 -> 16384`` (a wide
+output head, where one-row ``torch._int_mm`` falls behind), ranked by a SmolLM2-135M-like
+mix: 30 blocks of twice the first two shapes (q/k/v/o/gate/up/down hold that many weights)
+and a head of three times the third. Prefill: 128 rows through ``576 -> 1536``. The
+runtime's activation dtype: one synthetic block's decode step in float32 and in bf16
+(``runtime.probe``); a model's step is estimated as 30 times that block's work besides its
+float linears plus the mix of the family's measured GEMVs in that dtype.
 """
 
 from __future__ import annotations
@@ -21,11 +23,15 @@ from lowbit.kernels.int4_weight import _layout, int4_weight_linear, prepare_int4
 from lowbit.kernels.int8_dynamic import int8_dynamic_linear, prepare_int8_dynamic
 from lowbit.kernels.int8_weight import int8_weight_linear, prepare_int8_weight
 
-DECODE_SHAPES = ((576, 1536), (1536, 576))  # (K, N)
+#: (K, N, how many of it a SmolLM2-135M-like decode step runs)
+DECODE_SHAPES = ((576, 1536, 60), (1536, 576, 60), (576, 16384, 3))
+BLOCKS = 30
 PREFILL_ROWS = 128
 #: a winner whose median is this many times its fastest run was timed on a busy machine:
 #: its choices are used by this process but measured again by the next
 NOISY = 2.0
+#: past this many seconds every timing stops at 3 rounds (only a busy machine gets there)
+BUDGET_S = 2.0
 _BASE = {name: cands[-1] for name, cands in autotune.DECISIONS.items()}
 
 
@@ -57,7 +63,7 @@ def _layers(k: int, n: int, gen: torch.Generator) -> dict:
 
 
 def _decode(table: dict, k: int, n: int, layer: dict, gen: torch.Generator,
-            noise: list) -> None:
+            noise: list, deadline: float) -> None:
     x32 = torch.randn(1, k, generator=gen)
     x16 = x32.bfloat16()
     have = native.available()
@@ -80,13 +86,14 @@ def _decode(table: dict, k: int, n: int, layer: dict, gen: torch.Generator,
                          "bf16": _under(lambda: F.linear(x16, layer["w16"]))},
     }
     for name, cands in runs.items():
-        times = autotune.bench({c: f for c, f in cands.items() if f}, number=4, noise=noise)
+        times = autotune.bench({c: f for c, f in cands.items() if f}, number=4, noise=noise,
+                               deadline=deadline)
         for c, us in times.items():
             table.setdefault(name, {}).setdefault(c, {})[_label(1, k, n)] = us
 
 
 def _prefill(table: dict, k: int, n: int, layer: dict, gen: torch.Generator,
-             noise: list) -> None:
+             noise: list, deadline: float) -> None:
     x = torch.randn(PREFILL_ROWS, k, generator=gen)
     i8, i4, w8a8 = layer["int8"], layer["int4"], layer["w8a8"]
     runs = {}
@@ -98,58 +105,67 @@ def _prefill(table: dict, k: int, n: int, layer: dict, gen: torch.Generator,
     runs["prefill.w8a8"] = {c: _under(lambda: int8_dynamic_linear(x, w8a8),
                                       **{"prefill.w8a8": c}) for c in ("int_mm", "fp32_gemm")}
     for name, cands in runs.items():
-        for c, us in autotune.bench(cands, rounds=5, noise=noise).items():
+        for c, us in autotune.bench(cands, rounds=5, noise=noise, deadline=deadline).items():
             table.setdefault(name, {}).setdefault(c, {})[_label(PREFILL_ROWS, k, n)] = us
 
 
-def _total(table: dict, name: str, cand: str) -> float:
-    return sum(table[name][cand].values())
+def total(table: dict, name: str, cand: str) -> float:
+    """The decode mix's time of ``cand`` (decode decisions), or its one prefill time."""
+    times = table[name][cand]
+    if not name.startswith("decode."):
+        return sum(times.values())
+    return sum(count * times[_label(1, k, n)] for k, n, count in DECODE_SHAPES)
 
 
-def _runtime(table: dict, noise: list) -> None:
+def _runtime(table: dict, noise: list, deadline: float) -> None:
     """``runtime.<family>``: the estimated block step (see the module docstring)."""
     from lowbit.runtime.probe import step_candidates
 
-    steps = autotune.bench(step_candidates(), rounds=7, number=2, noise=noise)
+    steps = autotune.bench(step_candidates(), rounds=7, number=2, noise=noise,
+                           deadline=deadline)
     table["runtime.step"] = {dt: {"1 block": us} for dt, us in steps.items()}
+    # the block's work besides its float linears (2 x the first two shapes), times 30
+    rest = {dt: BLOCKS * (steps[dt] - 2 * sum(table["decode.float"][dt][_label(1, k, n)]
+                                              for k, n, _ in DECODE_SHAPES[:2]))
+            for dt in steps}
     fams = {"float": ("decode.float", "fp32", "bf16"),
             "int8_weight": ("decode.int8_weight", "native", "int8pack_mm"),
             "int4_weight": ("decode.int4_weight", "native", "int4pack_mm")}
     for fam, (name, fp32, bf16) in fams.items():
         if fp32 not in table[name]:  # no native GEMV: torch's kernel either way
             fp32 = bf16
-        lin = {"fp32": _total(table, name, fp32), "bf16": _total(table, name, bf16)}
-        table[f"runtime.{fam}"] = {
-            dt: {"block (est.)": round(steps[dt] + 2 * (lin[dt] - _total(
-                table, "decode.float", dt)), 2)} for dt in ("fp32", "bf16")}
-    best_w8a8 = min(_total(table, "decode.w8a8", c) for c in table["decode.w8a8"])
-    table["runtime.w8a8"] = {
-        dt: {"block (est.)": round(steps[dt] + 2 * (best_w8a8 - _total(
-            table, "decode.float", dt)), 2)} for dt in ("fp32", "bf16")}
+        lin = {"fp32": total(table, name, fp32), "bf16": total(table, name, bf16)}
+        table[f"runtime.{fam}"] = {dt: {"step (est.)": round(rest[dt] + lin[dt], 1)}
+                                   for dt in ("fp32", "bf16")}
+    best_w8a8 = min(total(table, "decode.w8a8", c) for c in table["decode.w8a8"])
+    table["runtime.w8a8"] = {dt: {"step (est.)": round(rest[dt] + best_w8a8, 1)}
+                             for dt in ("fp32", "bf16")}
 
 
 def measure() -> dict:
     """``{"ranking": ..., "table": ..., "seconds": ...}`` for ``autotune``'s cache."""
     t0 = time.perf_counter()
+    deadline = t0 + BUDGET_S
     gen = torch.Generator().manual_seed(0)
     table: dict = {}
     noise: list[float] = []
     token = native._forced.set(None)  # the caller's native.force must not leak in
     try:
         with autotune.forcing(_BASE), torch.inference_mode():
-            for k, n in DECODE_SHAPES:
+            for k, n, _ in DECODE_SHAPES:
                 layer = _layers(k, n, gen)
-                _decode(table, k, n, layer, gen, noise)
-                if (k, n) == DECODE_SHAPES[0]:
-                    _prefill(table, k, n, layer, gen, noise)
-            _runtime(table, noise)
+                _decode(table, k, n, layer, gen, noise, deadline)
+                if (k, n) == DECODE_SHAPES[0][:2]:
+                    _prefill(table, k, n, layer, gen, noise, deadline)
+                del layer
+            _runtime(table, noise, deadline)
     finally:
         native._forced.reset(token)
     ranking = {}
     for name, cands in autotune.DECISIONS.items():
         if name == "compute":
             continue
-        timed = sorted(table[name], key=lambda c: _total(table, name, c))
+        timed = sorted(table[name], key=lambda c: total(table, name, c))
         ranking[name] = timed + [c for c in cands if c not in timed]
     votes = [ranking[f"runtime.{f}"][0] for f in ("int8_weight", "int4_weight", "w8a8")]
     ranking["compute"] = sorted(("fp32", "bf16"), key=lambda dt: -votes.count(dt))
