@@ -37,7 +37,8 @@ def test_measured_once_then_read_back(cache):
     tmp, calls = cache
     first = autotune.measured()
     assert not first["cached"] and len(calls) == 1
-    assert first["seconds"] < 10  # short: about a second on an idle 2-core machine
+    if first["noise"] < 2:  # short where the machine is not busy (about a second)
+        assert first["seconds"] < 5, first["seconds"]
     path = tmp / autotune.CACHE_NAME
     data = json.loads(path.read_text())
     assert [entry["key"] for entry in data.values()] == [autotune.machine_key()]

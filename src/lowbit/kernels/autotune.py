@@ -230,17 +230,20 @@ def bench(candidates: dict, rounds: int = 7, number: int = 1, noise: list | None
     calls), timed interleaved: each round runs every candidate ``number`` times. A candidate
     slower than 4x the best after 3 rounds stops there (its median so far stands). ``noise``
     gets the fastest candidate's median / minimum (near 1 on an idle machine). Past
-    ``deadline`` (``time.perf_counter``) it stops after 3 rounds (a busy machine)."""
+    ``deadline`` (``time.perf_counter``) rounds make one call each and stop after the third
+    (only a busy machine gets there)."""
     samples: dict[str, list[float]] = {name: [] for name in candidates}
     live = dict(candidates)
     for f in candidates.values():
         f(1)  # warm-up
     for r in range(rounds):
+        late = deadline is not None and time.perf_counter() > deadline
+        n = 1 if late else number
         for name, f in live.items():
             t0 = time.perf_counter()
-            f(number)
-            samples[name].append((time.perf_counter() - t0) / number * 1e6)
-        if r == 2 and deadline is not None and time.perf_counter() > deadline:
+            f(n)
+            samples[name].append((time.perf_counter() - t0) / n * 1e6)
+        if r == 2 and late:
             break
         if r == 2:
             best = min(statistics.median(s) for s in samples.values())
