@@ -8,7 +8,8 @@ process, interleaved round by round so that machine noise hits every column alik
   ``int4 g128`` (K = 576 is padded to 640), ``w8a8 dynamic``, ``w8a8 static``,
   ``integer-only`` (int8 codes in and out);
 - ``int8_weight native`` / ``torch`` and ``int4 g128 native`` / ``torch`` (decode shapes):
-  lowbit's AVX2 loop (``kernels/native.py``) and torch's bf16 kernel, each forced;
+  lowbit's AVX2 loop (``kernels/native.py``) and torch's bf16 kernel, each forced; and
+  ``w8a8 dynamic native`` / ``int_mm`` / ``fp32_gemm``, the three W8A8 decode paths;
 - with ``--raw``: the bare aten ops on prepared bf16/int8 inputs, to show wrapper overhead;
 - with ``--alternatives``: other CPU int8 paths torch ships (fbgemm ``quantize_dynamic``,
   oneDNN ``qlinear_pointwise``, FP16 ``F.linear``) for the decode question;
@@ -79,6 +80,9 @@ def _candidates(m: int, k: int, n: int, raw: bool, alternatives: bool) -> dict[s
                          ("int4 g128", lambda: K.int4_weight_linear(x, s4[128]))):
             c[f"{name} native"] = _forced(fn, True)
             c[f"{name} torch"] = _forced(fn, False)
+        for path in ("native", "int_mm", "fp32_gemm"):  # the three exact W8A8 decode paths
+            c[f"w8a8 dynamic {path}"] = _forced(lambda: K.int8_dynamic_linear(x, dyn),
+                                                path == "native", {"decode.w8a8": path})
     if raw:
         op8 = torch.ops.aten._weight_int8pack_mm.default
         op4 = torch.ops.aten._weight_int4pack_mm_for_cpu.default
@@ -95,9 +99,9 @@ def _candidates(m: int, k: int, n: int, raw: bool, alternatives: bool) -> dict[s
     return c
 
 
-def _forced(fn: Callable, native: bool) -> Callable:
+def _forced(fn: Callable, native: bool, choices: dict | None = None) -> Callable:
     def run():
-        with K.native.force(native):
+        with K.native.force(native), K.autotune.forcing(choices or {}):
             return fn()
     return run
 
