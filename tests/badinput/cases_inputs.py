@@ -262,3 +262,37 @@ def _cli_case(arg):
 
 for _name, (_argv, _says) in CLI.items():
     case("cli", _name, says=_says, cli=True, no_marker=True)(_cli_case(_argv))
+
+
+# -- through the installed console script, in a subprocess ---------------------------------
+
+
+def script(*argv: str) -> tuple[int, str]:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).with_name("lowbit")
+    done = subprocess.run([str(exe), *argv], capture_output=True, text=True, timeout=120)
+    return done.returncode, done.stderr
+
+
+def _script_case(arg):
+    def run(env: Env):
+        from . import files
+
+        files.write_torch_pickle(env.tmp / "m.pt", env.marker)
+        hf = env.copy(env.hf_dir, "hf")
+        (hf / "model.safetensors").write_bytes(b"\x10\x00")
+        return script(*[a.format(hf=env.hf_dir, bad=hf, tmp=env.tmp) for a in arg])
+    return run
+
+
+SCRIPT = {
+    "quantize, torch.save .pt": (["quantize", "{tmp}/m.pt", "-o", "{tmp}/out"], "unpickles"),
+    "quantize, truncated safetensors": (["quantize", "{bad}", "-o", "{tmp}/out"], "truncated"),
+    "quantize, --recipe w4g0": (["quantize", "{hf}", "-r", "w4g0", "-o", "{tmp}/out"],
+                                "group size 0"),
+}
+for _name, (_argv, _says) in SCRIPT.items():
+    case("console-script", _name, says=_says, cli=True, no_marker=True)(_script_case(_argv))
