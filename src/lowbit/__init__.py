@@ -34,6 +34,7 @@ _LAZY = {
     "convert": "lowbit.model",
     "QATConfig": "lowbit.model",
     "training": "lowbit.training",
+    "export": "lowbit.export",
 }
 
 

@@ -17,6 +17,7 @@ COMMANDS = {
     "sensitivity": ("lowbit.cli.sensitivity_cmd", "which layers quantization hurts most (KLD)"),
     "bench": ("lowbit.cli.bench_cmd", "benchmark recipes and peers side by side, with a report"),
     "kernels": ("lowbit.cli.kernels_cmd", "which kernels run here, measured once and cached"),
+    "export": ("lowbit.cli.export_cmd", "write a model or checkpoint as a GGUF file for llama.cpp"),
 }
 
 

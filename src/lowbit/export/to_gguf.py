@@ -1,0 +1,146 @@
+"""Write a model (float, or quantized by lowbit) as a GGUF file llama.cpp runs.
+
+Quantized layers keep their own codes (``gguf_weights.carry_codes``); float weights are
+written as F32 / F16, or rounded to a block type like llama.cpp's quantizer
+(``float_type``). The file is written under a temporary name beside the target and renamed
+when complete, so an interrupted export never leaves a partial file under the final name.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from lowbit.export import gguf_blocks as blocks
+from lowbit.export import gguf_model
+from lowbit.export.gguf_vocab import add_tokenizer, source_pre_tokenizer
+from lowbit.export.gguf_weights import ExportError
+
+TYPES = blocks.FLOAT_TYPES + tuple(blocks.BLOCK_TYPES)
+#: GGUF ``general.file_type`` (llama.cpp's LLAMA_FTYPE) of the dominant weight type
+FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0",
+              "q4_0": "MOSTLY_Q4_0", "q4_1": "MOSTLY_Q4_1", "q5_0": "MOSTLY_Q5_0",
+              "q5_1": "MOSTLY_Q5_1"}
+
+
+@dataclass
+class ExportReport:
+    """What ``export_gguf`` wrote."""
+
+    path: Path
+    architecture: str
+    file_bytes: int
+    parameters: int  # values in all tensors
+    types: dict[str, int] = field(default_factory=dict)  # GGUF type -> number of tensors
+    carried: int = 0  # tensors holding lowbit's own codes, unchanged
+    tokenizer_pre: str | None = None
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.file_bytes / self.parameters
+
+    def __str__(self) -> str:
+        types = ", ".join(f"{n} {t.upper()}" for t, n in sorted(self.types.items()))
+        return (f"{self.path}: {self.architecture}, {self.file_bytes / 2**20:.1f} MiB, "
+                f"{self.bits_per_weight:.2f} bits/weight ({types}; {self.carried} carry "
+                f"lowbit's codes unchanged; pre-tokenizer {self.tokenizer_pre})")
+
+
+def _check_type(name: str, what: str) -> str:
+    name = name.lower()
+    if name not in TYPES:
+        raise ExportError(f"unknown GGUF {what} {name!r}; use one of {', '.join(TYPES)}")
+    return name
+
+
+def _open(model, tokenizer):
+    from lowbit.model import load_model, load_tokenizer
+
+    if not isinstance(model, nn.Module):
+        spec = os.fspath(model)
+        model = load_model(spec)
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec)
+    elif tokenizer is None:
+        tokenizer = load_tokenizer(model)  # through model.lowbit_spec, or a clear error
+    return model, tokenizer
+
+
+def _source_spec(model: nn.Module) -> str | None:
+    spec = getattr(model, "lowbit_spec", None)
+    return spec if isinstance(spec, str) else None
+
+
+def export_gguf(model, path: str | os.PathLike, *, overwrite: bool = False,
+                float_type: str = "f16", embedding_type: str = "f16", tokenizer=None,
+                tokenizer_pre: str | None = None) -> ExportReport:
+    """Write ``model`` (an ``nn.Module``, lowbit checkpoint folder, bundled name, HF folder or
+    .gguf) to GGUF file ``path``. ``float_type``: type of unquantized linear weights (f32,
+    f16, or q8_0/q4_0/q4_1/q5_0/q5_1 rounded as llama.cpp does); ``embedding_type``: type of
+    the token embedding; ``tokenizer_pre``: llama.cpp pre-tokenizer name (default: the source
+    GGUF's, else read off ``tokenizer.json``)."""
+    from gguf import GGML_QUANT_VERSION, GGUFWriter, LlamaFileType
+
+    float_type = _check_type(float_type, "type")
+    embedding_type = _check_type(embedding_type, "embedding type")
+    target = Path(path)
+    if target.exists() and not overwrite:
+        raise ExportError(f"{target} already exists; choose another name or pass "
+                          "overwrite=True (CLI: --overwrite)")
+    if target.is_dir():
+        raise ExportError(f"{target} is a folder; pass a file name ending in .gguf")
+    model, tokenizer = _open(model, tokenizer)
+    arch, config = gguf_model.architecture(model)
+    tensors = list(gguf_model.tensors(model, arch, config, float_type, embedding_type))
+    spec = _source_spec(model)
+    pre = tokenizer_pre or source_pre_tokenizer(spec)
+
+    weight_types = collections.Counter()
+    for t in tensors:
+        if t.data.ndim == 2 and not t.name.startswith("token_embd"):
+            weight_types[t.type] += int(t.data.shape[0])
+    dominant = weight_types.most_common(1)[0][0] if weight_types else "f32"
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    writer = GGUFWriter(tmp, arch)
+    try:
+        writer.add_name(Path(spec).name if spec and not spec.startswith("<") else arch)
+        writer.add_file_type(getattr(LlamaFileType, FILE_TYPES[dominant]))
+        writer.add_quantization_version(GGML_QUANT_VERSION)
+        recipe = getattr(model, "lowbit_recipe", None)
+        writer.add_string("general.quantized_by", "lowbit")
+        if recipe is not None:
+            writer.add_string("lowbit.recipe", recipe.name)
+        gguf_model.add_hparams(writer, config)
+        pre = add_tokenizer(writer, tokenizer, config.vocab_size, pre)
+        for t in tensors:
+            if t.type in blocks.FLOAT_TYPES:
+                writer.add_tensor(t.name, t.data)
+            else:
+                writer.add_tensor(t.name, t.data, raw_dtype=blocks.ggml_type(t.type))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        if target.exists() and not overwrite:
+            raise ExportError(f"{target} appeared while exporting; choose another name or "
+                              "pass overwrite=True")
+        os.replace(tmp, target)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return ExportReport(
+        target, arch, target.stat().st_size,
+        sum(int(t.data.size) if t.type in blocks.FLOAT_TYPES else _values(t) for t in tensors),
+        dict(collections.Counter(t.type for t in tensors)),
+        sum(t.carried for t in tensors), pre)
+
+
+def _values(t: gguf_model.Tensor) -> int:
+    rows, nbytes = t.data.shape
+    return rows * nbytes // blocks.block_bytes(t.type) * blocks.BLOCK
