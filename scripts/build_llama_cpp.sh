@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Build llama.cpp's tools (llama-perplexity, llama-completion: the classic llama-cli, whose
+# new llama-cli needs the server build; llama-bench, llama-quantize, llama-simple,
+# llama-tokenize) from the llama.cpp sources vendored in the llama-cpp-python sdist, into
+# ${LOWBIT_LLAMA_CPP_DIR:-~/.cache/lowbit/llama.cpp}. The export tests and
+# benchmarks/gguf_export.py find the binaries there (or via LOWBIT_LLAMA_CPP_BIN).
+# Takes a few minutes on 2 cores. Safe to run again: finished steps are skipped.
+#
+# Known issue: on Intel Xeons with AMX, GCC 12 miscompiles ggml/src/ggml-cpu/amx/mmq.cpp
+# (segfault on multi-token quantized batches); there, run the tools with `-nr` / `--repack 0`
+# or build with a newer compiler. AMD CPUs (no AMX) are not affected.
+set -euo pipefail
+VERSION=${LLAMA_CPP_PYTHON_VERSION:-0.3.36}
+ROOT=${LOWBIT_LLAMA_CPP_DIR:-$HOME/.cache/lowbit/llama.cpp}
+JOBS=${JOBS:-2}
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+PIP=${PIP:-"$HERE/.venv/bin/python -m pip"}
+mkdir -p "$ROOT"
+cd "$ROOT"
+SDIST=$(ls llama_cpp_python-"$VERSION".tar.gz 2>/dev/null || true)
+if [ -z "$SDIST" ]; then
+  $PIP download --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$ROOT"
+  SDIST=llama_cpp_python-"$VERSION".tar.gz
+fi
+SRC="$ROOT/llama_cpp_python-$VERSION"
+[ -d "$SRC" ] || tar xzf "$SDIST"
+cd "$SRC/vendor/llama.cpp"
+cmake -B build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
+  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF
+cmake --build build -j"$JOBS" \
+  --target llama-perplexity llama-completion llama-bench llama-quantize llama-simple llama-tokenize
+ln -sfn "$SRC/vendor/llama.cpp/build/bin" "$ROOT/bin"
+echo "llama.cpp tools in $ROOT/bin:"
+ls "$ROOT/bin"
