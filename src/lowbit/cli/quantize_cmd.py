@@ -22,14 +22,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from lowbit.model import Recipe, load_model, load_tokenizer, quantize, save
-    from lowbit.model.serialization import CheckpointError
+    from lowbit.model.serialization import check_target
 
     set_threads(args.threads)
-    if Path(args.output).exists() and not args.overwrite:
-        raise CheckpointError(f"{args.output} already exists; pass --overwrite to replace it")
+    check_target(args.output, args.overwrite)  # before the work: refuses what save would
     recipe = Recipe.parse(args.recipe)
     if args.keep:
         recipe = recipe.with_keep(*args.keep)

@@ -145,9 +145,27 @@ def _check_config(path: Path) -> None:
                              "check the config")
 
 
+def _check_shard_index(path: Path) -> None:
+    """A sharded folder's ``model.safetensors.index.json`` parses and names shards that exist."""
+    index = path / "model.safetensors.index.json"
+    if not index.is_file():
+        return
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        shards = set(weight_map.values())
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise ModelLoadError(f"{index} is corrupt ({exc!r:.120}): it must be JSON with a "
+                             "'weight_map'; restore it from the model's source") from exc
+    missing = sorted(s for s in shards if not (path / str(s)).is_file())
+    if missing:
+        raise ModelLoadError(f"{index} names shards that are not in the folder: {missing[:3]}; "
+                             "the download is incomplete: fetch the missing files")
+
+
 def _load_hf_dir(path: Path) -> nn.Module:
     transformers = _offline_transformers()
     _check_config(path)
+    _check_shard_index(path)
     for file in sorted(path.glob("*.safetensors")):
         read_header(file, ModelLoadError)
     try:

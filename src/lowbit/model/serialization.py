@@ -78,12 +78,7 @@ def save(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = Fa
     ``overwrite``."""
     from safetensors.torch import save_file
 
-    target = Path(directory)
-    recover(target)
-    if target.exists() and not overwrite:
-        raise CheckpointError(f"{target} already exists; choose another folder or pass "
-                              f"overwrite=True (CLI: --overwrite)")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = check_target(directory, overwrite)
     tensors, aliases = _unique_state(model)
     recipe = getattr(model, "lowbit_recipe", None)
     config = getattr(model, "config", None)
@@ -102,9 +97,13 @@ def save(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = Fa
         "aliases": aliases,
         "dtypes": {k: str(v.dtype).removeprefix("torch.") for k, v in tensors.items()},
     }
-    _remove_stale_temps(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp",
-                                dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp",
+                                    dir=target.parent))
+    except OSError as exc:
+        raise CheckpointError(f"cannot write {target}: {exc}; choose a writable folder") from exc
     try:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FILE_FORMAT})
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
@@ -118,9 +117,35 @@ def save(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = Fa
             _discard(old)
         else:
             tmp.rename(target)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise CheckpointError(f"writing {target} failed ({exc}); nothing was written under "
+                                  "that name: free some space or choose another folder") from exc
         raise
+    return target
+
+
+def check_target(directory: str | os.PathLike, overwrite: bool) -> Path:
+    """The folder ``save`` may write: refuses an existing one without ``overwrite``, and even
+    with it anything but a lowbit checkpoint or an empty folder, so that ``--overwrite`` never
+    deletes a model's own files. The CLI calls it before the work starts."""
+    target = Path(directory)
+    recover(target)
+    if not target.exists():
+        above = next(p for p in target.parents if p.exists())
+        if not above.is_dir():
+            raise CheckpointError(f"cannot write {target}: {above} is a file, not a folder; "
+                                  "choose another output folder")
+        return target
+    if not overwrite:
+        raise CheckpointError(f"{target} already exists; choose another folder or pass "
+                              f"overwrite=True (CLI: --overwrite)")
+    if not target.is_dir() or (any(target.iterdir()) and not (target / MANIFEST).is_file()):
+        what = "a folder without manifest.json" if target.is_dir() else "a file"
+        raise CheckpointError(f"{target} is not a lowbit checkpoint ({what}); overwrite only "
+                              "replaces a checkpoint, so a model's own files are never deleted: "
+                              "choose another folder, or remove it yourself")
     return target
 
 
@@ -225,6 +250,9 @@ def _check_tensors(path: Path, manifest: dict, tensors: dict[str, torch.Tensor])
                               f"lists (e.g. {missing[:3]}): the checkpoint is incomplete; "
                               "re-create it")
     for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{path / WEIGHTS}: tensor {key!r} holds NaN or Inf values: "
+                                  "the file is corrupt; re-create the checkpoint")
         saved = dtypes.get(key)
         if saved is not None and str(t.dtype).removeprefix("torch.") != saved:
             raise CheckpointError(f"{path / WEIGHTS}: tensor {key!r} has dtype "
