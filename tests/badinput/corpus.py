@@ -95,6 +95,6 @@ TALLY = Tally()
 
 
 def all_cases() -> list[Case]:
-    from . import cases_files, cases_inputs  # noqa: F401  (registers the cases)
+    from . import cases_files, cases_inputs, cases_output  # noqa: F401  (registers the cases)
 
     return CASES

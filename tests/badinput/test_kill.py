@@ -94,6 +94,9 @@ def test_crash_between_renames_is_recovered(tmp_path):
     out.rename(tmp_path / ".ckpt.old")  # the state such a crash leaves
     assert lowbit.load(out).lowbit_recipe.name == "w8"  # load puts it back
     assert _digest(out) == before and not (tmp_path / ".ckpt.old").exists()
+    out.rename(tmp_path / ".ckpt.old")
+    assert lowbit.load_model(out).lowbit_recipe.name == "w8"  # so does load_model (the CLI)
+    assert _digest(out) == before
 
     out.rename(tmp_path / ".ckpt.old")
     model = _small_checkpoint(tmp_path / "other", "w4g32")

@@ -7,7 +7,6 @@ an ``nn.Module``, without a model hub and without unpickling anything.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sys
 import warnings
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.model.hf_folder import check_hf_folder
 from lowbit.model.hub import BUNDLED, bundled_path
 from lowbit.model.safetensors_header import is_pickle, read_header
 
@@ -58,6 +58,10 @@ def resolve_spec(spec: str | os.PathLike[str]) -> tuple[str, Path]:
             return "hf", _converted_dir(path)
         return "hf", path
     path = Path(text).expanduser()
+    if not path.exists():
+        from lowbit.model.serialization import recover
+
+        recover(path)  # a checkpoint that a killed `save --overwrite` had moved aside
     if not path.exists():
         hint = ""
         if "/" in text and not text.startswith((".", "/", "~")):
@@ -126,48 +130,9 @@ def _model_class(transformers: Any, config: Any) -> Any:
     return transformers.AutoModel
 
 
-def _check_config(path: Path) -> None:
-    """config.json must be a JSON object naming a ``model_type`` transformers knows."""
-    from transformers import CONFIG_MAPPING
-
-    file = path / "config.json"
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{file} is not valid JSON ({exc}); restore it from the model's "
-                             "source (save_pretrained writes it)") from exc
-    if not isinstance(config, dict) or "model_type" not in config:
-        raise ModelLoadError(f"{file} is not a Hugging Face model config (a JSON object with a "
-                             "'model_type' key); restore it from the model's source")
-    if config["model_type"] not in CONFIG_MAPPING:
-        raise ModelLoadError(f"{file}: model_type {config['model_type']!r} is not an "
-                             "architecture this transformers knows; upgrade transformers or "
-                             "check the config")
-
-
-def _check_shard_index(path: Path) -> None:
-    """A sharded folder's ``model.safetensors.index.json`` parses and names shards that exist."""
-    index = path / "model.safetensors.index.json"
-    if not index.is_file():
-        return
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        shards = set(weight_map.values())
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-        raise ModelLoadError(f"{index} is corrupt ({exc!r:.120}): it must be JSON with a "
-                             "'weight_map'; restore it from the model's source") from exc
-    missing = sorted(s for s in shards if not (path / str(s)).is_file())
-    if missing:
-        raise ModelLoadError(f"{index} names shards that are not in the folder: {missing[:3]}; "
-                             "the download is incomplete: fetch the missing files")
-
-
 def _load_hf_dir(path: Path) -> nn.Module:
     transformers = _offline_transformers()
-    _check_config(path)
-    _check_shard_index(path)
-    for file in sorted(path.glob("*.safetensors")):
-        read_header(file, ModelLoadError)
+    check_hf_folder(path, ModelLoadError)
     try:
         config = transformers.AutoConfig.from_pretrained(
             path, local_files_only=True, trust_remote_code=False
