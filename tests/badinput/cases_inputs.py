@@ -244,6 +244,17 @@ CLI = {
                                      "{tmp}/none.txt"], "none.txt"),
     "qat, --data missing": (["qat", "{hf}", "--data", "{tmp}/none.txt", "--steps", "1",
                              "-o", "{tmp}/out"], "none.txt"),
+    "quantize, --threads -1": (["quantize", "{hf}", "--threads", "-1", "-o", "{tmp}/out"],
+                               "--threads"),
+    "quantize, --calibration-tokens 0": (
+        ["quantize", "{hf}", "-r", "w4g32-gptq", "--calibration-tokens", "0", "-o", "{tmp}/out"],
+        "tokens=0"),
+    "quantize, --calibration is a folder": (
+        ["quantize", "{hf}", "-r", "w4g32-gptq", "--calibration", "{tmp}", "-o", "{tmp}/out"],
+        "existing file"),
+    "eval, --window 0": (["eval", "{hf}", "--window", "0", "--no-speed"], "window"),
+    "qat, --seq-len 1": (["qat", "{hf}", "--seq-len", "1", "--steps", "1", "-o", "{tmp}/out"],
+                         "seq_len"),
     "eval, recipe file with bad YAML": (["eval", "{hf}", "--recipe", "{tmp}/r.yaml", "--no-speed"],
                                         "recipe"),
 }

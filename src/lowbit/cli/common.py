@@ -57,5 +57,10 @@ def calibration_batches(tokenizer, source: str | None, tokens: int = 16384, seq_
 
 
 def set_threads(n: int | None) -> None:
+    """``--threads N``; 0 or None keep torch's default."""
+    if n is not None and n < 0:
+        from lowbit.errors import LowbitError
+
+        raise LowbitError(f"--threads must be a positive number of threads, got {n}")
     if n:
         torch.set_num_threads(n)
