@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from lowbit.eval.sensitivity import (
     layer_sensitivity,
     sensitivity,
 )
+from lowbit.model import Recipe
 
 FAST = {"window": 32, "n_windows": 1, "progress": False}
 
@@ -79,7 +81,8 @@ def test_layer_sensitivity_measures_and_restores(tiny) -> None:
     before = model(ids).logits
     modules = dict(model.named_modules())
     names = ["model.layers.0.mlp.down_proj", "lm_head"]
-    kld = layer_sensitivity(model, tok, "w2g16", names=names, n_windows=1, window=32)
+    w2 = replace(Recipe.parse("w2g16"), rules=())  # the head at 2 bits too, not int8
+    kld = layer_sensitivity(model, tok, w2, names=names, n_windows=1, window=32)
     assert list(kld) == names and all(v > 1e-4 for v in kld.values())
     assert all(modules[n] is m for n, m in model.named_modules())  # same modules back
     torch.testing.assert_close(model(ids).logits, before)

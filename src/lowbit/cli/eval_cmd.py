@@ -12,7 +12,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="checkpoint folder, bundled name, HF folder or .gguf")
     p.add_argument("--recipe", help="quantize the model with this recipe before evaluating")
     p.add_argument("--baseline", help="model to compare against (KL divergence, top-1, ΔPPL)")
-    p.add_argument("--data", default="pydoc", help="text file, or 'pydoc' (built-in corpus)")
+    p.add_argument("--data", default="pydoc", help="text file, or a built-in text: 'pydoc' "
+                   "(in-domain), 'idle-news' or 'email' (held out from calibration)")
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--windows", type=int, default=32, help="number of windows")
     p.add_argument("--protocol", choices=["full", "llama.cpp"], default="full",

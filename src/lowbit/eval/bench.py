@@ -294,12 +294,12 @@ def _baseline_row(base, ids, settings: BenchSettings, note) -> dict:
 
 
 def _recipe_row(entry: Entry, base, tok, settings: BenchSettings, note) -> dict:
-    from lowbit.data import text
+    from lowbit.data import DEFAULT_CALIBRATION, text
     from lowbit.eval.evaluate import evaluate
     from lowbit.model import Recipe, quantize
 
     recipe = Recipe.parse(entry.id)
-    calibration = (text("pydoc", tok, tokens=CALIBRATION_TOKENS, seq_len=512)
+    calibration = (text(DEFAULT_CALIBRATION, tok, tokens=CALIBRATION_TOKENS, seq_len=512)
                    if recipe.needs_calibration else None)
     candidate = copy.deepcopy(base)
     t0 = time.perf_counter()

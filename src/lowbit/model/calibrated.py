@@ -97,7 +97,7 @@ def _check_enough(plan: dict[str, Scheme], model: nn.Module, tokens: int) -> Non
         raise RecipeError(
             f"too little calibration data: {worst[0]} ({'GPTQ/AWQ'}) estimates a {worst[1]}x"
             f"{worst[1]} input covariance but the calibration set has {tokens} tokens; pass at "
-            f"least {worst[1]} (128 x 512 is usual), e.g. lowbit.data.text('pydoc', tokenizer, "
+            f"least {worst[1]} (128 x 512 is usual), e.g. lowbit.data.text('default', tokenizer, "
             f"tokens=65536)")
 
 
@@ -358,7 +358,7 @@ def quantize_calibrated(
         names = sorted({s.algorithm for s in plan.values() if stats_needed(s)})
         raise RecipeError(
             f"recipe {recipe.name!r} ({', '.join(names)}) needs calibration data; pass "
-            f"calibration=lowbit.data.text('pydoc', tokenizer) or --calibration FILE")
+            f"calibration=lowbit.data.text('default', tokenizer) or --calibration FILE")
     run = _Run(model, plan, solver or Solver(), backend, sample_tokens)
     done: set[str] = set()
     with torch.no_grad():

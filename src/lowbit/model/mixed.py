@@ -340,7 +340,7 @@ def auto_recipe(model: nn.Module, recipe: Recipe, batches: list | None, *,
     if sens is None:
         if not batches:
             raise RecipeError(f"{recipe.name} measures each layer's sensitivity on calibration "
-                              f"data: pass calibration=lowbit.data.text('pydoc', tokenizer)")
+                              f"data: pass calibration=lowbit.data.text('default', tokenizer)")
         slice_ = _slice(batches, sensitivity_tokens)
         rtn = candidate_schemes(candidates, "rtn", rotation)
         anchor = min(candidates, key=lambda c: abs(_nominal_bits(rtn[c]) - bpw))

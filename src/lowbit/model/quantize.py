@@ -249,7 +249,7 @@ def quantize_model(
         if calibration is None:
             raise RecipeError(
                 f"recipe {recipe.name!r} needs calibration data (static activation ranges); "
-                f"pass calibration=lowbit.data.text('pydoc', tokenizer) or --calibration FILE"
+                f"pass calibration=lowbit.data.text('default', tokenizer) or --calibration FILE"
             )
         static = [(n, m, s) for n, m, s in targets if s is not None and s.needs_calibration]
         input_ranges = collect_input_ranges(model, static, calibration, progress=progress)
