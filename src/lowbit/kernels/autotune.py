@@ -96,7 +96,7 @@ def _flag_ranking(name: str) -> list[str]:
         torch_kernel = DECISIONS[name][1]
         return [torch_kernel, "native"] if f.native_bf16 else ["native", torch_kernel]
     if name == "decode.w8a8":
-        return ["int_mm", "native", "fp32_gemm"] if f.vnni else ["native", "fp32_gemm"]
+        return ["int_mm", "native", "fp32_gemm"] if f.vnni else ["native", "fp32_gemm", "int_mm"]
     if name == "prefill.w8a8":
         return ["int_mm", "fp32_gemm"] if f.vnni else ["fp32_gemm", "int_mm"]
     return ["bf16", "fp32"] if f.native_bf16 else ["fp32", "bf16"]
