@@ -1,0 +1,91 @@
+"""Run llama.cpp's own tools on a GGUF export: greedy text, perplexity, speed, re-quantization.
+
+The binaries come from ``scripts/build_llama_cpp.sh`` (``~/.cache/lowbit/llama.cpp/bin``) or
+the folder named by ``LOWBIT_LLAMA_CPP_BIN``; ``find_tool`` returns None when absent, so
+tests can skip with a reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+from lowbit.export.gguf_weights import ExportError
+
+BUILD_HINT = "build them with scripts/build_llama_cpp.sh (or set LOWBIT_LLAMA_CPP_BIN)"
+
+
+class LlamaCppToolError(ExportError):
+    """A llama.cpp tool is missing or failed; the message shows its output."""
+
+
+def tool_dir() -> Path:
+    env = os.environ.get("LOWBIT_LLAMA_CPP_BIN")
+    return Path(env) if env else Path.home() / ".cache" / "lowbit" / "llama.cpp" / "bin"
+
+
+def find_tool(name: str) -> Path | None:
+    path = tool_dir() / name
+    return path if path.is_file() and os.access(path, os.X_OK) else None
+
+
+def _run(name: str, args: list[str], timeout: float = 1800) -> str:
+    tool = find_tool(name)
+    if tool is None:
+        raise LlamaCppToolError(f"llama.cpp's {name} is not in {tool_dir()}; {BUILD_HINT}")
+    proc = subprocess.run([str(tool), *args], capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        raise LlamaCppToolError(f"{name} {' '.join(args)} failed ({proc.returncode}):\n"
+                                f"{proc.stderr[-2000:]}")
+    return proc.stdout + "\n" + proc.stderr if name == "llama-perplexity" else proc.stdout
+
+
+def greedy_text(model: str | os.PathLike, prompt: str, n_tokens: int, threads: int = 2) -> str:
+    """The text llama.cpp generates after ``prompt`` (greedy: temperature 0, no chat
+    template, no extra BOS handling beyond the file's ``add_bos_token``)."""
+    return _run("llama-completion", [
+        "-m", str(model), "-p", prompt, "-n", str(n_tokens), "--temp", "0", "-no-cnv",
+        "--no-display-prompt", "-t", str(threads), "-c", "256", "--no-warmup", "--simple-io",
+        "-s", "1"])
+
+
+def perplexity(model: str | os.PathLike, text_file: str | os.PathLike, ctx: int = 512,
+               chunks: int = 8, threads: int = 2) -> float:
+    """``llama-perplexity -c ctx``'s PPL over the first ``chunks`` windows of ``text_file``.
+
+    llama.cpp's logger may drop its last lines when the process exits (its singleton is never
+    flushed), so the tool runs one chunk more and the running PPL printed after chunk
+    ``chunks`` is read: the same number as ``--chunks chunks``'s final estimate."""
+    out = _run("llama-perplexity", ["-m", str(model), "-f", str(text_file), "-c", str(ctx),
+                                    "--chunks", str(chunks + 1), "-t", str(threads),
+                                    "-b", str(ctx)])
+    running = dict(re.findall(r"\[(\d+)\]([0-9.]+),", out))
+    if str(chunks) not in running:
+        raise LlamaCppToolError(f"llama-perplexity printed no PPL after chunk {chunks} (is "
+                                f"the text long enough for {chunks + 1} chunks?):\n{out[-2000:]}")
+    return float(running[str(chunks)])
+
+
+def bench(model: str | os.PathLike, threads: int = 2, prompt: int = 512, gen: int = 64,
+          repetitions: int = 3) -> dict:
+    """``llama-bench -t threads -p prompt -n gen``: prefill and decode tokens/s, CPU name."""
+    out = _run("llama-bench", ["-m", str(model), "-t", str(threads), "-p", str(prompt),
+                               "-n", str(gen), "-r", str(repetitions), "-o", "json"])
+    rows = json.loads(out[out.index("["):])
+    result = {"cpu": rows[0].get("cpu_info", "?"), "model_size": rows[0].get("model_size")}
+    for row in rows:
+        key = "prefill_tps" if row.get("n_prompt") else "decode_tps"
+        result[key] = float(row["avg_ts"])
+        result[key.replace("tps", "sd")] = float(row.get("stddev_ts", 0.0))
+    return result
+
+
+def quantize(source: str | os.PathLike, target: str | os.PathLike, type_name: str,
+             threads: int = 2) -> Path:
+    """``llama-quantize source target TYPE`` (llama.cpp's own rounding and type mix)."""
+    _run("llama-quantize", [str(source), str(target), type_name.upper(), str(threads)])
+    return Path(target)
