@@ -20,6 +20,7 @@ def cache(tmp_path, monkeypatch):
     measurements; this process's choices forgotten before and after."""
     monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path))
     monkeypatch.setattr(probe, "NOISY", float("inf"))
+    monkeypatch.setattr(probe, "BUSY", float("inf"))
     calls = []
     real = probe.measure
 
@@ -37,7 +38,7 @@ def test_measured_once_then_read_back(cache):
     tmp, calls = cache
     first = autotune.measured()
     assert not first["cached"] and len(calls) == 1
-    if first["noise"] < 2:  # short where the machine is not busy (about a second)
+    if first["noise"] < 2 and first["load"] < 1.5:  # short on a quiet machine (~1 s)
         assert first["seconds"] < 5, first["seconds"]
     path = tmp / autotune.CACHE_NAME
     data = json.loads(path.read_text())

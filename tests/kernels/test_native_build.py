@@ -67,6 +67,7 @@ def test_solve_library_is_separate_and_portable(fresh, monkeypatch):
 
 def test_kernels_command_json(fresh, monkeypatch, capsys):
     monkeypatch.setattr(probe, "NOISY", float("inf"))
+    monkeypatch.setattr(probe, "BUSY", float("inf"))
     assert main(["kernels", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["policy"] == "measured" and not rep["cached"]

@@ -30,7 +30,8 @@ def report(remeasure: bool = False) -> dict:
     }
     if entry is not None:
         out.update(key=entry["key"], cache=str(autotune.cache_path()), cached=entry["cached"],
-                   seconds=entry["seconds"], noise=entry["noise"], noisy=entry["noisy"],
+                   seconds=entry["seconds"], noise=entry["noise"], load=entry["load"],
+                   noisy=entry["noisy"],
                    table=entry["table"])
     return out
 
@@ -43,7 +44,8 @@ def _lines(rep: dict) -> list[str]:
                      f"{rep['key']['torch']}, {rep['key']['threads']} threads)")
         if rep["noisy"]:
             lines.append(f"note     timings were noisy (winner's median {rep['noise']}x its "
-                         "best run: a busy machine); the next process measures again")
+                         f"best run, load {rep['load']} per core: a busy machine); the next "
+                         "process measures again")
     lines.append("")
     table = rep.get("table", {})
     for name in sorted(set(table) | set(rep["choices"])):

@@ -13,6 +13,7 @@ float linears plus the mix of the family's measured GEMVs in that dtype.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 
 import torch
@@ -30,6 +31,8 @@ PREFILL_ROWS = 128
 #: a winner whose median is this many times its fastest run was timed on a busy machine:
 #: its choices are used by this process but measured again by the next
 NOISY = 2.0
+#: the same where the load average per core exceeds this (the probe's own threads count 1)
+BUSY = 1.5
 #: past this many seconds every timing stops at 3 rounds (only a busy machine gets there)
 BUDGET_S = 2.0
 _BASE = {name: cands[-1] for name, cands in autotune.DECISIONS.items()}
@@ -170,5 +173,15 @@ def measure() -> dict:
     votes = [ranking[f"runtime.{f}"][0] for f in ("int8_weight", "int4_weight", "w8a8")]
     ranking["compute"] = sorted(("fp32", "bf16"), key=lambda dt: -votes.count(dt))
     worst = max(noise)  # the winners' median / minimum: near 1 on an idle machine
-    return {"ranking": ranking, "table": table, "noise": round(worst, 2),
-            "noisy": worst > NOISY, "seconds": round(time.perf_counter() - t0, 3)}
+    load = busy()
+    return {"ranking": ranking, "table": table, "noise": round(worst, 2), "load": load,
+            "noisy": worst > NOISY or load > BUSY, "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def busy() -> float:
+    """The 1-minute load average per core this process may use (0 where unknown): above
+    ``BUSY`` other work competes for the cores, and every sample can be stalled alike."""
+    try:
+        return round(os.getloadavg()[0] / len(os.sched_getaffinity(0)), 2)
+    except (AttributeError, OSError):
+        return 0.0
