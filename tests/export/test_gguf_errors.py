@@ -116,3 +116,15 @@ def test_unknown_type(tmp_path, tiny_tok):
     with pytest.raises(ExportError, match="unknown GGUF type 'q3_k'"):
         lowbit.export(tiny_decoder(), "gguf", tmp_path / "m.gguf", tokenizer=tiny_tok,
                       float_type="q3_k")
+
+
+def test_temporary_file_of_a_killed_export_is_removed(tmp_path, tiny_tok):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    stale = tmp_path / f".m.gguf.{dead}.tmp"
+    stale.write_bytes(b"GGUF half-written")
+    lowbit.export(tiny_decoder(), "gguf", tmp_path / "m.gguf", tokenizer=tiny_tok)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]

@@ -105,6 +105,7 @@ def export_gguf(model, path: str | os.PathLike, *, overwrite: bool = False,
     dominant = weight_types.most_common(1)[0][0] if weight_types else "f32"
 
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(target)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     writer = GGUFWriter(tmp, arch)
     try:
@@ -139,6 +140,24 @@ def export_gguf(model, path: str | os.PathLike, *, overwrite: bool = False,
         sum(int(t.data.size) if t.type in blocks.FLOAT_TYPES else _values(t) for t in tensors),
         dict(collections.Counter(t.type for t in tensors)),
         sum(t.carried for t in tensors), pre)
+
+
+def _remove_stale_temps(target: Path) -> None:
+    """Delete temporary files that killed exports to ``target`` left (their process is gone)."""
+    for tmp in target.parent.glob(f".{target.name}.*.tmp"):
+        pid = tmp.name[len(target.name) + 2:].split(".")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def _values(t: gguf_model.Tensor) -> int:
