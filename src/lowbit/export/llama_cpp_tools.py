@@ -46,11 +46,12 @@ def _run(name: str, args: list[str], timeout: float = 1800) -> str:
 
 def greedy_text(model: str | os.PathLike, prompt: str, n_tokens: int, threads: int = 2) -> str:
     """The text llama.cpp generates after ``prompt`` (greedy: temperature 0, no chat
-    template, no extra BOS handling beyond the file's ``add_bos_token``)."""
+    template, no extra BOS handling beyond the file's ``add_bos_token``); trailing newlines
+    are dropped (llama-completion ends its output with blank lines)."""
     return _run("llama-completion", [
         "-m", str(model), "-p", prompt, "-n", str(n_tokens), "--temp", "0", "-no-cnv",
         "--no-display-prompt", "-t", str(threads), "-c", "256", "--no-warmup", "--simple-io",
-        "-s", "1"])
+        "-s", "1"]).rstrip("\n")
 
 
 def perplexity(model: str | os.PathLike, text_file: str | os.PathLike, ctx: int = 512,
