@@ -1,10 +1,12 @@
-"""Output folders ``save`` must refuse, and folder damage beyond the weights: a corrupt shard
-index, a garbage tokenizer, NaN values stored in a checkpoint."""
+"""Output folders ``save`` must refuse, and damage a header check cannot see: a corrupt shard
+index, a garbage tokenizer, renamed or missing tensors, NaN values stored in a checkpoint, GGUF
+metadata that disagrees with its tensors."""
 
 from __future__ import annotations
 
 import json
 
+from . import files
 from .cases_files import _load_ckpt, _load_model
 from .corpus import Env, case
 
@@ -91,3 +93,45 @@ def _(env: Env):
     (folder / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {}, "weight_map": weight_map}))
     _load_model(folder)
+
+
+def _rewrite_hf(env: Env, edit):
+    from safetensors.torch import load_file, save_file
+
+    folder = env.copy(env.hf_dir, "hf")
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+@case("folders", "tensor renamed (would be random)", says="lack")
+def _(env: Env):
+    def edit(t):
+        t["model.layers.0.mlp.up_prox.weight"] = t.pop("model.layers.0.mlp.up_proj.weight")
+    _load_model(_rewrite_hf(env, edit))
+
+
+@case("folders", "tensor missing (would be random)", says="lack")
+def _(env: Env):
+    _load_model(_rewrite_hf(env, lambda t: t.pop("model.norm.weight")))
+
+
+def _tiny_gguf(env: Env) -> bytes:
+    from ..model.test_loaders import write_tiny_gguf
+
+    return write_tiny_gguf(env.hf_dir, env.tmp / "tiny.gguf").read_bytes()
+
+
+@case("gguf", "two tensors on the same bytes", says="overlaps")
+def _(env: Env):
+    data = files.gguf_alias_tensor(_tiny_gguf(env), "blk.0.attn_k.weight", "blk.0.attn_q.weight")
+    (env.tmp / "bad.gguf").write_bytes(data)
+    _load_model(env.tmp / "bad.gguf")
+
+
+@case("gguf", "metadata width disagrees with tensors", says=("fit", "describes"))
+def _(env: Env):
+    data = files.gguf_set_u32(_tiny_gguf(env), "llama.embedding_length", 96)
+    (env.tmp / "bad.gguf").write_bytes(data)
+    _load_model(env.tmp / "bad.gguf")

@@ -105,11 +105,11 @@ def _gstr(s: str | bytes, length: int | None = None) -> bytes:
 
 def gguf_bytes(*, magic: bytes = b"GGUF", version: int = 3, tensor_count: int | None = None,
                kv_count: int | None = None, key_length: int | None = None,
-               array_count: int | None = None, tensor_type: int = 0) -> bytes:
+               array_count: int | None = None, tensor_type: int = 0, blocks: int = 1) -> bytes:
     """A small GGUF file (llama metadata, one 4 x 4 tensor), with one field set wrong."""
     kvs = [
         _gstr("general.architecture", key_length) + struct.pack("<I", _STRING) + _gstr("llama"),
-        _gstr("llama.block_count") + struct.pack("<I", _UINT32) + struct.pack("<I", 1),
+        _gstr("llama.block_count") + struct.pack("<I", _UINT32) + struct.pack("<I", blocks),
         _gstr("tokenizer.ggml.scores") + struct.pack("<II", _ARRAY, _UINT32)
         + struct.pack("<Q", 3 if array_count is None else array_count)
         + struct.pack("<3I", 1, 2, 3),
@@ -133,7 +133,32 @@ GGUF_CASES = {
     "tensor-count-past-end": (dict(tensor_count=10**6), ("tensor",)),
     "kv-count-past-end": (dict(kv_count=10**6), ("of 1000000",)),
     "unknown-tensor-type": (dict(tensor_type=999), ("ggml type id 999",)),
+    "block count past the tensors": (dict(blocks=2**24), ("16777216 blocks",)),
+    "metadata of a bigger model": (dict(), ("describes a model of",)),
 }
+
+
+def _offset_field(data: bytes, name: str) -> int:
+    """Byte position of tensor ``name``'s data offset in a GGUF's tensor infos."""
+    raw = name.encode()
+    pos = data.index(struct.pack("<Q", len(raw)) + raw) + 8 + len(raw)
+    n_dims = struct.unpack_from("<I", data, pos)[0]
+    return pos + 4 + 8 * n_dims + 4
+
+
+def gguf_alias_tensor(data: bytes, name: str, onto: str) -> bytes:
+    """Point tensor ``name``'s data offset at tensor ``onto``'s bytes."""
+    out = bytearray(data)
+    src, dst = _offset_field(data, onto), _offset_field(data, name)
+    out[dst:dst + 8] = data[src:src + 8]
+    return bytes(out)
+
+
+def gguf_set_u32(data: bytes, key: str, value: int) -> bytes:
+    """Set the u32 value of metadata ``key``."""
+    raw = key.encode()
+    pos = data.index(struct.pack("<Q", len(raw)) + raw) + 8 + len(raw) + 4
+    return data[:pos] + struct.pack("<I", value) + data[pos + 4:]
 
 # -- pickles --------------------------------------------------------------------------------
 

@@ -67,8 +67,9 @@ class _Reader:
         return None
 
 
-def check_gguf(path: Path, error: type[Exception]) -> None:
-    """Raise ``error`` naming the first field of ``path`` that is not a well-formed GGUF."""
+def check_gguf(path: Path, error: type[Exception]) -> tuple[int, int]:
+    """Raise ``error`` naming the first field of ``path`` that is not a well-formed GGUF;
+    returns (tensor count, total number of weights) of a well-formed one."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -82,10 +83,10 @@ def check_gguf(path: Path, error: type[Exception]) -> None:
                         f"{' and '.join(map(str, SUPPORTED_VERSIONS))}); the file is truncated, "
                         "corrupt or from a newer llama.cpp: re-convert it")
         with mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as buf:
-            _walk(_Reader(buf, path, error))
+            return _walk(_Reader(buf, path, error))
 
 
-def _walk(r: _Reader) -> None:
+def _walk(r: _Reader) -> tuple[int, int]:
     from gguf import GGML_QUANT_SIZES
 
     r.take(8, "magic and version")
@@ -110,10 +111,40 @@ def _walk(r: _Reader) -> None:
         count = 1
         for d in dims:
             count *= d
-        infos.append((name, offset, count // block * type_size))
+        infos.append((name, offset, count // block * type_size, count))
     start = r.pos + (-r.pos % alignment)
-    for name, offset, nbytes in infos:
+    for name, offset, nbytes, _ in infos:
         if start + offset + nbytes > len(r.buf):
             raise r.error(f"{r.path}: tensor {name!r} ({nbytes} bytes at offset {offset}) runs "
                           f"past the end of the file ({len(r.buf)} bytes): the GGUF file is "
                           "truncated; fetch or convert it again")
+    end = 0
+    for name, offset, nbytes, _ in sorted(infos, key=lambda i: i[1]):
+        if offset < end:  # a fuzzed offset would read another tensor's bytes
+            raise r.error(f"{r.path}: tensor {name!r} at offset {offset} overlaps the tensor "
+                          "before it: the GGUF metadata is corrupt; fetch or convert it again")
+        end = offset + nbytes
+    return n_tensors, sum(info[3] for info in infos)
+
+
+def check_size(path: Path, config, counts: tuple[int, int], error: type[Exception]) -> None:
+    """Refuse metadata that describes a larger model than the file holds (a fuzzed block
+    count or width), before the model is allocated: built on the meta device, counted."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    n_tensors, n_weights = counts
+    layers = int(getattr(config, "num_hidden_layers", 0) or 0)
+    if layers > n_tensors:
+        raise error(f"{path}: the metadata says {layers} blocks but the file holds "
+                    f"{n_tensors} tensors: the GGUF metadata is corrupt; fetch it again")
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # pragma: no cover - older transformers
+        from contextlib import nullcontext as no_init_weights
+    with torch.device("meta"), no_init_weights():
+        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    if params > 1.5 * n_weights:
+        raise error(f"{path}: the metadata describes a model of {params:,} weights but the "
+                    f"file holds {n_weights:,}: the GGUF metadata is corrupt or incomplete; "
+                    "fetch it again")

@@ -138,14 +138,21 @@ def _load_hf_dir(path: Path) -> nn.Module:
             path, local_files_only=True, trust_remote_code=False
         )
         cls = _model_class(transformers, config)
-        model = cls.from_pretrained(
+        model, info = cls.from_pretrained(
             path, config=config, local_files_only=True, use_safetensors=True,
-            trust_remote_code=False, dtype=torch.float32,
+            trust_remote_code=False, dtype=torch.float32, output_loading_info=True,
         )
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
         raise ModelLoadError(f"could not build the model in {path}: {exc}. The weights do not "
                              "match config.json (shapes, names) or a file is damaged: restore "
                              "the folder from the model's source") from exc
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # transformers would fill them with random values
+        extra = sorted(info.get("unexpected_keys") or [])
+        raise ModelLoadError(
+            f"{path}: the weights lack {len(missing)} tensors {cls.__name__} needs (e.g. "
+            f"{missing[:3]}){f', and hold unexpected ones {extra[:3]}' if extra else ''}: the "
+            "files are damaged or belong to another model; restore the folder from its source")
     return _into_process_memory(model, path)
 
 
@@ -203,10 +210,10 @@ def _into_process_memory(model: nn.Module, folder: Path) -> nn.Module:
     return model
 
 
-def _check_gguf_header(path: Path) -> None:
+def _check_gguf_header(path: Path) -> tuple[int, int]:
     from lowbit.model.gguf_header import check_gguf
 
-    check_gguf(path, ModelLoadError)
+    return check_gguf(path, ModelLoadError)
 
 
 def _load_gguf(path: Path) -> nn.Module:
@@ -216,9 +223,11 @@ def _load_gguf(path: Path) -> nn.Module:
     directly rather than ``from_pretrained(gguf_file=...)``, which additionally requires
     ``accelerate``.
     """
-    _check_gguf_header(path)
+    counts = _check_gguf_header(path)
     transformers = _offline_transformers()
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from lowbit.model.gguf_header import check_size
 
     fix = ("The file is truncated or corrupt, or its architecture is not supported by "
            "transformers' GGUF reader: fetch it again (for a bundled model delete it from "
@@ -234,6 +243,7 @@ def _load_gguf(path: Path) -> nn.Module:
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ModelLoadError(f"{path}: GGUF architecture {config.model_type!r} is not a causal "
                              "LM that transformers can build.")
+    check_size(path, config, counts, ModelLoadError)
     try:
         from transformers.initialization import no_init_weights
     except ImportError:  # pragma: no cover - older transformers
@@ -248,7 +258,11 @@ def _load_gguf(path: Path) -> nn.Module:
             )["tensors"]
     except Exception as exc:
         raise ModelLoadError(f"could not read the tensors of {path}: {exc}. {fix}") from exc
-    result = model.load_state_dict(tensors, strict=False)
+    try:
+        result = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as exc:  # shapes that disagree with the metadata
+        raise ModelLoadError(f"{path}: GGUF tensors do not fit the model its metadata describes "
+                             f"({str(exc).strip()[:300]}). {fix}") from exc
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     missing = [k for k in result.missing_keys if k not in tied]
     if missing or result.unexpected_keys:
