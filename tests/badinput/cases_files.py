@@ -260,6 +260,14 @@ def _entry(**kw):
     return edit
 
 
+def _config(**kw):
+    def edit(text):
+        m = json.loads(text)
+        m["hf_config"].update(kw)
+        return m
+    return edit
+
+
 MANIFESTS = {
     "manifest not JSON": (lambda t: t[: len(t) // 2], ("corrupt",)),
     "manifest empty": (lambda t: "", ("corrupt",)),
@@ -270,9 +278,11 @@ MANIFESTS = {
     "manifest without quantized": (_set(quantized=None), ("quantized",)),
     "manifest quantized a list": (_set(quantized=[1]), ("quantized",)),
     "manifest bad weight spec": (_entry(weight={"format": "int99"}), ("int99",)),
-    "manifest wrong in_features": (_entry(in_features=3), ("shape", "in_features")),
+    "manifest wrong in_features": (_entry(in_features=3), ("300x3",)),
     "manifest unknown model_type": (
         _set(hf_config={"model_type": "no-such-arch"}), ("no-such-arch",)),
+    "hf_config head_dim disagrees": (_config(head_dim=12), ("in the architecture",)),
+    "hf_config invalid field": (_config(initializer_range=4.02), ("hf_config",)),
 }
 register_all(MANIFESTS, "checkpoint", _manifest_case)
 

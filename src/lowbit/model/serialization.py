@@ -271,7 +271,7 @@ def _skeleton(manifest: dict) -> nn.Module:
 
     try:
         cfg = AutoConfig.for_model(**config)
-    except (ValueError, KeyError, TypeError) as exc:
+    except Exception as exc:  # transformers validates config fields with its own error types
         raise CheckpointError(f"the checkpoint's hf_config cannot be rebuilt ({exc!s:.160}); "
                               "upgrade transformers, or pass the architecture: "
                               "lowbit.load(dir, model=...)") from exc
@@ -326,6 +326,13 @@ def _load_quantized(model: nn.Module, name: str, entry: dict,
     if entry.get("kind") == "conv2d":
         _set_child(model, name, QuantizedConv2d.from_manifest(entry, own))
         return
+    current = model.get_submodule(name)
+    shape = (entry.get("out_features"), entry.get("in_features"))
+    if isinstance(current, nn.Linear) and (current.out_features, current.in_features) != shape:
+        raise CheckpointError(f"layer {name!r} is {shape[0]}x{shape[1]} in the checkpoint but "
+                              f"{current.out_features}x{current.in_features} in the architecture "
+                              "its hf_config builds: the manifest is corrupt or belongs to "
+                              "another model; re-create the checkpoint")
     missing = [k for k in ("qdata", "scale") if k not in own]
     if missing:
         raise CheckpointError(f"{name}: {' and '.join(missing)} missing from {WEIGHTS}; the "
