@@ -49,3 +49,19 @@ def test_case(case, tmp_path, tiny_llama_dir, ckpt_dir):
 def test_corpus_is_large_enough():
     assert len(CASES) >= 100
     assert len({c.id for c in CASES}) == len(CASES), "case ids must be unique"
+
+
+def test_booby_traps_would_fire(tmp_path):
+    """The marker check means something: unpickling either trap does create the marker."""
+    import pickle
+
+    import torch
+
+    from .files import write_raw_pickle, write_torch_pickle
+
+    marker = tmp_path / "UNPICKLED"
+    pickle.loads(write_raw_pickle(tmp_path / "a.pkl", marker).read_bytes())
+    assert marker.exists()
+    marker.unlink()
+    torch.load(write_torch_pickle(tmp_path / "b.pt", marker), weights_only=False)
+    assert marker.exists()
