@@ -255,6 +255,8 @@ CLI = {
     "eval, --window 0": (["eval", "{hf}", "--window", "0", "--no-speed"], "window"),
     "qat, --seq-len 1": (["qat", "{hf}", "--seq-len", "1", "--steps", "1", "-o", "{tmp}/out"],
                          "seq_len"),
+    "qat, --overwrite onto a non-checkpoint folder": (
+        ["qat", "{hf}", "--steps", "1", "-o", "{tmp}", "--overwrite"], "not a lowbit checkpoint"),
     "eval, recipe file with bad YAML": (["eval", "{hf}", "--recipe", "{tmp}/r.yaml", "--no-speed"],
                                         "recipe"),
 }

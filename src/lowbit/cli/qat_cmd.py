@@ -68,12 +68,11 @@ def run(args: argparse.Namespace) -> int:
 
     from lowbit.model import Recipe, load_model, load_tokenizer, save
     from lowbit.model.qat import QATConfig, convert, prepare_qat
-    from lowbit.model.serialization import CheckpointError
+    from lowbit.model.serialization import check_target
     from lowbit.training import causal_lm_distiller, causal_lm_loss, qat_optimizer, train
 
     set_threads(args.threads)
-    if Path(args.output).exists() and not args.overwrite:
-        raise CheckpointError(f"{args.output} already exists; pass --overwrite to replace it")
+    check_target(args.output, args.overwrite)  # before training: refuses what save would
     recipe = Recipe.parse(args.recipe)
     if args.keep:
         recipe = recipe.with_keep(*args.keep)
