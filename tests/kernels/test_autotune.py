@@ -72,6 +72,19 @@ def test_corrupt_or_foreign_cache_is_measured_again(cache):
     assert not autotune.measured()["cached"] and len(calls) == 3
 
 
+def test_busy_machine_keeps_only_clear_wins(cache, monkeypatch):
+    tmp, calls = cache
+    monkeypatch.setattr(probe, "BUSY", -1.0)  # every run counts as busy
+    monkeypatch.setattr(probe, "MARGIN", float("inf"))  # and no win is clear enough
+    entry = autotune.measured()
+    assert entry["noisy"] and not entry["cached"]
+    for name in autotune.DECISIONS:
+        if name != "compute":
+            assert entry["ranking"][name] == autotune._flag_ranking(name), name
+    autotune.reset()
+    assert not autotune.measured()["cached"] and len(calls) == 2  # measured again
+
+
 def test_measured_choice_is_the_fastest_candidate(cache):
     entry = autotune.measured()
     table = entry["table"]

@@ -23,6 +23,10 @@ Decisions and their candidates:
 - ``compute``: ``compute_dtype: auto``'s dtype, the majority of the quantized
   ``runtime.*`` choices.
 
+A probe run on a busy machine (a winner's median over twice its best run, or a load average
+above 1.5 per core) keeps only clear wins (runner-up 1.5x slower), takes the flag-based
+choice for the rest, and is measured again by the next process.
+
 Every path computes the same numbers it did before; only which one runs is chosen.
 Overrides: ``assume_cpu`` / ``LOWBIT_CPU`` choose by CPU flags instead of measuring (tests),
 ``native.force`` / ``LOWBIT_NATIVE`` switch the native kernels, ``forcing`` fixes choices

@@ -33,6 +33,9 @@ PREFILL_ROWS = 128
 NOISY = 2.0
 #: the same where the load average per core exceeds this (the probe's own threads count 1)
 BUSY = 1.5
+#: on a noisy run a decision keeps its measured winner only when the runner-up is this much
+#: slower; closer calls take the choice by CPU flags (``autotune.by_flags``'s policy)
+MARGIN = 1.5
 #: past this many seconds every timing stops at 3 rounds (only a busy machine gets there)
 BUDGET_S = 2.0
 _BASE = {name: cands[-1] for name, cands in autotune.DECISIONS.items()}
@@ -164,18 +167,22 @@ def measure() -> dict:
             _runtime(table, noise, deadline)
     finally:
         native._forced.reset(token)
+    worst = max(noise)  # the winners' median / minimum: near 1 on an idle machine
+    load = busy()
+    noisy = worst > NOISY or load > BUSY
     ranking = {}
     for name, cands in autotune.DECISIONS.items():
         if name == "compute":
             continue
         timed = sorted(table[name], key=lambda c: total(table, name, c))
         ranking[name] = timed + [c for c in cands if c not in timed]
+        if noisy and (len(timed) < 2 or total(table, name, timed[1]) <
+                      MARGIN * total(table, name, timed[0])):
+            ranking[name] = autotune._flag_ranking(name)  # too close to call on a busy machine
     votes = [ranking[f"runtime.{f}"][0] for f in ("int8_weight", "int4_weight", "w8a8")]
     ranking["compute"] = sorted(("fp32", "bf16"), key=lambda dt: -votes.count(dt))
-    worst = max(noise)  # the winners' median / minimum: near 1 on an idle machine
-    load = busy()
     return {"ranking": ranking, "table": table, "noise": round(worst, 2), "load": load,
-            "noisy": worst > NOISY or load > BUSY, "seconds": round(time.perf_counter() - t0, 3)}
+            "noisy": noisy, "seconds": round(time.perf_counter() - t0, 3)}
 
 
 def busy() -> float:
