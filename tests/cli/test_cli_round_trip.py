@@ -54,7 +54,7 @@ def test_eval_of_a_checkpoint_with_and_without_baseline(checkpoint, tiny_llama_d
     assert alone["quantized_layers"] > 0 and alone["ppl"] > 1
     against = json.loads(_lowbit("eval", str(out), "--baseline", str(tiny_llama_dir), "--json",
                                  "--no-speed", *SMALL).stdout)
-    assert against["ppl"] == pytest.approx(alone["ppl"], rel=1e-6)
+    assert against["ppl"] == pytest.approx(alone["ppl"], rel=1e-4)  # two processes
     assert against["kld_mean"] >= 0 and 0 < against["top1_agreement"] <= 1
     assert against["bits_per_weight"] < 16
     if recipe == "w8":  # 8-bit weights barely move a model's predictions
