@@ -13,7 +13,7 @@ and ``llama.cpp`` (the second half of each window, ``llama-perplexity -c 512``).
 
 Reported per text and protocol: PPL, dPPL vs FP32, mean KL(FP32 || model), top-1
 agreement; and the out-of-domain / in-domain ratio ``KLD(text) / KLD(pydoc)``. RTN rows
-(``w4g128``, ``w8``) read no data: they are the uncalibrated references. For comparison,
+(``w4g128``, ``w8``) read no data: they run once, as the uncalibrated references. For comparison,
 llama.cpp's uncalibrated Q4_K_M on the same model moves 0.056 -> 0.069 (about 1.2x).
 
 Recipe options after ``/``, joined by ``+``: ``head=<recipe|keep|same>`` (the head's scheme:
@@ -22,8 +22,8 @@ another recipe's default, kept in float, or the body's), ``damp=<float>`` (GPTQ'
 
 Run (one heavy job at a time; GPTQ ~2-3 min per recipe on 2 cores, GPTAQ ~5):
   .venv/bin/python benchmarks/calibration_domains.py --json-out docs/calibration_domains.json
-  .venv/bin/python benchmarks/calibration_domains.py --recipes w4g64-gptq-rot/head=keep,\\
-      w4g64-gptq-rot/head=w6g64,w4g64-gptq-rot --references "" --calibration default
+  .venv/bin/python benchmarks/calibration_domains.py --recipes w4g128/head=keep,\\
+      w4g128/head=w6g64,w4g128/head=same --json-out x.json --append   # the head's format
 """
 
 from __future__ import annotations
@@ -41,8 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from algorithms import Scores, stored_bits  # noqa: E402  (a sibling benchmark script)
 
-RECIPES = "w4g128-gptq,w4g64-gptq-rot,w3g64-gptaq-rot,w4g128-awq"
-REFERENCES = "w4g128,w8"
+RECIPES = "w4g64-gptq-rot,w4g128,w4g128-gptq,w8,w4g128-awq,w3g64-gptaq-rot"
 TEXTS = "pydoc,idle-news,email"
 
 
@@ -138,7 +137,16 @@ def run(args) -> dict:
     ids = {t: tokens(t, tok, count=512 * args.n_windows) for t in texts}
     refs, fp32 = {}, {}
     for t in texts:
-        refs[t] = score(base, ids[t], args.n_windows)
+        cache = Path(args.baseline_cache) / f"{t}-{args.n_windows}.pt" if args.baseline_cache \
+            else None
+        if cache and cache.exists():
+            refs[t] = Scores(None)
+            refs[t].windows, refs[t].acc = torch.load(cache)
+        else:
+            refs[t] = score(base, ids[t], args.n_windows)
+            if cache:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                torch.save((refs[t].windows, refs[t].acc), cache)
         fp32[t] = {p: r["ppl"] for p, r in refs[t].result().items()}
         print(f"FP32 {t:10s} PPL {fp32[t]['full']:.3f} full, {fp32[t]['llama.cpp']:.3f} "
               f"llama.cpp", flush=True)
@@ -151,8 +159,9 @@ def run(args) -> dict:
         old = json.loads(path.read_text())
         out["rows"], out["commands"] = old["rows"], old.get("commands", []) + out["commands"]
     done = {(r["recipe"], r["calibration"]) for r in out["rows"]}
-    jobs = [(r, c) for r in args.recipes.split(",") if r for c in args.calibration.split(",")]
-    jobs += [(r, "none") for r in args.references.split(",") if r]
+    jobs = [(r, c) for r in args.recipes.split(",") if r
+            for c in (args.calibration.split(",") if make_recipe(r)[0].needs_calibration
+                      else ["none"])]
     for name, calibration in jobs:
         if (name, calibration) in done:
             continue
@@ -205,10 +214,8 @@ def table(out: dict, proto: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--recipes", default=RECIPES, help="calibrated recipes (comma-separated, "
-                    "options after '/': see the module docstring)")
-    ap.add_argument("--references", default=REFERENCES,
-                    help="recipes that read no data, run once (comma-separated; '' for none)")
+    ap.add_argument("--recipes", default=RECIPES, help="comma-separated, in run order (options "
+                    "after '/': see the module docstring); those that read no data run once")
     ap.add_argument("--calibration", default="default,pydoc",
                     help="calibration texts to compare (built-in names or files)")
     ap.add_argument("--texts", default=TEXTS, help="evaluation texts; 'pydoc' is in-domain")
@@ -217,6 +224,9 @@ def main() -> None:
                     help="what `lowbit quantize` uses by default")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json-out", default=None, help="write results here after each row")
+    ap.add_argument("--baseline-cache", default=None, metavar="DIR",
+                    help="keep the FP32 log-probabilities here between runs (bf16, 0.4 GB per "
+                    "text at 8 windows)")
     ap.add_argument("--append", action="store_true",
                     help="keep the rows already in --json-out and skip those recipes")
     ap.add_argument("--tables", default=None, metavar="JSON",
