@@ -65,7 +65,7 @@ DECISIONS: dict[str, tuple[str, ...]] = {
     "compute": ("fp32", "bf16"),
 }
 CACHE_NAME = "kernels.json"
-VERSION = 2  # of the probe: a new version measures again
+VERSION = 3  # of the probe: a new version measures again
 _forced: contextvars.ContextVar[dict | None] = contextvars.ContextVar("lowbit_kernel_choices",
                                                                       default=None)
 _result: dict | None = None

@@ -19,8 +19,12 @@ import time
 import torch
 import torch.nn.functional as F
 
+from lowbit.formats.rotation import hadamard_factors, rotate
 from lowbit.kernels import autotune, native
-from lowbit.kernels.int4_weight import _layout, int4_weight_linear, prepare_int4_weight
+from lowbit.kernels import int4_weight as k4
+from lowbit.kernels import int8_dynamic as k8a8
+from lowbit.kernels import int8_weight as k8
+from lowbit.kernels.int4_weight import int4_weight_linear, prepare_int4_weight
 from lowbit.kernels.int8_dynamic import int8_dynamic_linear, prepare_int8_dynamic
 from lowbit.kernels.int8_weight import int8_weight_linear, prepare_int8_weight
 
@@ -68,25 +72,34 @@ def _layers(k: int, n: int, gen: torch.Generator) -> dict:
             "w32": torch.randn(n, k, generator=gen), "w16": torch.randn(n, k).bfloat16()}
 
 
+def _prebound(make, *args):
+    """The runtime's native decode call (``decode_callable``), or None where it has none."""
+    with native.force(True):
+        return make(*args) if native.available() else None
+
+
 def _decode(table: dict, k: int, n: int, layer: dict, gen: torch.Generator,
             noise: list, deadline: float) -> None:
+    """Native candidates as the runtime calls them (prebound), torch's through the wrappers
+    as a module's forward does; W8A8 with the Hadamard input rotation of its preset."""
     x32 = torch.randn(1, k, generator=gen)
     x16 = x32.bfloat16()
-    have = native.available()
     i8, i4, w8a8 = layer["int8"], layer["int4"], layer["w8a8"]
+    f8 = _prebound(k8.decode_callable, i8, None)
+    f4 = _prebound(k4.decode_callable, i4, None)
+    fa = _prebound(k8a8.decode_callable, w8a8, None, hadamard_factors(k))
     runs = {
         "decode.int8_weight": {
-            "native": have and _under(lambda: int8_weight_linear(x32, i8), True),
+            "native": f8 and _under(lambda: f8(x32)),
             "int8pack_mm": _under(lambda: int8_weight_linear(x16, i8), False)},
         "decode.int4_weight": {
-            "native": have and _layout()[1] and _under(lambda: int4_weight_linear(x32, i4),
-                                                       True),
+            "native": f4 and _under(lambda: f4(x32)),
             "int4pack_mm": _under(lambda: int4_weight_linear(x16, i4), False)},
         "decode.w8a8": {
-            "native": have and _under(lambda: int8_dynamic_linear(x32, w8a8), True),
-            "int_mm": _under(lambda: int8_dynamic_linear(x32, w8a8), False,
+            "native": fa and _under(lambda: fa(x32)),
+            "int_mm": _under(lambda: int8_dynamic_linear(rotate(x32), w8a8), False,
                              **{"decode.w8a8": "int_mm"}),
-            "fp32_gemm": _under(lambda: int8_dynamic_linear(x32, w8a8), False,
+            "fp32_gemm": _under(lambda: int8_dynamic_linear(rotate(x32), w8a8), False,
                                 **{"decode.w8a8": "fp32_gemm"})},
         "decode.float": {"fp32": _under(lambda: F.linear(x32, layer["w32"])),
                          "bf16": _under(lambda: F.linear(x16, layer["w16"]))},
