@@ -10,6 +10,7 @@ import threading
 import pytest
 import torch
 
+import lowbit.runtime  # noqa: F401  (registers the step probe, as any use of the runtime does)
 from lowbit.kernels import assume_cpu, autotune, native, probe, selected_kernel
 from lowbit.kernels._common import KernelError
 

@@ -17,6 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def report(remeasure: bool = False) -> dict:
     """The CPU, every decision's choice and ranking, and the measured table."""
+    import lowbit.runtime  # noqa: F401  (registers the step probe runtime.* depends on)
     from lowbit.kernels import autotune, cpu_features, native
 
     flags = autotune.by_flags()

@@ -73,6 +73,7 @@ def runtime_dtype(model: nn.Module) -> torch.dtype:
     weight-only (their torch kernels read bf16 activations). A float32 model decodes in
     float32. Under ``assume_cpu`` / ``LOWBIT_CPU``: bf16 when every linear's decode kernel
     reads bf16 anyway, else the model's dtype."""
+    import lowbit.runtime  # noqa: F401  (registers the step probe runtime.* depends on)
     from lowbit.kernels import autotune
     from lowbit.nn import QuantizedLinear
 

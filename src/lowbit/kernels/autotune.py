@@ -106,6 +106,21 @@ def _flag_ranking(name: str) -> list[str]:
     return ["bf16", "fp32"] if f.native_bf16 else ["fp32", "bf16"]
 
 
+_step_probe = None
+
+
+def register_step_probe(make_candidates) -> None:
+    """The runtime layer hands in its step probe (``runtime.probe.step_candidates``): kernels
+    never import the runtime, so ``runtime.*`` decisions are measured once it is loaded and
+    follow the CPU flags until then."""
+    global _step_probe
+    _step_probe = make_candidates
+
+
+def step_probe():
+    return _step_probe
+
+
 def ranking(name: str) -> list[str]:
     """``name``'s candidates here, fastest first."""
     if by_flags():
@@ -172,9 +187,11 @@ def _read(path: Path) -> dict:
 def _valid(entry) -> bool:
     """A complete entry measured on a quiet machine (a noisy one is measured again)."""
     try:
+        if _step_probe is not None and not entry.get("runtime_measured", False):
+            return False  # measured before the runtime's probe was registered
         return not entry["noisy"] and all(entry["ranking"][n][0] in c
                                           for n, c in DECISIONS.items())
-    except (KeyError, IndexError, TypeError):
+    except (AttributeError, KeyError, IndexError, TypeError):
         return False
 
 

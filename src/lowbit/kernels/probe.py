@@ -138,9 +138,7 @@ def total(table: dict, name: str, cand: str) -> float:
 
 def _runtime(table: dict, noise: list, deadline: float) -> None:
     """``runtime.<family>``: the estimated block step (see the module docstring)."""
-    from lowbit.runtime.probe import step_candidates
-
-    steps = autotune.bench(step_candidates(), rounds=7, number=2, noise=noise,
+    steps = autotune.bench(autotune.step_probe()(), rounds=7, number=2, noise=noise,
                            deadline=deadline)
     table["runtime.step"] = {dt: {"1 block": us} for dt, us in steps.items()}
     # the block's work besides its float linears (2 x the first two shapes), times 30
@@ -168,6 +166,7 @@ def measure() -> dict:
     gen = torch.Generator().manual_seed(0)
     table: dict = {}
     noise: list[float] = []
+    runtime_measured = autotune.step_probe() is not None
     token = native._forced.set(None)  # the caller's native.force must not leak in
     try:
         with autotune.forcing(_BASE), torch.inference_mode():
@@ -177,7 +176,8 @@ def measure() -> dict:
                 if (k, n) == DECODE_SHAPES[0][:2]:
                     _prefill(table, k, n, layer, gen, noise, deadline)
                 del layer
-            _runtime(table, noise, deadline)
+            if runtime_measured:
+                _runtime(table, noise, deadline)
     finally:
         native._forced.reset(token)
     worst = max(noise)  # the winners' median / minimum: near 1 on an idle machine
@@ -187,6 +187,9 @@ def measure() -> dict:
     for name, cands in autotune.DECISIONS.items():
         if name == "compute":
             continue
+        if name not in table:  # runtime.* before the runtime registered its probe
+            ranking[name] = autotune._flag_ranking(name)
+            continue
         timed = sorted(table[name], key=lambda c: total(table, name, c))
         ranking[name] = timed + [c for c in cands if c not in timed]
         if noisy and (len(timed) < 2 or total(table, name, timed[1]) <
@@ -195,7 +198,8 @@ def measure() -> dict:
     votes = [ranking[f"runtime.{f}"][0] for f in ("int8_weight", "int4_weight", "w8a8")]
     ranking["compute"] = sorted(("fp32", "bf16"), key=lambda dt: -votes.count(dt))
     return {"ranking": ranking, "table": table, "noise": round(worst, 2), "load": load,
-            "noisy": noisy, "seconds": round(time.perf_counter() - t0, 3)}
+            "noisy": noisy, "runtime_measured": runtime_measured,
+            "seconds": round(time.perf_counter() - t0, 3)}
 
 
 def busy() -> float:

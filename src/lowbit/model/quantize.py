@@ -40,6 +40,7 @@ def compute_dtype(recipe: Recipe) -> torch.dtype:
     """The dtype the unquantized parts run in: the recipe's, or for ``"auto"`` the one whose
     decode step measured fastest here (``lowbit.kernels.autotune``, ``compute``)."""
     if recipe.compute_dtype == "auto":
+        import lowbit.runtime  # noqa: F401  (registers the step probe "compute" depends on)
         from lowbit.kernels import autotune
 
         return autotune.float_dtype("compute")

@@ -9,10 +9,14 @@ See :mod:`lowbit.runtime.arch` for the architectures it accepts. Nothing compile
 ``compile=True`` compiles the decode step with ``torch.compile`` on first use.
 """
 
+from lowbit.kernels import autotune
 from lowbit.runtime.arch import DecoderLayout, UnsupportedModelError, resolve_decoder
 from lowbit.runtime.cache import StaticKVCache
 from lowbit.runtime.decoder import DecoderRuntime
 from lowbit.runtime.generate import GenerateStats, generate, hf_greedy, prefill_logits
+from lowbit.runtime.probe import step_candidates
+
+autotune.register_step_probe(step_candidates)  # kernels measure the runtime's step through it
 
 __all__ = [
     "DecoderLayout",
