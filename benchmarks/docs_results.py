@@ -39,8 +39,9 @@ def _held_out(out: dict) -> list[str]:
 
 
 def _chosen_rows(out: dict) -> list[dict]:
-    """One row per recipe: the calibration the CLI uses by default (``default``)."""
-    return [r for r in out["rows"] if r["calibration"] in ("default", "none")]
+    """One row per recipe as the CLI makes it: default calibration, no A/B options."""
+    return [r for r in out["rows"]
+            if r["calibration"] in ("default", "none") and "/" not in r["recipe"]]
 
 
 def readme_table(out: dict) -> str:

@@ -42,3 +42,16 @@ def test_no_benchmark_shadows_an_installed_package(script):
     assert spec is None or Path(spec.origin or "").parent == script.parent, (
         f"benchmarks/{script.name} has the name of the installed module {stem!r} "
         f"({spec.origin}); scripts run from the repo root would import it instead")
+
+
+def test_readme_and_results_md_match_the_measurements():
+    """README's results table and docs/results.md are generated from docs/*.json."""
+    proc = subprocess.run([sys.executable, "benchmarks/docs_results.py", "--check"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_readme_is_a_page_for_users():
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 150
+    assert "../shared" not in text
