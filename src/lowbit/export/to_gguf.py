@@ -19,6 +19,7 @@ from lowbit.export import gguf_blocks as blocks
 from lowbit.export import gguf_model
 from lowbit.export.gguf_vocab import add_tokenizer, source_pre_tokenizer
 from lowbit.export.gguf_weights import ExportError
+from lowbit.model.serialization import remove_stale_temps
 
 TYPES = blocks.FLOAT_TYPES + tuple(blocks.BLOCK_TYPES)
 #: GGUF ``general.file_type`` (llama.cpp's LLAMA_FTYPE) of the dominant weight type
@@ -105,7 +106,7 @@ def export_gguf(model, path: str | os.PathLike, *, overwrite: bool = False,
     dominant = weight_types.most_common(1)[0][0] if weight_types else "f32"
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(target)
+    remove_stale_temps(target)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     writer = GGUFWriter(tmp, arch)
     try:
@@ -140,24 +141,6 @@ def export_gguf(model, path: str | os.PathLike, *, overwrite: bool = False,
         sum(int(t.data.size) if t.type in blocks.FLOAT_TYPES else _values(t) for t in tensors),
         dict(collections.Counter(t.type for t in tensors)),
         sum(t.carried for t in tensors), pre)
-
-
-def _remove_stale_temps(target: Path) -> None:
-    """Delete temporary files that killed exports to ``target`` left (their process is gone)."""
-    for tmp in target.parent.glob(f".{target.name}.*.tmp"):
-        pid = tmp.name[len(target.name) + 2:].split(".")[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            tmp.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, owned by someone else
-        return True
-    return True
 
 
 def _values(t: gguf_model.Tensor) -> int:

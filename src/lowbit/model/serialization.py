@@ -99,7 +99,7 @@ def save(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = Fa
     }
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temps(target)
+        remove_stale_temps(target)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp",
                                     dir=target.parent))
     except OSError as exc:
@@ -171,12 +171,16 @@ def recover(target: str | os.PathLike) -> None:
         old.rename(target)
 
 
-def _remove_stale_temps(target: Path) -> None:
-    """Delete temporary folders that killed saves to ``target`` left (their process is gone)."""
+def remove_stale_temps(target: Path) -> None:
+    """Delete temporary files or folders (``.NAME.PID.*.tmp``) that killed writes to
+    ``target`` left (their process is gone); exporters use it too."""
     for tmp in target.parent.glob(f".{target.name}.*.tmp"):
         pid = tmp.name[len(target.name) + 2:].split(".")[0]
         if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:
