@@ -5,7 +5,7 @@ baseline log-probabilities) takes at most 1.5x one plain forward pass over the s
 
 In one process, on the same 32 windows of 512 tokens of the pydoc corpus:
 - plain: ``model(window, use_cache=False)`` for every window, nothing else;
-- eval: ``lowbit.eval.perplexity`` with a ``KLAccumulator`` hook against the baseline's cached
+- eval: ``eval.perplexity_windows`` with a ``KLAccumulator`` hook against the baseline's cached
   log-probabilities (NLL, KL divergence, top-1 per window), i.e. what ``evaluate`` does per
   candidate once the baseline is cached. The candidate is the FP32 model itself, so the
   forward work is identical and the difference is the evaluation's own cost.
@@ -35,8 +35,8 @@ def main() -> None:
 
     from lowbit.data import tokens
     from lowbit.eval.compare import KLAccumulator
-    from lowbit.eval.evaluate import baseline_logprobs
-    from lowbit.eval.perplexity import perplexity
+    from lowbit.eval.perplexity_windows import perplexity
+    from lowbit.eval.scoring import baseline_logprobs
     from lowbit.model import load_model, load_tokenizer
 
     torch.set_num_threads(args.threads)

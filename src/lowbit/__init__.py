@@ -39,7 +39,7 @@ _LAZY = {
 
 
 def quantize(model, recipe="w8", calibration=None, **kwargs):
-    """Quantize ``model`` in place with ``recipe`` and return it (see ``lowbit.model.quantize``)."""
+    """Quantize ``model`` in place with ``recipe`` and return it (see ``lowbit.model.pipeline``)."""
     from lowbit.model import quantize as _quantize
 
     return _quantize(model, recipe, calibration, **kwargs)

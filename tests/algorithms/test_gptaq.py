@@ -5,7 +5,7 @@ import torch
 
 from lowbit.algorithms import AlgorithmError, WeightQuantConfig
 from lowbit.algorithms.gptaq import asymmetric_target
-from lowbit.algorithms.gptq import GPTQ
+from lowbit.algorithms.gptq_solver import GPTQ
 from lowbit.formats import dequantize
 
 from ._algo_data import make_layer

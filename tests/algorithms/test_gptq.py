@@ -170,7 +170,7 @@ def test_integer_column_path_equals_the_generic_one(layer, monkeypatch, fmt, gra
     gives, bit for bit."""
     import importlib
 
-    gptq_module = importlib.import_module("lowbit.algorithms.gptq")
+    gptq_module = importlib.import_module("lowbit.algorithms.gptq_solver")
 
     W, X = layer
     cfg = WeightQuantConfig(fmt, gran, symmetric=symmetric, scale_dtype="bf16")
@@ -188,7 +188,7 @@ def test_clip_search_never_worsens_a_groups_weight_error(layer):
     the plain range's error; a real grid moves some groups."""
     import importlib
 
-    gptq_module = importlib.import_module("lowbit.algorithms.gptq")
+    gptq_module = importlib.import_module("lowbit.algorithms.gptq_solver")
     W, X = layer
     cfg = WeightQuantConfig("uint4", "group:64", symmetric=False, scale_dtype="bf16")
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lowbit.algorithms import WeightQuantConfig
-from lowbit.algorithms.gptq import GPTQ
+from lowbit.algorithms.gptq_solver import GPTQ
 from lowbit.algorithms.refine import objective_rows
 from lowbit.formats import dequantize
 from lowbit.kernels import native

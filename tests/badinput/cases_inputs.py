@@ -196,7 +196,7 @@ def _(env: Env):
 
 @case("architecture", "unknown architecture, runtime", says=("Llama-style",))
 def _(env: Env):
-    from lowbit.runtime.generate import generate
+    from lowbit.runtime.generation import generate
 
     generate(Mlp(), torch.zeros(1, 4, dtype=torch.long), 2)
 
@@ -205,7 +205,7 @@ def _(env: Env):
 def _(env: Env):
     from transformers import BertConfig, BertModel
 
-    from lowbit.runtime.generate import generate
+    from lowbit.runtime.generation import generate
 
     cfg = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                      intermediate_size=64, vocab_size=50)

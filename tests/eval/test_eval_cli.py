@@ -29,7 +29,7 @@ def _eval_json(capsys, *argv: str) -> dict:
 
 def test_llama_cpp_protocol_end_to_end(tiny_llama_dir: Path, capsys) -> None:
     from lowbit.data import tokens
-    from lowbit.eval.perplexity import perplexity
+    from lowbit.eval.perplexity_windows import perplexity
     from lowbit.model import load_model, load_tokenizer
 
     d = str(tiny_llama_dir)

@@ -1,4 +1,4 @@
-"""Tests for lowbit.eval.perplexity: protocols checked against NLL computed by hand."""
+"""Tests for lowbit.eval.perplexity_windows: protocols checked against NLL computed by hand."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from lowbit.eval.perplexity import PerplexityError, perplexity, scored_range
+from lowbit.eval.perplexity_windows import PerplexityError, perplexity, scored_range
 
 
 class BigramLM(nn.Module):

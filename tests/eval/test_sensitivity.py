@@ -51,7 +51,7 @@ def tiny(tiny_llama_dir: Path):
 def test_simulated_matches_quantized_linear_reference(recipe: str) -> None:
     from lowbit.formats import get_format, qparams_from_range
     from lowbit.model import Recipe
-    from lowbit.model.quantize import quantize_weight
+    from lowbit.model.pipeline import quantize_weight
     from lowbit.nn import QuantizedLinear
 
     torch.manual_seed(0)

@@ -56,7 +56,7 @@ def smollm2_w8(tmp_path_factory):
 
 
 def _greedy(model, tokenizer, n=16) -> tuple[list[int], list[int]]:
-    from lowbit.runtime.generate import generate
+    from lowbit.runtime.generation import generate
 
     ids = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
     tokens, _ = generate(model, torch.tensor([ids]), n, dtype=torch.float32)
@@ -81,7 +81,7 @@ def test_smollm2_w8_greedy_tokens_agree(smollm2_w8):
     """Q8_0: llama.cpp rounds activations to 8 bits in its dot products, so near-ties may go
     the other way: every token llama.cpp picks (fed its own continuation) must be lowbit's
     argmax or within 0.5 logits of it, and the first 4 tokens must be identical."""
-    from lowbit.runtime.generate import prefill_logits
+    from lowbit.runtime.generation import prefill_logits
 
     model, tokenizer, path = smollm2_w8
     prompt, ours = _greedy(model, tokenizer)

@@ -230,7 +230,7 @@ def test_float_weights_are_freed_as_layers_are_packed(base, calib, monkeypatch, 
     import sys
     import weakref
 
-    quantize_module = sys.modules["lowbit.model.quantize"]  # (the package exports a function)
+    quantize_module = sys.modules["lowbit.model.pipeline"]  # (the package exports a function)
 
     model = copy.deepcopy(base)
     names = [n for n, m in model.named_modules() if type(m) is nn.Linear and "lm_head" not in n]

@@ -7,7 +7,7 @@ Each algorithm takes a weight ``[out, in]`` and calibration statistics and retur
 reads files or prints.
 """
 
-from lowbit.algorithms.awq import AWQ, awq
+from lowbit.algorithms.awq_search import AWQ, awq
 from lowbit.algorithms.base import (
     AlgorithmError,
     CodebookResult,
@@ -16,10 +16,10 @@ from lowbit.algorithms.base import (
     WeightQuantConfig,
     rtn,
 )
-from lowbit.algorithms.gptq import GPTQ, gptq
-from lowbit.algorithms.hqq import HQQ, hqq
+from lowbit.algorithms.gptq_solver import GPTQ, gptq
+from lowbit.algorithms.hqq_solver import HQQ, hqq
 from lowbit.algorithms.importance import ImportanceRTN, importance_rtn
-from lowbit.algorithms.kmeans import KMeans, kmeans
+from lowbit.algorithms.kmeans_codebook import KMeans, kmeans
 from lowbit.algorithms.smoothquant import smoothquant_scales
 
 __all__ = [

@@ -268,8 +268,8 @@ def _eval_kwargs(settings: BenchSettings) -> dict:
 
 
 def _baseline_row(base, ids, settings: BenchSettings, note) -> dict:
-    from lowbit.eval.evaluate import baseline_logprobs, kernels_of
-    from lowbit.eval.perplexity import scored_range
+    from lowbit.eval.scoring import baseline_logprobs, kernels_of
+    from lowbit.eval.perplexity_windows import scored_range
     from lowbit.eval.size import model_size
     from lowbit.eval.speed import measure_speed
 
@@ -295,7 +295,7 @@ def _baseline_row(base, ids, settings: BenchSettings, note) -> dict:
 
 def _recipe_row(entry: Entry, base, tok, settings: BenchSettings, note) -> dict:
     from lowbit.data import DEFAULT_CALIBRATION, text
-    from lowbit.eval.evaluate import evaluate
+    from lowbit.eval.scoring import evaluate
     from lowbit.model import Recipe, quantize
 
     recipe = Recipe.parse(entry.id)
@@ -314,7 +314,7 @@ def _recipe_row(entry: Entry, base, tok, settings: BenchSettings, note) -> dict:
 
 
 def _peer_row(entry: Entry, base, tok, ids, settings: BenchSettings, out: Path, note) -> dict:
-    from lowbit.eval.evaluate import evaluate
+    from lowbit.eval.scoring import evaluate
     from lowbit.eval.peers import peer_size
     from lowbit.eval.speed import measure_speed
 

@@ -128,7 +128,7 @@ def evaluate_embeddings(model: nn.Module, tokenizer=None, *, baseline: nn.Module
     """The ``evaluate`` numbers for an encoder: embedding similarity to ``baseline``, size,
     kernels, and encoding throughput. Keys: ``cosine_mean``, ``cosine_min``, ``cosine_p01``,
     ``nn_agreement``, ``bits_per_weight``, ``bytes``, ``sentences_per_s`` and more."""
-    from lowbit.eval.evaluate import _tokenizer_for, kernels_of
+    from lowbit.eval.scoring import _tokenizer_for, kernels_of
     from lowbit.eval.size import model_size
 
     t0 = time.perf_counter()

@@ -1,7 +1,7 @@
 """llama.cpp as a peer, through llama-cpp-python: quantize a GGUF file with
 ``llama_model_quantize`` and score it with lowbit's own perplexity loop.
 
-``LlamaCppLM`` looks like a causal LM to ``lowbit.eval.perplexity``: ``forward(ids)`` returns
+``LlamaCppLM`` looks like a causal LM to ``eval.perplexity_windows``: ``forward(ids)`` returns
 the logits llama.cpp computed for every position of each window (``logits_all=True``), so PPL,
 KL divergence and top-1 come from the same code, data and protocol as lowbit's rows.
 Speed is measured with llama.cpp's own loop (prefill of 512 tokens; 64 greedy tokens after a

@@ -106,7 +106,7 @@ class _Simulated(nn.Module):
 
     def __init__(self, linear: nn.Linear, scheme, input_range=None) -> None:
         from lowbit.formats import dequantize, get_format, qparams_from_range
-        from lowbit.model.quantize import quantize_weight
+        from lowbit.model.pipeline import quantize_weight
 
         super().__init__()
         codes, qparams = quantize_weight(linear.weight, scheme)
@@ -199,10 +199,10 @@ def sensitivity(
     """
     from lowbit.data import tokens
     from lowbit.eval.compare import KLAccumulator
-    from lowbit.eval.evaluate import baseline_logprobs
-    from lowbit.eval.perplexity import perplexity
+    from lowbit.eval.perplexity_windows import perplexity
+    from lowbit.eval.scoring import baseline_logprobs
     from lowbit.model import Recipe
-    from lowbit.model.quantize import drop_missing_rotations, find_targets
+    from lowbit.model.pipeline import drop_missing_rotations, find_targets
     from lowbit.nn import QuantizedLinear
 
     if per not in PER:

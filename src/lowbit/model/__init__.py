@@ -3,8 +3,8 @@
 from lowbit.model.api import quantize
 from lowbit.model.hub import BUNDLED, bundled_path
 from lowbit.model.loaders import ModelLoadError, load_model, load_tokenizer
+from lowbit.model.pipeline import QuantizeSummary, cast_unquantized
 from lowbit.model.qat import QATConfig, convert, prepare_qat
-from lowbit.model.quantize import QuantizeSummary, cast_unquantized
 from lowbit.model.recipe import PRESETS, Recipe, RecipeError, Rule, Scheme
 from lowbit.model.serialization import CheckpointError, load, save
 

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from lowbit.model.quantize import quantize_model
+from lowbit.model.pipeline import quantize_model
 from lowbit.model.recipe import Recipe
 
 

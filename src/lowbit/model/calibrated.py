@@ -47,7 +47,7 @@ from lowbit.model.calib_memory import (
     solve_allocations,
 )
 from lowbit.model.calibration import _as_inputs
-from lowbit.model.quantize import (
+from lowbit.model.pipeline import (
     QuantizeSummary,
     _set_module,
     _tensor_bytes,

@@ -79,7 +79,7 @@ def candidate_schemes(names, algorithm: str = "rtn", rotation: str | None = None
 def layer_bits(weight: torch.Tensor, scheme: Scheme) -> tuple[int, torch.Tensor]:
     """Stored bits (codes + scales + zero-points) of ``weight`` at ``scheme`` and its RTN."""
     from lowbit.formats import dequantize, rotate
-    from lowbit.model.quantize import quantize_weight
+    from lowbit.model.pipeline import quantize_weight
     from lowbit.nn import PackedWeight
 
     codes, qp = quantize_weight(weight, scheme)
@@ -106,7 +106,7 @@ def sensitivity(model: nn.Module, batches: list, candidates: dict[str, Scheme],
     produced them, used instead of round to nearest's."""
     from lowbit.model.arch import find_module, first_output, resolve_arch
     from lowbit.model.calibrated import _capture
-    from lowbit.model.quantize import scheme_for_width
+    from lowbit.model.pipeline import scheme_for_width
 
     if measure not in ("anchor", "all"):
         raise RecipeError(f"measure must be 'anchor' or 'all', got {measure!r}")
@@ -197,7 +197,7 @@ def solved_errors(model: nn.Module, batches: list, candidates: dict[str, Scheme]
     from lowbit.formats import dequantize, rotate
     from lowbit.model.arch import first_output, resolve_arch
     from lowbit.model.calibrated import _capture
-    from lowbit.model.quantize import scheme_for_width
+    from lowbit.model.pipeline import scheme_for_width
     from lowbit.model.solve import InputStats, Member, Solver
 
     solver = solver or Solver()
@@ -330,7 +330,7 @@ def auto_recipe(model: nn.Module, recipe: Recipe, batches: list | None, *,
     ``solved_tokens`` tokens (``solved_errors``, with ``solver``'s options). The chosen
     recipe is returned and its sensitivity table is kept on ``model.lowbit_sensitivity``.
     """
-    from lowbit.model.quantize import find_targets
+    from lowbit.model.pipeline import find_targets
 
     bpw = budget_of(recipe)
     algorithm = recipe.default.algorithm if recipe.default is not None else "rtn"

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from lowbit.model.quantize import QuantizeSummary, _set_module, _tensor_bytes, compute_dtype
+from lowbit.model.pipeline import QuantizeSummary, _set_module, _tensor_bytes, compute_dtype
 from lowbit.model.recipe import Recipe, RecipeError, Scheme, match_pattern
 from lowbit.nn import QuantizedLinear, WeightSpec
 from lowbit.nn.conv import QuantizedConv2d, conv_args_of

@@ -6,13 +6,13 @@ turns them into ``Solution`` objects by calling the layer-4 algorithms:
 | algorithm | statistics | call |
 |---|---|---|
 | ``rtn`` | none | ``quantize_weight`` (min/max or MSE observer) |
-| ``gptq`` | ``H = 2/n X^T X`` | ``algorithms.gptq`` (Frantar et al., 2022, Alg. 1) |
+| ``gptq`` | ``H = 2/n X^T X`` | ``algorithms.gptq_solver`` (Frantar et al., 2022, Alg. 1) |
 | ``gptaq`` | ``H``, ``2/n X~^T X`` (float model's ``X``) | GPTQ on ``algorithms.gptaq``'s target |
-| ``awq`` | ``H``, mean abs x | ``algorithms.awq``: scales on the group, clipping per layer |
+| ``awq`` | ``H``, mean abs x | ``algorithms.awq_search``: scales on the group, clipping per layer |
 | ``awq+gptq`` | ``H``, mean abs x | AWQ's scale search on the group, then GPTQ on ``W diag(s)`` |
 | ``imatrix`` | ``diag(H) / 2 = mean x^2`` | ``algorithms.importance_rtn`` (llama.cpp imatrix) |
-| ``hqq`` | none | ``algorithms.hqq`` (float zero-point, stored in fp16) |
-| ``kmeans`` | ``mean x^2`` when data is given | ``algorithms.kmeans`` (SqueezeLLM eq. 4-5) |
+| ``hqq`` | none | ``algorithms.hqq_solver`` (float zero-point, stored in fp16) |
+| ``kmeans`` | ``mean x^2`` if data is given | ``algorithms.kmeans_codebook`` (SqueezeLLM eq. 4-5) |
 | ``smoothquant`` | max abs x, a token sample | ``algorithms.smoothquant_scales`` + alpha search |
 
 Input scaling. AWQ and SmoothQuant pick a factor ``s`` per input channel for the whole group
@@ -310,7 +310,7 @@ class Solver:
 
     def _quantize(self, W, scheme, stats, s, name):
         """(codes, QParams or centroids, info) for ``W diag(s)`` under ``scheme``."""
-        from lowbit.model.quantize import quantize_weight
+        from lowbit.model.pipeline import quantize_weight
 
         spec, algo = scheme.weight, scheme.algorithm
         Ws = W if s is None else W * s
@@ -408,7 +408,7 @@ def _layer_input(members: list[Member], stats: InputStats, X: torch.Tensor,
 
 
 def _rtn_values(W: torch.Tensor, scheme: Scheme) -> torch.Tensor:
-    from lowbit.model.quantize import quantize_weight
+    from lowbit.model.pipeline import quantize_weight
 
     return dequantize(*quantize_weight(W, scheme))
 

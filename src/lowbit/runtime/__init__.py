@@ -13,7 +13,7 @@ from lowbit.kernels import autotune
 from lowbit.runtime.arch import DecoderLayout, UnsupportedModelError, resolve_decoder
 from lowbit.runtime.cache import StaticKVCache
 from lowbit.runtime.decoder import DecoderRuntime
-from lowbit.runtime.generate import GenerateStats, generate, hf_greedy, prefill_logits
+from lowbit.runtime.generation import GenerateStats, generate, hf_greedy, prefill_logits
 from lowbit.runtime.probe import step_candidates
 
 autotune.register_step_probe(step_candidates)  # kernels measure the runtime's step through it

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lowbit.eval.compare import BaselineLogprobs, KLAccumulator
-from lowbit.eval.perplexity import perplexity
+from lowbit.eval.perplexity_windows import perplexity
 from lowbit.eval.size import model_size
 from lowbit.eval.speed import measure_speed
 
