@@ -86,3 +86,11 @@ def test_llama_cpp_q8_agrees_with_torch(tmp_path: Path) -> None:
     assert logits.shape == ref.shape
     assert (logits.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
     assert lm.lowbit_size.bits_per_weight == pytest.approx(8.5, abs=0.1)
+
+
+def test_unknown_peer_raises_the_bench_error() -> None:
+    from lowbit.eval import bench, peers
+
+    assert bench.BenchError is peers.BenchError
+    with pytest.raises(bench.BenchError, match="unknown peer"):
+        peers.peer_configs(["nope"])

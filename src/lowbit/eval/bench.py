@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lowbit.errors import LowbitError
+from lowbit.eval.peers import BenchError, find_config, peer_configs, peer_size, peer_status
 
 __all__ = ["RESULTS_FILE", "BenchError", "BenchSettings", "Entry", "layer_errors", "plan",
            "run_bench", "split_list"]
@@ -37,10 +37,6 @@ RESULTS_VERSION = 1
 CALIBRATION_TOKENS = 16384  # what `lowbit eval --recipe` calibrates with (cli.common)
 HF_ENGINE = "transformers.generate"
 _SAME_RUN = ("model", "data", "window", "n_windows", "protocol", "speed")
-
-
-class BenchError(LowbitError, ValueError):
-    """The benchmark cannot run as asked; the message names the fix."""
 
 
 @dataclass(frozen=True)
@@ -84,7 +80,6 @@ def split_list(text) -> list[str]:
 
 def plan(settings: BenchSettings) -> list[Entry]:
     """The rows of the matrix, validated before anything slow runs."""
-    from lowbit.eval.peers import find_config, peer_configs
     from lowbit.model import PRESETS, Recipe
 
     if not settings.recipes:
@@ -178,8 +173,6 @@ def run_bench(settings: BenchSettings, report_dir: str | os.PathLike, *, resume:
               overwrite: bool = False, progress: bool = True, model: nn.Module | None = None,
               tokenizer=None, write_report: bool = True) -> dict:
     """Run the matrix into ``report_dir`` and return the results (also in results.json)."""
-    from lowbit.eval.peers import peer_status
-
     entries = plan(settings)
     out = Path(report_dir)
     results = _open_results(out, settings, resume, overwrite)
@@ -235,8 +228,6 @@ def _run_rows(todo, results, settings, out, progress, model, tokenizer) -> None:
 
 def _run_entry(entry: Entry, base, tok, ids, settings: BenchSettings, out: Path,
                note=lambda stage: None) -> dict:
-    from lowbit.eval.peers import peer_status
-
     row = {"id": entry.id, "kind": entry.kind, "label": entry.label, "nearest": entry.nearest,
            "command": command_for(entry, settings, out), "status": "ok"}
     if entry.kind == "peer":
@@ -268,8 +259,8 @@ def _eval_kwargs(settings: BenchSettings) -> dict:
 
 
 def _baseline_row(base, ids, settings: BenchSettings, note) -> dict:
-    from lowbit.eval.scoring import baseline_logprobs, kernels_of
     from lowbit.eval.perplexity_windows import scored_range
+    from lowbit.eval.scoring import baseline_logprobs, kernels_of
     from lowbit.eval.size import model_size
     from lowbit.eval.speed import measure_speed
 
@@ -315,7 +306,6 @@ def _recipe_row(entry: Entry, base, tok, settings: BenchSettings, note) -> dict:
 
 def _peer_row(entry: Entry, base, tok, ids, settings: BenchSettings, out: Path, note) -> dict:
     from lowbit.eval.scoring import evaluate
-    from lowbit.eval.peers import peer_size
     from lowbit.eval.speed import measure_speed
 
     with tempfile.TemporaryDirectory(prefix=".peer-", dir=out) as workdir:

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.eval.model_info import kernels_of, tokenizer_for
+from lowbit.eval.size import model_size
 
 __all__ = ["EmbeddingError", "embed", "evaluate_embeddings", "is_encoder", "nn_agreement",
            "sentences"]
@@ -128,11 +130,8 @@ def evaluate_embeddings(model: nn.Module, tokenizer=None, *, baseline: nn.Module
     """The ``evaluate`` numbers for an encoder: embedding similarity to ``baseline``, size,
     kernels, and encoding throughput. Keys: ``cosine_mean``, ``cosine_min``, ``cosine_p01``,
     ``nn_agreement``, ``bits_per_weight``, ``bytes``, ``sentences_per_s`` and more."""
-    from lowbit.eval.scoring import _tokenizer_for, kernels_of
-    from lowbit.eval.size import model_size
-
     t0 = time.perf_counter()
-    tok = _tokenizer_for(model, tokenizer)
+    tok = tokenizer_for(model, tokenizer)
     texts = sentences(data, n_sentences)
     result: dict = {"task": "embeddings", "data": str(data), "n_sentences": len(texts),
                     "pooling": "mean"}

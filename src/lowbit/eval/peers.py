@@ -27,10 +27,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lowbit.errors import LowbitError
 from lowbit.eval.size import SizeReport
 
-__all__ = ["PEERS", "Peer", "PeerConfig", "find_config", "peer_configs", "peer_size",
+__all__ = ["PEERS", "BenchError", "Peer", "PeerConfig", "find_config", "peer_configs", "peer_size",
            "peer_status", "tensor_nbytes"]
+
+
+class BenchError(LowbitError, ValueError):
+    """The benchmark cannot run as asked; the message names the fix. Defined here, below
+    ``bench`` (which re-exports it), because picking peer configs already raises it."""
 
 
 @dataclass(frozen=True)
@@ -206,8 +212,6 @@ def peer_configs(names) -> list[PeerConfig]:
     for name in names:
         key = ALIASES.get(name, name)
         if key not in PEERS:
-            from lowbit.eval.bench import BenchError
-
             raise BenchError(f"unknown peer {name!r}; peers: {', '.join(PEERS)}")
         out.extend(PEERS[key].configs)
     return out

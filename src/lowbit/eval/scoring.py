@@ -7,41 +7,19 @@ One call gives the numbers of ``lowbit eval --json``: ``ppl``, ``delta_ppl_pct``
 
 from __future__ import annotations
 
-import collections
 import time
 
 import torch
 from torch import nn
 
 from lowbit.eval.compare import BaselineLogprobs, KLAccumulator
+from lowbit.eval.embeddings import evaluate_embeddings, is_encoder
+from lowbit.eval.model_info import kernels_of, tokenizer_for
 from lowbit.eval.perplexity_windows import perplexity
 from lowbit.eval.size import model_size
 from lowbit.eval.speed import measure_speed
 
 _BASELINES: dict[tuple, tuple[float, BaselineLogprobs]] = {}
-
-
-def _tokenizer_for(model: nn.Module, tokenizer):
-    if tokenizer is not None:
-        return tokenizer
-    spec = getattr(model, "lowbit_spec", None)
-    if not spec:
-        raise ValueError("pass tokenizer=... (the model does not say where it came from)")
-    from lowbit.model import load_tokenizer
-
-    return load_tokenizer(spec)
-
-
-def kernels_of(model: nn.Module) -> dict[str, int]:
-    from lowbit.nn import QuantizedLinear
-
-    counts: collections.Counter = collections.Counter()
-    for m in model.modules():
-        if isinstance(m, QuantizedLinear):
-            counts[m.kernel] += 1
-        elif isinstance(m, nn.Linear):
-            counts[f"F.linear ({str(m.weight.dtype).removeprefix('torch.')})"] += 1
-    return dict(counts)
 
 
 def baseline_logprobs(baseline: nn.Module, ids: torch.Tensor, *, window: int, n_windows: int,
@@ -70,12 +48,11 @@ def evaluate(
 ) -> dict:
     """Every number lowbit reports for ``model`` (see the module docstring)."""
     from lowbit.data import tokens
-    from lowbit.eval.embeddings import evaluate_embeddings, is_encoder
 
     if is_encoder(model):  # no LM head: embedding similarity instead of perplexity
         return evaluate_embeddings(model, tokenizer, baseline=baseline, data=data, speed=speed)
     t0 = time.perf_counter()
-    tok = _tokenizer_for(model, tokenizer)
+    tok = tokenizer_for(model, tokenizer)
     ids = tokens(data, tok)[: window * n_windows]  # short text: perplexity says what fits
     result: dict = {"data": str(data), "protocol": protocol, "window": window,
                     "n_windows": n_windows}
