@@ -101,3 +101,30 @@ def test_missing_module_is_named():
 def test_no_blocks_is_a_clear_error():
     with pytest.raises(ArchitectureError, match="cannot find the blocks.*model.layers"):
         resolve_arch(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)))
+
+
+def test_both_views_derive_from_one_family_table():
+    from lowbit.model.arch import LAYOUTS, GroupSpec, Layout, ResidualSpec
+    from lowbit.runtime.arch import LLAMA_STYLE
+    from lowbit.runtime.families import FAMILIES
+
+    assert [lay.name for lay in LAYOUTS] == [f.name for f in FAMILIES]
+    assert LAYOUTS[0] == Layout(  # what calibration walked when the paths were written here
+        "llama", ("model.layers", "layers"),
+        (GroupSpec(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                   "input_layernorm"),
+         GroupSpec(("self_attn.o_proj",), "self_attn.v_proj"),
+         GroupSpec(("mlp.gate_proj", "mlp.up_proj"), "post_attention_layernorm"),
+         GroupSpec(("mlp.down_proj",), "mlp.up_proj")),
+        ("model.norm", "norm"), ("lm_head",),
+        (ResidualSpec("input_layernorm", "self_attn", kwargs=True),
+         ResidualSpec("post_attention_layernorm", "mlp")))
+    assert LAYOUTS[1] == Layout(
+        "bert", ("encoder.layer", "bert.encoder.layer", "roberta.encoder.layer"),
+        (GroupSpec(("attention.self.query", "attention.self.key", "attention.self.value")),
+         GroupSpec(("attention.output.dense",), "attention.self.value"),
+         GroupSpec(("intermediate.dense",)), GroupSpec(("output.dense",))))
+    assert (LLAMA_STYLE.model_types, LLAMA_STYLE.embed, LLAMA_STYLE.layers,
+            LLAMA_STYLE.final_norm, LLAMA_STYLE.rotary, LLAMA_STYLE.attention) == (
+        ("llama", "mistral", "qwen2"), "model.embed_tokens", "model.layers", "model.norm",
+        "model.rotary_emb", "self_attn")

@@ -1,7 +1,8 @@
 """Architecture knowledge as data: which modules form a block and which op feeds which linears.
 
-Calibrated algorithms need a few facts about a model, and this module keeps them in one small
-table (``LAYOUTS``) instead of class-name checks:
+Calibrated algorithms need a few facts about a model, and this module derives them (``LAYOUTS``)
+from the family table shared with the runtime (``lowbit.runtime.families``: module paths,
+declared once per family) instead of class-name checks:
 
 1. the *blocks* (the repeated layers), so calibration can run one block at a time holding one
    block's activations (GPTQ's reference ``llama_sequential``: the inputs of block ``i`` are
@@ -22,6 +23,9 @@ table (``LAYOUTS``) instead of class-name checks:
    branch that holds a group, not the whole block up to it (``calibrated.py`` checks on
    block 0 that the branches compose to the block's own forward before relying on them).
 
+``Layout.of`` derives 2-4 from a family's roles: q/k/v fed by the input norm, o fed by v,
+gate/up fed by the post-attention norm, down fed by up when the MLP is gated.
+
 ``resolve_arch(model)`` matches the table structurally (module paths, never class names).
 A model the table does not know falls back to the largest ``nn.ModuleList`` of identical
 blocks holding linears: each linear is then its own group, in registration order, with no
@@ -35,6 +39,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.runtime import families
+from lowbit.runtime.families import Family
 
 
 class ArchitectureError(LowbitError, ValueError):
@@ -71,33 +77,28 @@ class Layout:
     head: tuple[str, ...] = ()
     residuals: tuple[ResidualSpec, ...] = ()
 
+    @classmethod
+    def of(cls, family: Family) -> Layout:
+        """``family``'s blocks, groups in forward order, feeders and (pre-norm) branches.
 
-LLAMA = Layout(
-    "llama",  # also Mistral, Qwen2, SmolLM2, ... (pre-norm, gated MLP)
-    blocks=("model.layers", "layers"),
-    groups=(
-        GroupSpec(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                  "input_layernorm"),
-        GroupSpec(("self_attn.o_proj",), "self_attn.v_proj"),
-        GroupSpec(("mlp.gate_proj", "mlp.up_proj"), "post_attention_layernorm"),
-        GroupSpec(("mlp.down_proj",), "mlp.up_proj"),
-    ),
-    final_norm=("model.norm", "norm"),
-    head=("lm_head",),
-    residuals=(ResidualSpec("input_layernorm", "self_attn", kwargs=True),
-               ResidualSpec("post_attention_layernorm", "mlp")),
-)
-BERT = Layout(
-    "bert",  # post-norm encoder: LayerNorm outputs also feed the residual, so no norm feeder
-    blocks=("encoder.layer", "bert.encoder.layer", "roberta.encoder.layer"),
-    groups=(
-        GroupSpec(("attention.self.query", "attention.self.key", "attention.self.value")),
-        GroupSpec(("attention.output.dense",), "attention.self.value"),
-        GroupSpec(("intermediate.dense",)),
-        GroupSpec(("output.dense",)),
-    ),
-)
-LAYOUTS: tuple[Layout, ...] = (LLAMA, BERT)
+        ``down`` is fed by ``up`` only through a gated MLP: ``act(gate) * up`` commutes with a
+        per-channel scale on ``up``, ``act(up)`` does not. Post-norm families have no norm
+        feeders and no branches."""
+        f = family
+        mlp_in = (f.gate_proj, f.up_proj) if f.gate_proj else (f.up_proj,)
+        groups = (GroupSpec((f.q_proj, f.k_proj, f.v_proj), f.input_norm),
+                  GroupSpec((f.o_proj,), f.v_proj),
+                  GroupSpec(mlp_in, f.post_attention_norm),
+                  GroupSpec((f.down_proj,), f.up_proj if f.gate_proj else None))
+        residuals = ((ResidualSpec(f.input_norm, f.attention, kwargs=True),
+                      ResidualSpec(f.post_attention_norm, f.mlp)) if f.pre_norm else ())
+        return cls(f.name, f.at_bases(f.layers), groups, f.at_bases(f.final_norm),
+                   (f.lm_head,) if f.lm_head else (), residuals)
+
+
+LLAMA = Layout.of(families.LLAMA)  # also Mistral, Qwen2, SmolLM2, ...
+BERT = Layout.of(families.BERT)
+LAYOUTS: tuple[Layout, ...] = tuple(Layout.of(f) for f in families.FAMILIES)
 
 
 @dataclass
@@ -267,13 +268,15 @@ def resolve_arch(model: nn.Module, *, strict: bool = False) -> Arch:
     if strict:
         raise ArchitectureError(
             f"{type(model).__name__} matches no known layout ({'; '.join(problems) or looked}); "
-            f"add a Layout to lowbit.model.arch.LAYOUTS or pass strict=False")
+            f"add a Family to lowbit.runtime.families (lowbit.model.arch.LAYOUTS derives from "
+            f"it) or pass strict=False")
     arch = _structural(model)
     if arch is None:
         raise ArchitectureError(
             f"cannot find the blocks of {type(model).__name__}: looked for {looked} and for any "
             f"nn.ModuleList of identical blocks holding nn.Linear layers; calibrated algorithms "
-            f"run block by block, so add a Layout to lowbit.model.arch.LAYOUTS")
+            f"run block by block, so add a Family to lowbit.runtime.families (lowbit.model.arch."
+            f"LAYOUTS derives from it)")
     why = f" ({'; '.join(problems)})" if problems else ""
     arch.notes.append(
         f"architecture not in the table{why}: structural fallback on {arch.blocks[0].name[:-2]} "

@@ -1,11 +1,11 @@
-"""Declarative description of the decoder architectures the runtime can drive.
+"""The runtime's view of the family table: which decoders it can drive, and their modules.
 
-A :class:`DecoderLayout` is a small table: where the blocks, norms and linears live inside a
-Hugging Face causal LM, and which ``config.model_type`` values share that layout *and* the
-same math (pre-norm RMSNorm blocks, rotary attention with grouped KV heads, gated MLP).
-:func:`resolve_decoder` reads the model's config and looks every module up by name; it never
-dispatches on class names. Models outside the table get a :class:`UnsupportedModelError` that
-names what is missing.
+A :class:`DecoderLayout` is derived from a :class:`~lowbit.runtime.families.Family` (the one
+table, shared with calibration) for each family whose math the runtime implements (pre-norm
+RMSNorm blocks, rotary attention with grouped KV heads, gated MLP). :func:`resolve_decoder`
+reads the model's config and looks every module up by name; it never dispatches on class
+names. Models outside the table get a :class:`UnsupportedModelError` that names what is
+missing.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lowbit.errors import LowbitError
+from lowbit.runtime.families import FAMILIES, LLAMA, Family
 
 __all__ = [
     "LLAMA_STYLE",
@@ -35,33 +36,42 @@ class UnsupportedModelError(LowbitError, ValueError):
 
 @dataclass(frozen=True)
 class DecoderLayout:
-    """Module paths (dotted, relative to the model or to one block) of a decoder family."""
+    """Module paths of a decoder family: model-level ones (``embed`` ... ``rotary``) from the
+    model, the rest from one block. Built by :meth:`of`, never written by hand."""
 
     model_types: tuple[str, ...]
-    embed: str = "model.embed_tokens"
-    layers: str = "model.layers"
-    final_norm: str = "model.norm"
-    lm_head: str = "lm_head"
-    rotary: str = "model.rotary_emb"
-    input_norm: str = "input_layernorm"
-    post_attention_norm: str = "post_attention_layernorm"
-    q_proj: str = "self_attn.q_proj"
-    k_proj: str = "self_attn.k_proj"
-    v_proj: str = "self_attn.v_proj"
-    o_proj: str = "self_attn.o_proj"
-    gate_proj: str = "mlp.gate_proj"
-    up_proj: str = "mlp.up_proj"
-    down_proj: str = "mlp.down_proj"
+    embed: str
+    layers: str
+    final_norm: str
+    lm_head: str
+    rotary: str
+    attention: str
+    input_norm: str
+    post_attention_norm: str
+    q_proj: str
+    k_proj: str
+    v_proj: str
+    o_proj: str
+    gate_proj: str
+    up_proj: str
+    down_proj: str
+    act_fn: str
     # submodules whose presence means extra math this runtime does not implement
-    act_fn: str = "mlp.act_fn"
-    unsupported: tuple[str, ...] = ("self_attn.q_norm", "self_attn.k_norm")
+    unsupported: tuple[str, ...]
+
+    @classmethod
+    def of(cls, family: Family) -> DecoderLayout:
+        """``family`` as the runtime sees it: the base model at its first ``bases`` entry
+        (the causal LM, whose ``lm_head`` the decode loop needs)."""
+        paths = {f: getattr(family, f) for f in cls.__dataclass_fields__}
+        for f in ("embed", "layers", "final_norm", "rotary"):
+            paths[f] = family.at_bases(paths[f])[0]
+        return cls(**paths)
 
 
-# Llama, Mistral and Qwen2 share the layout and the math (Qwen2's q/k/v biases live inside
-# the Linear modules, so they need nothing here). Sequences longer than a sliding window are
-# refused by the runtime.
-LLAMA_STYLE = DecoderLayout(model_types=("llama", "mistral", "qwen2"))
-LAYOUTS: tuple[DecoderLayout, ...] = (LLAMA_STYLE,)
+# Sequences longer than a sliding window (Mistral, Qwen2) are refused by the runtime.
+LLAMA_STYLE = DecoderLayout.of(LLAMA)
+LAYOUTS: tuple[DecoderLayout, ...] = tuple(DecoderLayout.of(f) for f in FAMILIES if f.runtime)
 
 
 @dataclass
@@ -178,7 +188,7 @@ def resolve_decoder(model: nn.Module) -> DecoderSpec:
     head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
     if heads % kv_heads:
         raise UnsupportedModelError(f"{heads} heads are not a multiple of {kv_heads} KV heads")
-    attn = _get(blocks[0], "self_attn")
+    attn = _get(blocks[0], layout.attention)
     scale = float(getattr(attn, "scaling", None) or head_dim**-0.5)
     act_name = str(getattr(config, "hidden_act", "silu"))
     act_fn = F.silu if act_name in ("silu", "swish") else need(blocks[0], layout.act_fn, "")
