@@ -81,7 +81,7 @@ def test_busy_machine_keeps_only_clear_wins(cache, monkeypatch):
     assert entry["noisy"] and not entry["cached"]
     for name in autotune.DECISIONS:
         if name != "compute":
-            assert entry["ranking"][name] == autotune._flag_ranking(name), name
+            assert entry["ranking"][name] == autotune.flag_ranking(name), name
     autotune.reset()
     assert not autotune.measured()["cached"] and len(calls) == 2  # measured again
 

@@ -101,19 +101,3 @@ def aligned_contiguous(t: torch.Tensor, alignment: int = 64) -> torch.Tensor:
         return t
     return t.clone(memory_format=torch.contiguous_format)
 
-
-def select_by_rows(x: torch.Tensor, impl: str, family: str, prefill_rows: int,
-                   kernels: tuple[str, str, str, str]) -> str:
-    """The kernel a weight-only wrapper runs: ``kernels`` = (fast, prefill in bf16, prefill
-    in fp32, reference); from ``prefill_rows`` rows on ``auto`` runs the float GEMM that
-    ``kernels.autotune`` chose for ``prefill.<family>``."""
-    from lowbit.kernels import autotune
-
-    fast, prefill_bf16, prefill_fp32, reference = kernels
-    if not use_fast(impl, x, family):
-        return reference
-    rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 1
-    if impl == "auto" and rows >= prefill_rows:
-        bf16 = autotune.choice(f"prefill.{family}") == "bf16"
-        return prefill_bf16 if bf16 else prefill_fp32
-    return fast

@@ -31,12 +31,16 @@ Every path computes the same numbers it did before; only which one runs is chose
 Overrides: ``assume_cpu`` / ``LOWBIT_CPU`` choose by CPU flags instead of measuring (tests),
 ``native.force`` / ``LOWBIT_NATIVE`` switch the native kernels, ``forcing`` fixes choices
 in a block.
+
+Layering: the per-call lookup (``DECISIONS``, ``choice``, ``forcing`` ...) lives in
+``kernels.choices``, below the wrappers, and is re-exported here; this module keeps the
+cache and the timing, and gets the measurement (``kernels.probe``, which runs the wrappers)
+through ``register_kernel_probe``, so no kernel module imports another in a circle.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import hashlib
 import json
 import os
@@ -45,68 +49,36 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from lowbit.kernels import cpu, native
+from lowbit.kernels import choices, native
+from lowbit.kernels.choices import (  # noqa: F401  (re-exported: the choices' public face)
+    DECISIONS,
+    by_flags,
+    choice,
+    flag_ranking,
+    float_dtype,
+    forcing,
+    native_preferred,
+    ranking,
+)
 
-DECISIONS: dict[str, tuple[str, ...]] = {
-    "decode.int8_weight": ("native", "int8pack_mm"),
-    "decode.int4_weight": ("native", "int4pack_mm"),
-    "decode.w8a8": ("native", "int_mm", "fp32_gemm"),
-    "prefill.int8_weight": ("bf16", "fp32"),
-    "prefill.int4_weight": ("bf16", "fp32"),
-    "prefill.w8a8": ("int_mm", "fp32_gemm"),
-    "runtime.int8_weight": ("fp32", "bf16"),
-    "runtime.int4_weight": ("fp32", "bf16"),
-    "runtime.w8a8": ("fp32", "bf16"),
-    "runtime.float": ("fp32", "bf16"),
-    "compute": ("fp32", "bf16"),
-}
 CACHE_NAME = "kernels.json"
 VERSION = 3  # of the probe: a new version measures again
-_forced: contextvars.ContextVar[dict | None] = contextvars.ContextVar("lowbit_kernel_choices",
-                                                                      default=None)
 _result: dict | None = None
 _lock = threading.RLock()
-
-
-@contextlib.contextmanager
-def forcing(choices: dict[str, str]):
-    """Fix some decisions inside the block (this thread / context only)."""
-    for name, value in choices.items():
-        if value not in DECISIONS.get(name, ()):
-            from lowbit.kernels._common import KernelError
-
-            raise KernelError(f"unknown kernel choice {name}={value!r}; decisions and "
-                              f"candidates: {DECISIONS}")
-    token = _forced.set({**(_forced.get() or {}), **choices})
-    try:
-        yield
-    finally:
-        _forced.reset(token)
-
-
-def by_flags() -> bool:
-    """True where choices follow CPU flags (``assume_cpu`` or ``LOWBIT_CPU``), not timings."""
-    return cpu._override is not None or bool(os.environ.get("LOWBIT_CPU", "").strip())
-
-
-def _flag_ranking(name: str) -> list[str]:
-    """The old flag-based policy, as a ranking (best first)."""
-    f = cpu.cpu_features()
-    if name in ("decode.int8_weight", "decode.int4_weight"):
-        torch_kernel = DECISIONS[name][1]
-        return [torch_kernel, "native"] if f.native_bf16 else ["native", torch_kernel]
-    if name == "decode.w8a8":
-        return ["int_mm", "native", "fp32_gemm"] if f.vnni else ["native", "fp32_gemm", "int_mm"]
-    if name == "prefill.w8a8":
-        return ["int_mm", "fp32_gemm"] if f.vnni else ["fp32_gemm", "int_mm"]
-    return ["bf16", "fp32"] if f.native_bf16 else ["fp32", "bf16"]
-
-
+_kernel_probe: Callable[[], dict] | None = None
 _step_probe = None
+
+
+def register_kernel_probe(measure: Callable[[], dict]) -> None:
+    """``kernels/__init__`` hands in ``probe.measure``: the probe runs the wrappers, which
+    consult these choices, so this module never imports it."""
+    global _kernel_probe
+    _kernel_probe = measure
 
 
 def register_step_probe(make_candidates) -> None:
@@ -119,37 +91,6 @@ def register_step_probe(make_candidates) -> None:
 
 def step_probe():
     return _step_probe
-
-
-def ranking(name: str) -> list[str]:
-    """``name``'s candidates here, fastest first."""
-    if by_flags():
-        return _flag_ranking(name)
-    return measured()["ranking"][name]
-
-
-def choice(name: str, skip: tuple[str, ...] = ()) -> str:
-    """The candidate that runs for decision ``name`` (the best one not in ``skip``)."""
-    fixed = _forced.get()
-    value = None if fixed is None else fixed.get(name)
-    if value is not None and value not in skip:
-        return value
-    for candidate in ranking(name):
-        if candidate not in skip:
-            return candidate
-    return DECISIONS[name][-1]
-
-
-def native_preferred(family: str | None) -> bool:
-    """``native.preferred``'s answer where nothing forces it and the library is available."""
-    if family is None:  # the fused float32 decode step: whenever the runtime is float32
-        return not (by_flags() and cpu.cpu_features().native_bf16)
-    return choice(f"decode.{family}") == "native"
-
-
-def float_dtype(name: str) -> torch.dtype:
-    """The dtype of a ``bf16`` / ``fp32`` decision."""
-    return torch.bfloat16 if choice(name) == "bf16" else torch.float32
 
 
 # ---- the cache ------------------------------------------------------------------------------
@@ -223,9 +164,9 @@ def measured(remeasure: bool = False) -> dict:
         entries = _read(path)
         entry = entries.get(kid)
         if remeasure or not _valid(entry):
-            from lowbit.kernels.probe import measure
-
-            entry = {"key": key, **measure()}
+            if _kernel_probe is None:
+                raise RuntimeError("no kernel probe registered (import lowbit.kernels)")
+            entry = {"key": key, **_kernel_probe()}
             entries = {k: v for k, v in entries.items() if _valid(v) and k != kid}
             entries[kid] = entry
             try:
@@ -236,6 +177,9 @@ def measured(remeasure: bool = False) -> dict:
         else:
             _result = {**entry, "cached": True}
         return _result
+
+
+choices.register_measured(measured)  # the per-call lookup reads the ranking through it
 
 
 def reset() -> None:

@@ -51,13 +51,12 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.formats.rotation import rotate
-from lowbit.kernels import autotune, native
+from lowbit.kernels import choices, native
 from lowbit.kernels._common import (
     KernelError,
     check_bias,
     check_input,
     check_weight,
-    select_by_rows,
     use_fast,
 )
 
@@ -325,7 +324,7 @@ def int4_weight_linear(
     flat = x.dim() != 2
     x2 = x.reshape(-1, k) if flat else x
     if impl == "auto" and x2.shape[0] >= PREFILL_ROWS:  # many rows: a float GEMM wins
-        dtype = autotune.float_dtype("prefill.int4_weight")
+        dtype = choices.float_dtype("prefill.int4_weight")
         w = _dequantize_padded(state).to(dtype)  # padded K: pad x rather than copy a slice
         pad = w.shape[1] - k
         x2 = x2.to(dtype)
@@ -359,7 +358,8 @@ def int4_weight_linear(
 
 def select_kernel(x: torch.Tensor, impl: str = "auto") -> str:
     """The ``lowbit.kernels.KERNELS`` key that ``int4_weight_linear(x, ..., impl)`` runs."""
-    name = select_by_rows(x, impl, FAMILY, PREFILL_ROWS, (FAST, PREFILL, PREFILL_FP32, REFERENCE))
+    name = choices.select_by_rows(x, impl, FAMILY, PREFILL_ROWS,
+                                  (FAST, PREFILL, PREFILL_FP32, REFERENCE))
     return NATIVE if name == FAST and _layout()[1] and native.preferred(FAMILY) else name
 
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.formats.rotation import rotate
-from lowbit.kernels import autotune, native
+from lowbit.kernels import choices, native
 from lowbit.kernels._common import (
     KernelError,
     aligned_contiguous,
@@ -138,10 +138,10 @@ def quantize_per_tensor(x: torch.Tensor, act_scale: float) -> torch.Tensor:
 def _path(rows: int) -> str:
     """``native``, ``int_mm`` or ``fp32_gemm``: the integer matmul for ``rows`` rows."""
     if rows >= native.MAX_ROWS:
-        return autotune.choice("prefill.w8a8")
+        return choices.choice("prefill.w8a8")
     if native.preferred("w8a8"):
         return "native"
-    return autotune.choice("decode.w8a8", skip=("native",))
+    return choices.choice("decode.w8a8", skip=("native",))
 
 
 def integer_matmul(codes: torch.Tensor, qdata: torch.Tensor) -> torch.Tensor:

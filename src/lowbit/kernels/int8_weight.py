@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.formats.rotation import rotate
-from lowbit.kernels import autotune, native
+from lowbit.kernels import choices, native
 from lowbit.kernels._common import (
     KernelError,
     aligned_contiguous,
@@ -46,7 +46,6 @@ from lowbit.kernels._common import (
     check_input,
     check_vector,
     check_weight,
-    select_by_rows,
     use_fast,
 )
 
@@ -147,7 +146,7 @@ def int8_weight_linear(
     widen = impl == "auto" and x2.shape[0] >= PREFILL_ROWS
     pad = state.qdata.shape[1] - k
     if widen:  # int8 -> bf16/fp32 is exact; a float GEMM beats the kernel on many rows
-        dtype = autotune.float_dtype("prefill.int8_weight")
+        dtype = choices.float_dtype("prefill.int8_weight")
         x2 = x2.to(dtype)
         if pad:
             x2 = torch.constant_pad_nd(x2, (0, pad))
@@ -177,7 +176,8 @@ def int8_weight_linear(
 
 def select_kernel(x: torch.Tensor, impl: str = "auto") -> str:
     """The ``lowbit.kernels.KERNELS`` key that ``int8_weight_linear(x, ..., impl)`` runs."""
-    name = select_by_rows(x, impl, FAMILY, PREFILL_ROWS, (FAST, PREFILL, PREFILL_FP32, REFERENCE))
+    name = choices.select_by_rows(x, impl, FAMILY, PREFILL_ROWS,
+                                  (FAST, PREFILL, PREFILL_FP32, REFERENCE))
     return NATIVE if name == FAST and native.preferred(FAMILY) else name
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from lowbit.kernels import native_build
+from lowbit.kernels import choices, native_build
 from lowbit.kernels.native_build import (  # noqa: F401  (re-exported)
     _SOLVE_STEM,
     _STEM,
@@ -193,9 +193,7 @@ def preferred(family: str | None = None) -> bool:
         return setting == "1" and available()
     if not available():
         return False
-    from lowbit.kernels import autotune
-
-    return autotune.native_preferred(family)
+    return choices.native_preferred(family)
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:

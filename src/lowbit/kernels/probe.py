@@ -8,6 +8,9 @@ and a head of three times the third. Prefill: 128 rows through ``576 -> 1536``. 
 runtime's activation dtype: one synthetic block's decode step in float32 and in bf16
 (``runtime.probe``); a model's step is estimated as 30 times that block's work besides its
 float linears plus the mix of the family's measured GEMVs in that dtype.
+
+``autotune`` never imports this module (it runs the wrappers, which consult ``choices``):
+``kernels/__init__`` registers ``measure`` with ``autotune.register_kernel_probe``.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.formats.rotation import hadamard_factors, rotate
-from lowbit.kernels import autotune, native
+from lowbit.kernels import autotune, choices, native
 from lowbit.kernels import int4_weight as k4
 from lowbit.kernels import int8_dynamic as k8a8
 from lowbit.kernels import int8_weight as k8
@@ -42,19 +45,19 @@ BUSY = 1.5
 MARGIN = 1.5
 #: past this many seconds every timing stops at 3 rounds (only a busy machine gets there)
 BUDGET_S = 2.0
-_BASE = {name: cands[-1] for name, cands in autotune.DECISIONS.items()}
+_BASE = {name: cands[-1] for name, cands in choices.DECISIONS.items()}
 
 
 def _label(rows: int, k: int, n: int) -> str:
     return f"{rows}x{k}x{n}"
 
 
-def _under(fn, native_on: bool | None = None, **choices):
+def _under(fn, native_on: bool | None = None, **fixed):
     """``f(n)``: ``n`` calls of ``fn`` with the native kernels forced and choices fixed."""
 
     def f(n: int) -> None:
         forced = native.force(native_on) if native_on is not None else contextlib.nullcontext()
-        with forced, autotune.forcing(choices):
+        with forced, choices.forcing(fixed):
             for _ in range(n):
                 fn()
 
@@ -169,7 +172,7 @@ def measure() -> dict:
     runtime_measured = autotune.step_probe() is not None
     token = native._forced.set(None)  # the caller's native.force must not leak in
     try:
-        with autotune.forcing(_BASE), torch.inference_mode():
+        with choices.forcing(_BASE), torch.inference_mode():
             for k, n, _ in DECODE_SHAPES:
                 layer = _layers(k, n, gen)
                 _decode(table, k, n, layer, gen, noise, deadline)
@@ -184,17 +187,17 @@ def measure() -> dict:
     load = busy()
     noisy = worst > NOISY or load > BUSY
     ranking = {}
-    for name, cands in autotune.DECISIONS.items():
+    for name, cands in choices.DECISIONS.items():
         if name == "compute":
             continue
         if name not in table:  # runtime.* before the runtime registered its probe
-            ranking[name] = autotune._flag_ranking(name)
+            ranking[name] = choices.flag_ranking(name)
             continue
         timed = sorted(table[name], key=lambda c: total(table, name, c))
         ranking[name] = timed + [c for c in cands if c not in timed]
         if noisy and (len(timed) < 2 or total(table, name, timed[1]) <
                       MARGIN * total(table, name, timed[0])):
-            ranking[name] = autotune._flag_ranking(name)  # too close to call on a busy machine
+            ranking[name] = choices.flag_ranking(name)  # too close to call on a busy machine
     votes = [ranking[f"runtime.{f}"][0] for f in ("int8_weight", "int4_weight", "w8a8")]
     ranking["compute"] = sorted(("fp32", "bf16"), key=lambda dt: -votes.count(dt))
     return {"ranking": ranking, "table": table, "noise": round(worst, 2), "load": load,
