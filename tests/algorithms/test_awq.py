@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from lowbit.algorithms import AWQ, AlgorithmError, WeightQuantConfig, awq, rtn
+from lowbit.algorithms import AWQ, AlgorithmError, awq, rtn
+from lowbit.formats import WeightSpec
 
 from ._algo_data import OUTLIERS, output_mse
 
@@ -12,7 +13,7 @@ from ._algo_data import OUTLIERS, output_mse
 @pytest.mark.parametrize("gran", ["group:64", "channel"])
 def test_output_error_below_rtn(layer, fmt, gran):
     W, X = layer
-    cfg = WeightQuantConfig(fmt, gran, symmetric=fmt.startswith("int"))
+    cfg = WeightSpec(fmt, gran, symmetric=fmt.startswith("int"))
     result = awq(W, X, cfg)
     base = output_mse(W, X, rtn(W, cfg).dequantize())
     assert output_mse(W, X, result.effective_weight()) < 0.5 * base
@@ -25,14 +26,14 @@ def test_output_error_below_rtn(layer, fmt, gran):
 
 def test_codes_encode_the_scaled_weight(layer):
     W, X = layer
-    result = awq(W, X, WeightQuantConfig("int4", "group:64"), clip=False)
-    again = rtn(W * result.input_scale, WeightQuantConfig("int4", "group:64"))
+    result = awq(W, X, WeightSpec("int4", "group:64"), clip=False)
+    again = rtn(W * result.input_scale, WeightSpec("int4", "group:64"))
     assert torch.equal(again.codes, result.codes)
 
 
 def test_given_act_scale_and_tensor_granularity(layer):
     W, X = layer
-    cfg = WeightQuantConfig("int8", "tensor")
+    cfg = WeightSpec("int8", "tensor")
     result = awq(W, X, cfg, act_scale=X.abs().mean(0), n_grid=5)
     assert "clip_used" not in result.info
     assert output_mse(W, X, result.effective_weight()) <= output_mse(W, X, rtn(W, cfg).dequantize())
@@ -41,7 +42,7 @@ def test_given_act_scale_and_tensor_granularity(layer):
 def test_partial_group_clip_search():
     g = torch.Generator().manual_seed(3)
     W, X = torch.randn(16, 200, generator=g), torch.randn(300, 200, generator=g)
-    cfg = WeightQuantConfig("uint4", "group:64", symmetric=False)
+    cfg = WeightSpec("uint4", "group:64", symmetric=False)
     result = awq(W, X, cfg, n_clip_tokens=100)
     assert result.qparams.scale.shape == (16, 4)
     assert output_mse(W, X, result.effective_weight()) <= output_mse(W, X, rtn(W, cfg).dequantize())
@@ -49,7 +50,7 @@ def test_partial_group_clip_search():
 
 def test_errors(layer):
     W, X = layer
-    cfg = WeightQuantConfig("int4", "channel")
+    cfg = WeightSpec("int4", "channel")
     with pytest.raises(AlgorithmError, match="last dimension 256"):
         awq(W, X[:, :10], cfg)
     with pytest.raises(AlgorithmError, match="act_scale"):

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from lowbit.algorithms import AlgorithmError, WeightQuantConfig
+from lowbit.algorithms import AlgorithmError
 from lowbit.algorithms.gptaq import asymmetric_target
 from lowbit.algorithms.gptq_solver import GPTQ
-from lowbit.formats import dequantize
+from lowbit.formats import WeightSpec, dequantize
 
 from ._algo_data import make_layer
 
@@ -40,7 +40,7 @@ def test_gptq_on_the_target_matches_the_float_outputs_better():
     X_q = X * (1 + 0.2 * torch.randn(X.shape[1], generator=g)) + 0.2 * torch.randn(
         X.shape, generator=g)
     H, C = _moments(X_q, X)
-    cfg = WeightQuantConfig("uint4", "group:32", symmetric=False)
+    cfg = WeightSpec("uint4", "group:32", symmetric=False)
     gptq = GPTQ(act_order=True)
 
     def error(target):

@@ -5,8 +5,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from lowbit.algorithms import GPTQ, AlgorithmError, HessianAccumulator, WeightQuantConfig, gptq, rtn
-from lowbit.formats import FormatError, NumberFormat, get_format, quantize
+from lowbit.algorithms import GPTQ, AlgorithmError, HessianAccumulator, gptq, rtn
+from lowbit.formats import FormatError, NumberFormat, WeightSpec, get_format, quantize
 from lowbit.formats.base import grid_encode
 
 from ._algo_data import make_layer, output_mse
@@ -26,7 +26,7 @@ def test_matches_reference_implementation(gran, group, act_order):
     X[:, 7] = 0  # a dead input
     acc = hessian(X)
     expected = reference_gptq(W, acc.H, 4, group, actorder=act_order)
-    got = gptq(W, acc, WeightQuantConfig("uint4", gran, symmetric=False), act_order=act_order)
+    got = gptq(W, acc, WeightSpec("uint4", gran, symmetric=False), act_order=act_order)
     assert torch.allclose(got.dequantize(), expected, rtol=0, atol=1e-5)
     assert got.info["dead_inputs"] == 1
     assert torch.all(got.dequantize()[:, 7] == 0)
@@ -36,7 +36,7 @@ def test_matches_reference_implementation(gran, group, act_order):
 @pytest.mark.parametrize("gran", ["group:64", "channel"])
 def test_beats_rtn_by_a_clear_margin(layer, fmt, gran):
     W, X = layer
-    cfg = WeightQuantConfig(fmt, gran)
+    cfg = WeightSpec(fmt, gran)
     base = output_mse(W, X, rtn(W, cfg).dequantize())
     plain = gptq(W, hessian(X), cfg)
     ordered = gptq(W, hessian(X), cfg, act_order=True)
@@ -49,7 +49,7 @@ def test_beats_rtn_by_a_clear_margin(layer, fmt, gran):
 @pytest.mark.parametrize("act_order", [False, True])
 def test_partial_last_group(act_order, static_groups):
     W, X = make_layer(out=32, k=200, tokens=256)
-    cfg = WeightQuantConfig("uint4", "group:64", symmetric=False, scale_dtype="fp16")
+    cfg = WeightSpec("uint4", "group:64", symmetric=False, scale_dtype="fp16")
     result = gptq(W, hessian(X), cfg, act_order=act_order, static_groups=static_groups,
                   block_size=48)
     assert result.qparams.scale.shape == (32, 4) and result.qparams.scale.dtype == torch.float16
@@ -60,7 +60,7 @@ def test_partial_last_group(act_order, static_groups):
 def test_codes_are_consistent_with_returned_qparams(layer):
     """Re-quantizing the dequantized weight with the returned parameters gives the codes."""
     W, X = layer
-    result = gptq(W, hessian(X), WeightQuantConfig("int4", "group:64"), act_order=True)
+    result = gptq(W, hessian(X), WeightSpec("int4", "group:64"), act_order=True)
     assert torch.equal(quantize(result.dequantize(), result.qparams), result.codes)
 
 
@@ -70,7 +70,7 @@ def test_damping_escalates_on_an_indefinite_hessian(layer):
     v = torch.nn.functional.normalize(torch.randn(64, generator=torch.Generator().manual_seed(0)),
                                       dim=0)
     H = torch.eye(64) - 1.05 * torch.outer(v, v)  # one eigenvalue -0.05
-    result = gptq(W, H, WeightQuantConfig("int4", "channel"))
+    result = gptq(W, H, WeightSpec("int4", "channel"))
     assert result.info["percdamp"] == pytest.approx(0.1)
     assert torch.isfinite(result.dequantize()).all()
 
@@ -79,7 +79,7 @@ def test_rank_deficient_calibration(layer):
     W, _ = layer
     g = torch.Generator().manual_seed(2)
     X = torch.randn(512, 3, generator=g) @ torch.randn(3, 256, generator=g)  # rank 3
-    cfg = WeightQuantConfig("int4", "group:64")
+    cfg = WeightSpec("int4", "group:64")
     result = gptq(W, hessian(X), cfg, percdamp=0.0)
     assert result.info["percdamp"] > 0
     assert output_mse(W, X, result.dequantize()) < output_mse(W, X, rtn(W, cfg).dequantize())
@@ -87,7 +87,7 @@ def test_rank_deficient_calibration(layer):
 
 def test_clear_errors(layer):
     W, X = layer
-    cfg = WeightQuantConfig("int4", "channel")
+    cfg = WeightSpec("int4", "channel")
     H = hessian(X).H
     H[0, 1] = float("nan")
     with pytest.raises(AlgorithmError, match=r"\(64, 256\).*NaN"):
@@ -144,7 +144,7 @@ def _lookup_formats():
 @pytest.mark.parametrize("fmt", _lookup_formats(), ids=str)
 def test_works_with_lookup_formats(layer, fmt):
     W, X = layer
-    cfg = WeightQuantConfig(fmt, "group:64")
+    cfg = WeightSpec(fmt, "group:64")
     result = gptq(W, hessian(X), cfg, act_order=True)
     assert result.codes.dtype == torch.uint8
     assert output_mse(W, X, result.dequantize()) < 0.85 * output_mse(W, X, rtn(W, cfg).dequantize())
@@ -152,7 +152,7 @@ def test_works_with_lookup_formats(layer, fmt):
 
 def test_static_groups_take_parameters_from_the_original_weight(layer):
     W, X = layer
-    cfg = WeightQuantConfig("uint4", "group:64", symmetric=False)
+    cfg = WeightSpec("uint4", "group:64", symmetric=False)
     result = gptq(W, hessian(X), cfg, act_order=True, static_groups=True)
     upfront = rtn(W, cfg).qparams
     assert torch.equal(result.qparams.scale, upfront.scale)
@@ -173,7 +173,7 @@ def test_integer_column_path_equals_the_generic_one(layer, monkeypatch, fmt, gra
     gptq_module = importlib.import_module("lowbit.algorithms.gptq_solver")
 
     W, X = layer
-    cfg = WeightQuantConfig(fmt, gran, symmetric=symmetric, scale_dtype="bf16")
+    cfg = WeightSpec(fmt, gran, symmetric=symmetric, scale_dtype="bf16")
     opts = {"act_order": act_order, "static_groups": static_groups}
     fast = gptq(W, hessian(X), cfg, **opts)
     monkeypatch.setattr(gptq_module, "IntColumn", lambda fmt, rows: gptq_module.AnyColumn())
@@ -190,18 +190,18 @@ def test_clip_search_never_worsens_a_groups_weight_error(layer):
 
     gptq_module = importlib.import_module("lowbit.algorithms.gptq_solver")
     W, X = layer
-    cfg = WeightQuantConfig("uint4", "group:64", symmetric=False, scale_dtype="bf16")
+    cfg = WeightSpec("uint4", "group:64", symmetric=False, scale_dtype="bf16")
 
     def err(qp):
-        return cfg.gran.rows((quantize_dequantize(W, qp) - W).abs().pow(2.4)).sum(-1)
+        return cfg.granularity.rows((quantize_dequantize(W, qp) - W).abs().pow(2.4)).sum(-1)
 
     from lowbit.formats import dequantize
 
     def quantize_dequantize(w, qp):
         return dequantize(quantize(w, qp), qp)
 
-    plain = gptq_module.clipped_qparams(W, cfg, cfg.gran, (), 2.4)
-    searched = gptq_module.clipped_qparams(W, cfg, cfg.gran, (1.0, 0.95, 0.9, 0.85), 2.4)
+    plain = gptq_module.clipped_qparams(W, cfg, cfg.granularity, (), 2.4)
+    searched = gptq_module.clipped_qparams(W, cfg, cfg.granularity, (1.0, 0.95, 0.9, 0.85), 2.4)
     assert torch.all(err(searched) <= err(plain) + 1e-6)
     assert not torch.equal(searched.scale, plain.scale)
     res = gptq(W, hessian(X), cfg, clip_ratios=(1.0, 0.95, 0.9, 0.85))
@@ -219,7 +219,7 @@ def test_refinement_lowers_the_gptq_objective(layer, fmt, gran, act_order, float
     the parameters' dtypes, codes still match the returned parameters, and the rounds stop
     once a sweep changes nothing."""
     W, X = layer
-    cfg = WeightQuantConfig(fmt, gran, symmetric=fmt.startswith("int"), scale_dtype="bf16",
+    cfg = WeightSpec(fmt, gran, symmetric=fmt.startswith("int"), scale_dtype="bf16",
                             integer_zero_point=not float_zero)
     acc = hessian(X)
     plain = gptq(W, acc, cfg, act_order=act_order)
@@ -229,7 +229,7 @@ def test_refinement_lowers_the_gptq_objective(layer, fmt, gran, act_order, float
     assert refined.qparams.scale.dtype == plain.qparams.scale.dtype
     if plain.qparams.zero_point is not None:
         assert refined.qparams.zero_point.dtype == plain.qparams.zero_point.dtype
-    divides = gran == "channel" or W.shape[1] % cfg.gran.group_size == 0
+    divides = gran == "channel" or W.shape[1] % cfg.granularity.group_size == 0
     assert (refined.info["refitted_rows"] > 0) == divides
     H = acc.H.clone()
     H.diagonal().add_(plain.info["percdamp"] * float(torch.diagonal(acc.H).mean()))

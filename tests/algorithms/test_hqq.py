@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from lowbit.algorithms import HQQ, AlgorithmError, WeightQuantConfig, hqq, rtn
-from lowbit.formats import dequantize, mse, quantize
+from lowbit.algorithms import HQQ, AlgorithmError, hqq, rtn
+from lowbit.formats import WeightSpec, dequantize, mse, quantize
 
 from ._algo_data import make_layer
 
@@ -13,7 +13,7 @@ from ._algo_data import make_layer
 @pytest.mark.parametrize("gran", ["group:64", "channel"])
 def test_weight_mse_not_worse_than_rtn(layer, fmt, gran):
     W, _ = layer
-    cfg = WeightQuantConfig(fmt, gran, symmetric=False)
+    cfg = WeightSpec(fmt, gran, symmetric=False)
     base = mse(W, rtn(W, cfg).dequantize())
     result = hqq(W, cfg)
     assert mse(W, result.dequantize()) < 0.98 * base
@@ -22,7 +22,7 @@ def test_weight_mse_not_worse_than_rtn(layer, fmt, gran):
 
 def test_zero_point_is_float_and_consistent(layer):
     W, _ = layer
-    result = hqq(W, WeightQuantConfig("uint4", "group:64", symmetric=False))
+    result = hqq(W, WeightSpec("uint4", "group:64", symmetric=False))
     zp = result.qparams.zero_point
     assert zp.dtype == torch.float32 and zp.shape == (64, 4)
     assert not torch.equal(zp, zp.round())  # HQQ moved it off the integer grid
@@ -32,7 +32,7 @@ def test_zero_point_is_float_and_consistent(layer):
 
 def test_round_zero_keeps_integer_zero_points(layer):
     W, _ = layer
-    cfg = WeightQuantConfig("uint4", "group:64", symmetric=False)
+    cfg = WeightSpec("uint4", "group:64", symmetric=False)
     result = hqq(W, cfg, round_zero=True)
     assert result.qparams.zero_point.dtype == torch.uint8
     assert mse(W, result.dequantize()) <= mse(W, rtn(W, cfg).dequantize())
@@ -40,7 +40,7 @@ def test_round_zero_keeps_integer_zero_points(layer):
 
 def test_optimize_scale_and_partial_groups():
     W, _ = make_layer(out=16, k=200)
-    cfg = WeightQuantConfig("uint3", "group:64", symmetric=False, scale_dtype="fp16")
+    cfg = WeightSpec("uint3", "group:64", symmetric=False, scale_dtype="fp16")
     zero_only = hqq(W, cfg)
     both = hqq(W, cfg, optimize_scale=True)
     assert both.qparams.scale.dtype == torch.float16 and both.qparams.scale.shape == (16, 4)
@@ -50,8 +50,8 @@ def test_optimize_scale_and_partial_groups():
 def test_errors(layer):
     W, _ = layer
     with pytest.raises(AlgorithmError, match="symmetric=False"):
-        hqq(W, WeightQuantConfig("int4", "channel", symmetric=True))
+        hqq(W, WeightSpec("int4", "channel", symmetric=True))
     with pytest.raises(AlgorithmError, match="lp_norm"):
         HQQ(lp_norm=2.0)
     with pytest.raises(AlgorithmError, match="e8m0"):
-        hqq(W, WeightQuantConfig("uint4", "group:32", False, "e8m0"), optimize_scale=True)
+        hqq(W, WeightSpec("uint4", "group:32", False, "e8m0"), optimize_scale=True)

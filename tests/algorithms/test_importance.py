@@ -6,10 +6,10 @@ import torch
 from lowbit.algorithms import (
     AlgorithmError,
     HessianAccumulator,
-    WeightQuantConfig,
     importance_rtn,
     rtn,
 )
+from lowbit.formats import WeightSpec
 
 from ._algo_data import output_mse
 
@@ -26,7 +26,7 @@ def test_weighted_error_below_rtn(layer, fmt, symmetric, gran):
     acc = HessianAccumulator(256)
     acc.add_batch(X)
     imp = acc.mean_square
-    cfg = WeightQuantConfig(fmt, gran, symmetric)
+    cfg = WeightSpec(fmt, gran, symmetric)
     result = importance_rtn(W, imp, cfg)
     base = rtn(W, cfg).dequantize()
     assert weighted_sse(W, result.dequantize(), imp) < 0.9 * weighted_sse(W, base, imp)
@@ -38,7 +38,7 @@ def test_weighted_error_below_rtn(layer, fmt, symmetric, gran):
 def test_per_weight_importance_and_errors(layer):
     W, _ = layer
     imp = torch.rand(W.shape, generator=torch.Generator().manual_seed(0))
-    cfg = WeightQuantConfig("int4", "group:64")
+    cfg = WeightSpec("int4", "group:64")
     result = importance_rtn(W, imp, cfg, refit=False, n_grid=5)
     assert weighted_sse(W, result.dequantize(), imp) <= weighted_sse(W, rtn(W, cfg).dequantize(),
                                                                      imp)

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from lowbit.algorithms import AlgorithmError, KMeans, WeightQuantConfig, kmeans, rtn
-from lowbit.formats import sqnr_db
+from lowbit.algorithms import AlgorithmError, KMeans, kmeans, rtn
+from lowbit.formats import WeightSpec, sqnr_db
 
 
 @pytest.fixture
@@ -17,7 +17,7 @@ def test_gaussian_4bit_near_lloyd_max(gaussian, init):
     result = kmeans(gaussian, 4, "channel", init=init)
     snr = sqnr_db(gaussian, result.dequantize())
     assert snr >= 19.5  # Lloyd-Max on N(0, 1) with 16 levels: 20.2 dB
-    assert snr > sqnr_db(gaussian, rtn(gaussian, WeightQuantConfig("int4", "channel")).dequantize())
+    assert snr > sqnr_db(gaussian, rtn(gaussian, WeightSpec("int4", "channel")).dequantize())
     assert result.info["iters"] <= 25
 
 

@@ -6,10 +6,9 @@ import shutil
 import pytest
 import torch
 
-from lowbit.algorithms import WeightQuantConfig
 from lowbit.algorithms.gptq_solver import GPTQ
 from lowbit.algorithms.refine import objective_rows
-from lowbit.formats import dequantize
+from lowbit.formats import WeightSpec, dequantize
 from lowbit.kernels import native
 
 from ._algo_data import make_layer
@@ -34,7 +33,7 @@ def test_c_loops_match_the_torch_loops(fmt, gran, symmetric, act_order, static, 
     and the same objective, with and without refinement."""
     W, X = make_layer(out=48, k=160, tokens=640, seed=5)
     H = 2 * X.T @ X / len(X)
-    cfg = WeightQuantConfig(fmt, gran, symmetric=symmetric, scale_dtype="fp16")
+    cfg = WeightSpec(fmt, gran, symmetric=symmetric, scale_dtype="fp16")
     opts = dict(act_order=act_order, static_groups=static, refine_passes=passes,
                 block_size=64)
     assert native.available(), native.why_unavailable()
@@ -56,7 +55,7 @@ def test_c_loops_are_bit_exact_on_a_short_block():
     operation for operation, so the codes agree exactly."""
     W, X = make_layer(out=32, k=64, tokens=256, seed=2)
     H = 2 * X.T @ X / len(X)
-    cfg = WeightQuantConfig("int4", "channel", symmetric=True, scale_dtype="fp32")
+    cfg = WeightSpec("int4", "channel", symmetric=True, scale_dtype="fp32")
     ref = GPTQ(native=False, block_size=64).quantize(W, H, cfg)
     got = GPTQ(native=True, block_size=64).quantize(W, H, cfg)
     torch.testing.assert_close(got.codes, ref.codes, rtol=0, atol=0)

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from lowbit.algorithms import WeightQuantConfig, rtn
+from lowbit.algorithms import rtn
 from lowbit.algorithms.refine import objective_rows, refit_group_params
-from lowbit.formats import dequantize
+from lowbit.formats import WeightSpec, dequantize
 
 from ._algo_data import make_layer
 
@@ -19,7 +19,7 @@ def test_refit_recovers_exact_parameters(fmt, gran, symmetric, float_zero):
     perturbed parameters: the normal equations have ``p`` as their solution."""
     W, X = make_layer(out=16, k=128, tokens=256, seed=3)
     H = 2 * X.T @ X / len(X)
-    cfg = WeightQuantConfig(fmt, gran, symmetric=symmetric, scale_dtype="fp32",
+    cfg = WeightSpec(fmt, gran, symmetric=symmetric, scale_dtype="fp32",
                             integer_zero_point=not float_zero)
     res = rtn(W, cfg)
     exact = dequantize(res.codes, res.qparams)
@@ -29,7 +29,7 @@ def test_refit_recovers_exact_parameters(fmt, gran, symmetric, float_zero):
                         noisy.scale * (1 + 0.1 * torch.rand(noisy.scale.shape, generator=g)),
                         noisy.zero_point, noisy.scale_dtype)
     assert float(objective_rows(exact, dequantize(res.codes, noisy), H).sum()) > 1e-3
-    gs = cfg.gran.group_size or W.shape[1]
+    gs = cfg.granularity.group_size or W.shape[1]
     fitted, rows = refit_group_params(exact, H, res.codes, noisy, gs)
     assert rows == W.shape[0]
     torch.testing.assert_close(dequantize(res.codes, fitted), exact, atol=1e-4, rtol=1e-4)
@@ -40,7 +40,7 @@ def test_refit_never_raises_a_rows_objective():
     that rounding would raise keeps its parameters."""
     W, X = make_layer(out=48, k=128, tokens=512, seed=5)
     H = 2 * X.T @ X / len(X)
-    cfg = WeightQuantConfig("uint3", "group:32", symmetric=False, scale_dtype="bf16",
+    cfg = WeightSpec("uint3", "group:32", symmetric=False, scale_dtype="bf16",
                             integer_zero_point=False)
     res = rtn(W, cfg)
     before = objective_rows(W, dequantize(res.codes, res.qparams), H)

@@ -8,22 +8,24 @@ from lowbit.algorithms import (
     CodebookResult,
     HessianAccumulator,
     QuantResult,
-    WeightQuantConfig,
     rtn,
 )
-from lowbit.formats import FormatError, Granularity, dequantize, quantize_tensor
+from lowbit.formats import FormatError, Granularity, WeightSpec, dequantize, quantize_tensor
 
 
 def test_config_parses_and_validates():
-    cfg = WeightQuantConfig("int4", "group:128")
-    assert cfg.fmt.bits == 4 and cfg.group_size == 128 and cfg.gran.kind == "group"
-    assert WeightQuantConfig("int8", "channel").gran == Granularity.per_channel(0)
+    cfg = WeightSpec("int4", "group:128")
+    assert cfg.fmt.bits == 4 and cfg.group_size == 128 and cfg.granularity.kind == "group"
+    assert WeightSpec("int8", "channel").granularity == Granularity.per_channel(0)
+    assert WeightSpec("int8", "channel") == WeightSpec("int8", Granularity.per_channel(0))
     with pytest.raises(FormatError, match="unknown format"):
-        WeightQuantConfig("int99")
-    with pytest.raises(AlgorithmError, match="granularity"):
-        WeightQuantConfig("int4", "token")
-    with pytest.raises(AlgorithmError, match="scale dtype"):
-        WeightQuantConfig("int4", scale_dtype="fp64")
+        WeightSpec("int99")
+    with pytest.raises(FormatError, match="granularity"):
+        WeightSpec("int4", "token")
+    with pytest.raises(FormatError, match="unsigned"):
+        WeightSpec("uint4", "group:64", symmetric=True)
+    with pytest.raises(FormatError, match="scale dtype"):
+        WeightSpec("int4", scale_dtype="fp64")
 
 
 @pytest.mark.parametrize("gran", ["tensor", "channel", "group:64", "group:48"])
@@ -31,7 +33,7 @@ def test_config_parses_and_validates():
 def test_rtn_matches_the_format_layer(layer, gran, symmetric):
     W, _ = layer
     fmt = "int4" if symmetric else "uint4"
-    result = rtn(W, WeightQuantConfig(fmt, gran, symmetric))
+    result = rtn(W, WeightSpec(fmt, gran, symmetric))
     codes, qp = quantize_tensor(W, fmt, Granularity.parse(gran), symmetric=symmetric)
     assert torch.equal(result.codes, codes) and result.codes.dtype == qp.format.code_dtype
     assert torch.equal(result.dequantize(), dequantize(codes, qp))
@@ -40,16 +42,16 @@ def test_rtn_matches_the_format_layer(layer, gran, symmetric):
 def test_effective_weight_undoes_the_input_scale(layer):
     W, _ = layer
     s = torch.linspace(0.5, 2.0, W.shape[1])
-    base = rtn(W * s, WeightQuantConfig("int8", "channel"))
+    base = rtn(W * s, WeightSpec("int8", "channel"))
     result = QuantResult(base.codes, base.qparams, input_scale=s)
     assert torch.allclose(result.effective_weight(), base.dequantize() / s)
 
 
 def test_rtn_rejects_bad_weights():
     with pytest.raises(AlgorithmError, match="2-D"):
-        rtn(torch.randn(8), WeightQuantConfig())
+        rtn(torch.randn(8), WeightSpec("int4", "group:128"))
     with pytest.raises(AlgorithmError, match="NaN"):
-        rtn(torch.full((2, 4), float("nan")), WeightQuantConfig("int4", "channel"))
+        rtn(torch.full((2, 4), float("nan")), WeightSpec("int4", "channel"))
 
 
 def test_hessian_accumulator_is_a_running_mean(layer):

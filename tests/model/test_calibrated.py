@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from lowbit.algorithms import AlgorithmError, HessianAccumulator
+from lowbit.formats import Granularity
 from lowbit.model import Recipe, RecipeError, load, quantize, save
 from lowbit.model.arch import resolve_arch
 from lowbit.model.calibrated import _Run
@@ -54,7 +55,8 @@ def test_every_algorithm_quantizes_every_linear(base, calib, ids, recipe, kernel
     assert block.kernel.split(" | ")[0].startswith(kernel)
     # below 6 bits the presets' head rule gives the head int8 per channel
     head = model.lm_head.spec
-    assert (head.format, head.granularity) == (("int8", "channel") if "w8" not in recipe
+    assert (head.format, head.granularity) == (("int8", Granularity.per_channel(0))
+                                               if "w8" not in recipe
                                                else (block.spec.format, block.spec.granularity))
     assert summary.bytes_after < summary.bytes_before / 3
     assert _kl(model, base, ids) < 0.1
@@ -315,11 +317,11 @@ def test_gptq_in_a_rotated_basis_on_heavy_tailed_weights():
     ``(W, H)``; on weights with a few large entries (as in LLMs) the rotation spreads them
     over every group, so the error in the original basis falls (2-3.5x here)."""
     from lowbit.algorithms import gptq
-    from lowbit.algorithms.base import WeightQuantConfig
+    from lowbit.algorithms.base import WeightSpec
     from lowbit.formats import dequantize, rotate
     from lowbit.model.solve import rotate_weight_and_hessian
 
-    cfg = WeightQuantConfig("uint3", "group:32", False, "bf16", False)
+    cfg = WeightSpec("uint3", "group:32", False, "bf16", False)
     for seed in range(3):
         g = torch.Generator().manual_seed(seed)
         W = torch.randn(64, 96, generator=g)

@@ -85,7 +85,7 @@ def test_explicit_recipe_round_trips_json():
               "model.layers.1.mlp.up_proj": "w3g64"}
     recipe = recipe_from_choice(choice, schemes, "mixed-3.5bpw", keep=("lm_head",))
     assert Recipe.from_dict(recipe.to_dict()) == recipe
-    assert recipe.scheme_for("model.layers.0.mlp.up_proj").weight.granularity == "group:128"
+    assert recipe.scheme_for("model.layers.0.mlp.up_proj").weight.group_size == 128
     assert recipe.scheme_for("model.layers.1.mlp.up_proj").algorithm == "gptq"
     assert recipe.scheme_for("lm_head") is None
 

@@ -122,7 +122,7 @@ def test_partial_groups_never_skip_layers():
     model = nn.Sequential(nn.Linear(576, 64), nn.ReLU(), nn.Linear(64, 576))
     quantize(model, "w4g128", progress=False)
     q = model[0]
-    assert isinstance(q, QuantizedLinear) and q.spec.granularity == "group:128"
+    assert isinstance(q, QuantizedLinear) and q.spec.group_size == 128
     assert q.packed_weight().qparams.scale.shape == (64, 5)  # 4 full groups + 1 of 64
 
 

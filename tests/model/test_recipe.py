@@ -64,7 +64,7 @@ def test_newer_version_refused():
 def test_low_bit_recipes_keep_the_head_at_int8(name):
     recipe = Recipe.parse(name)
     head = recipe.scheme_for("lm_head")
-    assert (head.weight.format, head.weight.granularity, head.algorithm) == (
+    assert (head.weight.format, head.weight.to_dict()["granularity"], head.algorithm) == (
         "int8", "channel", "rtn")
     assert recipe.scheme_for("model.layers.0.mlp.up_proj") == recipe.default
     assert '"pattern": "lm_head"' in recipe.to_json()  # visible, and written to manifests

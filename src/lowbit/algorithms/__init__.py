@@ -13,7 +13,6 @@ from lowbit.algorithms.base import (
     CodebookResult,
     HessianAccumulator,
     QuantResult,
-    WeightQuantConfig,
     rtn,
 )
 from lowbit.algorithms.gptq_solver import GPTQ, gptq
@@ -32,7 +31,6 @@ __all__ = [
     "ImportanceRTN",
     "KMeans",
     "QuantResult",
-    "WeightQuantConfig",
     "awq",
     "gptq",
     "hqq",

@@ -33,7 +33,7 @@ import torch
 from lowbit.algorithms.base import (
     AlgorithmError,
     QuantResult,
-    WeightQuantConfig,
+    WeightSpec,
     check_inputs,
     check_weight,
 )
@@ -67,7 +67,7 @@ class AWQ:
         self,
         W: torch.Tensor,
         X: torch.Tensor,
-        config: WeightQuantConfig,
+        config: WeightSpec,
         act_scale: torch.Tensor | None = None,
     ) -> QuantResult:
         W = check_weight(W)
@@ -96,11 +96,11 @@ class AWQ:
         loss, alpha, s = best
 
         Ws = W * s
-        lo, hi = minmax(Ws, config.gran)
+        lo, hi = minmax(Ws, config.granularity)
         info = {"algorithm": "awq", "alpha": alpha, "output_mse": loss,
                 "output_mse_rtn": losses[0], "alpha_losses": losses}
         qp = self._qparams(lo, hi, config)
-        if self.clip and config.gran.kind != "tensor":
+        if self.clip and config.granularity.kind != "tensor":
             c_lo, c_hi, ratio = self._search_clip(Ws, X / s, lo, hi, config)
             clipped = self._qparams(c_lo, c_hi, config)
             # the search is per group on a token sample; keep it only if the layer gains
@@ -111,7 +111,7 @@ class AWQ:
                 info["clip_ratio_mean"] = float(ratio.mean())
         return QuantResult(quantize(Ws, qp), qp, input_scale=s, info=info)
 
-    def _rounded(self, Ws: torch.Tensor, config: WeightQuantConfig) -> torch.Tensor:
+    def _rounded(self, Ws: torch.Tensor, config: WeightSpec) -> torch.Tensor:
         """RTN of ``Ws`` as the layer applies it: ``Q(Ws R) R^T`` when it rotates its input."""
         if self.rotation is None:
             return _values(Ws, config.qparams(Ws))
@@ -121,8 +121,8 @@ class AWQ:
 
     @staticmethod
     def _qparams(lo, hi, config):
-        return qparams_from_range(lo, hi, config.fmt, config.gran, symmetric=config.symmetric,
-                                  scale_dtype=config.scale_dtype,
+        return qparams_from_range(lo, hi, config.fmt, config.granularity,
+                                  symmetric=config.symmetric, scale_dtype=config.scale_dtype,
                                   integer_zero_point=config.integer_zero_point)
 
     def _search_clip(self, Ws, Xs, lo, hi, config):
@@ -157,7 +157,7 @@ class AWQ:
 def awq(
     W: torch.Tensor,
     X: torch.Tensor,
-    config: WeightQuantConfig,
+    config: WeightSpec,
     *,
     act_scale: torch.Tensor | None = None,
     **options,

@@ -21,72 +21,13 @@ from typing import Any
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.formats.base import NumberFormat, get_format
 from lowbit.formats.granularity import Granularity
-from lowbit.formats.scaling import SCALE_DTYPES, QParams, compute_qparams, dequantize, quantize
+from lowbit.formats.scaling import QParams, dequantize, quantize
+from lowbit.formats.spec import WeightSpec
 
 
 class AlgorithmError(LowbitError, ValueError):
     """Input an algorithm cannot work with (bad shapes, no calibration data, singular H)."""
-
-
-@dataclass(frozen=True)
-class WeightQuantConfig:
-    """How a weight is stored: format, which elements share a scale, and the scale's dtype.
-
-    ``granularity`` is a string such as ``"group:128"``, ``"channel"`` (one scale per
-    output row) or ``"tensor"``; groups run along the input dimension.
-    """
-
-    format: str | NumberFormat = "int4"
-    granularity: str = "group:128"
-    symmetric: bool = True
-    scale_dtype: str = "fp32"
-    #: False keeps the asymmetric zero-point as float (grid = min + scale * k)
-    integer_zero_point: bool = True
-
-    def __post_init__(self) -> None:
-        fmt = get_format(self.format)  # raises with the list of valid names
-        if not self.symmetric and not fmt.supports_zero_point:
-            raise AlgorithmError(
-                f"{fmt.name} has no zero-point, so it cannot be asymmetric: use symmetric=True"
-            )
-        if self.symmetric and fmt.min_value >= 0:
-            raise AlgorithmError(
-                f"{fmt.name} is unsigned and cannot be symmetric around 0: use "
-                f"symmetric=False or the signed format"
-            )
-        gran = Granularity.parse(self.granularity)
-        if gran.kind == "token" or (gran.kind == "channel" and gran.axis not in (0, -2)):
-            raise AlgorithmError(
-                f"weight granularity {self.granularity!r} is not supported; use 'tensor', "
-                f"'channel' (one scale per output row) or 'group:N' (along the input dim)"
-            )
-        if self.scale_dtype not in SCALE_DTYPES:
-            raise AlgorithmError(
-                f"unknown scale dtype {self.scale_dtype!r}; use one of {list(SCALE_DTYPES)}"
-            )
-
-    @property
-    def fmt(self) -> NumberFormat:
-        return get_format(self.format)
-
-    @property
-    def gran(self) -> Granularity:
-        gran = Granularity.parse(self.granularity)
-        return Granularity.per_channel(0) if gran.kind == "channel" else gran
-
-    @property
-    def group_size(self) -> int:
-        """Elements per group along the input dimension (0 unless ``group:N``)."""
-        return self.gran.group_size
-
-    def qparams(self, W: torch.Tensor) -> QParams:
-        """Min/max (or absmax) parameters of ``W`` under this config (the RTN choice)."""
-        return compute_qparams(
-            W, self.fmt, self.gran, symmetric=self.symmetric, scale_dtype=self.scale_dtype,
-            integer_zero_point=self.integer_zero_point,
-        )
 
 
 @dataclass
@@ -175,7 +116,7 @@ def check_inputs(
     return X
 
 
-def rtn(W: torch.Tensor, config: WeightQuantConfig) -> QuantResult:
+def rtn(W: torch.Tensor, config: WeightSpec) -> QuantResult:
     """Round-to-nearest: min/max (or absmax) parameters, then nearest grid point."""
     W = check_weight(W)
     qp = config.qparams(W)

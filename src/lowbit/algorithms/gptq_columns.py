@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.algorithms.base import WeightQuantConfig
+from lowbit.algorithms.base import WeightSpec
 from lowbit.formats.granularity import Granularity
 from lowbit.formats.integer import IntFormat
 from lowbit.formats.scaling import (
@@ -95,7 +95,7 @@ def _start_group(groups, g, W, Err1, Hinv, i1, i, invperm, gs) -> None:
 class GroupParams:
     """Scale / zero-point of contiguous groups, computed when each group starts."""
 
-    def __init__(self, rows: int, n_groups: int, config: WeightQuantConfig,
+    def __init__(self, rows: int, n_groups: int, config: WeightSpec,
                  clip_ratios: tuple[float, ...] = (), clip_norm: float = 2.4):
         self.config, self.clip_ratios, self.clip_norm = config, clip_ratios, clip_norm
         self.started = [False] * n_groups
@@ -186,7 +186,7 @@ class IntColumn:
         return c, q.mul_(self.scale)
 
 
-def clipped_qparams(W: torch.Tensor, cfg: WeightQuantConfig, gran: Granularity,
+def clipped_qparams(W: torch.Tensor, cfg: WeightSpec, gran: Granularity,
                      ratios: tuple[float, ...], norm: float) -> QParams:
     """Min/max parameters of ``W`` under ``gran``, each parameter's range shrunk by the ratio
     (of ``ratios``) with the least ``sum |W - q(W)|^norm`` over its elements."""

@@ -50,7 +50,7 @@ from lowbit.algorithms.base import (
     AlgorithmError,
     HessianAccumulator,
     QuantResult,
-    WeightQuantConfig,
+    WeightSpec,
     check_weight,
 )
 from lowbit.algorithms.gptq_columns import (
@@ -98,13 +98,13 @@ class GPTQ:
             raise AlgorithmError(f"refine_passes must be >= 0, got {self.refine_passes}")
 
     def quantize(
-        self, W: torch.Tensor, H: torch.Tensor | HessianAccumulator, config: WeightQuantConfig
+        self, W: torch.Tensor, H: torch.Tensor | HessianAccumulator, config: WeightSpec
     ) -> QuantResult:
         W = check_weight(W).clone()
         nsamples = H.nsamples if isinstance(H, HessianAccumulator) else None
         H = _check_hessian(H, W)
         rows, cols = W.shape
-        gran, fmt = config.gran, config.fmt
+        gran, fmt = config.granularity, config.fmt
 
         dead = torch.diagonal(H) == 0  # inputs that never fired
         H[dead, dead] = 1
@@ -113,7 +113,7 @@ class GPTQ:
         lazy = gran.kind == "group" and not self.static_groups
         gs = gran.group_size if gran.kind == "group" else cols
         # per-tensor / per-channel / static groups: parameters up front from W
-        upfront = None if lazy else clipped_qparams(W, config, config.gran, self.clip_ratios,
+        upfront = None if lazy else clipped_qparams(W, config, config.granularity, self.clip_ratios,
                                                        self.clip_norm)
         groups = GroupParams(rows, -(-cols // gs), config, self.clip_ratios,
                               self.clip_norm) if lazy else None
@@ -174,7 +174,7 @@ class GPTQ:
 def gptq(
     W: torch.Tensor,
     H: torch.Tensor | HessianAccumulator,
-    config: WeightQuantConfig,
+    config: WeightSpec,
     **options,
 ) -> QuantResult:
     """GPTQ-quantize ``W`` ``[out, in]`` given ``H`` ``[in, in]``; ``options`` are ``GPTQ``'s."""

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.algorithms.base import AlgorithmError, QuantResult, WeightQuantConfig, check_weight
+from lowbit.algorithms.base import AlgorithmError, QuantResult, WeightSpec, check_weight
 from lowbit.formats.scaling import SCALE_DTYPES, QParams, dequantize, quantize
 
 
@@ -55,9 +55,9 @@ class HQQ:
         if self.beta <= 0 or self.kappa < 1 or self.iters < 0:
             raise AlgorithmError("need beta > 0, kappa >= 1 and iters >= 0")
 
-    def quantize(self, W: torch.Tensor, config: WeightQuantConfig) -> QuantResult:
+    def quantize(self, W: torch.Tensor, config: WeightSpec) -> QuantResult:
         W = check_weight(W)
-        fmt, gran = config.fmt, config.gran
+        fmt, gran = config.fmt, config.granularity
         if config.symmetric or not fmt.supports_zero_point:
             raise AlgorithmError(
                 f"HQQ optimises the zero-point: use an integer format with symmetric=False "
@@ -116,7 +116,7 @@ class HQQ:
         return QuantResult(quantize(W, best_qp), best_qp, info=info)
 
 
-def hqq(W: torch.Tensor, config: WeightQuantConfig, **options) -> QuantResult:
+def hqq(W: torch.Tensor, config: WeightSpec, **options) -> QuantResult:
     """HQQ-quantize ``W`` ``[out, in]`` (no calibration data); ``options`` are ``HQQ``'s."""
     return HQQ(**options).quantize(W, config)
 

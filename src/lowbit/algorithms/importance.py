@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.algorithms.base import AlgorithmError, QuantResult, WeightQuantConfig, check_weight
+from lowbit.algorithms.base import AlgorithmError, QuantResult, WeightSpec, check_weight
 from lowbit.formats.scaling import dequantize, minmax, qparams_from_range, quantize
 
 
@@ -45,11 +45,11 @@ class ImportanceRTN:
             raise AlgorithmError("need n_grid >= 1 and 0 < min_ratio <= 1")
 
     def quantize(
-        self, W: torch.Tensor, importance: torch.Tensor, config: WeightQuantConfig
+        self, W: torch.Tensor, importance: torch.Tensor, config: WeightSpec
     ) -> QuantResult:
         W = check_weight(W)
         imp = _check_importance(importance, W)
-        fmt, gran = config.fmt, config.gran
+        fmt, gran = config.fmt, config.granularity
         if fmt.kind != "int":
             raise AlgorithmError(f"importance-weighted rounding needs an integer format, "
                                  f"got {fmt.name} ({fmt.kind})")
@@ -101,7 +101,7 @@ class ImportanceRTN:
 
 
 def importance_rtn(
-    W: torch.Tensor, importance: torch.Tensor, config: WeightQuantConfig, **options
+    W: torch.Tensor, importance: torch.Tensor, config: WeightSpec, **options
 ) -> QuantResult:
     """Quantize ``W`` ``[out, in]`` minimising ``sum imp (w - w_hat)^2`` per group.
 
@@ -127,7 +127,7 @@ def _refit(W, levels, imp, config):
     """Weighted least squares of ``w ~ a v + b`` per group (``b = 0`` when symmetric),
     returned as the range that gives that affine map: ``[a qmin + b, a qmax + b]``
     (symmetric: ``[-a qmax, a qmax]``, whose absmax scale is ``a``)."""
-    gran, fmt = config.gran, config.fmt
+    gran, fmt = config.granularity, config.fmt
     x, v, w = gran.rows(W), gran.rows(levels), gran.rows(imp)  # padding has w = 0
     if config.symmetric:
         a = (w * x * v).sum(1) / (w * v * v).sum(1).clamp_min(1e-30)

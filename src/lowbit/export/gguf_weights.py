@@ -44,9 +44,8 @@ def nearest_recipe(spec: WeightSpec, activation=None) -> str:
     fmt = get_format(spec.format)
     if fmt.bits >= 6:
         return "w8"
-    group = spec.granularity.removeprefix("group:") if spec.granularity.startswith("group") \
-        else None
-    return f"w4g{group}" if group in ("64", "128") else "w4g32"
+    group = spec.group_size
+    return f"w4g{group}" if group in (64, 128) else "w4g32"
 
 
 def _refuse(layer: str, what: str, spec: WeightSpec, activation=None) -> UnsupportedSchemeError:
@@ -79,7 +78,7 @@ def block_type_of(layer: str, module: QuantizedLinear) -> str:
     if name is None:
         what = f"{'symmetric' if spec.symmetric else 'asymmetric'} {spec.format} weights"
         raise _refuse(layer, what, spec)
-    gran = spec.granularity_obj()
+    gran = spec.granularity
     if gran.kind == "group" and gran.group_size % blocks.BLOCK:
         raise _refuse(layer, f"groups of {gran.group_size}", spec)
     if gran.kind not in ("group", "channel", "tensor"):
@@ -101,7 +100,7 @@ def carry_codes(layer: str, module: QuantizedLinear) -> tuple[str, np.ndarray]:
     name = block_type_of(layer, module)
     packed = module.packed_weight()
     rows, cols = packed.out_features, packed.in_features
-    gran = module.spec.granularity_obj()
+    gran = module.spec.granularity
     group = gran.group_size if gran.kind == "group" else cols
     qp = packed.qparams
     scale = _per_block(qp.scale, rows, cols, group)

@@ -29,8 +29,10 @@ from lowbit.formats.scaling import (
     quantize,
     quantize_tensor,
 )
+from lowbit.formats.spec import WeightSpec
 
 __all__ = [
+    "WeightSpec",
     "PER_TENSOR",
     "FormatError",
     "Granularity",

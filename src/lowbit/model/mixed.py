@@ -362,7 +362,7 @@ def _nominal_bits(scheme: Scheme) -> float:
     from lowbit.formats import get_format
 
     fmt = get_format(scheme.weight.format)
-    gran = scheme.weight.granularity_obj()
+    gran = scheme.weight.granularity
     zero = 8 if scheme.weight.integer_zero_point else 32
     return fmt.bits + ((16 + zero) / gran.group_size if gran.kind == "group" else 0)
 

@@ -161,7 +161,7 @@ CHUNK_ROWS = 4096
 def quantize_weight(weight: torch.Tensor, scheme: Scheme):
     """Codes and parameters for one weight under ``scheme`` (round to nearest); of ``W @ H``
     when the scheme rotates the layer's input (``formats.rotation``)."""
-    gran = scheme.weight.granularity_obj()
+    gran = scheme.weight.granularity
     row_local = weight.dim() == 2 and (gran.kind == "group" or (gran.kind == "channel"
                                                                 and gran.axis == 0))
     if row_local and weight.shape[0] > CHUNK_ROWS:
@@ -189,9 +189,9 @@ def _quantize_rows(weight: torch.Tensor, scheme: Scheme):
 
 def _mse_clipped(w: torch.Tensor, spec, ratios: Iterable[float] = None):
     """Per-parameter clipping ratio that minimises the weight's quantization MSE."""
-    from lowbit.formats import Granularity, dequantize
+    from lowbit.formats import dequantize
 
-    gran = Granularity.parse(spec.granularity)
+    gran = spec.granularity
     lo, hi = minmax(w, gran)
     best_err, best = None, None
     for r in ratios or [1.0 - 0.025 * i for i in range(13)]:

@@ -60,8 +60,6 @@ class Scheme:
             raise RecipeError(
                 f"unknown weight observer {self.observer!r}; use one of {WEIGHT_OBSERVERS}")
         if self.weight is not None:
-            get_format(self.weight.format)
-            Granularity.parse(self.weight.granularity)
             if self.weight.rotation is not None and (
                     self.algorithm not in ROTATED_ALGORITHMS or self.outlier_channels):
                 extra = " and outlier channels" if self.outlier_channels else ""

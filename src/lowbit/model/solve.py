@@ -37,7 +37,6 @@ from torch import nn
 from lowbit.algorithms import (
     AlgorithmError,
     HessianAccumulator,
-    WeightQuantConfig,
     awq,
     gptq,
     hqq,
@@ -161,7 +160,7 @@ class Solution:
         return is_row_codebook(get_format(self.spec.format))
 
     def can_scale_rows(self) -> bool:
-        gran = self.spec.granularity_obj()
+        gran = self.spec.granularity
         return gran.kind in ("channel", "group") and self.spec.scale_dtype != "e8m0"
 
     def scale_rows(self, r: torch.Tensor) -> None:
@@ -185,9 +184,9 @@ class Solution:
             input_qparams=self.input_qparams, backend=backend)
 
 
-def weight_config(spec: WeightSpec) -> WeightQuantConfig:
-    return WeightQuantConfig(spec.format, spec.granularity, spec.symmetric, spec.scale_dtype,
-                             spec.integer_zero_point)
+def weight_config(spec: WeightSpec) -> WeightSpec:
+    """``spec`` as the algorithms see it: the input rotation is applied before they run."""
+    return replace(spec, rotation=None)
 
 
 def _sqrt_gram(H: torch.Tensor) -> torch.Tensor:
@@ -281,7 +280,7 @@ class Solver:
         result is the same and the per-column work and ``H^-1`` are paid once."""
         batches: dict = {}
         for m in members:
-            per_row = m.scheme.weight.granularity_obj().kind != "tensor"
+            per_row = m.scheme.weight.granularity.kind != "tensor"
             key = (m.scheme, m.module.in_features) if per_row else (m.name,)
             batches.setdefault(key, []).append(m)
         out = {}

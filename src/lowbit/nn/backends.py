@@ -131,7 +131,7 @@ class Int8WeightBackend(Backend):
 
     def to_packed(self, state):
         codes = state.qdata[:, : state.in_features]
-        qparams = QParams(get_format("int8"), self.spec.granularity_obj(),
+        qparams = QParams(get_format("int8"), self.spec.granularity,
                           state.scale.to(_scale_dtype(self.spec)), None, self.spec.scale_dtype)
         return PackedWeight.from_codes(codes, qparams)
 
@@ -287,7 +287,7 @@ BACKENDS: dict[str, type[Backend]] = {
 
 def _candidates(spec: WeightSpec, activation: ActivationSpec | None) -> list[str]:
     fmt = get_format(spec.format)
-    gran = spec.granularity_obj()
+    gran = spec.granularity
     per_channel = gran.kind == "channel" and gran.axis == 0
     if is_row_codebook(fmt):  # per-row k-means tables (nn.codebook)
         return ["codebook"]

@@ -86,7 +86,7 @@ def packed_codebook(indices: torch.Tensor, centroids: torch.Tensor, spec: Weight
     fmt = get_format(spec.format)
     if not is_row_codebook(fmt):
         raise ModuleError(f"{spec.format} is not a codebook<b> format")
-    gran = spec.granularity_obj()
+    gran = spec.granularity
     expected = gran.param_shape(tuple(indices.shape)) + (1 << fmt.bits,)
     if tuple(centroids.shape) != expected:
         raise ModuleError(f"centroids must have shape {expected} for {spec.granularity} and "
@@ -105,7 +105,7 @@ class CodebookBackend:
     def __init__(self, spec: WeightSpec, activation) -> None:
         if activation is not None:
             raise ModuleError("codebook weights run weight-only: drop the activation spec")
-        gran = spec.granularity_obj()
+        gran = spec.granularity
         if gran.kind not in ("channel", "group") or (gran.kind == "channel" and gran.axis != 0):
             raise ModuleError(f"codebooks are per output row or per group, got {spec.granularity}")
         self.spec = spec

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.formats import (
-    Granularity,
     QParams,
     dequantize,
     get_format,
@@ -22,38 +21,7 @@ from lowbit.formats import (
     packed_size,
     unpack,
 )
-from lowbit.formats.rotation import check_rotation
-
-
-@dataclass(frozen=True)
-class WeightSpec:
-    """How a weight is quantized: format, granularity, symmetry and scale dtype."""
-
-    format: str = "int8"
-    granularity: str = "channel"
-    symmetric: bool = True
-    scale_dtype: str = "fp32"
-    #: False: asymmetric zero-point kept as float32 (grid = min + scale * k, as Q4_1)
-    integer_zero_point: bool = True
-    #: "hadamard": the codes are of ``W @ H`` and the layer rotates its input by ``H``
-    #: (``formats.rotation``); None: no rotation
-    rotation: str | None = None
-
-    def __post_init__(self) -> None:
-        check_rotation(self.rotation)
-
-    def granularity_obj(self) -> Granularity:
-        return Granularity.parse(self.granularity)
-
-    def to_dict(self) -> dict:
-        return {
-            "format": self.format,
-            "granularity": self.granularity,
-            "symmetric": self.symmetric,
-            "scale_dtype": self.scale_dtype,
-            "integer_zero_point": self.integer_zero_point,
-            "rotation": self.rotation,
-        }
+from lowbit.formats.spec import WeightSpec
 
 
 @dataclass
@@ -99,7 +67,7 @@ class PackedWeight:
                 f"or was written for another shape"
             )
         qparams = QParams(
-            fmt, spec.granularity_obj(), tensors["scale"], tensors.get("zero_point"),
+            fmt, spec.granularity, tensors["scale"], tensors.get("zero_point"),
             spec.scale_dtype,
         )
         return cls(tensors["qdata"], qparams, in_features)
