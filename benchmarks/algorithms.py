@@ -172,19 +172,18 @@ def quantize_as(model, name: str, calib) -> None:
         lowbit.quantize(model, recipe, calib, progress=False)
         return
     from lowbit.model.arch import resolve_arch
-    from lowbit.model.calibrated import quantize_calibrated
-    from lowbit.model.solve import Solver
 
-    gptq = {**Solver().gptq, "native": "torchloops" not in options}
-    if refine:
-        gptq["refine_passes"] = refine[0]
+    gptq = {"native": "torchloops" not in options} | (
+        {"refine_passes": refine[0]} if refine else {})
+    if recipe.default.algorithm in ("gptq", "gptaq", "awq+gptq"):
+        recipe = recipe.with_options(gptq)
     arch = resolve_arch(model)
     if "whole" in options:
         for block in arch.blocks:
             block.branches = []
     extra = {"batch_tokens": batch[0]} if batch else {}
-    quantize_calibrated(model, recipe, calib, progress=False, arch=arch,
-                        half_inputs="f32in" not in options, solver=Solver(gptq=gptq), **extra)
+    lowbit.quantize(model, recipe, calib, progress=False, arch=arch,
+                    half_inputs="f32in" not in options, **extra)
 
 
 def run(args) -> list[dict]:

@@ -95,15 +95,12 @@ def quantize_as_cli(model, tok, name: str, calibration: str, calib_tokens: int) 
     if "damp" not in opts and "refine" not in opts:
         lowbit.quantize(model, recipe, calib, progress=False)
         return
-    from lowbit.model.calibrated import quantize_calibrated
-    from lowbit.model.solve import Solver
-
-    gptq = dict(Solver().gptq)
+    gptq = {}
     if "damp" in opts:
         gptq["percdamp"] = float(opts["damp"])
     if "refine" in opts:
         gptq["refine_passes"] = int(opts["refine"])
-    quantize_calibrated(model, recipe, calib, progress=False, solver=Solver(gptq=gptq))
+    lowbit.quantize(model, recipe.with_options(gptq), calib, progress=False)
 
 
 def score(model, ids, n_windows, baseline=None) -> Scores:

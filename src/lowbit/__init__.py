@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+from lowbit.version import __version__  # noqa: F401  (lowbit.__version__)
 
 # public name -> module that defines it
 _LAZY = {

@@ -49,9 +49,9 @@ def tiny(tiny_llama_dir: Path):
 
 @pytest.mark.parametrize("recipe", ["w4g32", "w8a8", "w8a8-static", "nf4g64"])
 def test_simulated_matches_quantized_linear_reference(recipe: str) -> None:
+    from lowbit.algorithms import quantize_weight
     from lowbit.formats import get_format, qparams_from_range
     from lowbit.model import Recipe
-    from lowbit.model.pipeline import quantize_weight
     from lowbit.nn import QuantizedLinear
 
     torch.manual_seed(0)
@@ -59,7 +59,7 @@ def test_simulated_matches_quantized_linear_reference(recipe: str) -> None:
     scheme = Recipe.parse(recipe).default
     x = torch.randn(3, 5, 64)
     rng = (x.min(), x.max()) if scheme.activation and scheme.activation.mode == "static" else None
-    codes, qparams = quantize_weight(linear.weight, scheme)
+    codes, qparams = quantize_weight(linear.weight, scheme.weight, scheme.observer)
     input_qparams = None if rng is None else qparams_from_range(*rng, get_format("int8"),
                                                                 symmetric=True)
     q = QuantizedLinear.from_codes(codes, qparams, scheme.weight, linear.bias,

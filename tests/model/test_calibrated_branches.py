@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lowbit.model.arch import resolve_arch
-from lowbit.model.calibrated import quantize_calibrated
+from lowbit.model.pipeline import quantize_model
 from lowbit.model.recipe import RecipeError
 from lowbit.nn import QuantizedLinear
 
@@ -45,7 +45,7 @@ def _run(base, calib, whole: bool, **kw):
              layer.mlp.register_forward_pre_hook(
                  lambda *_: calls.__setitem__("mlp", calls["mlp"] + 1))]
     try:
-        quantize_calibrated(model, "w4g32-gptq", calib, progress=False, arch=arch, **kw)
+        quantize_model(model, "w4g32-gptq", calib, progress=False, arch=arch, **kw)
     finally:
         for h in hooks:
             h.remove()
@@ -92,7 +92,7 @@ def test_a_block_that_is_not_its_branches_runs_whole(base, ragged):
     for layer in model.model.layers:
         layer.register_forward_hook(
             lambda m, a, out: (out[0] * 0.5, *out[1:]) if isinstance(out, tuple) else out * 0.5)
-    quantize_calibrated(model, "w4g32-gptq", ragged, progress=False)
+    quantize_model(model, "w4g32-gptq", ragged, progress=False)
     notes = model.lowbit_calibration["notes"]
     assert any("not its residual branches" in n for n in notes), notes
 
@@ -108,4 +108,4 @@ def test_a_group_whose_members_read_different_inputs_is_refused(base, calib):
     mlp.groups.remove(down)
     arch.blocks[0].groups.remove(down)
     with pytest.raises(RecipeError, match="gate_proj and .*down_proj are one group.*GroupSpec"):
-        quantize_calibrated(model, "w4g32-gptq", calib, progress=False, arch=arch)
+        quantize_model(model, "w4g32-gptq", calib, progress=False, arch=arch)

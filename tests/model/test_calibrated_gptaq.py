@@ -8,7 +8,7 @@ import torch
 
 from lowbit.model import Recipe, quantize
 from lowbit.model.arch import resolve_arch
-from lowbit.model.calibrated import quantize_calibrated
+from lowbit.model.pipeline import quantize_model
 
 torch.set_num_threads(1)
 
@@ -48,7 +48,7 @@ def test_gptaq_layers_track_the_float_models_outputs(base, calib, whole):
                 block.branches = []
         # without the preset's int8 head rule, so the head takes the fallback below
         recipe = replace(Recipe.parse(f"w2g32-{algo}"), rules=())
-        quantize_calibrated(model, recipe, calib, progress=False, arch=arch)
+        quantize_model(model, recipe, calib, progress=False, arch=arch)
         models[algo] = model
     first = "model.layers.0.self_attn.q_proj"
     torch.testing.assert_close(models["gptaq"].get_submodule(first).dequantize_weight(),

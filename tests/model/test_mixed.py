@@ -9,14 +9,13 @@ from lowbit.model import Recipe, RecipeError, quantize
 from lowbit.model.mixed import (
     _hull,
     allocate,
-    auto_placeholder,
     candidate_schemes,
-    is_auto,
     layer_bits,
     recipe_from_choice,
     sensitivity,
     solved_errors,
 )
+from lowbit.model.recipe import auto_placeholder, is_auto
 
 from .tiny import tiny_llama
 

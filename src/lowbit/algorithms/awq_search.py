@@ -26,19 +26,15 @@ share an input (q, k, v) must share ``s``: concatenate their weights along ``out
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from lowbit.algorithms.base import (
-    AlgorithmError,
-    QuantResult,
-    WeightSpec,
-    check_inputs,
-    check_weight,
-)
+from lowbit.algorithms.base import AlgorithmError, QuantResult, check_inputs, check_weight
+from lowbit.algorithms.registry import Algorithm, register
 from lowbit.formats.rotation import rotate
 from lowbit.formats.scaling import dequantize, minmax, qparams_from_range, quantize
+from lowbit.formats.spec import WeightSpec
 
 
 @dataclass(frozen=True)
@@ -183,3 +179,38 @@ def _group_output_error(diff: torch.Tensor, Xg: torch.Tensor, budget: int = 1 <<
         partial = torch.einsum("ogk,tgk->otg", diff[o : o + chunk], Xg)
         parts.append(partial.pow(2).mean(1))
     return torch.cat(parts)
+
+
+def awq_group_scale(members, stats, options):
+    """AWQ's scale search for a group (eq. 4 on ``U`` with ``U^T U = H / 2``: AWQ's losses are
+    quadratic forms in the inputs, so the Cholesky factor stands in for the tokens, exactly,
+    and the cost no longer grows with the calibration set). The members share ``s``; the
+    lowest-bit member's spec scores it."""
+    from lowbit.algorithms.stats import sqrt_gram
+
+    W = torch.cat([m.module.weight.detach().float() for m in members])
+    spec = min((replace(m.scheme.weight, rotation=None) for m in members),
+               key=lambda c: c.fmt.bits)
+    rotations = {m.scheme.weight.rotation for m in members}
+    if len(rotations) > 1:
+        raise AlgorithmError(f"{', '.join(m.name for m in members)} share one input, so they "
+                             f"share one AWQ scale: rotate all of them or none")
+    n_grid = getattr(options, "n_grid", AWQ.n_grid)
+    res = awq(W, sqrt_gram(stats.hessian.H), spec, act_scale=stats.abs_mean, clip=False,
+              rotation=rotations.pop(), n_grid=n_grid)
+    return res.input_scale, {"awq_alpha": res.info["alpha"]}
+
+
+def _solve(W, scheme, stats, s, options: AWQ):
+    """AWQ's clipping search per layer (the group's scale is already in ``W`` and ``s``)."""
+    from lowbit.algorithms.stats import sqrt_gram
+
+    U = sqrt_gram(stats.hessian.H)
+    res = replace(options, n_grid=1, n_clip_tokens=U.shape[0]).quantize(
+        W, U if s is None else U / s, replace(scheme.weight, rotation=None), None)
+    return res.codes, res.qparams, dict(res.info)
+
+
+register(Algorithm("awq", "activation-aware input scales and clipping (Lin et al., 2024)",
+                   _solve, AWQ, (), frozenset({"hessian", "absmean"}), needs_data=True,
+                   input_scale="awq", search=awq_group_scale))

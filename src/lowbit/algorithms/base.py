@@ -22,8 +22,7 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.formats.granularity import Granularity
-from lowbit.formats.scaling import QParams, dequantize, quantize
-from lowbit.formats.spec import WeightSpec
+from lowbit.formats.scaling import QParams, dequantize
 
 
 class AlgorithmError(LowbitError, ValueError):
@@ -114,13 +113,6 @@ def check_inputs(
     if finite and not torch.isfinite(X).all():
         raise AlgorithmError(f"{what} contains NaN or Inf")
     return X
-
-
-def rtn(W: torch.Tensor, config: WeightSpec) -> QuantResult:
-    """Round-to-nearest: min/max (or absmax) parameters, then nearest grid point."""
-    W = check_weight(W)
-    qp = config.qparams(W)
-    return QuantResult(quantize(W, qp), qp, info={"algorithm": "rtn"})
 
 
 class HessianAccumulator:

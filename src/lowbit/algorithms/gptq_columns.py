@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.algorithms.base import WeightSpec
 from lowbit.formats.granularity import Granularity
 from lowbit.formats.integer import IntFormat
 from lowbit.formats.scaling import (
@@ -23,6 +22,7 @@ from lowbit.formats.scaling import (
     qparams_from_range,
     quantize,
 )
+from lowbit.formats.spec import WeightSpec
 from lowbit.kernels import native_solve
 
 

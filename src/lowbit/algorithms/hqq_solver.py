@@ -30,12 +30,14 @@ Decisions (lowbit):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from lowbit.algorithms.base import AlgorithmError, QuantResult, WeightSpec, check_weight
+from lowbit.algorithms.base import AlgorithmError, QuantResult, check_weight
+from lowbit.algorithms.registry import Algorithm, register
 from lowbit.formats.scaling import SCALE_DTYPES, QParams, dequantize, quantize
+from lowbit.formats.spec import WeightSpec
 
 
 @dataclass(frozen=True)
@@ -144,3 +146,19 @@ def _fit_scale_zero(levels, target, mask, count, scale, zero, scale_dtype):
     tiny = torch.finfo(target_dtype).tiny
     new_scale = torch.where(ok, s, scale.float()).to(target_dtype).clamp_min(tiny)
     return new_scale, torch.where(ok, z, zero)
+
+
+def _solve(W, scheme, stats, s, options: HQQ):
+    """HQQ's zero-point is a float by design (its code keeps fp16): fp16 beside a 16-bit
+    scale, float32 beside a float32 one."""
+    spec = scheme.weight
+    res = options.quantize(W, replace(spec, rotation=None))
+    qp = res.qparams
+    if qp.zero_point is not None and qp.zero_point.is_floating_point():
+        zdtype = torch.float32 if spec.scale_dtype == "fp32" else torch.float16
+        qp = replace(qp, zero_point=qp.zero_point.to(zdtype))
+    return res.codes, qp, dict(res.info)
+
+
+register(Algorithm("hqq", "half-quadratic zero-point (and scale) fit, no data (Badri & Shaji, "
+                   "2023)", _solve, HQQ))

@@ -24,12 +24,14 @@ Ranges become parameters through ``scaling.qparams_from_range``, so any integer 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from lowbit.algorithms.base import AlgorithmError, QuantResult, WeightSpec, check_weight
+from lowbit.algorithms.base import AlgorithmError, QuantResult, check_weight
+from lowbit.algorithms.registry import Algorithm, register
 from lowbit.formats.scaling import dequantize, minmax, qparams_from_range, quantize
+from lowbit.formats.spec import WeightSpec
 
 
 @dataclass(frozen=True)
@@ -146,3 +148,14 @@ def _refit(W, levels, imp, config):
     f_lo = (-a * fmt.max_value if config.symmetric else a * fmt.min_value + b).reshape(shape)
     f_hi = (a * fmt.max_value + b).reshape(shape)
     return f_lo, f_hi, ok.reshape(shape)
+
+
+def _solve(W, scheme, stats, s, options: ImportanceRTN):
+    from lowbit.algorithms.stats import scaled_diag
+
+    res = options.quantize(W, scaled_diag(stats, s), replace(scheme.weight, rotation=None))
+    return res.codes, res.qparams, dict(res.info)
+
+
+register(Algorithm("imatrix", "ranges weighted by mean x^2 per input (llama.cpp's importance "
+                   "matrix)", _solve, ImportanceRTN, (), frozenset({"diag"}), needs_data=True))

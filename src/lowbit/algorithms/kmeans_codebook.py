@@ -24,11 +24,12 @@ codebook per row: one row is exactly a lookup-format codebook with scale 1.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from lowbit.algorithms.base import AlgorithmError, CodebookResult, check_weight, from_rows
+from lowbit.algorithms.registry import Algorithm, register
 from lowbit.formats.granularity import Granularity
 from lowbit.formats.metrics import sqnr_db
 
@@ -175,3 +176,19 @@ def _kmeans_pp(x, wt, k, generator):
         chosen.append(x[rows, pick])
         d2 = torch.minimum(d2, (x - chosen[-1].unsqueeze(1)).pow(2))
     return torch.stack(chosen, 1).sort(1).values
+
+
+def _solve(W, scheme, stats, s, options: KMeans):
+    """Per-row codebooks, weighted by mean ``x^2`` per input when data was given (SqueezeLLM
+    eq. 4-5 with the Hessian diagonal)."""
+    from lowbit.algorithms.stats import scaled_diag
+    from lowbit.formats import get_format
+
+    imp = None if stats is None else scaled_diag(stats, s)
+    res = replace(options, bits=get_format(scheme.weight.format).bits).quantize(
+        W, scheme.weight.granularity, imp)
+    return res.codes, res.centroids, res.info
+
+
+register(Algorithm("kmeans", "per-row k-means codebooks (weight sharing; SqueezeLLM, Deep "
+                   "Compression)", _solve, KMeans, (), frozenset({"diag"})))

@@ -17,10 +17,12 @@ maximum per channel, ``sqrt(max|X_j| max|W_j|)``). Pure function of statistics; 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from lowbit.algorithms.base import AlgorithmError
+from lowbit.algorithms.registry import Algorithm, register
 
 
 def smoothquant_scales(
@@ -55,3 +57,53 @@ def smoothquant_scales(
         raise AlgorithmError("activation or weight statistics contain NaN or Inf")
     s = act_absmax.clamp_min(eps).pow(alpha) / w_absmax.clamp_min(eps).pow(1 - alpha)
     return s.clamp_min(eps)
+
+
+@dataclass(frozen=True)
+class SmoothQuant:
+    """Options of lowbit's SmoothQuant: the migration strengths tried per group and the
+    static-range clip ratios (``group.best_clip``)."""
+
+    alphas: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    act_clip_ratios: tuple[float, ...] = (1.0, 0.9, 0.8, 0.7, 0.6)
+
+    def __post_init__(self) -> None:
+        if not all(0 <= a <= 1 for a in self.alphas):
+            raise AlgorithmError(f"alphas must lie in [0, 1], got {self.alphas}")
+        if not self.act_clip_ratios or not all(0 < r <= 1 for r in self.act_clip_ratios):
+            raise AlgorithmError(f"act_clip_ratios must lie in (0, 1], got "
+                                 f"{self.act_clip_ratios}")
+
+
+def smooth_search(members, stats, options: SmoothQuant):
+    """Eq. 4 with alpha chosen per group by the simulated W8A8 output error
+    ``||Q_a(X/s) Q_w(W s)^T - X W^T||^2`` on a token sample; ``s = 1`` competes too."""
+    from lowbit.algorithms.group import best_clip, layer_input, rtn_values
+
+    X = stats.sample()
+    weights = [m.module.weight.detach().float() for m in members]
+    ref = [X @ W.T for W in weights]
+    best = (float("inf"), None, None)
+    for alpha in (None, *options.alphas):
+        s = None if alpha is None else smoothquant_scales(stats.absmax, weights, alpha)
+        w_hat = [rtn_values(W if s is None else W * s, m.scheme)
+                 for W, m in zip(weights, members, strict=True)]
+        Xs, amax = layer_input(members, stats, X, s)
+        err, _ = best_clip(members, Xs, amax, w_hat, ref, options.act_clip_ratios)
+        if err < best[0]:
+            best = (err, s, alpha)
+    return best[1], {"smooth_alpha": best[2]}
+
+
+def _solve(W, scheme, stats, s, options):
+    """The weights are rounded to nearest once the group's scale is folded in."""
+    from lowbit.algorithms.round_to_nearest import quantize_weight
+
+    codes, qparams = quantize_weight(W, scheme.weight, scheme.observer)
+    return codes, qparams, {"algorithm": "smoothquant"}
+
+
+register(Algorithm("smoothquant", "activation outliers migrated into the weights by a "
+                   "per-channel scale (Xiao et al., 2023, eq. 4), alpha searched per group",
+                   _solve, SmoothQuant, (), frozenset({"absmax", "sample"}), needs_data=True,
+                   input_scale="smoothquant", search=smooth_search, rotates=True))

@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from lowbit import __version__
+    from lowbit.version import __version__
 
     return f"lowbit {__version__}"
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from lowbit.errors import LowbitError
+from lowbit.data.sources import CorpusError  # noqa: F401  (re-exported)
 
 __all__ = [
     "CALIBRATION_OFFSET",
@@ -39,10 +39,6 @@ CALIBRATION_OFFSET = 20000
 """First token of pydoc's calibration slice (evaluation uses tokens 0..16383)."""
 DEFAULT_CALIBRATION = "default"
 """The calibration text the CLI and ``lowbit.data.text`` use when none is named."""
-
-
-class CorpusError(LowbitError, ValueError):
-    """The corpus cannot provide what was asked; the message names the fix."""
 
 
 def pydoc_text() -> str:

@@ -41,6 +41,10 @@ from pathlib import Path
 
 from lowbit.errors import LowbitError
 
+
+class CorpusError(LowbitError, ValueError):
+    """The corpus cannot provide what was asked; the message names the fix."""
+
 __all__ = ["CALIBRATION_SOURCES", "HELD_OUT", "MIX", "NAMED", "named_text", "stdlib_dir"]
 
 #: the kinds of text the default calibration mix draws from, in turn
@@ -58,8 +62,6 @@ _CHARS = 400_000
 
 
 def _error(msg: str) -> LowbitError:
-    from lowbit.data.corpus import CorpusError
-
     return CorpusError(msg)
 
 

@@ -126,7 +126,7 @@ def bench_command(settings: BenchSettings, report_dir: Path) -> str:
 
 
 def _environment(settings: BenchSettings) -> dict:
-    from lowbit import __version__
+    from lowbit.version import __version__
 
     return {"lowbit": __version__, "torch": torch.__version__, "python": platform.python_version(),
             "platform": platform.platform(), "cpu_count": os.cpu_count(),

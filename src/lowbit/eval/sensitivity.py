@@ -105,11 +105,11 @@ class _Simulated(nn.Module):
     qparams), then a float32 matmul. A test compares it with ``QuantizedLinear``."""
 
     def __init__(self, linear: nn.Linear, scheme, input_range=None) -> None:
+        from lowbit.algorithms import quantize_weight
         from lowbit.formats import dequantize, get_format, qparams_from_range
-        from lowbit.model.pipeline import quantize_weight
 
         super().__init__()
-        codes, qparams = quantize_weight(linear.weight, scheme)
+        codes, qparams = quantize_weight(linear.weight, scheme.weight, scheme.observer)
         self.register_buffer("weight", dequantize(codes, qparams, torch.float32),
                              persistent=False)
         bias = None if linear.bias is None else linear.bias.detach().float()
@@ -202,7 +202,7 @@ def sensitivity(
     from lowbit.eval.perplexity_windows import perplexity
     from lowbit.eval.scoring import baseline_logprobs
     from lowbit.model import Recipe
-    from lowbit.model.pipeline import drop_missing_rotations, find_targets
+    from lowbit.model.targets import drop_missing_rotations, find_targets
     from lowbit.nn import QuantizedLinear
 
     if per not in PER:

@@ -34,6 +34,7 @@ from lowbit.formats.base import (
     NumberFormat,
     check_float_input,
     check_rounding,
+    get_format,
     grid_encode,
     register_format,
 )
@@ -178,3 +179,34 @@ def nf4_values(offset: float = NF4_OFFSET) -> torch.Tensor:
 
 NF4 = register_format(LookupFormat("nf4", 4, values=NF4_VALUES))
 LOG4 = register_format(log_format(4))
+
+
+PREFIX = "codebook"
+
+
+def _register_codebooks() -> dict[int, LookupFormat]:
+    """``codebook<b>``: lookup formats whose values are the indices ``0 .. 2^b - 1``, for
+    per-row centroid tables (k-means weight sharing, ``nn.codebook``)."""
+    out = {}
+    for bits in range(1, 9):
+        name = f"{PREFIX}{bits}"
+        try:
+            out[bits] = get_format(name)
+        except FormatError:
+            out[bits] = register_format(
+                LookupFormat(name, bits, values=tuple(float(i) for i in range(1 << bits))))
+    return out
+
+
+CODEBOOK_FORMATS = _register_codebooks()
+
+
+def is_row_codebook(fmt) -> bool:
+    """True for the ``codebook<b>`` index formats (per-row centroid tables)."""
+    return getattr(fmt, "name", "").startswith(PREFIX) and fmt in CODEBOOK_FORMATS.values()
+
+
+def codebook_format(bits: int) -> LookupFormat:
+    if bits not in CODEBOOK_FORMATS:
+        raise FormatError(f"codebooks have 1 to 8 bits, got {bits}")
+    return CODEBOOK_FORMATS[bits]

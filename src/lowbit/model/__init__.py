@@ -3,10 +3,11 @@
 from lowbit.model.api import quantize
 from lowbit.model.hub import BUNDLED, bundled_path
 from lowbit.model.loaders import ModelLoadError, load_model, load_tokenizer
-from lowbit.model.pipeline import QuantizeSummary, cast_unquantized
 from lowbit.model.qat import QATConfig, convert, prepare_qat
 from lowbit.model.recipe import PRESETS, Recipe, RecipeError, Rule, Scheme
 from lowbit.model.serialization import CheckpointError, load, save
+from lowbit.model.summary import QuantizeSummary
+from lowbit.model.targets import cast_unquantized
 
 __all__ = [
     "BUNDLED",

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from torch import nn
 
 from lowbit.model.pipeline import quantize_model
-from lowbit.model.recipe import Recipe
+from lowbit.model.recipe import Recipe, RecipeError
 
 
 def quantize(
@@ -17,6 +17,7 @@ def quantize(
     *,
     progress: bool = True,
     backend: str | None = None,
+    **runner_options,
 ) -> nn.Module:
     """Quantize ``model`` in place with ``recipe`` (a preset name, grammar string, file or
     ``Recipe``) and return it; ``model.lowbit_summary`` says what was done.
@@ -26,10 +27,9 @@ def quantize(
     """
     done = getattr(model, "lowbit_recipe", None)
     if done is not None:
-        from lowbit.model.recipe import RecipeError
-
         raise RecipeError(
             f"this model is already quantized ({done.name}); quantize the unquantized model "
             f"(e.g. lowbit.load_model of the source, {getattr(model, 'lowbit_spec', None)!r})")
-    quantize_model(model, recipe, calibration, progress=progress, backend=backend)
+    quantize_model(model, recipe, calibration, progress=progress, backend=backend,
+                   **runner_options)
     return model

@@ -20,7 +20,7 @@ declared once per family) instead of class-name checks:
    norm: their LayerNorm output also feeds the residual, so those groups have no feeder;
 4. in pre-norm families, the *residual branches* a block computes in turn,
    ``h = h + branch(norm(h))`` (attention, then MLP): calibration then reruns only the
-   branch that holds a group, not the whole block up to it (``calibrated.py`` checks on
+   branch that holds a group, not the whole block up to it (``runner.py`` checks on
    block 0 that the branches compose to the block's own forward before relying on them).
 
 ``Layout.of`` derives 2-4 from a family's roles: q/k/v fed by the input norm, o fed by v,

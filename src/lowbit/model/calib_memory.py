@@ -1,5 +1,5 @@
 """How calibration holds its data: batches of token ids, block inputs in float16, and
-freed heap pages handed back to the OS (``calibrated.py`` uses these)."""
+freed heap pages handed back to the OS (``runner.py`` uses these)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from lowbit.model.recipe import RecipeError
 
 
 def _batches(calibration, model: nn.Module, max_tokens: int) -> list:
-    from lowbit.data import TextCalibration
-
-    if isinstance(calibration, TextCalibration):
+    """The calibration items as a list (a ``lowbit.data.TextCalibration``, which still
+    needs a tokenizer, is resolved with the model's), stacked by ``_rebatch``."""
+    if callable(getattr(calibration, "batches", None)):
         calibration = calibration.batches(model)
     batches = list(calibration)
     if not batches:

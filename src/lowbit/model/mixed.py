@@ -26,63 +26,39 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import replace
 
 import torch
 from torch import nn
 
-from lowbit.model.recipe import Recipe, RecipeError, Rule, Scheme
-from lowbit.nn import WeightSpec
+from lowbit.algorithms import InputStats, quantize_weight
+from lowbit.algorithms.group import Member, solve_group
+from lowbit.formats import dequantize, rotate
+from lowbit.model.arch import find_module, first_output, resolve_arch
+from lowbit.model.recipe import Recipe, RecipeError, Rule, Scheme, budget_of
+from lowbit.model.runner import _capture
+from lowbit.model.targets import find_targets, scheme_for_width
+from lowbit.nn import PackedWeight
 
 DEFAULT_CANDIDATES = ("w2g64", "w3g64", "w4g128", "w4g64", "w8")
 #: algorithms whose candidates are scored after solving against the Hessian (GPTAQ's as
 #: GPTQ's: the scoring has the float model's inputs only)
 SOLVED = ("gptq", "gptaq", "awq+gptq")
-_AUTO = re.compile(r"auto:(\d+(?:\.\d+)?)(?:bpw)?(?:-([a-z+]+?))?(-rot)?")
 
 
-def auto_placeholder(key: str) -> Recipe:
-    """``auto:<bpw>[bpw][-<algorithm>][-rot]``: a recipe that ``quantize`` resolves with data
-    (``-rot``: every candidate quantizes in the Hadamard-rotated basis)."""
-    m = _AUTO.fullmatch(key.strip().lower())
-    if not m:
-        raise RecipeError(f"cannot parse {key!r}: write auto:<bits per weight>[-<algorithm>]"
-                          f"[-rot], e.g. auto:3.5, auto:3.5-gptq or auto:3.5-gptq-rot")
-    algorithm, rot = m.group(2), m.group(3)
-    if algorithm == "rot" and rot is None:
-        algorithm, rot = None, "-rot"
-    spec = WeightSpec("uint4", "group:128", False, "bf16", rotation="hadamard" if rot else None)
-    scheme = Scheme(spec, algorithm=algorithm or "rtn")
-    return Recipe(f"auto:{m.group(1)}" + (f"-{algorithm}" if algorithm else "") + (rot or ""),
-                  scheme)
-
-
-def is_auto(recipe: Recipe) -> bool:
-    return recipe.name.startswith("auto:")
-
-
-def budget_of(recipe: Recipe) -> float:
-    return float(_AUTO.fullmatch(recipe.name).group(1))
-
-
-def candidate_schemes(names, algorithm: str = "rtn", rotation: str | None = None
-                      ) -> dict[str, Scheme]:
+def candidate_schemes(names, algorithm: str = "rtn", rotation: str | None = None,
+                      options: tuple = ()) -> dict[str, Scheme]:
     out = {}
     for name in names:
         base = Recipe.parse(name).default
         weight = base.weight if rotation is None else replace(base.weight, rotation=rotation)
-        out[name] = Scheme(weight, base.activation, algorithm, base.observer)
+        out[name] = Scheme(weight, base.activation, algorithm, base.observer, options=options)
     return out
 
 
 def layer_bits(weight: torch.Tensor, scheme: Scheme) -> tuple[int, torch.Tensor]:
     """Stored bits (codes + scales + zero-points) of ``weight`` at ``scheme`` and its RTN."""
-    from lowbit.formats import dequantize, rotate
-    from lowbit.model.pipeline import quantize_weight
-    from lowbit.nn import PackedWeight
-
-    codes, qp = quantize_weight(weight, scheme)
+    codes, qp = quantize_weight(weight, scheme.weight, scheme.observer)
     packed = PackedWeight.from_codes(codes, qp)
     nbytes = sum(t.numel() * t.element_size() for t in packed.tensors().values())
     w_hat = dequantize(codes, qp)
@@ -104,10 +80,6 @@ def sensitivity(model: nn.Module, batches: list, candidates: dict[str, Scheme],
 
     ``solved`` (``solved_errors``): each layer's weights and errors as a calibrated algorithm
     produced them, used instead of round to nearest's."""
-    from lowbit.model.arch import find_module, first_output, resolve_arch
-    from lowbit.model.calibrated import _capture
-    from lowbit.model.pipeline import scheme_for_width
-
     if measure not in ("anchor", "all"):
         raise RecipeError(f"measure must be 'anchor' or 'all', got {measure!r}")
     arch = resolve_arch(model)
@@ -182,28 +154,22 @@ def sensitivity(model: nn.Module, batches: list, candidates: dict[str, Scheme],
 
 @torch.no_grad()
 def solved_errors(model: nn.Module, batches: list, candidates: dict[str, Scheme],
-                  names: list[str], *, keep: set[str], solver=None,
+                  names: list[str], *, keep: set[str],
                   progress: bool = True) -> dict[str, dict]:
     """``{layer: {"err": {cand: e}, "w_hat": {cand: W_hat}}}`` for a Hessian-solved algorithm.
 
     Round to nearest misjudges what GPTQ leaves of a format: in the Hadamard basis RTN at 3
     bits is worse than unrotated, GPTQ's far better, and GPTQ rescues 3 bits more than 2.
-    So each layer is solved at every candidate (``Solver.solve_group``, the calls the real
+    So each layer is solved at every candidate (``algorithms.group.solve_group``, the calls the real
     run makes) against the Hessian of the float model's inputs, block by block, and scored
     by the output error ``e = tr(dW H dW^T)`` (GPTQ's objective, Frantar et al., 2022,
     eq. 1). ``W_hat`` (in the layer's own basis) is kept for the candidates in ``keep``.
     AWQ+GPTQ's group scale is not searched here: its layers are solved as GPTQ.
     """
-    from lowbit.formats import dequantize, rotate
-    from lowbit.model.arch import first_output, resolve_arch
-    from lowbit.model.calibrated import _capture
-    from lowbit.model.pipeline import scheme_for_width
-    from lowbit.model.solve import InputStats, Member, Solver
-
-    solver = solver or Solver()
     # scored with plain GPTQ: refinement lowers every candidate's error by a similar 7-12%
     # (algorithms/refine.py) and would multiply this pass's solves
-    solver = replace(solver, gptq={**solver.gptq, "refine_passes": 0})
+    candidates = {c: replace(s, options={**dict(s.options), "refine_passes": 0})
+                  for c, s in candidates.items()}
     arch = resolve_arch(model)
     wanted = set(names)
     hidden, kws = _capture(model, arch.blocks[0].module, batches)
@@ -236,7 +202,7 @@ def solved_errors(model: nn.Module, batches: list, candidates: dict[str, Scheme]
             for cand, scheme in candidates.items():
                 members = [Member(n, lin, scheme_for_width(scheme, lin.in_features))
                            for n, lin in ((n, model.get_submodule(n)) for n in g)]
-                for m, sol in zip(members, solver.solve_group(members, st, None), strict=True):
+                for m, sol in zip(members, solve_group(members, st, None), strict=True):
                     w_hat = dequantize(sol.codes, sol.qparams)
                     if m.scheme.weight.rotation is not None:  # back to the layer's basis
                         w_hat = rotate(w_hat.double(), m.scheme.weight.rotation,
@@ -322,20 +288,19 @@ def recipe_from_choice(choice: dict[str, str], schemes: dict[str, Scheme], name:
 def auto_recipe(model: nn.Module, recipe: Recipe, batches: list | None, *,
                 candidates=DEFAULT_CANDIDATES, measure: str = "anchor",
                 sensitivity_tokens: int = 256, solved_tokens: int = 8192,
-                solver=None, progress: bool = True, sens: dict | None = None) -> Recipe:
+                progress: bool = True, sens: dict | None = None) -> Recipe:
     """Resolve an ``auto:<bpw>`` placeholder into an explicit per-layer recipe.
 
     Sensitivity runs on the first ``sensitivity_tokens`` tokens of ``batches``; for GPTQ and
     AWQ+GPTQ the candidates' weights and errors come from solving each layer on the first
-    ``solved_tokens`` tokens (``solved_errors``, with ``solver``'s options). The chosen
+    ``solved_tokens`` tokens (``solved_errors``, with the recipe's algorithm options). The chosen
     recipe is returned and its sensitivity table is kept on ``model.lowbit_sensitivity``.
     """
-    from lowbit.model.pipeline import find_targets
-
     bpw = budget_of(recipe)
     algorithm = recipe.default.algorithm if recipe.default is not None else "rtn"
     rotation = recipe.default.weight.rotation if recipe.default is not None else None
-    schemes = candidate_schemes(candidates, algorithm, rotation)
+    options = recipe.default.options if recipe.default is not None else ()
+    schemes = candidate_schemes(candidates, algorithm, rotation, options)
     names = [n for n, _, s in find_targets(model, recipe) if s is not None]
     if sens is None:
         if not batches:
@@ -348,7 +313,7 @@ def auto_recipe(model: nn.Module, recipe: Recipe, batches: list | None, *,
         if algorithm in SOLVED:
             keep = set(candidates) if measure == "all" else {anchor}
             solved = solved_errors(model, _slice(batches, solved_tokens), schemes, names,
-                                   keep=keep, solver=solver, progress=progress)
+                                   keep=keep, progress=progress)
         sens = sensitivity(model, slice_, rtn, names, anchor=anchor, measure=measure,
                            progress=progress, solved=solved)
     model.lowbit_sensitivity = sens

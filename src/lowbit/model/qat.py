@@ -30,8 +30,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from lowbit.model.pipeline import QuantizeSummary, _set_module, _tensor_bytes, compute_dtype
 from lowbit.model.recipe import Recipe, RecipeError, Scheme, match_pattern
+from lowbit.model.summary import QuantizeSummary, _tensor_bytes
+from lowbit.model.targets import _set_module, compute_dtype
 from lowbit.nn import QuantizedLinear, WeightSpec
 from lowbit.nn.conv import QuantizedConv2d, conv_args_of
 from lowbit.nn.fake_quant import FakeQuantConv2d, FakeQuantizer, FakeQuantLinear, QuantizerSpec

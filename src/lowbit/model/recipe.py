@@ -22,19 +22,14 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from lowbit.algorithms import AlgorithmError, algorithm_names, get_algorithm
+from lowbit.algorithms.registry import format_options, parse_options
+from lowbit.algorithms.round_to_nearest import WEIGHT_OBSERVERS
 from lowbit.errors import LowbitError
 from lowbit.formats import Granularity, get_format
 from lowbit.nn import ActivationSpec, WeightSpec
 
 RECIPE_VERSION = 1
-#: ``awq+gptq``: AWQ's per-channel input scale for the group, then GPTQ on ``W diag(s)``
-ALGORITHMS = ("rtn", "gptq", "gptaq", "awq", "awq+gptq", "hqq", "kmeans", "imatrix",
-              "smoothquant")
-#: the algorithms that read calibration data (k-means: optionally)
-CALIBRATED_ALGORITHMS = tuple(a for a in ALGORITHMS if a not in ("rtn", "hqq"))
-#: the algorithms that quantize in a Hadamard-rotated basis (``WeightSpec.rotation``)
-ROTATED_ALGORITHMS = ("rtn", "smoothquant", "gptq", "gptaq", "awq+gptq")
-WEIGHT_OBSERVERS = ("minmax", "mse")
 #: "auto": bf16 where the CPU has native bf16 matmuls, else fp32 (``lowbit.kernels.cpu``)
 COMPUTE_DTYPES = ("auto", "bf16", "fp32", "fp16")
 
@@ -52,25 +47,32 @@ class Scheme:
     algorithm: str = "rtn"
     observer: str = "minmax"
     outlier_channels: int = 0
+    #: the algorithm's options that differ from lowbit's defaults, as sorted (name, value)
+    #: pairs (``algorithms.registry``); a mapping is accepted and converted
+    options: tuple = ()
 
     def __post_init__(self) -> None:
-        if self.algorithm not in ALGORITHMS:
-            raise RecipeError(f"unknown algorithm {self.algorithm!r}; use one of {ALGORITHMS}")
+        try:
+            algorithm = get_algorithm(self.algorithm)
+            options = self.options if isinstance(self.options, dict) else dict(self.options)
+            object.__setattr__(self, "options", algorithm.check(options))
+        except AlgorithmError as exc:
+            raise RecipeError(str(exc)) from None
         if self.observer not in WEIGHT_OBSERVERS:
             raise RecipeError(
                 f"unknown weight observer {self.observer!r}; use one of {WEIGHT_OBSERVERS}")
-        if self.weight is not None:
-            if self.weight.rotation is not None and (
-                    self.algorithm not in ROTATED_ALGORITHMS or self.outlier_channels):
-                extra = " and outlier channels" if self.outlier_channels else ""
-                raise RecipeError(
-                    f"a Hadamard input rotation runs with {', '.join(ROTATED_ALGORITHMS)} "
-                    f"(got {self.algorithm!r}{extra}); drop 'rotation' (the '-rot' suffix) "
-                    f"for AWQ alone, imatrix, HQQ, k-means or outlier channels")
+        if self.weight is not None and self.weight.rotation is not None and (
+                not algorithm.rotates or self.outlier_channels):
+            rotating = ", ".join(n for n in algorithm_names() if get_algorithm(n).rotates)
+            extra = " and outlier channels" if self.outlier_channels else ""
+            raise RecipeError(
+                f"a Hadamard input rotation runs with {rotating} (got {self.algorithm!r}"
+                f"{extra}); drop 'rotation' (the '-rot' suffix) for AWQ alone, imatrix, "
+                f"HQQ, k-means or outlier channels")
 
     @property
     def needs_calibration(self) -> bool:
-        return (self.algorithm in CALIBRATED_ALGORITHMS
+        return (bool(get_algorithm(self.algorithm).needs)
                 or self.outlier_channels > 0
                 or (self.activation is not None and self.activation.mode == "static"))
 
@@ -81,7 +83,7 @@ class Scheme:
             "algorithm": self.algorithm,
             "observer": self.observer,
             "outlier_channels": self.outlier_channels,
-        }
+        } | ({"options": dict(self.options)} if self.options else {})
 
     @classmethod
     def from_dict(cls, d: dict) -> Scheme:
@@ -231,26 +233,89 @@ class Recipe:
                 raise RecipeError(f"recipe file {key} does not exist; check the path, or pass "
                                   "a preset or w<bits>[g<group>] name")
             return cls.load(key)
-        if key.lower() in PRESETS:
-            return PRESETS[key.lower()]
-        if key.lower().startswith("auto:"):  # mixed precision, resolved by quantize()
-            from lowbit.model.mixed import auto_placeholder
+        base, options = _split_options(key)
+        recipe = _named(base.lower())
+        if recipe is None:
+            raise RecipeError(
+                f"unknown recipe {text!r}; presets: {', '.join(PRESETS)}; or w<bits>[g<group>]"
+                f"[a8[-static]][-<algorithm>][-rot][(option=value,...)] (algorithms: "
+                f"{', '.join(algorithm_names())}), auto:<bpw>[-<algorithm>][-rot], or a "
+                f".json/.yaml file")
+        return recipe.with_options(options) if options else recipe
 
-            return auto_placeholder(key.lower())
-        parsed = _parse_grammar(key.lower())
-        if parsed is not None:
-            return parsed
-        raise RecipeError(
-            f"unknown recipe {text!r}; presets: {', '.join(PRESETS)}; or w<bits>[g<group>]"
-            f"[a8[-static]][-<algorithm>][-rot] (algorithms: {', '.join(ALGORITHMS)}), "
-            f"or a .json/.yaml file"
-        )
+    def with_options(self, options: str | dict) -> Recipe:
+        """This recipe with algorithm ``options`` (``"refine_passes=4,percdamp=0.02"`` or a
+        mapping) set in every scheme whose algorithm takes them; an option no scheme's
+        algorithm takes is an error that lists the valid ones."""
+        given = parse_options(options) if isinstance(options, str) else dict(options)
+        schemes = [self.default] + [r.scheme for r in self.rules]
+        takes = {name for s in schemes if s is not None and s.weight is not None
+                 for name in get_algorithm(s.algorithm).option_names()}
+        unknown = sorted(set(given) - takes)
+        if unknown:
+            algos = sorted({s.algorithm for s in schemes if s is not None})
+            raise RecipeError(f"recipe {self.name!r} ({', '.join(algos)}) has no option "
+                              f"{', '.join(unknown)}; its options: {', '.join(sorted(takes))}")
+
+        def apply(scheme):
+            if scheme is None or scheme.weight is None:
+                return scheme
+            own = {k: v for k, v in given.items()
+                   if k in get_algorithm(scheme.algorithm).option_names()}
+            return replace(scheme, options={**dict(scheme.options), **own}) if own else scheme
+
+        rules = tuple(replace(r, scheme=apply(r.scheme)) for r in self.rules)
+        fixed = replace(self, default=apply(self.default), rules=rules)
+        shown = format_options(apply(self.default).options if self.default else ()) or \
+            format_options(tuple(sorted(given.items())))
+        return replace(fixed, name=f"{self.name.split('(')[0]}({shown})")
 
     def describe(self) -> str:
         return PRESET_DESCRIPTIONS.get(self.name, "custom recipe")
 
 
 _GRAMMAR = re.compile(r"w([1-8])(?:g(\d+))?(a8)?(-static)?(?:-([a-z+]+))?(-rot)?")
+_AUTO = re.compile(r"auto:(\d+(?:\.\d+)?)(?:bpw)?(?:-([a-z+]+?))?(-rot)?")
+
+
+def _split_options(key: str) -> tuple[str, str]:
+    """``"w4g64-gptq(refine_passes=4)"`` -> ``("w4g64-gptq", "refine_passes=4")``."""
+    if key.endswith(")") and "(" in key:
+        base, _, rest = key.partition("(")
+        return base.strip(), rest[:-1]
+    return key, ""
+
+
+def _named(key: str) -> Recipe | None:
+    if key in PRESETS:
+        return PRESETS[key]
+    if key.startswith("auto:"):  # mixed precision, resolved by quantize()
+        return auto_placeholder(key)
+    return _parse_grammar(key)
+
+
+def auto_placeholder(key: str) -> Recipe:
+    """``auto:<bpw>[bpw][-<algorithm>][-rot]``: a recipe that ``quantize`` resolves with data
+    (``model/mixed.py``; ``-rot``: every candidate quantizes in the Hadamard-rotated basis)."""
+    m = _AUTO.fullmatch(key.strip().lower())
+    if not m:
+        raise RecipeError(f"cannot parse {key!r}: write auto:<bits per weight>[-<algorithm>]"
+                          f"[-rot], e.g. auto:3.5, auto:3.5-gptq or auto:3.5-gptq-rot")
+    algorithm, rot = m.group(2), m.group(3)
+    if algorithm == "rot" and rot is None:
+        algorithm, rot = None, "-rot"
+    spec = WeightSpec("uint4", "group:128", False, "bf16", rotation="hadamard" if rot else None)
+    scheme = Scheme(spec, algorithm=algorithm or "rtn")
+    return Recipe(f"auto:{m.group(1)}" + (f"-{algorithm}" if algorithm else "") + (rot or ""),
+                  scheme)
+
+
+def is_auto(recipe: Recipe) -> bool:
+    return recipe.name.startswith("auto:")
+
+
+def budget_of(recipe: Recipe) -> float:
+    return float(_AUTO.fullmatch(recipe.name.split("(")[0]).group(1))
 
 
 #: the keys ``Recipe.from_dict`` reads; others are refused (a typo would be silently ignored)
@@ -355,7 +420,7 @@ PRESETS: dict[str, Recipe] = {
                               activation=ActivationSpec("dynamic"))),
     "w8a8-outliers": Recipe("w8a8-outliers", _w(
         "int8", "channel", activation=ActivationSpec("dynamic"), outlier_channels=8)),
-    # calibrated algorithms (lowbit.model.calibrated); "imatrix" is importance-weighted RTN
+    # calibrated algorithms (lowbit.algorithms.registry); "imatrix": importance-weighted RTN
     "w4g128-gptq": _low("w4g128-gptq", _w("uint4", "group:128", False, algorithm="gptq")),
     "w4g128-awq": _low("w4g128-awq", _w("uint4", "group:128", False, algorithm="awq")),
     "w3g64-gptq": _low("w3g64-gptq", _w("uint3", "group:64", False, algorithm="gptq")),

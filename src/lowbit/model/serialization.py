@@ -82,7 +82,7 @@ def save(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = Fa
     tensors, aliases = _unique_state(model)
     recipe = getattr(model, "lowbit_recipe", None)
     config = getattr(model, "config", None)
-    from lowbit import __version__
+    from lowbit.version import __version__
 
     manifest = {
         "format": FILE_FORMAT,

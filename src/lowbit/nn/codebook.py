@@ -26,38 +26,14 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.formats import Granularity, QParams, get_format, pack, unpack
-from lowbit.formats.base import FormatError, register_format
-from lowbit.formats.lookup import LookupFormat
+from lowbit.formats.lookup import (  # noqa: F401  (re-exported: the codebook formats)
+    CODEBOOK_FORMATS,
+    PREFIX,
+    codebook_format,
+    is_row_codebook,
+)
 from lowbit.nn.activation import ModuleError
 from lowbit.nn.packed import PackedWeight, WeightSpec
-
-PREFIX = "codebook"
-
-
-def _register() -> dict[int, LookupFormat]:
-    out = {}
-    for bits in range(1, 9):
-        name = f"{PREFIX}{bits}"
-        try:
-            out[bits] = get_format(name)
-        except FormatError:
-            out[bits] = register_format(
-                LookupFormat(name, bits, values=tuple(float(i) for i in range(1 << bits))))
-    return out
-
-
-CODEBOOK_FORMATS = _register()
-
-
-def is_row_codebook(fmt) -> bool:
-    """True for the ``codebook<b>`` index formats (per-row centroid tables)."""
-    return getattr(fmt, "name", "").startswith(PREFIX) and fmt in CODEBOOK_FORMATS.values()
-
-
-def codebook_format(bits: int) -> LookupFormat:
-    if bits not in CODEBOOK_FORMATS:
-        raise FormatError(f"codebooks have 1 to 8 bits, got {bits}")
-    return CODEBOOK_FORMATS[bits]
 
 
 def gather_rows(indices: torch.Tensor, centroids: torch.Tensor, gran: Granularity,

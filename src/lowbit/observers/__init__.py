@@ -20,8 +20,11 @@ from lowbit.observers.histogram import StreamingHistogram
 from lowbit.observers.minmax import AbsMaxObserver, MinMaxObserver, MovingAverageMinMaxObserver
 from lowbit.observers.search import MSEObserver
 from lowbit.observers.statistics import MeanStdObserver, PercentileObserver
+from lowbit.observers.weight_clip import WEIGHT_CLIP_RATIOS, mse_clipped
 
 __all__ = [
+    "WEIGHT_CLIP_RATIOS",
+    "mse_clipped",
     "AbsMaxObserver",
     "HistogramKLObserver",
     "MSEObserver",

@@ -1,4 +1,4 @@
-"""Calibrated quantization, one block at a time (GPTQ, AWQ, SmoothQuant, imatrix, HQQ, k-means).
+"""The block runner: calibrated quantization one block at a time (``pipeline.quantize_model``).
 
 The loop follows the reference GPTQ code (``llama_sequential`` in IST-DASLab/gptq, Frantar et
 al., 2022, section 5 "true sequential"), which holds one block's activations at a time:
@@ -9,9 +9,10 @@ al., 2022, section 5 "true sequential"), which holds one block's activations at 
    order: run the block (in pre-norm layouts only the residual branch that holds the group,
    ``arch.Branch``) on every stored input until the group's members have been called
    (earlier groups are already quantized, so each group sees the errors of those before it),
-   accumulating the statistics its algorithms read (``solve.InputStats``); choose the
+   accumulating the statistics its algorithms read (``algorithms.stats``); choose the
    group's input scale (AWQ, SmoothQuant) and fold ``1/s`` into the feeder (norm weight, or
-   the rows of the linear before); quantize every member; swap in the ``QuantizedLinear``;
+   the rows of the linear before); solve every member (``algorithms.group``: each
+   algorithm as registered); swap in the ``QuantizedLinear``;
 3. run the quantized block on the stored inputs to get the next block's inputs, in place
    (held in float16, rows with huge entries over a power of two, see ``_hold``); with
    branches, ``h + branch(norm(h))`` after each branch's last group, so no group reruns the
@@ -28,55 +29,35 @@ algorithms; static activation scales there are refused with a hint).
 from __future__ import annotations
 
 import copy
-import time
-from collections.abc import Iterable
-from contextlib import nullcontext
 
 import torch
 from torch import nn
 
-from lowbit.algorithms import AlgorithmError
-from lowbit.model.arch import Arch, Group, _feeder_kind, find_module, first_output, resolve_arch
+from lowbit.algorithms import InputStats
+from lowbit.algorithms.group import (
+    Member,
+    Solution,
+    group_scale,
+    solve_group,
+    static_input,
+    stats_needed,
+)
+from lowbit.model.arch import Arch, Group, _feeder_kind, find_module, first_output
 from lowbit.model.calib_memory import (
-    REBATCH_TOKENS,
     TRIM_EVERY,
-    _batches,
     _give_back_free_memory,
     _hold,
     _restore,
     solve_allocations,
 )
 from lowbit.model.calibration import _as_inputs
-from lowbit.model.pipeline import (
-    QuantizeSummary,
-    _set_module,
-    _tensor_bytes,
-    cast_unquantized,
-    compute_dtype,
-    drop_missing_rotations,
-    find_targets,
-)
-from lowbit.model.recipe import Recipe, RecipeError, Scheme
-from lowbit.model.solve import InputStats, Member, Solution, Solver, stats_needed
+from lowbit.model.recipe import RecipeError, Scheme
+from lowbit.model.targets import _set_module
 from lowbit.nn import QuantizedLinear
 
 
 class _Stop(Exception):
     """Raised by a hook once everything a pass needs has been seen."""
-
-
-def routes_here(recipe: Recipe) -> bool:
-    """True when ``quantize`` should hand ``recipe`` to ``quantize_calibrated``."""
-    from lowbit.model.mixed import is_auto
-    from lowbit.nn.codebook import is_row_codebook
-
-    if is_auto(recipe):
-        return True
-    from lowbit.formats import get_format
-
-    schemes = [recipe.default] + [r.scheme for r in recipe.rules]
-    return any(s is not None and s.weight is not None and (
-        s.algorithm != "rtn" or is_row_codebook(get_format(s.weight.format))) for s in schemes)
 
 
 def _token_count(batch) -> int:
@@ -178,11 +159,23 @@ class _Reference:
         return self.block.get_submodule(name[len(self.prefix) + 1:])
 
 
-class _Run:
-    """State of one ``quantize_calibrated`` call."""
+def build_layer(sol: Solution, backend: str | None = None, outliers=None) -> QuantizedLinear:
+    """The packed module for a solution: codes and parameters, or a per-row codebook."""
+    if sol.is_codebook:
+        from lowbit.nn.codebook import packed_codebook
 
-    def __init__(self, model, plan, solver, backend, sample_tokens):
-        self.model, self.plan, self.solver, self.backend = model, plan, solver, backend
+        packed = packed_codebook(sol.codes, sol.qparams, sol.spec)
+        return QuantizedLinear(packed, sol.spec, sol.bias, backend=backend)
+    return QuantizedLinear.from_codes(
+        sol.codes, sol.qparams, sol.spec, sol.bias, activation=sol.scheme.activation,
+        input_qparams=sol.input_qparams, backend=backend, outliers=outliers)
+
+
+class _Run:
+    """State of one calibrated ``quantize`` call."""
+
+    def __init__(self, model, plan, backend, sample_tokens):
+        self.model, self.plan, self.backend = model, plan, backend
         self.sample_tokens = sample_tokens
         #: GPTAQ's float path for the current stage, or None (``_Reference``)
         self.reference: _Reference | None = None
@@ -265,17 +258,17 @@ class _Run:
 
     def _quantize_members(self, group: Group, members: list[Member], stats) -> None:
         foldable = self.can_fold(group)
-        s, found = self.solver.group_scale(members, stats, foldable)
+        s, found = group_scale(members, stats, foldable)
         if s is not None:
             self.fold(group, 1.0 / s)
-        sols = self.solver.solve_group(members, stats, s)
+        sols = solve_group(members, stats, s)
         if stats is not None:
-            self.solver.static_input(members, sols, stats, s)
+            static_input(members, sols, stats, s)
         for m, sol in zip(members, sols, strict=True):
             sol.info.update(found)
             self.solutions[m.name] = sol
             self.info[m.name] = sol.info
-            _set_module(self.model, m.name, sol.build(self.backend))
+            _set_module(self.model, m.name, build_layer(sol, self.backend))
 
     def can_fold(self, group: Group) -> bool:
         if group.feeder is None:
@@ -291,7 +284,7 @@ class _Run:
         if group.feeder in self.solutions:  # already quantized: rescale its rows
             sol = self.solutions[group.feeder]
             sol.scale_rows(r)
-            _set_module(self.model, group.feeder, sol.build(self.backend))
+            _set_module(self.model, group.feeder, build_layer(sol, self.backend))
             return
         weight = feeder.weight
         shape = (-1,) + (1,) * (weight.dim() - 1)
@@ -309,85 +302,6 @@ class _Run:
             all_stats = self.collect(run_stage, members, hidden, kwargs_list)
             for g, ms, stats in zip(groups, members, all_stats, strict=True):
                 self.quantize_group(g, ms, stats)
-
-
-def quantize_calibrated(
-    model: nn.Module,
-    recipe: Recipe | str,
-    calibration: Iterable | None = None,
-    *,
-    progress: bool = True,
-    backend: str | None = None,
-    solver: Solver | None = None,
-    sequential: bool = True,
-    sample_tokens: int = 512,
-    autocast: bool = False,
-    half_inputs: bool = True,
-    arch: Arch | None = None,
-    batch_tokens: int = REBATCH_TOKENS,
-) -> QuantizeSummary:
-    """Quantize ``model`` in place with calibrated algorithms (see the module docstring).
-
-    ``solver`` carries each algorithm's options; ``sequential=False`` collects every group's
-    statistics of a block in one pass (the original GPTQ order, fewer forward passes);
-    ``sample_tokens`` tokens per group are kept for the SmoothQuant / static-range searches;
-    ``autocast=True`` runs the calibration forwards in bfloat16 (CPU autocast: about 4x faster
-    matmuls on AVX512-BF16, activations as a bf16 deployment sees them; statistics are
-    still accumulated in float32); ``half_inputs=False`` holds the blocks' inputs in float32
-    instead of float16 (``_hold``: twice the memory of the largest buffer);
-    ``batch_tokens`` caps the tokens of one calibration forward (``REBATCH_TOKENS``; 512
-    took GPTQ's peak on SmolLM2-135M from 1.47x to 1.44x the FP32 model, and 120 s to 135 s).
-    """
-    from lowbit.model.mixed import auto_recipe, is_auto
-
-    recipe = Recipe.parse(recipe)
-    t0 = time.perf_counter()
-    batches = None if calibration is None else _batches(calibration, model, batch_tokens)
-    if is_auto(recipe):
-        recipe = auto_recipe(model, recipe, batches, solver=solver, progress=progress)
-    summary = QuantizeSummary(recipe.name)
-    targets = drop_missing_rotations(find_targets(model, recipe), summary)
-    plan = {n: s for n, _, s in targets if s is not None and s.weight is not None}
-    summary.kept = [n for n, _, s in targets if n not in plan]
-    summary.bytes_before = sum(_tensor_bytes(m.weight) + _tensor_bytes(m.bias)
-                               for n, m, _ in targets if n in plan)
-    del targets  # names only from here: each float layer is freed once its block is packed
-    needs_data = any(stats_needed(s) - {"diag"} or s.algorithm == "imatrix"
-                     for s in plan.values())
-    if needs_data and batches is None:
-        names = sorted({s.algorithm for s in plan.values() if stats_needed(s)})
-        raise RecipeError(
-            f"recipe {recipe.name!r} ({', '.join(names)}) needs calibration data; pass "
-            f"calibration=lowbit.data.text('default', tokenizer) or --calibration FILE")
-    run = _Run(model, plan, solver or Solver(), backend, sample_tokens)
-    done: set[str] = set()
-    with torch.no_grad():
-        if batches is not None and any(stats_needed(s) for s in plan.values()):
-            _check_enough(plan, model, sum(_token_count(b) for b in batches))
-            arch = arch or resolve_arch(model)
-            ctx = torch.autocast("cpu", torch.bfloat16) if autocast else nullcontext()
-            with ctx:
-                done = _run_blocks(run, arch, batches, sequential, progress, half_inputs)
-        for name in plan:  # outside the blocks, or no data at all
-            if name not in done:
-                scheme = plan[name]
-                if scheme.activation is not None and scheme.activation.mode == "static":
-                    raise RecipeError(
-                        f"{name} lies outside the model's blocks, so no static activation "
-                        f"range is calibrated for it: keep it (recipe.with_keep({name!r})) or "
-                        f"give it a weight-only scheme")
-                run.quantize_group(Group([name]), run.members(Group([name])), None)
-    for name in plan:
-        q = model.get_submodule(name)
-        summary.layers += 1
-        summary.bytes_after += q.weight_nbytes() + _tensor_bytes(q.bias)
-        summary.kernels[q.kernel] = summary.kernels.get(q.kernel, 0) + 1
-    cast_unquantized(model, compute_dtype(recipe))
-    summary.seconds = time.perf_counter() - t0
-    model.lowbit_recipe = recipe
-    model.lowbit_summary = summary
-    model.lowbit_calibration = {"layers": run.info, "notes": list(arch.notes) if arch else []}
-    return summary
 
 
 def _branches_compose(arch: Arch, hidden: list, kwargs_list: list, dtype) -> bool:
@@ -485,5 +399,3 @@ def _run_blocks(run: _Run, arch: Arch, batches: list, sequential: bool, progress
     hidden.clear()
     return done
 
-
-__all__ = ["AlgorithmError", "quantize_calibrated", "routes_here"]
