@@ -17,6 +17,7 @@ in a Hadamard-rotated basis (``formats.rotation``; with RTN, SmoothQuant, GPTQ o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass, replace
@@ -161,6 +162,18 @@ class Recipe:
                 f"{', '.join(algorithm_names())}), auto:<bpw>[-<algorithm>][-rot], or a "
                 f".json/.yaml file")
         return recipe.with_options(options) if options else recipe
+
+    def algorithm_options(self) -> dict[str, dict]:
+        """Every algorithm this recipe runs with the options it runs with (defaults included),
+        as manifests record them; ``{}`` for cast-only recipes."""
+        out = {}
+        for scheme in [self.default] + [r.scheme for r in self.rules]:
+            if scheme is not None and scheme.weight is not None:
+                resolved = get_algorithm(scheme.algorithm).resolve(scheme.options)
+                key = scheme.algorithm + (f"({format_options(scheme.options)})"
+                                          if scheme.options else "")
+                out[key] = dataclasses.asdict(resolved)
+        return out
 
     def with_options(self, options: str | dict) -> Recipe:
         """This recipe with algorithm ``options`` (``"refine_passes=4,percdamp=0.02"`` or a

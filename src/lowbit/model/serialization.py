@@ -93,6 +93,7 @@ def save(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = Fa
         "model_class": type(model).__name__,
         "hf_config": config.to_dict() if hasattr(config, "to_dict") else None,
         "recipe": recipe.to_dict() if isinstance(recipe, Recipe) else None,
+        "algorithms": recipe.algorithm_options() if isinstance(recipe, Recipe) else {},
         "quantized": _quantized_entries(model),
         "aliases": aliases,
         "dtypes": {k: str(v.dtype).removeprefix("torch.") for k, v in tensors.items()},
