@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.model import Recipe, Scheme
-from lowbit.model.qat import convert, prepare_qat
 from lowbit.nn import QuantizedLinear, WeightSpec
 from lowbit.nn.conv import QuantizedConv2d
 from lowbit.training import train
+from lowbit.training.qat import convert, prepare_qat
 
 FORMATS = ("int8", "int4", "int2", "ternary", "binary")
 

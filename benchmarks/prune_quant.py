@@ -25,10 +25,10 @@ from digits_qat import accuracy, batches, ce_loss, layer_bytes, load_digits, rec
 from digits_qat import train_fp32 as train_base
 from torch import nn
 
-from lowbit.model.qat import convert, prepare_qat
 from lowbit.nn import QuantizedLinear
 from lowbit.nn.conv import QuantizedConv2d
 from lowbit.training import prune, sparse_nbytes, train
+from lowbit.training.qat import convert, prepare_qat
 
 VARIANTS = [  # name, pruning pattern, sparsity, weight format
     ("prune 50 %", "unstructured", 0.5, None),

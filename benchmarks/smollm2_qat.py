@@ -30,8 +30,8 @@ import torch
 from lowbit.data import CALIBRATION_OFFSET, text, tokens
 from lowbit.eval import perplexity
 from lowbit.model import Recipe, load_model, load_tokenizer, quantize
-from lowbit.model.qat import QATConfig, convert, prepare_qat
 from lowbit.training import causal_lm_distiller, qat_optimizer, train
+from lowbit.training.qat import QATConfig, convert, prepare_qat
 
 
 def ppl(model, ids, args) -> float:

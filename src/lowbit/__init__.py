@@ -30,11 +30,12 @@ _LAZY = {
     "Recipe": "lowbit.model",
     "PRESETS": "lowbit.model",
     "evaluate": "lowbit.eval",
-    "prepare_qat": "lowbit.model",
-    "convert": "lowbit.model",
-    "QATConfig": "lowbit.model",
+    "prepare_qat": "lowbit.training",
+    "convert": "lowbit.training",
+    "QATConfig": "lowbit.training",
     "training": "lowbit.training",
     "export": "lowbit.export",
+    "generate": "lowbit.runtime.text",
 }
 
 

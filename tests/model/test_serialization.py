@@ -91,7 +91,7 @@ def test_outliers_round_trip(tmp_path):
 
 
 def test_converted_cnn_round_trip(tmp_path):
-    from lowbit.model import convert, prepare_qat
+    from lowbit.training import convert, prepare_qat
 
     torch.manual_seed(0)
 

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.model import Recipe, Scheme
-from lowbit.model.qat import convert, prepare_qat
 from lowbit.nn import WeightSpec
 from lowbit.training import (
     TrainingError,
@@ -20,6 +19,7 @@ from lowbit.training import (
     sparse_nbytes,
     train,
 )
+from lowbit.training.qat import convert, prepare_qat
 
 
 def test_distillation_loss_is_t2_kl():

@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from lowbit.model import Recipe, RecipeError, Scheme, load, quantize, save
-from lowbit.model.qat import QATConfig, convert, prepare_qat, trainable_parameters
 from lowbit.nn import QuantizedLinear, WeightSpec
 from lowbit.nn.conv import QuantizedConv2d
 from lowbit.nn.fake_quant import FakeQuantConv2d, FakeQuantError, FakeQuantLinear
+from lowbit.training.qat import QATConfig, convert, prepare_qat, trainable_parameters
 from tests.model.tiny import tiny_llama
 
 

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.model import Recipe, Scheme
-from lowbit.model.qat import prepare_qat
 from lowbit.nn import WeightSpec
 from lowbit.training import TrainingError, train
+from lowbit.training.qat import prepare_qat
 from lowbit.training.qat_loop import STATE
 
 

@@ -1,6 +1,6 @@
 """``lowbit qat MODEL --recipe R --data FILE --steps N -o DIR``: quantization-aware training.
 
-Fake-quantizes the model with the recipe (``lowbit.model.qat.prepare_qat``), trains it to
+Fake-quantizes the model with the recipe (``lowbit.training.qat.prepare_qat``), trains it to
 match the full-precision model's logits (KL distillation, the default) or on next-token
 cross-entropy, then converts to packed quantized modules and saves a checkpoint that
 ``lowbit eval`` and ``lowbit.load`` read. Progress shows the loss and the time per step;
@@ -67,9 +67,9 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from lowbit.model import Recipe, load_model, load_tokenizer, save
-    from lowbit.model.qat import QATConfig, convert, prepare_qat
     from lowbit.model.serialization import check_target
     from lowbit.training import causal_lm_distiller, causal_lm_loss, qat_optimizer, train
+    from lowbit.training.qat import QATConfig, convert, prepare_qat
 
     set_threads(args.threads)
     check_target(args.output, args.overwrite)  # before training: refuses what save would

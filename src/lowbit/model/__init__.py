@@ -1,9 +1,8 @@
-"""Layer 5, the model API: loaders, recipes, ``quantize``, ``save`` / ``load``."""
+"""Layer 7, the model API: recipes, ``quantize`` (one pipeline), ``save`` / ``load``, loaders."""
 
 from lowbit.model.api import quantize
 from lowbit.model.hub import BUNDLED, bundled_path
 from lowbit.model.loaders import ModelLoadError, load_model, load_tokenizer
-from lowbit.model.qat import QATConfig, convert, prepare_qat
 from lowbit.model.recipe import PRESETS, Recipe, RecipeError, Rule, Scheme
 from lowbit.model.serialization import CheckpointError, load, save
 from lowbit.model.summary import QuantizeSummary
@@ -12,9 +11,6 @@ from lowbit.model.targets import cast_unquantized
 __all__ = [
     "BUNDLED",
     "PRESETS",
-    "QATConfig",
-    "convert",
-    "prepare_qat",
     "CheckpointError",
     "ModelLoadError",
     "QuantizeSummary",

@@ -20,6 +20,7 @@ from lowbit.training.pruning import (
     semi_structured_mask,
     sparse_nbytes,
 )
+from lowbit.training.qat import QATConfig, convert, prepare_qat
 from lowbit.training.qat_loop import (
     TrainResult,
     load_checkpoint,
@@ -29,6 +30,9 @@ from lowbit.training.qat_loop import (
 )
 
 __all__ = [
+    "QATConfig",
+    "convert",
+    "prepare_qat",
     "PRECISIONS",
     "Fp8Linear",
     "LossScaler",
