@@ -1,7 +1,8 @@
 """``quantize(model, recipe, calibration)``: the one path from a recipe to packed modules.
 
-1. Parse the recipe; an ``auto:<bpw>`` placeholder is resolved into per-layer schemes by
-   measuring sensitivity (``mixed.py``).
+1. Parse the recipe; a ``-frot`` recipe first rotates the residual stream and folds the
+   rotation into the weights (``fold_rotation.py``); an ``auto:<bpw>`` placeholder is
+   resolved into per-layer schemes by measuring sensitivity (``mixed.py``).
 2. Find every ``nn.Linear`` and its scheme (``targets.py``); a cast-only recipe (fp16,
    bf16) stops here.
 3. Statistics. Where an algorithm reads the inputs of the layers (GPTQ, GPTAQ, AWQ,
@@ -22,6 +23,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from contextlib import nullcontext
+from dataclasses import replace
 from types import SimpleNamespace
 
 import torch
@@ -34,6 +36,7 @@ from lowbit.formats.lookup import is_row_codebook
 from lowbit.model.arch import Arch, resolve_arch
 from lowbit.model.calib_memory import REBATCH_TOKENS, _batches, solve_allocations
 from lowbit.model.calibration import collect_input_ranges
+from lowbit.model.fold_rotation import fold_residual_rotation
 from lowbit.model.mixed import auto_recipe
 from lowbit.model.recipe import Recipe, RecipeError, Scheme, is_auto
 from lowbit.model.runner import _check_enough, _Run, _run_blocks, _token_count, build_layer
@@ -78,9 +81,12 @@ def quantize_model(
     report = is_auto(recipe) or any(s is not None and s.weight is not None and (
         s.algorithm != "rtn" or _codebook(s)) for s in [recipe.default] + [
         r.scheme for r in recipe.rules])
+    if recipe.fold_rotation is not None:  # the model itself changes: a plain decoder still
+        fold_residual_rotation(model)
     if is_auto(recipe):
         batches = None if calibration is None else _batches(calibration, model, batch_tokens)
-        recipe = auto_recipe(model, recipe, batches, progress=progress)
+        recipe = replace(auto_recipe(model, recipe, batches, progress=progress),
+                         fold_rotation=recipe.fold_rotation)
     summary = QuantizeSummary(recipe.name)
     targets = drop_missing_rotations(find_targets(model, recipe), summary)
     if recipe.default is not None and recipe.default.weight is None and not recipe.rules:
