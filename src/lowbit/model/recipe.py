@@ -43,8 +43,14 @@ class Recipe:
     keep: tuple[str, ...] = ()
     compute_dtype: str = "auto"
     version: int = RECIPE_VERSION
+    #: "hadamard": the residual stream is rotated and the rotation folded into the weights
+    #: before quantizing (``fold_rotation.py``; the ``-frot`` suffix)
+    fold_rotation: str | None = None
 
     def __post_init__(self) -> None:
+        if self.fold_rotation not in (None, "hadamard"):
+            raise RecipeError(f"fold_rotation must be 'hadamard' or None, got "
+                              f"{self.fold_rotation!r}")
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise RecipeError(f"compute_dtype must be one of {COMPUTE_DTYPES}")
         if self.version > RECIPE_VERSION:
@@ -79,7 +85,7 @@ class Recipe:
             "rules": [{"pattern": r.pattern, "scheme": r.scheme.to_dict()}
                       | ({"optional": True} if r.optional else {}) for r in self.rules],
             "keep": list(self.keep),
-        }
+        } | ({"fold_rotation": self.fold_rotation} if self.fold_rotation else {})
 
     @classmethod
     def from_dict(cls, d: dict) -> Recipe:
@@ -106,6 +112,7 @@ class Recipe:
                             for r in d.get("rules", [])),
                 keep=tuple(d.get("keep", [])),
                 compute_dtype=d.get("compute_dtype", "auto"),
+                fold_rotation=d.get("fold_rotation"),
                 version=int(d.get("lowbit_recipe_version", RECIPE_VERSION)),
             )
         except (TypeError, KeyError, AttributeError, ValueError) as exc:
@@ -154,13 +161,16 @@ class Recipe:
                                   "a preset or w<bits>[g<group>] name")
             return cls.load(key)
         base, options = _split_options(key)
-        recipe = _named(base.lower())
+        fold = base.lower().endswith(FOLD_SUFFIX)
+        recipe = _named(base.lower().removesuffix(FOLD_SUFFIX) if fold else base.lower())
         if recipe is None:
             raise RecipeError(
                 f"unknown recipe {text!r}; presets: {', '.join(PRESETS)}; or w<bits>[g<group>]"
                 f"[a8[-static]][-<algorithm>][-rot][(option=value,...)] (algorithms: "
                 f"{', '.join(algorithm_names())}), auto:<bpw>[-<algorithm>][-rot], or a "
                 f".json/.yaml file")
+        if fold:
+            recipe = replace(recipe, name=recipe.name + FOLD_SUFFIX, fold_rotation="hadamard")
         return recipe.with_options(options) if options else recipe
 
     def algorithm_options(self) -> dict[str, dict]:
@@ -206,7 +216,9 @@ class Recipe:
         return PRESET_DESCRIPTIONS.get(self.name, "custom recipe")
 
 
-_GRAMMAR = re.compile(r"w([1-8])(?:g(\d+))?(a8)?(-static)?(?:-([a-z+]+))?(-rot)?")
+#: the algorithm is any word but the ``-rot`` / ``-izp`` suffixes that may follow it
+_GRAMMAR = re.compile(
+    r"w([1-8])(?:g(\d+))?(a8)?(-static)?(?:-(?!(?:rot|izp)(?:-|$))([a-z+]+))?(-rot)?(-izp)?")
 _AUTO = re.compile(r"auto:(\d+(?:\.\d+)?)(?:bpw)?(?:-([a-z+]+?))?(-rot)?")
 
 
@@ -250,8 +262,11 @@ def budget_of(recipe: Recipe) -> float:
     return float(_AUTO.fullmatch(recipe.name.split("(")[0]).group(1))
 
 
+#: a recipe name ending so (before any options) rotates the residual stream offline first
+FOLD_SUFFIX = "-frot"
 #: the keys ``Recipe.from_dict`` reads; others are refused (a typo would be silently ignored)
-RECIPE_KEYS = ("lowbit_recipe_version", "name", "compute_dtype", "default", "rules", "keep")
+RECIPE_KEYS = ("lowbit_recipe_version", "name", "compute_dtype", "default", "rules", "keep",
+               "fold_rotation")
 MAX_GROUP = 1 << 16
 
 
@@ -259,9 +274,7 @@ def _parse_grammar(key: str) -> Recipe | None:
     m = _GRAMMAR.fullmatch(key)
     if not m:
         return None
-    bits, group, a8, static, algorithm, rot = m.groups()
-    if algorithm == "rot" and rot is None:  # "w3g64-rot": round to nearest, rotated
-        algorithm, rot = None, "-rot"
+    bits, group, a8, static, algorithm, rot, izp = m.groups()
     bits = int(bits)
     if group is not None and not 1 <= int(group) <= MAX_GROUP:
         raise RecipeError(f"{key!r}: group size {group} is out of range; use 1..{MAX_GROUP} "
@@ -278,9 +291,14 @@ def _parse_grammar(key: str) -> Recipe | None:
         fmt, gran, symmetric = f"int{bits}", "channel", True
     # grouped weights keep bf16 scales: what the int4 kernel reads, so storage is exact
     scale_dtype = "bf16" if group else "fp32"
-    # grouped asymmetric weights keep a float zero-point: grid = min + scale * k (Q4_1)
+    if izp and (symmetric or act is not None):
+        raise RecipeError(f"{key!r}: '-izp' (integer zero-points) applies to grouped "
+                          f"asymmetric recipes such as w4g128-izp; per-channel and a8 "
+                          "weights are symmetric and have no zero-point")
+    # grouped asymmetric weights keep a float zero-point (grid = min + scale * k, Q4_1)
+    # unless "-izp" asks for integer ones, which compressed-tensors and GPTQ files hold
     spec = WeightSpec(fmt, gran, symmetric, scale_dtype,
-                      integer_zero_point=_integer_zero(symmetric, gran),
+                      integer_zero_point=bool(izp) or _integer_zero(symmetric, gran),
                       rotation="hadamard" if rot else None)
     scheme = Scheme(spec, act, algorithm or "rtn")
     return Recipe(key, scheme, _head_rules(bits, act))
