@@ -16,6 +16,7 @@ COMMANDS = {
     "eval": ("lowbit.cli.eval_cmd", "perplexity, size and speed of a model or checkpoint"),
     "sensitivity": ("lowbit.cli.sensitivity_cmd", "which layers quantization hurts most (KLD)"),
     "bench": ("lowbit.cli.bench_cmd", "benchmark recipes and peers side by side, with a report"),
+    "generate": ("lowbit.cli.generate_cmd", "stream text from a model or checkpoint, with speed"),
     "kernels": ("lowbit.cli.kernels_cmd", "which kernels run here, measured once and cached"),
     "export": ("lowbit.cli.export_cmd", "write a model or checkpoint as a GGUF file for llama.cpp"),
 }

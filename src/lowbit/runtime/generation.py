@@ -1,9 +1,11 @@
-"""Greedy generation and one-shot prefill on :class:`~lowbit.runtime.decoder.DecoderRuntime`."""
+"""Generation (greedy, or any token picker) and one-shot prefill on
+:class:`~lowbit.runtime.decoder.DecoderRuntime`."""
 
 from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -79,21 +81,30 @@ def generate(
     *,
     dtype: torch.dtype = torch.bfloat16,
     compile: bool = False,
-    eos_token_id: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
     compare_hf: bool = False,
+    next_token: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    on_token: Callable[[torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, GenerateStats]:
-    """Greedy-decode ``max_new_tokens`` tokens after ``input_ids`` (``[B, T]``).
+    """Decode ``max_new_tokens`` tokens after ``input_ids`` (``[B, T]``), greedy by default.
 
     ``model`` is a Llama-style Hugging Face causal LM (its linears may be quantized
     replacements) or a :class:`DecoderRuntime` to reuse (keeps its prepared weights and
     compiled step). Returns ``(tokens, stats)``: ``tokens`` is ``[B, T + n]`` like Hugging
-    Face ``generate``; generation stops early only when ``eos_token_id`` is given and every
-    row has produced it. ``compare_hf=True`` also runs the model's own greedy ``generate``
-    (slow) and sets ``stats.matches_hf``.
+    Face ``generate``; generation stops early only when ``eos_token_id`` (one id or several)
+    is given and every row has produced one. ``compare_hf=True`` also runs the model's own
+    greedy ``generate`` (slow) and sets ``stats.matches_hf``.
+
+    ``next_token`` maps ``[B, V]`` logits to ``[B]`` ids in place of ``argmax`` (a sampler);
+    ``on_token`` is handed each new ``[B]`` column as soon as it exists (streaming), inside
+    the timed loop, so a slow callback shows in the rates.
     """
     if input_ids.dim() != 2 or input_ids.shape[1] == 0 or max_new_tokens < 1:
         raise ValueError("input_ids must be [B, T] with T >= 1, and max_new_tokens >= 1")
     runtime = _runtime(model, dtype, compile)
+    pick = next_token or (lambda logits: logits.argmax(-1))
+    emit = on_token or (lambda column: None)
+    eos = None if eos_token_id is None else torch.tensor(eos_token_id, dtype=torch.long).reshape(-1)
     batch, length = input_ids.shape
     out = torch.empty(batch, length + max_new_tokens, dtype=input_ids.dtype)
     out[:, :length] = input_ids
@@ -103,17 +114,19 @@ def generate(
 
     start = time.perf_counter()
     logits = runtime.prefill(input_ids, max_len=length + max_new_tokens)
-    out[:, length] = logits.argmax(-1)
+    out[:, length] = pick(logits)
     prefill_end = time.perf_counter()
+    emit(out[:, length])
     produced, skipped = 1, 0.0
     for step in range(1, max_new_tokens):
-        if eos_token_id is not None:
-            done |= out[:, length + step - 1] == eos_token_id
+        if eos is not None:
+            done |= torch.isin(out[:, length + step - 1], eos)
             if bool(done.all()):
                 break
         t0 = time.perf_counter()
         logits = runtime.decode(out[:, length + step - 1 : length + step])
-        out[:, length + step] = logits.argmax(-1)
+        out[:, length + step] = pick(logits)
+        emit(out[:, length + step])
         produced += 1
         if step == 1 and runtime.compiles != compiles_before:
             skipped = time.perf_counter() - t0  # this step compiled: keep it out of the rate
