@@ -71,6 +71,38 @@ def perplexity(model: str | os.PathLike, text_file: str | os.PathLike, ctx: int 
     return float(running[str(chunks)])
 
 
+#: one per-chunk row of ``llama-perplexity --kl-divergence``: chunk, PPL(Q), ln(PPL(Q)/PPL(base)),
+#: KL divergence, RMS of the probability change (%), same top token (%), each "value ± unc"
+_KLD_ROW = re.compile(r"^\s*(\d+)\s+([0-9.]+) ±\s+[0-9.]+\s+(-?[0-9.]+) ±\s+[0-9.]+\s+"
+                      r"(-?[0-9.]+) ±\s+[0-9.]+\s+([0-9.]+) ±\s+[0-9.]+ %\s+([0-9.]+) ±", re.M)
+
+
+def kl_divergence(model: str | os.PathLike, base: str | os.PathLike,
+                  text_file: str | os.PathLike, base_logits: str | os.PathLike,
+                  ctx: int = 512, chunks: int = 8, threads: int = 2) -> dict:
+    """llama.cpp's own KL divergence of ``model`` against ``base`` (its F32 file, say):
+    ``llama-perplexity --kl-divergence-base`` stores ``base``'s log-probabilities over the
+    first ``chunks`` windows of ``text_file`` in ``base_logits`` (once), then
+    ``--kl-divergence`` scores ``model`` on the same tokens. Returns ``ppl``, ``kld`` (mean
+    over scored tokens), ``top1`` (same top token) as printed after chunk ``chunks`` (run
+    with one chunk more, see ``perplexity``)."""
+    base_logits = Path(base_logits)
+    common = ["-c", str(ctx), "--chunks", str(chunks + 1), "-t", str(threads), "-b", str(ctx)]
+    if not base_logits.exists():
+        tmp = base_logits.with_name(base_logits.name + ".part")
+        _run("llama-perplexity", ["-m", str(base), "-f", str(text_file),
+                                  "--kl-divergence-base", str(tmp), *common])
+        tmp.rename(base_logits)
+    out = _run("llama-perplexity", ["-m", str(model), "--kl-divergence-base", str(base_logits),
+                                    "--kl-divergence", *common])
+    rows = {int(m[0]): m for m in _KLD_ROW.findall(out)}
+    if chunks not in rows:
+        raise LlamaCppToolError(f"llama-perplexity --kl-divergence printed no row for chunk "
+                                f"{chunks}:\n{out[-2000:]}")
+    row = rows[chunks]
+    return {"ppl": float(row[1]), "kld": float(row[3]), "top1": float(row[5]) / 100}
+
+
 def bench(model: str | os.PathLike, threads: int = 2, prompt: int = 512, gen: int = 64,
           repetitions: int = 3) -> dict:
     """``llama-bench -t threads -p prompt -n gen``: prefill and decode tokens/s, CPU name."""
