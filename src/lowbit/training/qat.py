@@ -32,7 +32,7 @@ from torch import nn
 
 from lowbit.model.recipe import Recipe, RecipeError, Scheme, match_pattern
 from lowbit.model.summary import QuantizeSummary, _tensor_bytes
-from lowbit.model.targets import _set_module, compute_dtype
+from lowbit.model.targets import _set_module, cast_unquantized, compute_dtype
 from lowbit.nn import QuantizedLinear, WeightSpec
 from lowbit.nn.conv import QuantizedConv2d, conv_args_of
 from lowbit.nn.fake_quant import FakeQuantConv2d, FakeQuantizer, FakeQuantLinear, QuantizerSpec
@@ -206,27 +206,13 @@ def convert(model: nn.Module, *, backend: str | None = None) -> nn.Module:
         summary.bytes_after += new.weight_nbytes() + _tensor_bytes(new.bias)
         summary.kernels[new.kernel] = summary.kernels.get(new.kernel, 0) + 1
     if isinstance(recipe, Recipe):
-        _cast_rest(model, compute_dtype(recipe))
+        cast_unquantized(model, compute_dtype(recipe))
     for p in model.parameters():
         p.requires_grad_(False)
     model.lowbit_summary = summary
     if hasattr(model, "lowbit_qat_config"):
         del model.lowbit_qat_config
     return model.eval()
-
-
-def _cast_rest(model: nn.Module, dtype: torch.dtype) -> None:
-    """``cast_unquantized`` that also leaves ``QuantizedConv2d`` (its scales) alone."""
-    for module in model.modules():
-        if isinstance(module, (QuantizedLinear, QuantizedConv2d)):
-            continue
-        for p in module._parameters.values():
-            if p is not None and p.is_floating_point() and p.dtype != dtype:
-                p.data = p.data.to(dtype)  # in place, so tied weights stay tied
-        for key, b in module._buffers.items():
-            if b is not None and b.is_floating_point() and b.dtype != dtype \
-                    and "inv_freq" not in key:
-                module._buffers[key] = b.to(dtype)
 
 
 def _activation_of(fake: FakeQuantLinear, model: nn.Module, name: str):
