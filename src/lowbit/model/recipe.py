@@ -235,7 +235,33 @@ def _named(key: str) -> Recipe | None:
         return PRESETS[key]
     if key.startswith("auto:"):  # mixed precision, resolved by quantize()
         return auto_placeholder(key)
+    if key.startswith("gguf:"):
+        return gguf_recipe(key)
     return _parse_grammar(key)
+
+
+#: llama.cpp block types whose grid a lowbit scheme is exactly: (format, symmetric); all have
+#: blocks of 32 inputs with float16 ``d`` (and ``m``) (``export/gguf_weights.py`` carries them)
+GGUF_GRIDS = {"q8_0": ("int8", True), "q4_0": ("int4", True), "q4_1": ("uint4", False),
+              "q5_0": ("int5", True), "q5_1": ("uint5", False)}
+_GGUF = re.compile(r"gguf:([a-z0-9_]+)(?:-([a-z+]+))?")
+
+
+def gguf_recipe(key: str) -> Recipe:
+    """``gguf:<type>[-<algorithm>]``: weights on exactly the grid of a llama.cpp block type
+    (groups of 32, float16 scales), solved by any algorithm, so the GGUF export holds the
+    solved codes unchanged; below 8 bits the head gets ``HEAD_SCHEME`` (Q8_0 in the file)."""
+    m = _GGUF.fullmatch(key)
+    if not m or m.group(1) not in GGUF_GRIDS:
+        raise RecipeError(f"unknown GGUF recipe {key!r}; lowbit solves on the grids of "
+                          f"{', '.join(GGUF_GRIDS)} (gguf:<type>[-<algorithm>], e.g. "
+                          f"gguf:q4_0-gptq); the k-quants (Q4_K, Q6_K, ...) are not supported "
+                          f"yet: export a float model with --type or use gguf:q5_1")
+    kind, algorithm = m.groups()
+    fmt, symmetric = GGUF_GRIDS[kind]
+    spec = WeightSpec(fmt, "group:32", symmetric, "fp16", integer_zero_point=symmetric)
+    bits = get_format(fmt).bits
+    return Recipe(key, Scheme(spec, algorithm=algorithm or "rtn"), _head_rules(bits))
 
 
 def auto_placeholder(key: str) -> Recipe:
