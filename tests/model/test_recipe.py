@@ -1,5 +1,7 @@
 """Recipes: presets, grammar, patterns, round trips, bad input."""
 
+from dataclasses import replace
+
 import pytest
 
 from lowbit.model import PRESETS, Recipe, RecipeError, Rule, Scheme
@@ -29,6 +31,41 @@ def test_grammar():
     assert r.default.weight == WeightSpec("uint3", "group:64", False, "bf16", False)
     assert r.default.algorithm == "gptq"
     assert Recipe.parse("w8a8-static").default.activation.mode == "static"
+
+
+@pytest.mark.parametrize("name, algorithm, rotation", [
+    ("w4g128-izp", "rtn", None), ("w4g64-gptq-izp", "gptq", None),
+    ("w4g64-gptq-rot-izp", "gptq", "hadamard"), ("w3g64-rot-izp", "rtn", "hadamard"),
+    ("w4g64-gptq-izp(refine_passes=2)", "gptq", None)])
+def test_izp_suffix_gives_integer_zero_points(name, algorithm, rotation):
+    """``-izp``: the grouped recipe with integer zero-points (what compressed-tensors and
+    GPTQ checkpoints hold); everything else stays as without it."""
+    r = Recipe.parse(name)
+    plain = Recipe.parse(name.replace("-izp", ""))
+    assert plain.default.weight.integer_zero_point is False
+    assert r.default.weight == replace(plain.default.weight, integer_zero_point=True)
+    assert (r.default.algorithm, r.default.weight.rotation) == (algorithm, rotation)
+    assert r.default.options == plain.default.options
+    assert r.rules == plain.rules and r.name == name
+
+
+@pytest.mark.parametrize("name", ["w8-izp", "w8a8-izp", "w4a8-izp"])
+def test_izp_needs_a_grouped_asymmetric_recipe(name):
+    with pytest.raises(RecipeError, match="grouped"):
+        Recipe.parse(name)
+
+
+def test_izp_weights_round_to_integer_zero_points():
+    import torch
+
+    from lowbit.model import quantize
+
+    from .tiny import tiny_llama
+
+    model = quantize(tiny_llama(), "w4g32-izp")
+    zero = model.model.layers[0].mlp.up_proj.packed_weight().qparams.zero_point
+    assert not zero.dtype.is_floating_point and int(zero.min()) >= 0 and int(zero.max()) <= 15
+    assert torch.equal(zero, zero.round())
 
 
 def test_rules_keep_and_first_match():

@@ -1,4 +1,5 @@
-"""``lowbit export CKPT_OR_MODEL --to gguf -o FILE``: a file another runtime (llama.cpp) runs."""
+"""``lowbit export CKPT_OR_MODEL --to FORMAT -o OUT``: a file or folder another runtime runs:
+a GGUF file (llama.cpp), a compressed-tensors folder (transformers, vLLM) or a GPTQ folder."""
 
 from __future__ import annotations
 
@@ -6,31 +7,54 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from lowbit.export import FORMATS
+    from lowbit.export.hf_checkpoint import DTYPES
     from lowbit.export.to_gguf import TYPES
 
     p.add_argument("model", help="lowbit checkpoint folder, bundled name, HF folder or .gguf")
-    p.add_argument("--to", default="gguf", choices=["gguf"], help="file format (default gguf)")
-    p.add_argument("-o", "--output", required=True, help="file to write (e.g. model.gguf)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
-    p.add_argument("--type", default="f16", choices=TYPES,
-                   help="type of unquantized linear weights: f32/f16, or rounded to a llama.cpp "
-                   "block type (quantized layers always keep their own codes; default f16)")
-    p.add_argument("--embedding-type", default="f16", choices=TYPES,
-                   help="type of the token embedding (default f16)")
-    p.add_argument("--tokenizer-pre", help="llama.cpp pre-tokenizer name (default: detected)")
-    p.add_argument("--check", action="store_true",
-                   help="read the file back and print, per type, the largest difference from "
-                   "lowbit's weights")
+    p.add_argument("--to", default="gguf", choices=FORMATS,
+                   help="format: gguf (llama.cpp), compressed-tensors (transformers, vLLM) or "
+                   "gptq (GPTQModel, vLLM); default gguf")
+    p.add_argument("-o", "--output", required=True,
+                   help="file to write for gguf (e.g. model.gguf), folder for the others")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    gguf = p.add_argument_group("gguf")
+    gguf.add_argument("--type", default="f16", choices=TYPES,
+                      help="type of unquantized linear weights: f32/f16, or rounded to a "
+                      "llama.cpp block type (quantized layers always keep their own codes; "
+                      "default f16)")
+    gguf.add_argument("--embedding-type", default="f16", choices=TYPES,
+                      help="type of the token embedding (default f16)")
+    gguf.add_argument("--tokenizer-pre", help="llama.cpp pre-tokenizer name (default: detected)")
+    gguf.add_argument("--check", action="store_true",
+                      help="read the file back and print, per type, the largest difference "
+                      "from lowbit's weights")
+    hf = p.add_argument_group("compressed-tensors, gptq")
+    hf.add_argument("--dtype", choices=list(DTYPES),
+                    help="float dtype of unquantized tensors (and compressed-tensors scales); "
+                    "default bf16 for compressed-tensors, fp16 for gptq")
 
 
 def run(args: argparse.Namespace) -> int:
-    from lowbit.export import export
+    from pathlib import Path
+
+    from lowbit.export import ExportError, export
     from lowbit.model import load_model, load_tokenizer
 
+    if Path(args.output).exists() and not args.overwrite:  # before the model loads
+        raise ExportError(f"{args.output} already exists; choose another name or pass "
+                          "--overwrite")
+    if args.to == "gguf":
+        options = {"float_type": args.type, "embedding_type": args.embedding_type,
+                   "tokenizer_pre": args.tokenizer_pre}
+    else:
+        if args.check:
+            raise ExportError("--check reads GGUF files; for a Hugging Face folder compare "
+                              "its perplexity with benchmarks/hf_export.py")
+        options = {"dtype": args.dtype} if args.dtype else {}
     model = load_model(args.model)
     report = export(model, args.to, args.output, overwrite=args.overwrite,
-                    float_type=args.type, embedding_type=args.embedding_type,
-                    tokenizer=load_tokenizer(args.model), tokenizer_pre=args.tokenizer_pre)
+                    tokenizer=load_tokenizer(args.model), **options)
     print(report)
     if args.check:
         from lowbit.export.gguf_check import compare_weights
