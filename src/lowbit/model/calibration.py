@@ -8,7 +8,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from lowbit.formats import rotate
+from lowbit.formats import Granularity, rotate
+from lowbit.observers import AbsMaxObserver, MinMaxObserver
 
 
 def _as_inputs(batch):
@@ -54,10 +55,11 @@ def collect_input_ranges(
     calibration: Iterable,
     *,
     progress: bool = True,
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+) -> dict[str, InputStats]:
     """Running min/max (per tensor) and absmax (per input channel) of each target layer's
-    input over the calibration data (of the rotated input, for a scheme that rotates it)."""
-    ranges: dict[str, list[torch.Tensor]] = {}
+    input over the calibration data (of the rotated input, for a scheme that rotates it),
+    kept by the observers layer (``MinMaxObserver``, ``AbsMaxObserver``)."""
+    observers: dict[str, tuple[MinMaxObserver, AbsMaxObserver]] = {}
 
     def hook_for(name, scheme):
         rotation = scheme.weight.rotation
@@ -66,14 +68,11 @@ def collect_input_ranges(
             x = args[0].detach().float()
             if rotation is not None:
                 x = rotate(x, rotation)  # the layer quantizes its rotated input
-            lo, hi = torch.aminmax(x)
-            chan = x.abs().reshape(-1, x.shape[-1]).amax(0)
-            if name in ranges:
-                ranges[name][0] = torch.minimum(ranges[name][0], lo)
-                ranges[name][1] = torch.maximum(ranges[name][1], hi)
-                ranges[name][2] = torch.maximum(ranges[name][2], chan)
-            else:
-                ranges[name] = [lo, hi, chan]
+            if name not in observers:
+                observers[name] = (MinMaxObserver("int8", "tensor", symmetric=False),
+                                   AbsMaxObserver("int8", Granularity.per_channel(-1)))
+            for observer in observers[name]:
+                observer.update(x)
         return hook
 
     handles = [m.register_forward_pre_hook(hook_for(n, s)) for n, m, s in targets]
@@ -82,4 +81,5 @@ def collect_input_ranges(
     finally:
         for h in handles:
             h.remove()
-    return {n: InputStats(*r) for n, r in ranges.items()}
+    return {n: InputStats(lo.min_val.reshape(()), lo.max_val.reshape(()), chan.amax)
+            for n, (lo, chan) in observers.items()}
