@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.model.targets import _set_module
 
 __all__ = ["LayerSensitivity", "SensitivityError", "SensitivityResult", "block_of",
            "layer_sensitivity", "sensitivity"]
@@ -135,12 +136,6 @@ class _Simulated(nn.Module):
                   else self.input_qparams)
             xf = fake_quantize(xf, qp)
         return torch.nn.functional.linear(xf, self.weight, self.bias).to(x.dtype)
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 def _units(targets, names: Sequence[str] | None, per: str) -> list[tuple[str, list]]:
