@@ -1,6 +1,8 @@
 """``gguf:<type>[-<algorithm>]`` recipes solve on exactly a llama.cpp block type's grid, so
 the GGUF file holds the solved weights unchanged; ``-frot`` exports as a plain Llama."""
 
+import json
+
 import pytest
 import torch
 
@@ -45,7 +47,28 @@ def test_gguf_recipe_names_are_checked():
     spec = recipe.default.weight
     assert (spec.format, spec.group_size, spec.scale_dtype) == ("int4", 32, "fp16")
     assert recipe.scheme_for("lm_head").weight.format == "int8"
-    with pytest.raises(RecipeError, match="k-quants"):
+    with pytest.raises(RecipeError, match="mixes"):
         Recipe.parse("gguf:q4_k_m")
     with pytest.raises(RecipeError, match="unknown algorithm"):
         Recipe.parse("gguf:q4_0-magic")
+
+
+def test_k_quant_recipes_and_llama_cpp_fallback():
+    """``gguf:q4_k``: uint4 groups of 32 on the 6-bit sub-scale grid; a layer whose rows are
+    not a multiple of 256 gets llama.cpp's fallback type (Q4_K -> Q5_0, Q6_K -> Q8_0...)."""
+    from lowbit.model.targets import scheme_for_width
+
+    q4k = Recipe.parse("gguf:q4_k-gptq")
+    spec = q4k.default.weight
+    assert (spec.format, spec.group_size, spec.scale_dtype, spec.integer_zero_point) == (
+        "uint4", 32, "fp16*u6", False)
+    assert q4k.scheme_for("lm_head").weight.format == "int8"
+    assert Recipe.parse("gguf:q6_k").scheme_for("lm_head").weight.scale_dtype == "fp16*i8"
+    assert scheme_for_width(q4k.default, 512) is q4k.default
+    for kind, fallback in [("q4_k", ("int5", True, "fp16")), ("q5_k", ("uint5", False, "fp16")),
+                           ("q6_k", ("int8", True, "fp16")), ("q3_k", ("int4", True, "fp16")),
+                           ("q2_k", ("int4", True, "fp16"))]:
+        fitted = scheme_for_width(Recipe.parse(f"gguf:{kind}-gptq").default, 576).weight
+        assert (fitted.format, fitted.symmetric, fitted.scale_dtype) == fallback
+        assert fitted.group_size == 32
+    assert Recipe.from_dict(json.loads(q4k.to_json())) == q4k

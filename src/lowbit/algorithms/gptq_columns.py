@@ -195,20 +195,20 @@ def clipped_qparams(W: torch.Tensor, cfg: WeightSpec, gran: Granularity,
     if not ratios:
         return compute_qparams(W, cfg.fmt, gran, **opts)
     lo, hi = minmax(W, gran)
-    best = best_err = None
+    best_err = best_lo = best_hi = None
     for r in ratios:
         qp = qparams_from_range(lo * r, hi * r, cfg.fmt, gran, **opts)
         err = gran.rows((dequantize(quantize(W, qp), qp) - W).abs_().pow_(norm)).sum(-1)
         err = err.reshape(qp.scale.shape)
-        if best is None:
-            best, best_err = qp, err
+        if best_err is None:
+            best_err, best_lo, best_hi = err, lo * r, hi * r
             continue
         better = err < best_err
         best_err = torch.where(better, err, best_err)
-        best.scale = torch.where(better, qp.scale, best.scale)
-        if qp.zero_point is not None:
-            best.zero_point = torch.where(better, qp.zero_point, best.zero_point)
-    return best
+        best_lo, best_hi = torch.where(better, lo * r, best_lo), torch.where(better, hi * r,
+                                                                              best_hi)
+    # one call on the chosen ranges: a super-block dtype's groups are snapped together
+    return qparams_from_range(best_lo, best_hi, cfg.fmt, gran, **opts)
 
 
 def column_qparams(qp: QParams, group: int) -> QParams:

@@ -25,7 +25,9 @@ Extras of the reference code (``gptq.py`` in IST-DASLab/gptq and its descendants
   ``Granularity`` stores). Without ``static_groups`` a group's scale / zero-point are
   computed when the first of its columns is reached, from the current, error-updated
   values of its columns (the pending in-block update is applied exactly); with
-  ``static_groups`` all group parameters come up front from the original ``W``;
+  ``static_groups`` all group parameters come up front from the original ``W``, always so
+  for a super-block scale dtype (llama.cpp's k-quants, ``formats.superblock``: the groups
+  of 256 inputs share one float16 scale, so their parameters are chosen together);
 - ``clip_ratios`` (the reference's ``Quantizer(mse=True)``): each group's min/max range is
   shrunk by the ratio with the least ``sum |w - q(w)|^2.4`` over its elements (a recipe
   asks for it with ``observer: mse``).
@@ -59,6 +61,7 @@ from lowbit.algorithms.refine import refine as refine_solution
 from lowbit.algorithms.registry import Algorithm, register
 from lowbit.formats.integer import IntFormat
 from lowbit.formats.spec import WeightSpec
+from lowbit.formats.superblock import super_scale
 from lowbit.kernels import native_solve
 
 
@@ -106,7 +109,8 @@ class GPTQ:
         H[dead, dead] = 1
         W[:, dead] = 0
 
-        lazy = gran.kind == "group" and not self.static_groups
+        lazy = gran.kind == "group" and not self.static_groups and \
+            super_scale(config.scale_dtype) is None
         gs = gran.group_size if gran.kind == "group" else cols
         # per-tensor / per-channel / static groups: parameters up front from W
         upfront = None if lazy else clipped_qparams(W, config, config.granularity, self.clip_ratios,

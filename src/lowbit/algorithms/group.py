@@ -35,6 +35,7 @@ from lowbit.formats import (
     rotate,
 )
 from lowbit.formats.lookup import is_row_codebook
+from lowbit.formats.scaling import snap_qparams
 
 #: static per-tensor activation ranges: the clip ratios tried (``best_clip``)
 ACT_CLIP_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6)
@@ -75,7 +76,8 @@ class Solution:
         else:
             scale = self.qparams.scale
             new = (scale.float() * r.reshape((-1,) + (1,) * (scale.dim() - 1))).to(scale.dtype)
-            self.qparams = replace(self.qparams, scale=new)
+            # (a super-block dtype: d and dmin take the factor, rounded to float16 again)
+            self.qparams = snap_qparams(replace(self.qparams, scale=new))
         if self.bias is not None:
             self.bias = self.bias * r
 

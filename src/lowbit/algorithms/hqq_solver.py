@@ -36,8 +36,9 @@ import torch
 
 from lowbit.algorithms.base import AlgorithmError, QuantResult, check_weight
 from lowbit.algorithms.registry import Algorithm, register
-from lowbit.formats.scaling import SCALE_DTYPES, QParams, dequantize, quantize
+from lowbit.formats.scaling import SCALE_DTYPES, QParams, dequantize, quantize, snap_qparams
 from lowbit.formats.spec import WeightSpec
+from lowbit.formats.superblock import super_scale
 
 
 @dataclass(frozen=True)
@@ -73,8 +74,8 @@ class HQQ:
         mask = gran.rows(torch.ones_like(W))  # 0 marks padding of a partial last group
         count = mask.sum(1)
 
-        def evaluate(scale, zero):
-            qp = QParams(fmt, gran, scale, zero, config.scale_dtype)
+        def evaluate(scale, zero):  # (on a super-block dtype's grid: ``snap_qparams``)
+            qp = snap_qparams(QParams(fmt, gran, scale, zero, config.scale_dtype))
             codes = quantize(W, qp)
             w_r = dequantize(codes, qp)
             err = gran.rows((W - w_r) ** 2).sum(1).reshape(zero.shape)
@@ -108,7 +109,8 @@ class HQQ:
         zp = best_qp.zero_point
         if self.round_zero:
             zp = zp.to(fmt.code_dtype)
-        best_qp = QParams(fmt, gran, best_qp.scale, zp, config.scale_dtype)
+        # groups of one super-block may come from different iterates: snap them together
+        best_qp = snap_qparams(QParams(fmt, gran, best_qp.scale, zp, config.scale_dtype))
         info = {
             "algorithm": "hqq",
             "weight_sse": float(best_err.sum()),
@@ -150,12 +152,19 @@ def _fit_scale_zero(levels, target, mask, count, scale, zero, scale_dtype):
 
 def _solve(W, scheme, stats, s, options: HQQ):
     """HQQ's zero-point is a float by design (its code keeps fp16): fp16 beside a 16-bit
-    scale, float32 beside a float32 one."""
+    scale, float32 beside a float32 one or a super-block dtype's (whose min it encodes)."""
     spec = scheme.weight
+    if spec.symmetric:  # no zero-point to fit (e.g. a k-quant recipe's Q5_0 fallback layers)
+        from lowbit.algorithms.round_to_nearest import quantize_weight
+
+        codes, qp = quantize_weight(W, spec, scheme.observer)
+        return codes, qp, {"algorithm": "rtn", "fallback": "hqq fits a zero-point and this "
+                           "grid is symmetric: used RTN"}
     res = options.quantize(W, replace(spec, rotation=None))
     qp = res.qparams
     if qp.zero_point is not None and qp.zero_point.is_floating_point():
-        zdtype = torch.float32 if spec.scale_dtype == "fp32" else torch.float16
+        wide = spec.scale_dtype == "fp32" or super_scale(spec.scale_dtype) is not None
+        zdtype = torch.float32 if wide else torch.float16
         qp = replace(qp, zero_point=qp.zero_point.to(zdtype))
     return res.codes, qp, dict(res.info)
 

@@ -11,7 +11,8 @@ starts. Two steps, alternated, then lower ``f`` further; each can only lower it:
    equations ``(A_r^T H A_r) theta_r = A_r^T H w_r``. This is the weighted least-squares
    refit of llama.cpp's ``make_qx_quants`` (also ``importance.py``) with the full Hessian
    instead of its diagonal, so the groups of a row are fitted jointly. The new parameters
-   are rounded to their storage dtypes; a row keeps its old ones unless ``f`` drops.
+   are rounded to their storage dtypes (a super-block dtype's grid: ``scaling.snap_qparams``);
+   a row keeps its old ones unless ``f`` drops.
 2. Codes, parameters fixed (``coordinate_descent``): cyclic coordinate descent over the
    columns (QuantEase, Behdin et al., 2023, arXiv:2309.01885, Algorithm 1). With
    ``E = W - Q`` and ``G = E H``, ``f`` as a function of column ``j`` alone is
@@ -31,7 +32,8 @@ from dataclasses import replace
 
 import torch
 
-from lowbit.formats.scaling import QParams, dequantize
+from lowbit.formats.scaling import QParams, dequantize, snap_qparams
+from lowbit.formats.superblock import super_scale
 from lowbit.kernels import native_solve
 
 #: rows per chunk of the refit (its largest buffer is ``chunk x cols x groups`` floats)
@@ -157,6 +159,9 @@ def refit_group_params(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor,
     old_zero = new_zero = None if zero is None else zero.reshape(rows, n_groups)
     if offsets:
         new_zero = torch.where(ok, -shift / scale, old_zero.double()).to(zero.dtype)
+    if super_scale(qparams.scale_dtype) is not None:  # back on the k-quant grid
+        snapped = snap_qparams(replace(qparams, scale=new_scale, zero_point=new_zero))
+        new_scale, new_zero = snapped.scale, snapped.zero_point
 
     def with_params(s2, z2):  # (the parameters in the layout ``qparams`` holds them)
         z2 = None if z2 is None else z2.reshape(zero.shape)

@@ -8,6 +8,9 @@ grid, with the scale (and offset) of its group repeated in every 32-value block 
 - uint4 / uint5 asymmetric (float or integer zero-point) -> ``Q4_1`` / ``Q5_1``: lowbit
   computes x = (q - z) * s, the block x = d * q + m, so d = s and m = -z * s.
 d and m are stored as float16: the only rounding the move adds (``ExportReport`` measures it).
+Codes solved on a k-quant grid (``model/gguf_grids.py``: groups inside 256-input super-blocks
+with ``fp16*...`` scale dtypes) become Q6_K, Q5_K, Q4_K, Q3_K or Q2_K blocks
+(``gguf_kquants``) whose ``d * sc`` are lowbit's scales exactly.
 Everything else (rotations, activation quantization, NF4, codebooks, FP8, 2/3-bit, groups
 that are not a multiple of 32) has no GGUF block type: ``UnsupportedSchemeError`` names the
 nearest recipe that exports.
@@ -21,14 +24,17 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.export import gguf_blocks as blocks
-from lowbit.formats import get_format
+from lowbit.export import gguf_kquants as kquants
+from lowbit.formats import FormatError, get_format
+from lowbit.formats.superblock import QK_K, super_scale
 from lowbit.nn import QuantizedLinear, WeightSpec
 
 #: (format, symmetric) -> GGUF block type holding that grid exactly
 CARRIED = {("int8", True): "q8_0", ("int4", True): "q4_0", ("int5", True): "q5_0",
            ("uint4", False): "q4_1", ("uint5", False): "q5_1"}
 BLOCK_TYPE_HELP = ("GGUF holds int8 symmetric (Q8_0), int4/int5 symmetric (Q4_0/Q5_0) and "
-                   "4/5-bit asymmetric (Q4_1/Q5_1) codes in blocks of 32 inputs")
+                   "4/5-bit asymmetric (Q4_1/Q5_1) codes in blocks of 32 inputs, and the "
+                   "k-quants' grids of the gguf:q6_k/q5_k/q4_k/q3_k/q2_k recipes")
 
 
 class ExportError(LowbitError, ValueError):
@@ -74,6 +80,17 @@ def block_type_of(layer: str, module: QuantizedLinear) -> str:
                       "(llama.cpp chooses its own activation rounding)", spec, module.activation)
     if module.outlier_index is not None:
         raise _refuse(layer, "float outlier columns", spec)
+    kquant = kquants.kquant_of(spec)
+    if kquant is not None:
+        if module.in_features % QK_K:
+            raise ExportError(f"{layer}: rows of {module.in_features} values do not fill "
+                              f"{kquant.upper()}'s super-blocks of {QK_K}; quantize with a "
+                              f"gguf:{kquant} recipe, which gives such layers llama.cpp's "
+                              f"fallback type")
+        return kquant
+    if super_scale(spec.scale_dtype) is not None:
+        raise _refuse(layer, f"{spec.format} groups of {spec.group_size} with "
+                      f"{spec.scale_dtype} scales", spec)
     name = CARRIED.get((spec.format, spec.symmetric))
     if name is None:
         what = f"{'symmetric' if spec.symmetric else 'asymmetric'} {spec.format} weights"
@@ -100,6 +117,13 @@ def carry_codes(layer: str, module: QuantizedLinear) -> tuple[str, np.ndarray]:
     name = block_type_of(layer, module)
     packed = module.packed_weight()
     rows, cols = packed.out_features, packed.in_features
+    if name in kquants.KQUANTS:
+        qp = packed.qparams
+        try:
+            return name, kquants.carry(name, packed.codes(), qp.scale, qp.zero_point)
+        except FormatError as exc:
+            raise ExportError(f"{layer}: its scales are not on {name.upper()}'s grid ({exc}); "
+                              f"quantize with recipe gguf:{name}[-<algorithm>]") from exc
     gran = module.spec.granularity
     group = gran.group_size if gran.kind == "group" else cols
     qp = packed.qparams

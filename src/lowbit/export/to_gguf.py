@@ -25,7 +25,8 @@ TYPES = blocks.FLOAT_TYPES + tuple(blocks.BLOCK_TYPES)
 #: GGUF ``general.file_type`` (llama.cpp's LLAMA_FTYPE) of the dominant weight type
 FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0",
               "q4_0": "MOSTLY_Q4_0", "q4_1": "MOSTLY_Q4_1", "q5_0": "MOSTLY_Q5_0",
-              "q5_1": "MOSTLY_Q5_1"}
+              "q5_1": "MOSTLY_Q5_1", "q6_k": "MOSTLY_Q6_K", "q5_k": "MOSTLY_Q5_K_M",
+              "q4_k": "MOSTLY_Q4_K_M", "q3_k": "MOSTLY_Q3_K_M", "q2_k": "MOSTLY_Q2_K"}
 
 
 @dataclass
@@ -144,5 +145,8 @@ def export_gguf(model, path: str | os.PathLike, *, overwrite: bool = False,
 
 
 def _values(t: gguf_model.Tensor) -> int:
+    from gguf import GGML_QUANT_SIZES
+
     rows, nbytes = t.data.shape
-    return rows * nbytes // blocks.block_bytes(t.type) * blocks.BLOCK
+    values, size = GGML_QUANT_SIZES[blocks.ggml_type(t.type)]
+    return rows * nbytes // size * values

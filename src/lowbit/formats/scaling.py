@@ -10,8 +10,11 @@ computes ``(fmt.decode(codes) - zero_point) * scale``; any format of ``lowbit.fo
 (integer, float, lookup) plugs in through ``encode``/``decode``.
 
 Scale dtypes: ``fp32``, ``fp16``, ``bf16`` (the scale is rounded to that dtype and stored
-in it) and ``e8m0`` (a power of two, the OCP MX rule: ``2^(floor(log2 amax) - emax)``
-where ``emax = floor(log2 fmt.max_value)``; values above the format's maximum saturate).
+in it), ``e8m0`` (a power of two, the OCP MX rule: ``2^(floor(log2 amax) - emax)``
+where ``emax = floor(log2 fmt.max_value)``; values above the format's maximum saturate) and
+the super-block dtypes ``fp16*u6``, ``fp16*i8``, ``fp16*i6``, ``fp16*u4`` (llama.cpp's
+k-quants: each group's scale, and min, is an integer times a float16 shared by 256 inputs;
+``formats.superblock``; stored as the exact float32 products, the float zero-point in float32).
 """
 
 from __future__ import annotations
@@ -23,13 +26,15 @@ import torch
 
 from lowbit.formats.base import FormatError, NumberFormat, check_float_input, get_format
 from lowbit.formats.granularity import PER_TENSOR, Granularity
+from lowbit.formats.superblock import SUPER_SCALES, SuperScale, snap, super_scale
+from lowbit.formats.superblock import check as check_super
 
 SCALE_DTYPES = {
     "fp32": torch.float32,
     "fp16": torch.float16,
     "bf16": torch.bfloat16,
     "e8m0": torch.float32,
-}
+} | {name: torch.float32 for name in SUPER_SCALES}
 
 
 @dataclass
@@ -114,6 +119,10 @@ def qparams_from_range(
     fmt = get_format(fmt)
     min_val, max_val = min_val.float(), max_val.float()
     check_finite_stats(min_val, max_val)
+    kind = super_scale(scale_dtype)
+    if kind is not None:
+        return _super_qparams(kind, min_val, max_val, fmt, granularity, symmetric,
+                              integer_zero_point)
     if symmetric:
         if fmt.min_value >= 0:
             raise FormatError(
@@ -142,6 +151,38 @@ def qparams_from_range(
                        scale_dtype)
     zero_point = torch.round(zero_point).clamp(qmin, qmax)
     return QParams(fmt, granularity, scale, zero_point.to(fmt.code_dtype), scale_dtype)
+
+
+def _super_qparams(kind: SuperScale, min_val, max_val, fmt: NumberFormat,
+                   granularity: Granularity, symmetric: bool,
+                   integer_zero_point: bool) -> QParams:
+    """``qparams_from_range`` for a super-block dtype: the min/max (absmax) scale and min of
+    each group, then ``superblock.snap`` of each row's super-blocks together."""
+    check_super(kind, fmt, granularity, symmetric, integer_zero_point)
+    gs = granularity.group_size
+    if symmetric:
+        amax = torch.maximum(min_val.abs(), max_val.abs())
+        scale, _ = snap(kind, amax / fmt.max_value, None, gs)
+        return QParams(fmt, granularity, scale, None, kind.name)
+    lo, hi = torch.clamp(min_val, max=0.0), torch.clamp(max_val, min=0.0)
+    scale, offset = snap(kind, (hi - lo) / (fmt.max_value - fmt.min_value), -lo, gs)
+    return QParams(fmt, granularity, scale, fmt.min_value + offset / scale, kind.name)
+
+
+def snap_qparams(qparams: QParams) -> QParams:
+    """``qparams`` back on its scale dtype's grid after an algorithm moved them (refit,
+    rescaled rows, HQQ): for a super-block dtype, each row's group scales and mins
+    ``(zero_point - qmin) * scale`` re-quantized together (``superblock.snap``); any other
+    dtype is returned as it is."""
+    kind = super_scale(qparams.scale_dtype)
+    if kind is None:
+        return qparams
+    fmt, zero = qparams.format, qparams.zero_point
+    scale = qparams.scale.float()
+    offset = None if zero is None else (zero.float() - fmt.min_value) * scale
+    scale, offset = snap(kind, scale, offset, qparams.granularity.group_size)
+    zero = None if offset is None else fmt.min_value + offset / scale
+    return QParams(fmt, qparams.granularity, scale, zero, qparams.scale_dtype)
 
 
 def _float_zero_dtype(fmt: NumberFormat, scale_dtype: str) -> torch.dtype:

@@ -15,6 +15,8 @@ from lowbit.formats.base import FormatError, NumberFormat, get_format
 from lowbit.formats.granularity import Granularity
 from lowbit.formats.rotation import check_rotation
 from lowbit.formats.scaling import SCALE_DTYPES, QParams, compute_qparams
+from lowbit.formats.superblock import check as check_super
+from lowbit.formats.superblock import super_scale
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,9 @@ class WeightSpec:
         if self.scale_dtype not in SCALE_DTYPES:
             raise FormatError(f"unknown scale dtype {self.scale_dtype!r}; use one of "
                               f"{list(SCALE_DTYPES)}")
+        kind = super_scale(self.scale_dtype)
+        if kind is not None:  # llama.cpp's k-quant scales (``formats.superblock``)
+            check_super(kind, fmt, gran, self.symmetric, self.integer_zero_point)
 
     @property
     def fmt(self) -> NumberFormat:

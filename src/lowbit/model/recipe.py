@@ -27,6 +27,7 @@ from lowbit.algorithms import algorithm_names, get_algorithm
 from lowbit.algorithms.registry import format_options, parse_options
 from lowbit.errors import LowbitError
 from lowbit.formats import Granularity, get_format
+from lowbit.model import gguf_grids
 from lowbit.model.scheme import RecipeError, Rule, Scheme, match_pattern
 from lowbit.nn import ActivationSpec, WeightSpec
 
@@ -240,28 +241,26 @@ def _named(key: str) -> Recipe | None:
     return _parse_grammar(key)
 
 
-#: llama.cpp block types whose grid a lowbit scheme is exactly: (format, symmetric); all have
-#: blocks of 32 inputs with float16 ``d`` (and ``m``) (``export/gguf_weights.py`` carries them)
-GGUF_GRIDS = {"q8_0": ("int8", True), "q4_0": ("int4", True), "q4_1": ("uint4", False),
-              "q5_0": ("int5", True), "q5_1": ("uint5", False)}
+#: llama.cpp types whose grid a lowbit scheme is exactly (``model/gguf_grids.py``)
+GGUF_GRIDS = gguf_grids.GGUF_GRIDS
 _GGUF = re.compile(r"gguf:([a-z0-9_]+)(?:-([a-z+]+))?")
 
 
 def gguf_recipe(key: str) -> Recipe:
-    """``gguf:<type>[-<algorithm>]``: weights on exactly the grid of a llama.cpp block type
-    (groups of 32, float16 scales), solved by any algorithm, so the GGUF export holds the
-    solved codes unchanged; below 8 bits the head gets ``HEAD_SCHEME`` (Q8_0 in the file)."""
+    """``gguf:<type>[-<algorithm>]``: weights on exactly the grid of a llama.cpp type (groups
+    of 32 with float16 scales, or a k-quant's groups inside 256-input super-blocks; a layer
+    whose rows a k-quant cannot hold gets llama.cpp's fallback type, ``gguf_grids``), solved by
+    any algorithm, so the GGUF export holds the solved codes unchanged; below 6 bits the head
+    gets ``HEAD_SCHEME`` (Q8_0 in the file)."""
     m = _GGUF.fullmatch(key)
     if not m or m.group(1) not in GGUF_GRIDS:
         raise RecipeError(f"unknown GGUF recipe {key!r}; lowbit solves on the grids of "
                           f"{', '.join(GGUF_GRIDS)} (gguf:<type>[-<algorithm>], e.g. "
-                          f"gguf:q4_0-gptq); the k-quants (Q4_K, Q6_K, ...) are not supported "
-                          f"yet: export a float model with --type or use gguf:q5_1")
+                          f"gguf:q4_k-gptq); llama.cpp's mixes (q4_k_m, q3_k_m, ...) are not "
+                          f"supported yet: use gguf:q4_k, or gguf:q6_k for more bits")
     kind, algorithm = m.groups()
-    fmt, symmetric = GGUF_GRIDS[kind]
-    spec = WeightSpec(fmt, "group:32", symmetric, "fp16", integer_zero_point=symmetric)
-    bits = get_format(fmt).bits
-    return Recipe(key, Scheme(spec, algorithm=algorithm or "rtn"), _head_rules(bits))
+    spec = gguf_grids.grid_spec(kind)
+    return Recipe(key, Scheme(spec, algorithm=algorithm or "rtn"), _head_rules(spec.fmt.bits))
 
 
 def auto_placeholder(key: str) -> Recipe:

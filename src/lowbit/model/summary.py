@@ -21,6 +21,8 @@ class QuantizeSummary:
     seconds: float = 0.0
     kernels: dict[str, int] = field(default_factory=dict)
     unrotated: list[str] = field(default_factory=list)  # rotation asked, no Hadamard of size
+    #: "layer (N inputs): type" where a k-quant grid fell back to llama.cpp's other type
+    fallback: list[str] = field(default_factory=list)
     cpu: str = field(default_factory=lambda: cpu_features().describe())
 
     def lines(self) -> list[str]:
@@ -36,7 +38,10 @@ class QuantizeSummary:
             f"time          {self.seconds:.1f} s",
         ] + ([f"rotation      {len(self.unrotated)} layers without a Hadamard of their size "
               f"stayed unrotated: {', '.join(self.unrotated[:4])}"] if self.unrotated else []
-             ) + _native_note()
+             ) + ([f"k-quant       {len(self.fallback)} layers have rows that are not a "
+                   f"multiple of 256, so they use llama.cpp's fallback type: "
+                   f"{', '.join(self.fallback[:3])}"] if self.fallback else []
+                  ) + _native_note()
 
 
 def _native_note() -> list[str]:

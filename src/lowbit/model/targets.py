@@ -13,6 +13,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.formats import has_hadamard
+from lowbit.model.gguf_grids import fit_row_length, grid_of
 from lowbit.model.recipe import Recipe, RecipeError, Scheme, match_pattern
 from lowbit.model.summary import QuantizeSummary
 from lowbit.nn import QuantizedConv2d, QuantizedLinear
@@ -90,30 +91,39 @@ def split_outliers(weight: torch.Tensor, channel_absmax: torch.Tensor, k: int):
 
 
 def drop_missing_rotations(targets: list, summary: QuantizeSummary | None = None) -> list:
-    """``targets`` with the rotation dropped from the scheme of every layer whose input size
-    has no Hadamard matrix (``formats.rotation``): it is quantized unrotated, with a warning,
-    and the summary lists it. Decided once, before calibration, so every later step (ranges,
-    searches, quantization) reads the scheme alone."""
+    """``targets`` with each scheme fitted to its layer's width (``scheme_for_width``): the
+    rotation dropped where the width has no Hadamard matrix (``formats.rotation``; quantized
+    unrotated, with a warning), and a llama.cpp k-quant grid replaced by llama.cpp's fallback
+    type where the width is not a multiple of 256 (``gguf_grids``); the summary lists both.
+    Decided once, before calibration, so every later step reads the scheme alone."""
     out = []
     for name, module, scheme in targets:
         width = module.weight.shape[1]
         fitted = scheme_for_width(scheme, width)
         if fitted is not scheme:
-            if summary is not None:
-                summary.unrotated.append(name)
-            warnings.warn(f"{name}: no Hadamard rotation of size {width} (lowbit builds "
-                          f"12^a * 2^k); this layer is quantized without rotation", stacklevel=3)
+            if fitted.weight.rotation != scheme.weight.rotation:
+                if summary is not None:
+                    summary.unrotated.append(name)
+                warnings.warn(f"{name}: no Hadamard rotation of size {width} (lowbit builds "
+                              f"12^a * 2^k); this layer is quantized without rotation",
+                              stacklevel=3)
+            if fitted.weight.scale_dtype != scheme.weight.scale_dtype and summary is not None:
+                summary.fallback.append(f"{name} ({width} inputs): {grid_of(fitted.weight)}")
         out.append((name, module, fitted))
     return out
 
 
 def scheme_for_width(scheme: Scheme | None, width: int) -> Scheme | None:
-    """``scheme`` without its rotation when ``width`` inputs have no Hadamard matrix, else
-    ``scheme`` itself."""
-    rotation = None if scheme is None or scheme.weight is None else scheme.weight.rotation
-    if rotation is None or has_hadamard(width):
+    """``scheme`` for a layer of ``width`` inputs: without its rotation when ``width`` has no
+    Hadamard matrix, on llama.cpp's fallback grid when it is a k-quant's and ``width`` is not
+    a multiple of 256 (``gguf_grids.fit_row_length``); ``scheme`` itself when both fit."""
+    weight = None if scheme is None else scheme.weight
+    if weight is None:
         return scheme
-    return replace(scheme, weight=replace(scheme.weight, rotation=None))
+    fitted = fit_row_length(weight, width)
+    if fitted.rotation is not None and not has_hadamard(width):
+        fitted = replace(fitted, rotation=None)
+    return scheme if fitted is weight else replace(scheme, weight=fitted)
 
 
 def cast_unquantized(model: nn.Module, dtype: torch.dtype) -> None:

@@ -23,24 +23,28 @@ WEIGHT_CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(13))
 
 def mse_clipped(w: torch.Tensor, spec: WeightSpec,
                 ratios: Iterable[float] | None = None) -> tuple[torch.Tensor, QParams]:
-    """Codes and parameters of ``w`` with each parameter's range clipped by the best ratio."""
+    """Codes and parameters of ``w`` with each parameter's range clipped by the best ratio.
+    The parameters come from the chosen ranges in one call, so the groups of a super-block
+    dtype (``formats.superblock``), which share a float16 scale, are snapped together."""
     gran = spec.granularity
     lo, hi = minmax(w, gran)
-    best_err, best = None, None
+
+    def qparams(c_lo, c_hi):
+        return qparams_from_range(c_lo, c_hi, spec.format, gran, symmetric=spec.symmetric,
+                                  scale_dtype=spec.scale_dtype,
+                                  integer_zero_point=spec.integer_zero_point)
+
+    best_err = best_lo = best_hi = None
     for r in ratios or WEIGHT_CLIP_RATIOS:
-        qp = qparams_from_range(lo * r, hi * r, spec.format, gran, symmetric=spec.symmetric,
-                                scale_dtype=spec.scale_dtype,
-                                integer_zero_point=spec.integer_zero_point)
-        codes = quantize(w, qp)
-        err = (gran.rows(dequantize(codes, qp) - w) ** 2).sum(-1).reshape(qp.scale.shape)
-        if best is None:
-            best_err, best = err, (codes, qp)
+        qp = qparams(lo * r, hi * r)
+        err = (gran.rows(dequantize(quantize(w, qp), qp) - w) ** 2).sum(-1).reshape(
+            qp.scale.shape)
+        if best_err is None:
+            best_err, best_lo, best_hi = err, lo * r, hi * r
             continue
         better = err < best_err
         best_err = torch.where(better, err, best_err)
-        mask = gran.expand(better, w.shape)
-        best[0].copy_(torch.where(mask, codes, best[0]))
-        best[1].scale.copy_(torch.where(better, qp.scale, best[1].scale))
-        if qp.zero_point is not None:
-            best[1].zero_point.copy_(torch.where(better, qp.zero_point, best[1].zero_point))
-    return best
+        best_lo, best_hi = torch.where(better, lo * r, best_lo), torch.where(better, hi * r,
+                                                                              best_hi)
+    qp = qparams(best_lo, best_hi)
+    return quantize(w, qp), qp
