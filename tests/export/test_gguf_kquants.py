@@ -201,6 +201,19 @@ def test_q4_k_gptq_tiny_llama_reloads_with_lowbit_logits(q4_k_gptq):
     assert (logits(back, IDS) - ref).abs().max() <= 1e-3 * ref.abs().max()
 
 
+def test_saved_checkpoint_exports_the_same_blocks(q4_k_gptq, tmp_path, tiny_tok):
+    """lowbit.save keeps the float32 scales and zero-points, so d, sc, dmin, m come back."""
+    from gguf import GGUFReader
+
+    model, path = q4_k_gptq
+    lowbit.save(model, tmp_path / "ckpt", tokenizer=tiny_tok)
+    again = _export(lowbit.load(tmp_path / "ckpt"), tmp_path, tiny_tok, "again.gguf").path
+    first, second = ({t.name: np.asarray(t.data) for t in GGUFReader(p).tensors}
+                     for p in (path, again))
+    assert first.keys() == second.keys()
+    assert all(np.array_equal(first[k], second[k]) for k in first)
+
+
 @pytest.mark.skipif(tools.find_tool("llama-perplexity") is None,
                     reason=f"llama.cpp tools not found in {tools.tool_dir()}; {tools.BUILD_HINT}")
 def test_llama_perplexity_runs_the_q4_k_file(q4_k_gptq, tmp_path, tiny_tok):
@@ -214,4 +227,4 @@ def test_llama_perplexity_runs_the_q4_k_file(q4_k_gptq, tmp_path, tiny_tok):
     ours = evaluate(model, tiny_tok, data=str(text), window=128, n_windows=6,
                     protocol="llama.cpp", speed=False)["ppl"]
     # llama.cpp rounds activations to 8 bits in its k-quant dot products (Q8_K)
-    assert math.isfinite(theirs) and abs(theirs / ours - 1) < 0.02, (theirs, ours)
+    assert math.isfinite(theirs) and abs(theirs / ours - 1) < 0.01, (theirs, ours)
