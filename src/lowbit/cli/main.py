@@ -18,7 +18,7 @@ COMMANDS = {
     "bench": ("lowbit.cli.bench_cmd", "benchmark recipes and peers side by side, with a report"),
     "generate": ("lowbit.cli.generate_cmd", "stream text from a model or checkpoint, with speed"),
     "kernels": ("lowbit.cli.kernels_cmd", "which kernels run here, measured once and cached"),
-    "export": ("lowbit.cli.export_cmd", "write a model or checkpoint as a GGUF file for llama.cpp"),
+    "export": ("lowbit.cli.export_cmd", "write a model for llama.cpp, transformers or vLLM"),
 }
 
 

@@ -11,8 +11,12 @@ visible in ``to_json()``) in every preset or grammar recipe below 6 bits, as lla
 Q4_K_M / Q3_K mixes keep ``output.weight`` at Q6_K; ``keep=["lm_head"]`` leaves it as it is.
 
 Short names (``Recipe.parse``): see ``PRESETS``; also the grammar
-``w<bits>[g<group>][a8[-static]][-<algorithm>][-rot]`` for integer weights; ``-rot`` quantizes
-in a Hadamard-rotated basis (``formats.rotation``; with RTN, SmoothQuant, GPTQ or AWQ+GPTQ).
+``w<bits>[g<group>][a8[-static]][-<algorithm>][-rot][-izp]`` for integer weights; ``-rot``
+quantizes in a Hadamard-rotated basis (``formats.rotation``; with RTN, SmoothQuant, GPTQ or
+AWQ+GPTQ), ``-izp`` keeps integer zero-points. Any name may end in ``-frot`` (the residual
+stream rotated and folded into the weights first) and ``(option=value,...)`` (the
+algorithm's options, ``algorithms.registry``); ``gguf:<type>[-<algorithm>]`` solves on a
+llama.cpp type's grid (``gguf_grids``).
 """
 
 from __future__ import annotations
@@ -167,8 +171,9 @@ class Recipe:
         if recipe is None:
             raise RecipeError(
                 f"unknown recipe {text!r}; presets: {', '.join(PRESETS)}; or w<bits>[g<group>]"
-                f"[a8[-static]][-<algorithm>][-rot][(option=value,...)] (algorithms: "
-                f"{', '.join(algorithm_names())}), auto:<bpw>[-<algorithm>][-rot], or a "
+                f"[a8[-static]][-<algorithm>][-rot][-izp][-frot][(option=value,...)] "
+                f"(algorithms: {', '.join(algorithm_names())}), gguf:<type>[-<algorithm>], "
+                f"auto:<bpw>[-<algorithm>][-rot], or a "
                 f".json/.yaml file")
         if fold:
             recipe = replace(recipe, name=recipe.name + FOLD_SUFFIX, fold_rotation="hadamard")
