@@ -18,12 +18,12 @@ from lowbit.formats.scaling import (
     QParams,
     compute_qparams,
     dequantize,
-    minmax,
     qparams_from_range,
     quantize,
 )
 from lowbit.formats.spec import WeightSpec
 from lowbit.kernels import native_solve
+from lowbit.observers.weight_clip import best_clip_range
 
 
 def solve_blocks(W, Hinv, codes, losses, group_of, invperm, gs, groups, column, params_of,
@@ -194,19 +194,8 @@ def clipped_qparams(W: torch.Tensor, cfg: WeightSpec, gran: Granularity,
                 integer_zero_point=cfg.integer_zero_point)
     if not ratios:
         return compute_qparams(W, cfg.fmt, gran, **opts)
-    lo, hi = minmax(W, gran)
-    best_err = best_lo = best_hi = None
-    for r in ratios:
-        qp = qparams_from_range(lo * r, hi * r, cfg.fmt, gran, **opts)
-        err = gran.rows((dequantize(quantize(W, qp), qp) - W).abs_().pow_(norm)).sum(-1)
-        err = err.reshape(qp.scale.shape)
-        if best_err is None:
-            best_err, best_lo, best_hi = err, lo * r, hi * r
-            continue
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_lo, best_hi = torch.where(better, lo * r, best_lo), torch.where(better, hi * r,
-                                                                              best_hi)
+    best_lo, best_hi = best_clip_range(
+        W, gran, lambda lo, hi: qparams_from_range(lo, hi, cfg.fmt, gran, **opts), ratios, norm)
     # one call on the chosen ranges: a super-block dtype's groups are snapped together
     return qparams_from_range(best_lo, best_hi, cfg.fmt, gran, **opts)
 

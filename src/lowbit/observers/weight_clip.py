@@ -10,10 +10,11 @@ Choukroun et al., 2019, solved on a grid as in AWQ's clip search, Lin et al., 20
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
+from lowbit.formats.granularity import Granularity
 from lowbit.formats.scaling import QParams, dequantize, minmax, qparams_from_range, quantize
 from lowbit.formats.spec import WeightSpec
 
@@ -27,24 +28,33 @@ def mse_clipped(w: torch.Tensor, spec: WeightSpec,
     The parameters come from the chosen ranges in one call, so the groups of a super-block
     dtype (``formats.superblock``), which share a float16 scale, are snapped together."""
     gran = spec.granularity
-    lo, hi = minmax(w, gran)
 
     def qparams(c_lo, c_hi):
         return qparams_from_range(c_lo, c_hi, spec.format, gran, symmetric=spec.symmetric,
                                   scale_dtype=spec.scale_dtype,
                                   integer_zero_point=spec.integer_zero_point)
 
+    best_lo, best_hi = best_clip_range(w, gran, qparams, ratios or WEIGHT_CLIP_RATIOS)
+    qp = qparams(best_lo, best_hi)
+    return quantize(w, qp), qp
+
+
+def best_clip_range(w: torch.Tensor, gran: Granularity, qparams: Callable,
+                    ratios: Iterable[float], norm: float = 2.0):
+    """Per parameter, the range ``r * [min, max]`` (``r`` in ``ratios``, the first wins ties)
+    whose parameters ``qparams(lo, hi)`` give the least ``sum |w - q(w)|^norm``."""
+    lo, hi = minmax(w, gran)
     best_err = best_lo = best_hi = None
-    for r in ratios or WEIGHT_CLIP_RATIOS:
+    for r in ratios:
         qp = qparams(lo * r, hi * r)
-        err = (gran.rows(dequantize(quantize(w, qp), qp) - w) ** 2).sum(-1).reshape(
-            qp.scale.shape)
+        diff = dequantize(quantize(w, qp), qp) - w
+        err = gran.rows(diff ** 2 if norm == 2.0 else diff.abs_().pow_(norm)).sum(-1)
+        err = err.reshape(qp.scale.shape)
         if best_err is None:
             best_err, best_lo, best_hi = err, lo * r, hi * r
             continue
         better = err < best_err
         best_err = torch.where(better, err, best_err)
-        best_lo, best_hi = torch.where(better, lo * r, best_lo), torch.where(better, hi * r,
-                                                                              best_hi)
-    qp = qparams(best_lo, best_hi)
-    return quantize(w, qp), qp
+        best_lo = torch.where(better, lo * r, best_lo)
+        best_hi = torch.where(better, hi * r, best_hi)
+    return best_lo, best_hi
