@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from lowbit.export.gguf_weights import ExportError
-from lowbit.model.serialization import remove_stale_temps
+from lowbit.model.serialization import remove_stale_temps, swap_in
 from lowbit.nn import QuantizedLinear
 
 #: the float dtypes an export folder stores (unquantized tensors and scales)
@@ -150,13 +150,7 @@ def write_folder(target: Path, overwrite: bool, tensors: dict[str, torch.Tensor]
         if finish is not None:
             finish(tmp)
         check_target(target, overwrite)  # it may have appeared while exporting
-        if target.exists():
-            old = target.with_name(f".{target.name}.{os.getpid()}.old.tmp")
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
+        swap_in(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

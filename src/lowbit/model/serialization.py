@@ -110,14 +110,7 @@ def save(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = Fa
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        if target.exists():
-            old = _aside(target)
-            _discard(old)  # left by a crash after an earlier swap: the target is newer
-            target.rename(old)  # from here to the next rename, recover() can undo
-            tmp.rename(target)
-            _discard(old)
-        else:
-            tmp.rename(target)
+        swap_in(tmp, target)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError):
@@ -148,6 +141,19 @@ def check_target(directory: str | os.PathLike, overwrite: bool) -> Path:
                               "replaces a checkpoint, so a model's own files are never deleted: "
                               "choose another folder, or remove it yourself")
     return target
+
+
+def swap_in(tmp: Path, target: Path) -> None:
+    """Rename the finished folder ``tmp`` to ``target``, replacing any folder there: the old
+    one is moved aside first (``recover`` puts it back if the process dies in between)."""
+    if target.exists():
+        old = _aside(target)
+        _discard(old)  # left by a crash after an earlier swap: the target is newer
+        target.rename(old)  # from here to the next rename, recover() can undo
+        tmp.rename(target)
+        _discard(old)
+    else:
+        tmp.rename(target)
 
 
 def _aside(target: Path) -> Path:

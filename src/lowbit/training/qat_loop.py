@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lowbit.model.serialization import swap_in
 from lowbit.training.errors import TrainingError
 from lowbit.training.mixed_precision import MixedPrecision
 
@@ -95,14 +96,7 @@ def save_checkpoint(directory: str | Path, model: nn.Module, optimizer, step: in
                  "optimizer": opt_meta,
                  "precision": None if precision is None else precision.state_dict()}
         (tmp / STATE).write_text(json.dumps(state, indent=1, default=str))
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
+        swap_in(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
