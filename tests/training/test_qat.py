@@ -14,14 +14,6 @@ from lowbit.training.qat import QATConfig, convert, prepare_qat, trainable_param
 from tests.model.tiny import tiny_llama
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def small_cnn():
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),

@@ -78,8 +78,9 @@ def check_target(path: str | os.PathLike, overwrite: bool) -> Path:
     return target
 
 
-def open_model(model, tokenizer):
-    """(model, tokenizer) from an ``nn.Module`` or anything ``lowbit.load_model`` opens."""
+def load_with_tokenizer(model, tokenizer):
+    """(model, tokenizer) from an ``nn.Module`` or anything ``lowbit.load_model`` opens; the
+    tokenizer is the model's own unless one is given (every exporter opens its input so)."""
     from lowbit.model import load_model, load_tokenizer
 
     if not isinstance(model, nn.Module):
@@ -87,7 +88,13 @@ def open_model(model, tokenizer):
         model = load_model(spec)
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec)
     elif tokenizer is None:
-        tokenizer = load_tokenizer(model)
+        tokenizer = load_tokenizer(model)  # through model.lowbit_spec, or a clear error
+    return model, tokenizer
+
+
+def open_model(model, tokenizer):
+    """``load_with_tokenizer``, for a model with a Hugging Face config."""
+    model, tokenizer = load_with_tokenizer(model, tokenizer)
     if not hasattr(getattr(model, "config", None), "to_dict"):
         raise ExportError(f"{type(model).__name__} has no Hugging Face config; this format is a "
                           "Hugging Face model folder: export a transformers model "

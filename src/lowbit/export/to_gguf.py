@@ -19,6 +19,7 @@ from lowbit.export import gguf_blocks as blocks
 from lowbit.export import gguf_model
 from lowbit.export.gguf_vocab import add_tokenizer, source_pre_tokenizer
 from lowbit.export.gguf_weights import ExportError
+from lowbit.export.hf_checkpoint import load_with_tokenizer
 from lowbit.model.serialization import remove_stale_temps
 
 TYPES = blocks.FLOAT_TYPES + tuple(blocks.BLOCK_TYPES)
@@ -59,18 +60,6 @@ def _check_type(name: str, what: str) -> str:
     return name
 
 
-def _open(model, tokenizer):
-    from lowbit.model import load_model, load_tokenizer
-
-    if not isinstance(model, nn.Module):
-        spec = os.fspath(model)
-        model = load_model(spec)
-        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec)
-    elif tokenizer is None:
-        tokenizer = load_tokenizer(model)  # through model.lowbit_spec, or a clear error
-    return model, tokenizer
-
-
 def _source_spec(model: nn.Module) -> str | None:
     spec = getattr(model, "lowbit_spec", None)
     return spec if isinstance(spec, str) else None
@@ -94,7 +83,7 @@ def export_gguf(model, path: str | os.PathLike, *, overwrite: bool = False,
                           "overwrite=True (CLI: --overwrite)")
     if target.is_dir():
         raise ExportError(f"{target} is a folder; pass a file name ending in .gguf")
-    model, tokenizer = _open(model, tokenizer)
+    model, tokenizer = load_with_tokenizer(model, tokenizer)
     arch, config = gguf_model.architecture(model)
     tensors = list(gguf_model.tensors(model, arch, config, float_type, embedding_type))
     spec = _source_spec(model)
