@@ -1,0 +1,211 @@
+"""Write a decoder LLM (float, or quantized by lowbit) as an ONNX model ONNX Runtime runs.
+
+The output is a folder: ``model.onnx`` (its weights in ``model.onnx.data`` beside it when
+they pass ``EXTERNAL_BYTES``: protobuf files stop at 2 GiB), the Hugging Face
+``config.json`` and the tokenizer's files. The graph (``onnx_decoder``) takes
+``input_ids``, ``attention_mask``, ``position_ids`` and the KV cache
+(``past_key_values.{i}.key/value``) and returns ``logits`` and ``present.{i}.key/value``,
+so it generates token by token; ``generate`` below is a greedy loop over it.
+
+lowbit's quantized layers keep their codes (``onnx_graph``): weight-only 2/4/8-bit ->
+ORT's ``com.microsoft.MatMulNBits``; W8A8 -> ``MatMulInteger`` with lowbit's per-token
+int8 activation codes computed in the graph (``activations="ort-dynamic"``: ONNX
+``DynamicQuantizeLinear``, per-tensor uint8, which ORT fuses but which is not lowbit's
+arithmetic); a Hadamard-rotated layer -> a MatMul by its Hadamard matrix first.
+``accuracy_level`` is MatMulNBits' attribute: 0 (default) multiplies in float32, as lowbit
+does; 4 lets ORT quantize the activations to int8 per block (faster, not lowbit's numbers).
+The folder is built under a temporary name and swapped in when complete
+(``serialization.swap_in``), so an interrupted export leaves nothing under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from lowbit.export.gguf_weights import ExportError
+from lowbit.export.hf_checkpoint import load_with_tokenizer
+from lowbit.export.onnx_graph import ACTIVATIONS
+from lowbit.model.serialization import remove_stale_temps, swap_in
+
+MODEL = "model.onnx"
+DATA = "model.onnx.data"
+#: weights above this go to ``DATA`` (a protobuf message must stay under 2 GiB)
+EXTERNAL_BYTES = 1 << 30
+
+
+@dataclass
+class OnnxReport:
+    """What ``export_onnx`` wrote."""
+
+    path: Path
+    onnx_bytes: int  # model.onnx (+ model.onnx.data)
+    folder_bytes: int
+    carried: int  # quantized layers holding lowbit's codes unchanged
+    ops: dict[str, int] = field(default_factory=dict)  # node type -> count
+    float_layers: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        quantized = {k: v for k, v in self.ops.items()
+                     if k in ("com.microsoft.MatMulNBits", "MatMulInteger")}
+        kinds = ", ".join(f"{n} {k.rpartition('.')[2]}" for k, n in sorted(quantized.items()))
+        text = (f"{self.path}: ONNX decoder with KV cache, {self.onnx_bytes / 2**20:.1f} MiB; "
+                f"{self.carried} layers carry lowbit's codes unchanged"
+                f"{f' ({kinds})' if kinds else ''}; {len(self.float_layers)} float linears")
+        return "\n  ".join([text, *self.notes])
+
+
+def _require():
+    try:
+        import onnx  # noqa: F401
+    except ImportError as exc:
+        raise ExportError("ONNX export needs the onnx package: pip install 'lowbit[onnx]' "
+                          "(onnx, and onnxruntime to run the file)") from exc
+
+
+def check_target(path: str | os.PathLike, overwrite: bool) -> Path:
+    """The folder to write; ``overwrite`` replaces only an earlier ONNX export (a folder
+    holding ``model.onnx``) or an empty folder, never other files."""
+    target = Path(path)
+    if not target.exists():
+        return target
+    if not overwrite:
+        raise ExportError(f"{target} already exists; choose another folder or pass "
+                          "overwrite=True (CLI: --overwrite)")
+    if not target.is_dir() or (any(target.iterdir()) and not (target / MODEL).is_file()):
+        what = "a file" if not target.is_dir() else "a folder that no ONNX export wrote"
+        raise ExportError(f"{target} is {what}; --overwrite only replaces an exported ONNX "
+                          "folder, so other files are never deleted: choose another folder")
+    return target
+
+
+def _check_options(accuracy_level: int, activations: str) -> None:
+    if accuracy_level not in (0, 1, 2, 3, 4):
+        raise ExportError(f"accuracy_level must be 0-4 (MatMulNBits), got {accuracy_level!r}")
+    if activations not in ACTIVATIONS:
+        raise ExportError(f"activations must be one of {', '.join(ACTIVATIONS)}, "
+                          f"got {activations!r}")
+
+
+def _save(proto, folder: Path) -> None:
+    import onnx
+
+    weights = sum(len(t.raw_data) for t in proto.graph.initializer)
+    if weights > EXTERNAL_BYTES:
+        onnx.save_model(proto, str(folder / MODEL), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=DATA, size_threshold=1024)
+    else:
+        onnx.save_model(proto, str(folder / MODEL))
+
+
+def export_onnx(model, path: str | os.PathLike, *, overwrite: bool = False, tokenizer=None,
+                accuracy_level: int = 0, activations: str = "per-token") -> OnnxReport:
+    """Write ``model`` (an ``nn.Module``, lowbit checkpoint folder or bundled name; a
+    Llama-family decoder, float or quantized by lowbit) as an ONNX folder at ``path``.
+    ``accuracy_level``: MatMulNBits' compute type (0: float32 as lowbit; 4: int8
+    activations, faster); ``activations``: W8A8 activation codes, ``"per-token"`` (lowbit's)
+    or ``"ort-dynamic"`` (ONNX DynamicQuantizeLinear, one scale per tensor)."""
+    _require()
+    from lowbit.export.onnx_decoder import decoder_model
+
+    _check_options(accuracy_level, activations)
+    target = check_target(path, overwrite)
+    model, tokenizer = load_with_tokenizer(model, tokenizer)
+    with torch.no_grad():
+        proto, facts, ops = decoder_model(model, accuracy_level=accuracy_level,
+                                          activations=activations)
+    recipe = getattr(model, "lowbit_recipe", None)
+    meta = {"producer": "lowbit", "recipe": getattr(recipe, "name", None) or "float",
+            "num_layers": facts.layers, "num_kv_heads": facts.kv_heads,
+            "head_dim": facts.head_dim}
+    for key, value in meta.items():
+        proto.metadata_props.add(key=f"lowbit.{key}", value=str(value))
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp",
+                                dir=target.parent))
+    try:
+        _save(proto, tmp)
+        config = getattr(model, "config", None)
+        if hasattr(config, "to_dict"):
+            (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2,
+                                                        sort_keys=True, default=str))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        check_target(target, overwrite)  # it may have appeared while exporting
+        swap_in(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    onnx_bytes = sum((target / f).stat().st_size for f in (MODEL, DATA)
+                     if (target / f).is_file())
+    notes = []
+    if accuracy_level:
+        notes.append(f"MatMulNBits accuracy_level {accuracy_level}: ORT may quantize "
+                     "activations, so results differ from lowbit's float32 products")
+    if ops.get("DynamicQuantizeLinear"):
+        notes.append("W8A8 activations: one uint8 scale per tensor (DynamicQuantizeLinear), "
+                     "not lowbit's int8 scale per token")
+    return OnnxReport(target, onnx_bytes,
+                      sum(f.stat().st_size for f in target.iterdir() if f.is_file()),
+                      len(facts.carried), dict(ops), facts.float_linears, notes)
+
+
+# -- running the folder with ONNX Runtime ----------------------------------------------
+def session(path: str | os.PathLike, threads: int | None = None):
+    """An ``onnxruntime.InferenceSession`` on the exported folder's model (CPU)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(Path(path) / MODEL), opts,
+                                providers=["CPUExecutionProvider"])
+
+
+def empty_cache(sess, batch: int = 1) -> dict[str, np.ndarray]:
+    """Zero-length ``past_key_values`` feeds for a prompt."""
+    feeds = {}
+    for arg in sess.get_inputs():
+        if arg.name.startswith("past_key_values."):
+            _, heads, _, dim = arg.shape
+            feeds[arg.name] = np.zeros((batch, heads, 0, dim), dtype=np.float32)
+    return feeds
+
+
+def step(sess, ids: np.ndarray, cache: dict[str, np.ndarray]):
+    """One forward over ``ids`` [batch, seq] after ``cache``: (logits, next cache)."""
+    past = next(iter(cache.values())).shape[2]
+    batch, seq = ids.shape
+    feeds = {"input_ids": ids.astype(np.int64),
+             "attention_mask": np.ones((batch, past + seq), dtype=np.int64),
+             "position_ids": np.tile(np.arange(past, past + seq, dtype=np.int64), (batch, 1)),
+             **cache}
+    names = [o.name for o in sess.get_outputs()]
+    out = dict(zip(names, sess.run(names, feeds), strict=True))
+    cache = {n.replace("present.", "past_key_values.", 1): v for n, v in out.items()
+             if n.startswith("present.")}
+    return out["logits"], cache
+
+
+def generate(sess, ids, steps: int) -> list[int]:
+    """Greedy continuation of the 1-D prompt ``ids``: ``steps`` new token ids, one forward
+    per token through the KV cache."""
+    prompt = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+    logits, cache = step(sess, prompt, empty_cache(sess))
+    out = []
+    for _ in range(steps):
+        out.append(int(logits[0, -1].argmax()))
+        if len(out) == steps:
+            break
+        logits, cache = step(sess, np.array([[out[-1]]]), cache)
+    return out
