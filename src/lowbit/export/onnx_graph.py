@@ -168,8 +168,9 @@ def matmul_nbits(g: Graph, x: str, name: str, module: QuantizedLinear,
             zp[:, :kb] = np.rint(zero)
             inputs.append(g.init(f"{name}.qzeros", _pack(zp, bits).reshape(-1)))
         elif bits == 8:
-            raise refuse(name, module, "8-bit codes with float zero-points: ORT's CPU "
-                         "MatMulNBits takes float zero-points for 2 and 4 bits only")
+            raise refuse(name, module, "8-bit codes with float zero-points (ORT's CPU "
+                         "MatMulNBits takes float zero-points for 2 and 4 bits only; the "
+                         f"-izp variant, w8g{spec.group_size}-izp, has integer ones)")
         else:
             inputs.append(g.init(f"{name}.zeros", zero.astype(np.float32)))
     return g.op("MatMulNBits", *inputs, domain="com.microsoft", K=K, N=N, bits=bits,

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from lowbit.export.gguf_weights import ExportError
 from lowbit.export.hf_checkpoint import load_with_tokenizer
 from lowbit.export.onnx_graph import ACTIVATIONS
