@@ -194,7 +194,8 @@ class _Decoder:
         return model, self.facts, g.ops
 
 
-def decoder_model(model: nn.Module, *, accuracy_level: int = 0, activations: str = "per-token"):
+def decoder_model(model: nn.Module, *, accuracy_level: int | None = None,
+                  activations: str = "per-token"):
     """(``onnx.ModelProto``, ``DecoderFacts``, op counts) of ``model``'s decoder graph."""
     return _Decoder(model, {"accuracy_level": accuracy_level,
                             "activations": activations}).build()

@@ -11,7 +11,7 @@ Every linear layer becomes ``y = linear(x)`` on a float32 ``[..., K]`` input:
   by 2^(bits-1) to unsigned, which is the op's default zero-point when none is given, so a
   symmetric layer has no zero-point input; integer zero-points are stored packed like B,
   float zero-points (lowbit's default for grouped asymmetric 4-bit: grid = min + s * k) as
-  float32 ``[N, k_blocks]``, which ORT's CPU kernel accepts for 2 and 4 bits only.
+  a per-block offset beside the op (``matmul_nbits``), which keeps ORT on its fast path.
   Groups are blocks (``block_size`` = group size, a power of 2 >= 16); a per-channel or
   per-tensor scale is repeated in every block of its row, which is exact;
 - W8A8 (int8 weights per channel, int8 activations) -> ``MatMulInteger`` (ONNX, int8 x int8
@@ -27,7 +27,7 @@ Every linear layer becomes ``y = linear(x)`` on a float32 ``[..., K]`` input:
 - a Hadamard-rotated layer (``spec.rotation``) -> an explicit ``MatMul`` by its
   ``[K, K]`` Hadamard matrix (``formats.rotation.hadamard_matrix``) before the above.
 Anything else (NF4, codebooks, FP8, 3/5/6-bit codes, outlier columns, asymmetric static
-activations, 8-bit float zero-points) is refused with ``UnsupportedSchemeError`` naming the
+activations) is refused with ``UnsupportedSchemeError`` naming the
 nearest recipe that exports.
 """
 
@@ -144,9 +144,40 @@ def _blocks(values: torch.Tensor, rows: int, blocks: int) -> np.ndarray:
     return v.contiguous().numpy()
 
 
+def accuracy_for(bits: int, accuracy_level: int | None) -> int:
+    """MatMulNBits' ``accuracy_level`` for a ``bits``-wide layer: the one asked, else (None)
+    0 (float32 products, lowbit's numbers) for 2 and 4 bits and 4 (int8 activations per
+    block) for 8 bits: ORT's CPU kernel has no fast float path for 8-bit codes (measured
+    50x slower than a float32 MatMul for 1 x 576 x 49152 in ORT 1.32)."""
+    if accuracy_level is not None:
+        return accuracy_level
+    return 4 if bits == 8 else 0
+
+
+def _block_sums(g: Graph, x: str, K: int, bs: int) -> str:
+    """``[b, s, ceil(K/bs)]`` sums of ``x`` ``[b, s, K]`` over each block (shared by the
+    layers that read ``x``)."""
+    key = ("block_sums", x, bs)
+    if key not in g._consts:
+        kb = -(-K // bs)
+        if kb * bs != K:
+            x = g.op("Pad", x, g.const([0, 0, 0, 0, 0, kb * bs - K]))
+        blocks = g.op("Reshape", x, g.const([0, 0, kb, bs]))
+        g._consts[key] = g.op("ReduceSum", blocks, g.const([-1]), keepdims=0)
+    return g._consts[key]
+
+
 def matmul_nbits(g: Graph, x: str, name: str, module: QuantizedLinear,
-                 accuracy_level: int) -> str:
-    """``com.microsoft.MatMulNBits`` holding ``module``'s codes, scales and zero-points."""
+                 accuracy_level: int | None) -> str:
+    """``com.microsoft.MatMulNBits`` holding ``module``'s codes, scales and zero-points.
+
+    Float zero-points are not given to the op: ORT's CPU kernel runs them through a slow
+    dequantize-every-call path (20-60x a float MatMul in ORT 1.32) and refuses them for 8
+    bits. Instead ``(q - z) * s = (q - c) * s + (c - z) * s`` with ``c = 2^(bits-1)``, the
+    op's default zero-point: the op runs its fast path without a zero-point and
+    ``m = (c - z) * s`` (one float per block) adds ``sum_blocks (sum_block x) * m`` through
+    a ``[k_blocks, N]`` MatMul on the block sums of ``x`` (llama.cpp's Q4_1 ``d * q + m``).
+    """
     spec = module.spec
     fmt, bits = spec.fmt, spec.fmt.bits
     N, K = module.out_features, module.in_features
@@ -159,22 +190,23 @@ def matmul_nbits(g: Graph, x: str, name: str, module: QuantizedLinear,
     u[:, :K] = codes.numpy()
     B = _pack(u, bits).reshape(N, kb, bs * bits // 8)
     qp = packed.qparams
-    inputs = [x, g.init(f"{name}.qweight", B), g.init(f"{name}.scales",
-                                                      _blocks(qp.scale, N, kb))]
+    scale = _blocks(qp.scale, N, kb)
+    inputs = [x, g.init(f"{name}.qweight", B), g.init(f"{name}.scales", scale)]
+    offset = None
     if not spec.symmetric:
-        zero = _blocks(qp.zero_point, N, kb) + shift
+        zero = _blocks(qp.zero_point, N, kb).astype(np.float64) + shift
         if not qp.zero_point.is_floating_point():
             zp = np.zeros((N, -(-kb // (8 // bits)) * (8 // bits)), dtype=np.uint8)
             zp[:, :kb] = np.rint(zero)
             inputs.append(g.init(f"{name}.qzeros", _pack(zp, bits).reshape(-1)))
-        elif bits == 8:
-            raise refuse(name, module, "8-bit codes with float zero-points (ORT's CPU "
-                         "MatMulNBits takes float zero-points for 2 and 4 bits only; the "
-                         f"-izp variant, w8g{spec.group_size}-izp, has integer ones)")
         else:
-            inputs.append(g.init(f"{name}.zeros", zero.astype(np.float32)))
-    return g.op("MatMulNBits", *inputs, domain="com.microsoft", K=K, N=N, bits=bits,
-                block_size=bs, accuracy_level=accuracy_level)
+            m = ((1 << (bits - 1)) - zero) * scale  # [N, kb]
+            offset = g.init(f"{name}.block_offsets", m.T.astype(np.float32))
+    y = g.op("MatMulNBits", *inputs, domain="com.microsoft", K=K, N=N, bits=bits,
+             block_size=bs, accuracy_level=accuracy_for(bits, accuracy_level))
+    if offset is not None:
+        y = g.op("Add", y, g.op("MatMul", _block_sums(g, x, K, bs), offset))
+    return y
 
 
 def matmul_int8(g: Graph, x: str, name: str, module: QuantizedLinear, activations: str) -> str:
@@ -206,7 +238,8 @@ def matmul_int8(g: Graph, x: str, name: str, module: QuantizedLinear, activation
     return g.op("Mul", y, g.op("Mul", s, w_scale))
 
 
-def linear(g: Graph, x: str, name: str, module: nn.Module, *, accuracy_level: int = 0,
+def linear(g: Graph, x: str, name: str, module: nn.Module, *,
+           accuracy_level: int | None = None,
            activations: str = "per-token") -> str:
     """``module(x)`` as nodes; refuses what ONNX Runtime cannot run exactly."""
     if type(module) is nn.Linear:
@@ -224,7 +257,7 @@ def linear(g: Graph, x: str, name: str, module: nn.Module, *, accuracy_level: in
     return y
 
 
-def quantized(g: Graph, x: str, name: str, module: QuantizedLinear, accuracy_level: int,
+def quantized(g: Graph, x: str, name: str, module: QuantizedLinear, accuracy_level: int | None,
               activations: str) -> str:
     spec = module.spec
     fmt = spec.fmt

@@ -12,8 +12,11 @@ ORT's ``com.microsoft.MatMulNBits``; W8A8 -> ``MatMulInteger`` with lowbit's per
 int8 activation codes computed in the graph (``activations="ort-dynamic"``: ONNX
 ``DynamicQuantizeLinear``, per-tensor uint8, which ORT fuses but which is not lowbit's
 arithmetic); a Hadamard-rotated layer -> a MatMul by its Hadamard matrix first.
-``accuracy_level`` is MatMulNBits' attribute: 0 (default) multiplies in float32, as lowbit
-does; 4 lets ORT quantize the activations to int8 per block (faster, not lowbit's numbers).
+``accuracy_level`` is MatMulNBits' attribute: 0 multiplies in float32, as lowbit does; 4
+lets ORT quantize the activations to int8 per block (not lowbit's numbers). The default
+(None) is 0 for 2- and 4-bit layers and 4 for 8-bit ones, whose float path in ORT's CPU
+kernel is a slow fallback (``onnx_graph.accuracy_for``); pass 0 for lowbit's numbers
+everywhere.
 The folder is built under a temporary name and swapped in when complete
 (``serialization.swap_in``), so an interrupted export leaves nothing under the final name.
 """
@@ -87,9 +90,10 @@ def check_target(path: str | os.PathLike, overwrite: bool) -> Path:
     return target
 
 
-def _check_options(accuracy_level: int, activations: str) -> None:
-    if accuracy_level not in (0, 1, 2, 3, 4):
-        raise ExportError(f"accuracy_level must be 0-4 (MatMulNBits), got {accuracy_level!r}")
+def _check_options(accuracy_level: int | None, activations: str) -> None:
+    if accuracy_level not in (None, 0, 1, 2, 3, 4):
+        raise ExportError("accuracy_level must be 0-4 (MatMulNBits) or None (per bit width), "
+                          f"got {accuracy_level!r}")
     if activations not in ACTIVATIONS:
         raise ExportError(f"activations must be one of {', '.join(ACTIVATIONS)}, "
                           f"got {activations!r}")
@@ -107,12 +111,14 @@ def _save(proto, folder: Path) -> None:
 
 
 def export_onnx(model, path: str | os.PathLike, *, overwrite: bool = False, tokenizer=None,
-                accuracy_level: int = 0, activations: str = "per-token") -> OnnxReport:
+                accuracy_level: int | None = None,
+                activations: str = "per-token") -> OnnxReport:
     """Write ``model`` (an ``nn.Module``, lowbit checkpoint folder or bundled name; a
     Llama-family decoder, float or quantized by lowbit) as an ONNX folder at ``path``.
     ``accuracy_level``: MatMulNBits' compute type (0: float32 as lowbit; 4: int8
-    activations, faster); ``activations``: W8A8 activation codes, ``"per-token"`` (lowbit's)
-    or ``"ort-dynamic"`` (ONNX DynamicQuantizeLinear, one scale per tensor)."""
+    activations; None: 0 for 2/4 bits, 4 for 8 bits); ``activations``: W8A8 activation
+    codes, ``"per-token"`` (lowbit's) or ``"ort-dynamic"`` (ONNX DynamicQuantizeLinear, one
+    scale per tensor)."""
     _require()
     from lowbit.export.onnx_decoder import decoder_model
 
@@ -149,9 +155,13 @@ def export_onnx(model, path: str | os.PathLike, *, overwrite: bool = False, toke
     onnx_bytes = sum((target / f).stat().st_size for f in (MODEL, DATA)
                      if (target / f).is_file())
     notes = []
-    if accuracy_level:
-        notes.append(f"MatMulNBits accuracy_level {accuracy_level}: ORT may quantize "
-                     "activations, so results differ from lowbit's float32 products")
+    levels = {a.i for n in proto.graph.node if n.op_type == "MatMulNBits"
+              for a in n.attribute if a.name == "accuracy_level"}
+    if any(levels):
+        notes.append(f"MatMulNBits accuracy_level {max(levels)} on "
+                     f"{'8-bit layers' if accuracy_level is None else 'every layer'}: ORT "
+                     "quantizes their activations to int8 per block, so results differ "
+                     "slightly from lowbit's float32 products (accuracy_level=0: exact, slower)")
     if ops.get("DynamicQuantizeLinear"):
         notes.append("W8A8 activations: one uint8 scale per tensor (DynamicQuantizeLinear), "
                      "not lowbit's int8 scale per token")
