@@ -1,6 +1,7 @@
 """`lowbit formats` and `lowbit explain` through the real entry point."""
 
 import json
+import re
 
 import pytest
 
@@ -10,8 +11,9 @@ from lowbit.cli.main import main
 def test_formats_table_lists_every_family(capsys):
     assert main(["formats"]) == 0
     out = capsys.readouterr().out
-    for name in ("int8", "uint4", "binary", "ternary"):
+    for name in ("int8", "uint4", "binary", "ternary", "gguf:q4_k_m", "gguf:q6_k"):
         assert name in out
+    assert re.search(r"gguf:q4_0 +Q4_0 +int4 +32 +fp16 +4.5 ", out)  # 18 bytes per 32 values
 
 
 def test_explain_worked_example_json(capsys):

@@ -82,14 +82,21 @@ def test_codes_are_bit_identical(recipe, kind, tmp_path, tiny_tok):
         assert np.array_equal(d.astype(np.float32), scale)
 
 
-def test_partial_last_group_and_default_f16_embedding(tmp_path, tiny_tok):
+def test_partial_last_group_and_tied_head_as_embedding(tmp_path, tiny_tok):
     model = tiny_decoder("llama")  # down_proj rows of 160 = 64 + 64 + 32
     lowbit.quantize(model, "w4g64")
     report = lowbit.export(model, "gguf", tmp_path / "m.gguf", tokenizer=tiny_tok)
-    assert report.types["f16"] == 1
+    # tied: token_embd is the int8 head (Q8_0), no output.weight, as llama-quantize writes it
+    assert report.shared_head and report.types["q8_0"] == 1 and "f16" not in report.types
+    assert "output.weight" not in read_tensors(report.path)
     diffs = compare_weights(model, report.path)
     assert diffs["q4_1"].max_rel <= HALF * 1.01
-    assert diffs["f16"].max_rel <= HALF * 1.01
+    assert diffs["q8_0"].max_rel <= HALF * 1.01
+    # an explicit type keeps lowbit's float embedding and writes the head separately
+    report = lowbit.export(model, "gguf", tmp_path / "f.gguf", tokenizer=tiny_tok,
+                           embedding_type="f16")
+    assert not report.shared_head and report.types["f16"] == 1
+    assert compare_weights(model, report.path)["f16"].max_rel <= HALF * 1.01
 
 
 @pytest.mark.parametrize("kind", ["mistral", "qwen2"])
@@ -129,7 +136,11 @@ def test_checkpoint_and_cli(tmp_path, tiny_llama_dir, capsys):
     assert "Q4_1" in text and "carry lowbit's codes unchanged" in text
     assert main(["export", str(ckpt), "-o", str(out)]) == 2  # exists, no --overwrite
     assert "already exists" in capsys.readouterr().err
-    assert main(["export", str(ckpt), "-o", str(out), "--overwrite", "--type", "f32"]) == 0
-    back = lowbit.load_model(out)
     ref = logits(dequantized_copy(lowbit.load(ckpt)), IDS)
+    # default: the embedding is the tied int8 head (llama-quantize's layout): close, not exact
+    tied = logits(lowbit.load_model(out), IDS)
+    assert (tied - ref).abs().max() <= 3e-2 * ref.abs().max()
+    assert main(["export", str(ckpt), "-o", str(out), "--overwrite", "--type", "f32",
+                 "--embedding-type", "f32"]) == 0
+    back = lowbit.load_model(out)
     assert (logits(back, IDS) - ref).abs().max() <= 1e-3 * ref.abs().max()

@@ -46,9 +46,12 @@ def test_gguf_recipe_names_are_checked():
     recipe = Recipe.parse("gguf:q4_0-gptq")
     spec = recipe.default.weight
     assert (spec.format, spec.group_size, spec.scale_dtype) == ("int4", 32, "fp16")
-    assert recipe.scheme_for("lm_head").weight.format == "int8"
-    with pytest.raises(RecipeError, match="mixes"):
-        Recipe.parse("gguf:q4_k_m")
+    head = recipe.scheme_for("lm_head")  # llama.cpp's output type Q6_K, rounded
+    assert (head.weight.format, head.weight.scale_dtype, head.algorithm) == (
+        "int6", "fp16*i8", "rtn")
+    assert Recipe.parse("gguf:q8_0").scheme_for("lm_head").weight.format == "int8"
+    with pytest.raises(RecipeError, match="types and mixes .*q4_k_m"):
+        Recipe.parse("gguf:iq4_xs")
     with pytest.raises(RecipeError, match="unknown algorithm"):
         Recipe.parse("gguf:q4_0-magic")
 
@@ -62,7 +65,7 @@ def test_k_quant_recipes_and_llama_cpp_fallback():
     spec = q4k.default.weight
     assert (spec.format, spec.group_size, spec.scale_dtype, spec.integer_zero_point) == (
         "uint4", 32, "fp16*u6", False)
-    assert q4k.scheme_for("lm_head").weight.format == "int8"
+    assert q4k.scheme_for("lm_head").weight.format == "int6"
     assert Recipe.parse("gguf:q6_k").scheme_for("lm_head").weight.scale_dtype == "fp16*i8"
     assert scheme_for_width(q4k.default, 512) is q4k.default
     for kind, fallback in [("q4_k", ("int5", True, "fp16")), ("q5_k", ("uint5", False, "fp16")),

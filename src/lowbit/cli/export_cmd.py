@@ -9,7 +9,7 @@ import argparse
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from lowbit.export import FORMATS
     from lowbit.export.hf_checkpoint import DTYPES
-    from lowbit.export.to_gguf import TYPES
+    from lowbit.export.to_gguf import EMBEDDING_TYPES, TYPES
 
     p.add_argument("model", help="lowbit checkpoint folder, bundled name, HF folder or .gguf")
     p.add_argument("--to", default="gguf", choices=FORMATS,
@@ -23,8 +23,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help="type of unquantized linear weights: f32/f16, or rounded to a "
                       "llama.cpp block type (quantized layers always keep their own codes; "
                       "default f16)")
-    gguf.add_argument("--embedding-type", default="f16", choices=TYPES,
-                      help="type of the token embedding (default f16)")
+    gguf.add_argument("--embedding-type", default="auto", choices=EMBEDDING_TYPES,
+                      help="type of the token embedding; default auto: as llama-quantize "
+                      "writes it (a tied embedding shares the quantized head's codes; a gguf: "
+                      "recipe's embedding gets llama.cpp's type for it; else f16)")
     gguf.add_argument("--tokenizer-pre", help="llama.cpp pre-tokenizer name (default: detected)")
     gguf.add_argument("--check", action="store_true",
                       help="read the file back and print, per type, the largest difference "

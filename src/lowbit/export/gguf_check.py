@@ -61,12 +61,16 @@ def compare_weights(model: nn.Module, path: str | os.PathLike) -> dict[str, Type
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     stored = read_tensors(path)
+    # a tied export's token_embd holds the quantized head (``gguf_model.shares_head``)
+    shared = "output.weight" not in stored and gguf_model.shares_head(model)
     diffs: dict[str, TypeDiff] = {}
     for module_name, module in model.named_modules():
         base = gguf_model._map(module_name)
         if base is None or f"{base}.weight" not in stored:
             continue
         kind, values = stored[f"{base}.weight"]
+        if shared and module_name == "model.embed_tokens":
+            module = model.lm_head
         ref = lowbit_weight(module).numpy().reshape(values.shape)
         if arch == "llama" and module_name.endswith(("q_proj", "k_proj")):
             ref = gguf_model._permute_rows(ref, heads if module_name.endswith("q_proj")

@@ -3,8 +3,9 @@
 Tensor names come from ``gguf``'s own tables (``TENSOR_NAMES``). For llama.cpp's ``llama``
 architecture the rows of q and k are permuted the way its converter permutes them (rotary
 pairs interleaved); the permutation moves whole rows, so it applies to packed blocks as well
-as to float weights. A tied output head that stays unquantized is left out (llama.cpp then
-reuses ``token_embd``).
+as to float weights. With tied embeddings only ``token_embd`` is written and llama.cpp reuses
+it as the output head, as llama-quantize writes such models: it holds the quantized head's
+codes when the head is quantized (``share_head``), else the embedding in ``embedding_type``.
 """
 
 from __future__ import annotations
@@ -113,19 +114,38 @@ def _tied_head(model: nn.Module) -> bool:
             and head.weight.data_ptr() == embed.weight.data_ptr())
 
 
-def tensors(model: nn.Module, arch: str, config, float_type: str,
-            embedding_type: str) -> Iterator[Tensor]:
-    """Every tensor of the GGUF file, in order; refuses parameters it cannot place."""
+def shares_head(model: nn.Module) -> bool:
+    """Whether ``token_embd`` may carry the quantized head's codes: the model ties its
+    embedding to its head (``config.tie_word_embeddings``) and the head is quantized."""
+    config = getattr(model, "config", None)
+    head = getattr(model, "lm_head", None)
+    if not (getattr(config, "tie_word_embeddings", False) and isinstance(head, QuantizedLinear)):
+        return False
+    try:  # a head with no GGUF type is refused in its own place, after the blocks
+        weights.block_type_of("lm_head", head)
+    except ExportError:
+        return False
+    return True
+
+
+def tensors(model: nn.Module, arch: str, config, float_type: str, embedding_type: str,
+            share_head: bool = False) -> Iterator[Tensor]:
+    """Every tensor of the GGUF file, in order; refuses parameters it cannot place.
+    ``share_head``: ``token_embd`` holds the quantized head's codes and no output is written."""
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     placed: set[str] = set()
-    skip_head = _tied_head(model)
+    skip_head = share_head or _tied_head(model)
     for module_name, module in model.named_modules():
         base = _map(module_name)
         if base is None:
             continue
         placed.update(f"{module_name}.{k}" for k in module.state_dict())
         if module_name == "lm_head" and skip_head:
+            continue
+        if module_name == "model.embed_tokens" and share_head:
+            type_name, data = weights.carry_codes("lm_head", model.lm_head)
+            yield Tensor(f"{base}.weight", type_name, data, "lm_head", True)
             continue
         if isinstance(module, QuantizedLinear):
             type_name, data = weights.carry_codes(module_name, module)

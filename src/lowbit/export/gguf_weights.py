@@ -22,11 +22,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from lowbit.algorithms.round_to_nearest import quantize_weight
 from lowbit.errors import LowbitError
 from lowbit.export import gguf_blocks as blocks
 from lowbit.export import gguf_kquants as kquants
 from lowbit.formats import FormatError, get_format
 from lowbit.formats.superblock import QK_K, super_scale
+from lowbit.model.gguf_grids import fit_row_length, grid_of, grid_spec
 from lowbit.nn import QuantizedLinear, WeightSpec
 
 #: (format, symmetric) -> GGUF block type holding that grid exactly
@@ -145,13 +147,20 @@ def carry_codes(layer: str, module: QuantizedLinear) -> tuple[str, np.ndarray]:
 
 
 def float_weight(layer: str, weight: torch.Tensor, type_name: str) -> tuple[str, np.ndarray]:
-    """(type, data) of a float weight: as F32 / F16, or rounded to a block type the way
-    llama.cpp's reference quantizer rounds it."""
+    """(type, data) of a float weight: as F32 / F16, rounded to a 32-value block type the way
+    llama.cpp's reference quantizer rounds it, or to a k-quant by lowbit's round to nearest
+    on its grid (llama.cpp's fallback type where rows do not fill its super-blocks)."""
     w = weight.detach().float().numpy()
     if type_name == "f32":
         return "f32", np.ascontiguousarray(w)
     if type_name == "f16":
         return "f16", w.astype(np.float16)
+    if type_name in kquants.KQUANTS:
+        spec = fit_row_length(grid_spec(type_name), w.shape[-1])
+        if grid_of(spec) == type_name:
+            codes, qp = quantize_weight(weight.detach().float(), spec)
+            return type_name, kquants.carry(type_name, codes, qp.scale, qp.zero_point)
+        type_name = grid_of(spec)
     check_row_length(layer, w.shape[-1])
     return type_name, blocks.pack(type_name, *blocks.round_float(w, type_name))
 

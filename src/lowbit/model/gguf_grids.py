@@ -29,9 +29,18 @@ GGUF_GRIDS = {
     "q4_k": ("uint4", False, 32, "fp16*u6"), "q3_k": ("int3", True, 16, "fp16*i6"),
     "q2_k": ("uint2", False, 16, "fp16*u4"),
 }
+#: type -> (values, bytes) of one block (ggml-common.h)
+BLOCK_SIZES = {"q8_0": (32, 34), "q4_0": (32, 18), "q4_1": (32, 20), "q5_0": (32, 22),
+               "q5_1": (32, 24), "q6_k": (256, 210), "q5_k": (256, 176), "q4_k": (256, 144),
+               "q3_k": (256, 110), "q2_k": (256, 84)}
 #: a k-quant's type for rows that are not a multiple of 256 (llama-quant.cpp)
 GGUF_FALLBACK = {"q6_k": "q8_0", "q5_k": "q5_1", "q4_k": "q5_0", "q3_k": "q4_0",
                  "q2_k": "q4_0"}
+
+
+def bits_per_weight(kind: str) -> float:
+    values, nbytes = BLOCK_SIZES[kind]
+    return 8 * nbytes / values
 
 
 def grid_spec(kind: str) -> WeightSpec:

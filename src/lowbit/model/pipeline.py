@@ -38,7 +38,14 @@ from lowbit.model.calib_memory import REBATCH_TOKENS, _batches, solve_allocation
 from lowbit.model.calibration import collect_input_ranges
 from lowbit.model.fold_rotation import fold_residual_rotation
 from lowbit.model.mixed import auto_recipe
-from lowbit.model.recipe import Recipe, RecipeError, Scheme, is_auto
+from lowbit.model.recipe import (
+    Recipe,
+    RecipeError,
+    Scheme,
+    gguf_kind,
+    is_auto,
+    resolve_gguf_mix,
+)
 from lowbit.model.runner import _check_enough, _Run, _run_blocks, _token_count, build_layer
 from lowbit.model.summary import QuantizeSummary, _dtype_name, _tensor_bytes
 from lowbit.model.targets import (
@@ -48,6 +55,7 @@ from lowbit.model.targets import (
     drop_missing_rotations,
     find_targets,
     split_outliers,
+    tie_embedding_to_head,
 )
 
 
@@ -83,6 +91,7 @@ def quantize_model(
         r.scheme for r in recipe.rules])
     if recipe.fold_rotation is not None:  # the model itself changes: a plain decoder still
         fold_residual_rotation(model)
+    recipe = resolve_gguf_mix(model, recipe)
     if is_auto(recipe):
         batches = None if calibration is None else _batches(calibration, model, batch_tokens)
         recipe = replace(auto_recipe(model, recipe, batches, progress=progress),
@@ -129,6 +138,8 @@ def quantize_model(
         summary.layers += 1
         summary.bytes_after += q.weight_nbytes() + _tensor_bytes(q.bias)
         summary.kernels[q.kernel] = summary.kernels.get(q.kernel, 0) + 1
+    if gguf_kind(recipe) is not None:
+        tie_embedding_to_head(model)
     cast_unquantized(model, compute_dtype(recipe))
     summary.seconds = time.perf_counter() - t0
     model.lowbit_recipe = recipe

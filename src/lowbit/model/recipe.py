@@ -15,8 +15,9 @@ Short names (``Recipe.parse``): see ``PRESETS``; also the grammar
 quantizes in a Hadamard-rotated basis (``formats.rotation``; with RTN, SmoothQuant, GPTQ or
 AWQ+GPTQ), ``-izp`` keeps integer zero-points. Any name may end in ``-frot`` (the residual
 stream rotated and folded into the weights first) and ``(option=value,...)`` (the
-algorithm's options, ``algorithms.registry``); ``gguf:<type>[-<algorithm>]`` solves on a
-llama.cpp type's grid (``gguf_grids``).
+algorithm's options, ``algorithms.registry``); ``gguf:<type>[-<algorithm>]`` solves on the
+grids llama-quantize's file type ``<type>`` gives each tensor (``gguf_grids``, ``gguf_mixes``:
+q8_0 ... q2_k and the mixes q4_k_m, q3_k_m, ...).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from lowbit.algorithms import algorithm_names, get_algorithm
 from lowbit.algorithms.registry import format_options, parse_options
 from lowbit.errors import LowbitError
 from lowbit.formats import Granularity, get_format
-from lowbit.model import gguf_grids
+from lowbit.model import gguf_grids, gguf_mixes
 from lowbit.model.scheme import RecipeError, Rule, Scheme, match_pattern
 from lowbit.nn import ActivationSpec, WeightSpec
 
@@ -248,24 +249,40 @@ def _named(key: str) -> Recipe | None:
 
 #: llama.cpp types whose grid a lowbit scheme is exactly (``model/gguf_grids.py``)
 GGUF_GRIDS = gguf_grids.GGUF_GRIDS
+#: what ``gguf:<kind>`` accepts: a single type's grid, or a llama-quantize mix (``gguf_mixes``)
+GGUF_KINDS = tuple(GGUF_GRIDS) + tuple(k for k in gguf_mixes.MIX_DEFAULT if k not in GGUF_GRIDS)
 _GGUF = re.compile(r"gguf:([a-z0-9_]+)(?:-([a-z+]+))?")
 
 
 def gguf_recipe(key: str) -> Recipe:
-    """``gguf:<type>[-<algorithm>]``: weights on exactly the grid of a llama.cpp type (groups
-    of 32 with float16 scales, or a k-quant's groups inside 256-input super-blocks; a layer
-    whose rows a k-quant cannot hold gets llama.cpp's fallback type, ``gguf_grids``), solved by
-    any algorithm, so the GGUF export holds the solved codes unchanged; below 6 bits the head
-    gets ``HEAD_SCHEME`` (Q8_0 in the file)."""
+    """``gguf:<kind>[-<algorithm>]``: weights on exactly the grids llama-quantize's file type
+    ``<kind>`` gives each tensor (``gguf_mixes``: one type, or a mix such as ``q4_k_m``; a
+    layer whose rows a k-quant cannot hold gets llama.cpp's fallback type, ``gguf_grids``),
+    solved by any algorithm, so the GGUF export holds the solved codes unchanged; the head
+    gets llama.cpp's output type (Q6_K, Q8_0 in a Q8_0 file), rounded. A mix's per-layer rules
+    need the model: ``quantize`` resolves them (``resolve_gguf_mix``)."""
     m = _GGUF.fullmatch(key)
-    if not m or m.group(1) not in GGUF_GRIDS:
-        raise RecipeError(f"unknown GGUF recipe {key!r}; lowbit solves on the grids of "
-                          f"{', '.join(GGUF_GRIDS)} (gguf:<type>[-<algorithm>], e.g. "
-                          f"gguf:q4_k-gptq); llama.cpp's mixes (q4_k_m, q3_k_m, ...) are not "
-                          f"supported yet: use gguf:q4_k, or gguf:q6_k for more bits")
+    if not m or m.group(1) not in GGUF_KINDS:
+        raise RecipeError(f"unknown GGUF recipe {key!r}; lowbit solves on llama.cpp's types "
+                          f"and mixes {', '.join(GGUF_KINDS)} (gguf:<type>[-<algorithm>], "
+                          f"e.g. gguf:q4_k_m-gptq)")
     kind, algorithm = m.groups()
-    spec = gguf_grids.grid_spec(kind)
-    return Recipe(key, Scheme(spec, algorithm=algorithm or "rtn"), _head_rules(spec.fmt.bits))
+    spec = gguf_grids.grid_spec(gguf_mixes.default_type(kind))
+    return Recipe(key, Scheme(spec, algorithm=algorithm or "rtn"), gguf_mixes.head_rule(kind))
+
+
+def gguf_kind(recipe: Recipe) -> str | None:
+    """The llama.cpp type or mix a ``gguf:`` recipe names, else None."""
+    m = re.match(r"gguf:([a-z0-9_]+)", recipe.name)
+    return m.group(1) if m else None
+
+
+def resolve_gguf_mix(model, recipe: Recipe) -> Recipe:
+    """``recipe`` with its per-layer llama.cpp types when it names a mix; else ``recipe``."""
+    kind = gguf_kind(recipe)
+    if kind is None or not gguf_mixes.is_mix(kind):
+        return recipe
+    return gguf_mixes.resolve_mix(model, recipe, kind)
 
 
 def auto_placeholder(key: str) -> Recipe:

@@ -126,6 +126,21 @@ def scheme_for_width(scheme: Scheme | None, width: int) -> Scheme | None:
     return scheme if fitted is weight else replace(scheme, weight=fitted)
 
 
+def tie_embedding_to_head(model: nn.Module) -> bool:
+    """Where ``model`` ties its embedding to its head and the head is quantized, make the
+    embedding the dequantized head (as llama.cpp stores one tensor for both); True if so.
+    ``gguf:`` recipes do this, so lowbit's model is the one a GGUF export holds."""
+    head = getattr(model, "lm_head", None)
+    config = getattr(model, "config", None)
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if not (isinstance(head, QuantizedLinear) and embed is not None
+            and getattr(config, "tie_word_embeddings", False)
+            and embed.weight.shape == (head.out_features, head.in_features)):
+        return False
+    embed.weight.data = head.dequantize_weight(torch.float32)
+    return True
+
+
 def cast_unquantized(model: nn.Module, dtype: torch.dtype) -> None:
     """Cast every float parameter and buffer outside ``QuantizedLinear`` modules."""
     for module in model.modules():
