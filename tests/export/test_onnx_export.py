@@ -242,3 +242,19 @@ def test_interrupted_export_leaves_nothing(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         export_onnx(_model("w8"), tmp_path / "onnx", tokenizer=Failing())
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_exports_a_checkpoint_that_ort_runs(tmp_path, tiny_llama_dir, capsys):
+    from lowbit.cli.main import main
+
+    model = lowbit.load_model(tiny_llama_dir)
+    lowbit.quantize(model, "w4g32")
+    ckpt = lowbit.save(model, tmp_path / "ckpt", tokenizer=lowbit.load_tokenizer(tiny_llama_dir))
+    out = tmp_path / "onnx"
+    assert main(["export", str(ckpt), "--to", "onnx", "-o", str(out)]) == 0
+    assert "MatMulNBits" in capsys.readouterr().out
+    ids = PROMPT[:, :6]
+    ours = _greedy(lowbit.load(ckpt).float(), ids, 4)
+    assert generate(session(out), ids.numpy(), 4) == ours
+    assert main(["export", str(ckpt), "--to", "onnx", "-o", str(out)]) == 2  # exists
+    assert "already exists" in capsys.readouterr().err

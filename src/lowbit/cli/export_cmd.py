@@ -1,5 +1,6 @@
 """``lowbit export CKPT_OR_MODEL --to FORMAT -o OUT``: a file or folder another runtime runs:
-a GGUF file (llama.cpp), a compressed-tensors folder (transformers, vLLM) or a GPTQ folder."""
+a GGUF file (llama.cpp), a compressed-tensors folder (transformers, vLLM), a GPTQ folder or
+an ONNX Runtime folder."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("model", help="lowbit checkpoint folder, bundled name, HF folder or .gguf")
     p.add_argument("--to", default="gguf", choices=FORMATS,
-                   help="format: gguf (llama.cpp), compressed-tensors (transformers, vLLM) or "
-                   "gptq (GPTQModel, vLLM); default gguf")
+                   help="format: gguf (llama.cpp), compressed-tensors (transformers, vLLM), "
+                   "gptq (GPTQModel, vLLM) or onnx (ONNX Runtime); default gguf")
     p.add_argument("-o", "--output", required=True,
                    help="file to write for gguf (e.g. model.gguf), folder for the others")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -31,6 +32,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     gguf.add_argument("--check", action="store_true",
                       help="read the file back and print, per type, the largest difference "
                       "from lowbit's weights")
+    ox = p.add_argument_group("onnx")
+    ox.add_argument("--accuracy-level", type=int, choices=range(5), default=None,
+                    help="MatMulNBits accuracy_level: 0 = float32 products (lowbit's numbers), "
+                    "4 = int8 activations; default 0 for 2/4-bit layers, 4 for 8-bit ones")
+    ox.add_argument("--activations", choices=["per-token", "ort-dynamic"], default="per-token",
+                    help="W8A8 activation codes: lowbit's per-token int8 (exact) or ONNX "
+                    "DynamicQuantizeLinear (one uint8 scale per tensor, ORT-fused)")
     hf = p.add_argument_group("compressed-tensors, gptq")
     hf.add_argument("--dtype", choices=list(DTYPES),
                     help="float dtype of unquantized tensors (and compressed-tensors scales); "
@@ -49,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
     if args.to == "gguf":
         options = {"float_type": args.type, "embedding_type": args.embedding_type,
                    "tokenizer_pre": args.tokenizer_pre}
+    elif args.to == "onnx":
+        options = {"accuracy_level": args.accuracy_level, "activations": args.activations}
     else:
         if args.check:
             raise ExportError("--check reads GGUF files; for a Hugging Face folder compare "

@@ -6,7 +6,8 @@ into another runtime's format, one module per format:
 - ``"gguf"``: a GGUF file llama.cpp runs (``to_gguf``);
 - ``"compressed-tensors"``: a Hugging Face folder transformers and vLLM load
   (``to_compressed_tensors``);
-- ``"gptq"``: a GPTQ ``gptq_v2`` folder for GPTQModel / vLLM (``to_gptq``).
+- ``"gptq"``: a GPTQ ``gptq_v2`` folder for GPTQModel / vLLM (``to_gptq``);
+- ``"onnx"``: an ONNX Runtime folder (MatMulNBits / MatMulInteger, KV cache; ``to_onnx``).
 A scheme a format cannot hold is refused with ``UnsupportedSchemeError`` naming the nearest
 recipe that exports. The module itself is callable, so ``lowbit.export`` is both this
 package and the function.
@@ -28,7 +29,8 @@ __all__ = ["FORMATS", "ExportError", "UnsupportedSchemeError", "export"]
 WRITERS = {"gguf": ("lowbit.export.to_gguf", "export_gguf"),
            "compressed-tensors": ("lowbit.export.to_compressed_tensors",
                                   "export_compressed_tensors"),
-           "gptq": ("lowbit.export.to_gptq", "export_gptq")}
+           "gptq": ("lowbit.export.to_gptq", "export_gptq"),
+           "onnx": ("lowbit.export.to_onnx", "export_onnx")}
 FORMATS = tuple(WRITERS)
 
 
