@@ -1,16 +1,18 @@
 """lowbit's GGUF exports next to llama.cpp's own quantization, measured by llama.cpp itself.
 
 Rows: SmolLM2 quantized by lowbit with each ``--recipes`` entry (calibrated ones on
-``--calib-tokens`` tokens of the default calibration mix) and exported with its codes carried
-unchanged (w8 -> Q8_0, w4g32 -> Q4_1, w4g32 symmetric -> Q4_0, ...); and llama.cpp's
-``llama-quantize`` of lowbit's F32 export of the float model (``--llama-types``). For each
-file: size, bits per weight (file bytes over the values its tensors hold), and for each of
-``--texts`` (pydoc is the calibration mix's domain, the others are text calibration never
-saw) llama.cpp's own perplexity and KL divergence against the F32 file
-(``llama-perplexity --kl-divergence``, ``-c 512``, ``--chunks N``); optionally
-``llama-bench -t 2 -p 512 -n 64``.
+``--calib-tokens`` tokens of the default calibration mix, the CLI's default amount) and
+exported with the default options (``lowbit export --to gguf``: codes carried unchanged,
+llama-quantize's layout); and llama.cpp's ``llama-quantize`` of lowbit's F32 export of the
+float model (``--llama-types``), also with an importance matrix (``--imatrix``:
+``llama-imatrix`` over the same calibration text lowbit used). For each file: size, bits
+per weight (file bytes over the values its tensors hold), and for each of ``--texts``
+(pydoc is the calibration mix's domain; email is text calibration never saw) llama.cpp's
+own perplexity and KL divergence against the F32 file (``llama-perplexity --kl-divergence``,
+``-c 512``, ``--chunks N``); with ``--bench`` also ``llama-bench -t 2 -p 512 -n 64``.
+``--report docs/gguf_export`` writes the rows as JSON, a markdown table and a plot.
 
-    python benchmarks/gguf_export.py [--recipes w8,w4g32,w4g32-gptq] [--chunks 8] [--json F]
+    python benchmarks/gguf_export.py --recipes gguf:q4_k_m-gptq --llama-types Q4_K_M --imatrix
 
 Needs llama.cpp's tools: scripts/build_llama_cpp.sh.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import sys
 import time
 from pathlib import Path
@@ -32,6 +35,10 @@ def _values(path: Path) -> int:
     return sum(int(t.n_elements) for t in GGUFReader(path).tensors)
 
 
+def _file_name(recipe: str) -> str:
+    return recipe.replace("(", "_").replace(")", "").replace(",", "_").replace("=", "")
+
+
 def _export(recipe: str, out: Path, tokenizer, calib_tokens: int) -> tuple[Path, float]:
     """``recipe``'s GGUF file and the seconds quantizing took."""
     import lowbit
@@ -43,27 +50,61 @@ def _export(recipe: str, out: Path, tokenizer, calib_tokens: int) -> tuple[Path,
     t0 = time.perf_counter()
     lowbit.quantize(model, parsed, calib, progress=False)
     seconds = time.perf_counter() - t0
-    name = recipe.replace("(", "_").replace(")", "").replace(",", "_").replace("=", "")
-    report = lowbit.export(model, "gguf", out / f"lowbit-{name}.gguf", overwrite=True,
-                           tokenizer=tokenizer)
+    report = lowbit.export(model, "gguf", out / f"lowbit-{_file_name(recipe)}.gguf",
+                           overwrite=True, tokenizer=tokenizer)
     print(f"{recipe}: quantized in {seconds:.0f}s, {report}", flush=True)
     return report.path, seconds
 
 
+def _calibration_file(out: Path, tokenizer, tokens: int) -> Path:
+    """The text of lowbit's calibration windows, for ``llama-imatrix``."""
+    import lowbit
+
+    path = out / f"calibration-{tokens}.txt"
+    if not path.exists():
+        windows = lowbit.data.text("default", tokenizer, tokens=tokens)
+        path.write_text("".join(tokenizer.decode(w[0].tolist()) for w in windows))
+    return path
+
+
+def _llama_files(args, out: Path, f32: Path, tokenizer) -> dict[str, tuple[Path, None]]:
+    from lowbit.export import llama_cpp_tools as tools
+
+    files = {}
+    imatrix = None
+    if args.imatrix:
+        imatrix = out / f"imatrix-{args.calib_tokens}.gguf"
+        if not imatrix.exists():
+            tools.importance_matrix(f32, _calibration_file(out, tokenizer, args.calib_tokens),
+                                    imatrix, chunks=args.calib_tokens // 512,
+                                    threads=args.threads)
+    for kind in filter(None, args.llama_types.split(",")):
+        for matrix in ([None, imatrix] if imatrix else [None]):
+            suffix = "-imatrix" if matrix else ""
+            target = out / f"llama-quantize-{kind}{suffix}.gguf"
+            if not target.exists():
+                tools.quantize(f32, target, kind, args.threads, imatrix=matrix)
+            files[f"llama-quantize {kind}{' + imatrix' if matrix else ''}"] = (target, None)
+    return files
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--recipes", default="w8,w4g32", help="lowbit recipes to export")
-    p.add_argument("--llama-types", default="Q8_0,Q4_1,Q4_0",
+    p.add_argument("--recipes", default="gguf:q8_0,gguf:q4_0-gptq",
+                   help="lowbit recipes to export")
+    p.add_argument("--llama-types", default="Q8_0,Q4_0",
                    help="llama-quantize types of the F32 file to compare with")
+    p.add_argument("--imatrix", action="store_true",
+                   help="also llama-quantize with llama-imatrix over the calibration text")
     p.add_argument("--texts", default="pydoc,email", help="texts to score (built-in names)")
     p.add_argument("--chunks", type=int, default=8, help="perplexity windows of 512 tokens")
-    p.add_argument("--calib-tokens", type=int, default=8192,
-                   help="calibration tokens for calibrated recipes")
+    p.add_argument("--calib-tokens", type=int, default=16384,
+                   help="calibration tokens (lowbit's calibrated recipes and llama-imatrix)")
     p.add_argument("--out", default="/tmp/lowbit-gguf-bench", help="folder for the GGUF files")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=2, help="llama-bench repetitions")
     p.add_argument("--bench", action="store_true", help="also run llama-bench on each file")
-    p.add_argument("--json", help="also write the rows here")
+    p.add_argument("--report", help="write PREFIX.json, PREFIX.md and PREFIX.png")
     args = p.parse_args(argv)
 
     import lowbit
@@ -88,13 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     files: dict[str, tuple[Path, float | None]] = {}
     for recipe in filter(None, args.recipes.split(",")):
         files[f"lowbit {recipe}"] = _export(recipe, out, tokenizer, args.calib_tokens)
-    for kind in filter(None, args.llama_types.split(",")):
-        target = out / f"llama-quantize-{kind}.gguf"
-        if not target.exists():
-            tools.quantize(f32, target, kind, args.threads)
-        files[f"llama-quantize {kind}"] = (target, None)
+    files.update(_llama_files(args, out, f32, tokenizer))
 
-    rows, cpu = [], "?"
+    rows, cpu = [], platform.processor() or "?"
     for name, (path, seconds) in files.items():
         size = path.stat().st_size
         row = {"row": name, "bytes": size, "bits_per_weight": 8 * size / _values(path),
@@ -109,30 +146,69 @@ def main(argv: list[str] | None = None) -> int:
             row.update(prefill_tps=speed.get("prefill_tps"), decode_tps=speed.get("decode_tps"))
         rows.append(row)
         print(json.dumps(row), flush=True)
-    _print(rows, args, cpu)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"cpu": cpu, "chunks": args.chunks,
-                                               "calib_tokens": args.calib_tokens,
-                                               "rows": rows}, indent=2))
+    command = "python benchmarks/gguf_export.py " + " ".join(argv or sys.argv[1:])
+    result = {"command": command, "cpu": cpu, "model": MODEL, "chunks": args.chunks,
+              "calib_tokens": args.calib_tokens, "threads": args.threads, "rows": rows}
+    print("\n" + "\n".join(table(result)))
+    if args.report:
+        write_report(result, Path(args.report))
     return 0
 
 
-def _print(rows: list[dict], args, cpu: str) -> None:
-    print(f"\nSmolLM2-135M; llama-perplexity --kl-divergence against the F32 file, -c 512 "
-          f"--chunks {args.chunks}; calibrated recipes on {args.calib_tokens} tokens of the "
-          f"default mix" + (f"; llama-bench -t {args.threads} -p 512 -n 64; CPU: {cpu}"
-                            if args.bench else ""))
+def table(result: dict) -> list[str]:
+    """The rows as a markdown table, with how they were measured."""
+    rows = result["rows"]
     texts = list(rows[0]["texts"]) if rows else []
-    head = f"{'file':34} {'MiB':>6} {'bits/w':>6}" + "".join(
-        f" {t + ' PPL':>11} {t + ' KLD':>11}" for t in texts)
-    print(head + (f" {'pp512 t/s':>10} {'tg64 t/s':>9}" if args.bench else ""))
+    speed = any(r.get("decode_tps") for r in rows)
+    lines = [f"`{result['command']}`", "",
+             f"SmolLM2-135M; llama.cpp's `llama-perplexity --kl-divergence` against the F32 "
+             f"file, `-c 512 --chunks {result['chunks']}`; calibration (lowbit's algorithms and "
+             f"llama-imatrix): {result['calib_tokens']} tokens of the default mix; pydoc is "
+             f"the calibration domain, the other texts are held out"
+             + (f"; speed: `llama-bench -t {result['threads']} -p 512 -n 64`" if speed else "")
+             + f"; CPU: {result['cpu']}.", ""]
+    head = "| file | MiB | bits/w |" + "".join(f" {t} PPL | {t} KLD |" for t in texts)
+    lines += [head + (" pp512 t/s | tg64 t/s |" if speed else ""),
+              "|---|---:|---:|" + "---:|---:|" * len(texts) + ("---:|---:|" if speed else "")]
     for r in rows:
-        cells = "".join(f" {r['texts'][t]['ppl']:11.3f} {r['texts'][t]['kld']:11.5f}"
+        cells = "".join(f" {r['texts'][t]['ppl']:.3f} | {r['texts'][t]['kld']:.4f} |"
                         for t in texts)
-        speed = (f" {r['prefill_tps']:10.1f} {r['decode_tps']:9.1f}"
-                 if r.get("prefill_tps") else "")
-        print(f"{r['row']:34} {r['bytes'] / 2**20:6.1f} {r['bits_per_weight']:6.2f}"
-              f"{cells}{speed}")
+        tps = (f" {r['prefill_tps']:.0f} | {r['decode_tps']:.1f} |"
+               if speed and r.get("decode_tps") else (" | |" if speed else ""))
+        lines.append(f"| {r['row']} | {r['bytes'] / 2**20:.1f} | {r['bits_per_weight']:.2f} |"
+                     f"{cells}{tps}")
+    return lines
+
+
+def write_report(result: dict, prefix: Path) -> None:
+    """PREFIX.json (the rows), PREFIX.md (the table) and PREFIX.png (KLD against size)."""
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    prefix.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    prefix.with_suffix(".md").write_text(
+        "# GGUF exports in llama.cpp\n\nGenerated by the command below.\n\n"
+        + "\n".join(table(result)) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    texts = list(result["rows"][0]["texts"])
+    fig, axes = plt.subplots(1, len(texts), figsize=(6 * len(texts), 4.5), squeeze=False)
+    for ax, text in zip(axes[0], texts, strict=True):
+        for r in result["rows"]:
+            lowbit = r["row"].startswith("lowbit")
+            ax.scatter(r["bytes"] / 2**20, r["texts"][text]["kld"],
+                       marker="o" if lowbit else ("s" if "imatrix" in r["row"] else "x"),
+                       color="C0" if lowbit else "C1")
+            ax.annotate(r["row"].split(" ", 1)[1], (r["bytes"] / 2**20,
+                                                    r["texts"][text]["kld"]), fontsize=7)
+        ax.set_xlabel("file size (MiB)")
+        ax.set_ylabel("KL divergence to F32 (llama.cpp)")
+        ax.set_yscale("log")
+        ax.set_title(f"{text}: lowbit (o) vs llama-quantize (x, imatrix: s)")
+    fig.suptitle(f"SmolLM2-135M GGUF files in llama.cpp; CPU: {result['cpu']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(prefix.with_suffix(".png"), dpi=110)
 
 
 if __name__ == "__main__":

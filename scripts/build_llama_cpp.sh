@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build llama.cpp's tools (llama-perplexity, llama-completion: the classic llama-cli, whose
 # new llama-cli needs the server build; llama-bench, llama-quantize, llama-simple,
-# llama-tokenize) from the llama.cpp sources vendored in the llama-cpp-python sdist, into
+# llama-tokenize, llama-imatrix) from the llama.cpp sources vendored in the
+# llama-cpp-python sdist, into
 # ${LOWBIT_LLAMA_CPP_DIR:-~/.cache/lowbit/llama.cpp}. The export tests and
 # benchmarks/gguf_export.py find the binaries there (or via LOWBIT_LLAMA_CPP_BIN).
 # Takes a few minutes on 2 cores. Safe to run again: finished steps are skipped.
@@ -28,7 +29,8 @@ cd "$SRC/vendor/llama.cpp"
 cmake -B build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF
 cmake --build build -j"$JOBS" \
-  --target llama-perplexity llama-completion llama-bench llama-quantize llama-simple llama-tokenize
+  --target llama-perplexity llama-completion llama-bench llama-quantize llama-simple llama-tokenize \
+  llama-imatrix
 ln -sfn "$SRC/vendor/llama.cpp/build/bin" "$ROOT/bin"
 echo "llama.cpp tools in $ROOT/bin:"
 ls "$ROOT/bin"

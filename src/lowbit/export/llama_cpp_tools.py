@@ -118,7 +118,19 @@ def bench(model: str | os.PathLike, threads: int = 2, prompt: int = 512, gen: in
 
 
 def quantize(source: str | os.PathLike, target: str | os.PathLike, type_name: str,
-             threads: int = 2) -> Path:
-    """``llama-quantize source target TYPE`` (llama.cpp's own rounding and type mix)."""
-    _run("llama-quantize", [str(source), str(target), type_name.upper(), str(threads)])
+             threads: int = 2, imatrix: str | os.PathLike | None = None) -> Path:
+    """``llama-quantize [--imatrix F] source target TYPE`` (llama.cpp's own rounding and type
+    mix, weighted by an importance matrix when given)."""
+    extra = ["--imatrix", str(imatrix)] if imatrix is not None else []
+    _run("llama-quantize", [*extra, str(source), str(target), type_name.upper(), str(threads)])
+    return Path(target)
+
+
+def importance_matrix(model: str | os.PathLike, text_file: str | os.PathLike,
+                      target: str | os.PathLike, ctx: int = 512, chunks: int = -1,
+                      threads: int = 2) -> Path:
+    """``llama-imatrix``: llama.cpp's importance matrix (mean squared activation of each
+    input of each weight) over ``chunks`` windows of ``ctx`` tokens of ``text_file``."""
+    _run("llama-imatrix", ["-m", str(model), "-f", str(text_file), "-o", str(target),
+                           "-c", str(ctx), "--chunks", str(chunks), "-t", str(threads)])
     return Path(target)
