@@ -134,3 +134,11 @@ def test_optional_head_rule_allows_models_without_a_head():
     with pytest.raises(RecipeError, match="matches no Linear"):
         quantize(nn.Sequential(nn.Linear(64, 64)), Recipe.parse("w8").with_keep("lm_head"),
                  progress=False)
+
+
+def test_kmeans_and_codebook_formats_go_together():
+    with pytest.raises(RecipeError, match="kmeans4"):
+        Recipe.parse("w4g32-kmeans")
+    with pytest.raises(RecipeError, match="codebook"):
+        Scheme(WeightSpec("codebook4", "channel", True, "fp16"), algorithm="gptq")
+    assert Recipe.parse("kmeans4").default.algorithm == "kmeans"

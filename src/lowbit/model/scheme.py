@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from lowbit.algorithms import AlgorithmError, algorithm_names, get_algorithm
 from lowbit.algorithms.round_to_nearest import WEIGHT_OBSERVERS
 from lowbit.errors import LowbitError
+from lowbit.formats import get_format
+from lowbit.formats.lookup import is_row_codebook
 from lowbit.nn import ActivationSpec, WeightSpec
 
 
@@ -51,6 +53,13 @@ class Scheme:
                 f"a Hadamard input rotation runs with {rotating} (got {self.algorithm!r}"
                 f"{extra}); drop 'rotation' (the '-rot' suffix) for AWQ alone, imatrix, "
                 f"HQQ, k-means or outlier channels")
+        if self.weight is not None and (self.algorithm == "kmeans") != is_row_codebook(
+                get_format(self.weight.format)):
+            raise RecipeError(
+                f"k-means fits per-row codebooks: it runs on codebook<bits> formats and they "
+                f"need it (got {self.algorithm!r} on {self.weight.format}); use the preset "
+                f"kmeans4, or weight format codebook<bits> with algorithm kmeans in a recipe "
+                f"file")
 
     @property
     def needs_calibration(self) -> bool:
