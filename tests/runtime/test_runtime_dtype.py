@@ -52,8 +52,8 @@ def test_synthetic_block_runs_both_steps(base):
     for f in steps.values():
         f(2)
     rt = DecoderRuntime(synthetic_decoder(), dtype=torch.float32)
-    assert rt.decode_path == ("native fused ops" if native.available()
-                              else rt.decode_path)
+    assert rt.decode_path.startswith(("native loop", "native fused ops")) or not (
+        native.available())
     ids = torch.arange(5).unsqueeze(0)
     logits = rt.prefill(ids, max_len=8)
     assert logits.shape == (1, 64) and torch.isfinite(logits).all()

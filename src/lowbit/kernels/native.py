@@ -31,6 +31,7 @@ import contextvars
 import ctypes
 import functools
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -77,6 +78,9 @@ def _library() -> ctypes.CDLL | None:
         return None
     if not _cpu_has_avx2_fma():
         _failure = "the CPU lacks AVX2/FMA"
+        warnings.warn("lowbit's native kernels need AVX2 and FMA, which this CPU lacks: "
+                      "the reference (torch) paths run instead", NativeUnavailableWarning,
+                      stacklevel=3)
         return None
     try:
         lib = _load(SOURCES, FLAGS, _STEM, HEADERS)

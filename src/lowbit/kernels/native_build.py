@@ -15,9 +15,10 @@ import warnings
 from pathlib import Path
 
 _CSRC = Path(__file__).with_name("csrc")
-#: the GEMVs and the fused small operations of a decode step (AVX2 + FMA)
-SOURCES = (_CSRC / "gemv_avx2.c", _CSRC / "decode_ops.c")
-HEADERS = (_CSRC / "simd_avx2.h",)  # part of the build's hash
+#: the GEMVs, the fused small operations of a decode step and the whole-step loop (AVX2 +
+#: FMA; the loop's AVX512-VNNI functions carry their own target attributes)
+SOURCES = (_CSRC / "gemv_avx2.c", _CSRC / "decode_ops.c", _CSRC / "decode_loop.c")
+HEADERS = (_CSRC / "simd_avx2.h", _CSRC / "lowbit_native.h")  # part of the build's hash
 #: the solvers' column loops: plain C, built without x86 flags
 SOLVE_SOURCES = (_CSRC / "solve_ops.c",)
 _STEM = "lowbit-native"

@@ -15,7 +15,9 @@ grouped-query attention needs neither ``repeat_kv`` nor a mask. ``compile=True``
 static-shape decode step (full-length cache plus an additive mask, positions as tensors) in
 ``torch.compile``; nothing compiles until the first call. In float32 on a CPU where lowbit's
 native kernels run, the eager decode step runs its small operations fused in C
-(:mod:`.native_step`); ``native=False`` keeps the torch operations.
+(:mod:`.native_step`), and a single-row decode runs the whole step as one native call where
+every linear has a layout the loop reads (:mod:`.native_loop`); ``native=False`` keeps the
+torch operations.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from torch.nn import functional as F
 
 from lowbit.runtime.arch import DecoderSpec, UnsupportedModelError, resolve_decoder, rope_tables
 from lowbit.runtime.cache import StaticKVCache
+from lowbit.runtime.native_loop import NativeDecodeLoop, native_loop_supported
 from lowbit.runtime.native_step import NativeDecodeStep, native_step_supported
 
 __all__ = ["DecoderRuntime"]
@@ -104,12 +107,15 @@ class DecoderRuntime:
     (once per batch size and cache length), ``compile_prefill`` the prefill (once per shape).
     ``native``: run the eager decode step's small operations in C (:mod:`.native_step`);
     ``None`` = where supported, ``True`` = required (raises where not), ``False`` = never.
-    ``decode_path`` says which step runs.
+    ``decode_path`` says which step runs. ``activations``: the native loop's activations,
+    ``"float"`` (reference), ``"int8"`` (per block of 32, VNNI) or ``"auto"``
+    (:mod:`.native_loop`); ``None``: no whole-step loop (the per-block fused step).
     """
 
     def __init__(self, model: nn.Module, *, dtype: torch.dtype = torch.bfloat16,
                  compile: bool = False, compile_prefill: bool = False,
-                 compile_options: dict | None = None, native: bool | None = None):
+                 compile_options: dict | None = None, native: bool | None = None,
+                 activations: str | None = "float"):
         self.spec = spec = resolve_decoder(model)
         self.dtype = dtype
         self.compile = compile
@@ -132,6 +138,16 @@ class DecoderRuntime:
             raise UnsupportedModelError(f"native decode step unavailable: {why_not}")
         self._native_step = None if why_not else NativeDecodeStep(self)
         self.decode_path = "native fused ops" if why_not is None else f"torch ops ({why_not})"
+        self._native_loop = None
+        self.native_loop_why: str | None = why_not or (
+            "disabled (activations=None)" if activations is None
+            else native_loop_supported(spec, dtype))
+        if self.native_loop_why is None:
+            self._native_loop = NativeDecodeLoop(self, activations)
+            self.decode_path = (f"native loop ({self._native_loop.activations} activations; "
+                                "batches > 1: native fused ops)")
+        elif why_not is None:
+            self.decode_path += f" (native loop: {self.native_loop_why})"
 
     # ---- set-up -------------------------------------------------------------------------------
     def _ensure(self, batch: int, max_len: int) -> None:
@@ -171,6 +187,9 @@ class DecoderRuntime:
         forward is compiled once per distinct ``(B, T, all_logits)`` (minutes each).
         """
         batch, length = input_ids.shape
+        if max_len is not None and length > max_len:
+            raise ValueError(f"the prompt has {length} tokens, past the cache length {max_len}; "
+                             "pass a larger max_len")
         self._ensure(batch, max(length, max_len or length))
         self.length = length
         if not self.compile_prefill:
@@ -215,6 +234,8 @@ class DecoderRuntime:
                                "max_len to prefill()")
         pos = self.length
         self.length += 1
+        if self._native_loop is not None and input_ids.shape == (1, 1):
+            return self._native_loop(input_ids, pos)
         if self._native_step is not None:
             return self._native_step(input_ids, pos)
         if not self.compile:

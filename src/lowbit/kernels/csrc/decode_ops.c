@@ -55,13 +55,10 @@ static void rope(const float *x, int64_t D, const float *cos, const float *sin, 
     for (int64_t d = 0; d < D; d++) out[d] = x[d] * cos[d] + x[(d + half) % D] * sin[d];
 }
 
-/* q: [M, H * D] (rotated in place); k, v: [M, Hkv * D]; caches [M, Hkv, L, D]; cos, sin:
- * [D] for this position; out: [M, H * D]; scores: scratch of M * H * (pos + 1) floats. */
-void lowbit_attend(float *q, const float *k, const float *v, int64_t M, int64_t H,
-                   int64_t Hkv, int64_t D, int64_t pos, int64_t L, const float *cos,
-                   const float *sin, float *kcache, float *vcache, float scale, float *out,
-                   float *scores) {
-    const int64_t G = H / Hkv, T = pos + 1;
+/* RoPE on q (in place) and k, k and v written into the caches at position pos. */
+void lowbit_attend_write(float *q, const float *k, const float *v, int64_t M, int64_t H,
+                         int64_t Hkv, int64_t D, int64_t pos, int64_t L, const float *cos,
+                         const float *sin, float *kcache, float *vcache) {
     float tmp[512];
     for (int64_t m = 0; m < M; m++) {
         for (int64_t h = 0; h < H; h++) {
@@ -76,8 +73,14 @@ void lowbit_attend(float *q, const float *k, const float *v, int64_t M, int64_t 
             for (int64_t d = 0; d < D; d++) vc[d] = v[(m * Hkv + h) * D + d];
         }
     }
-#pragma omp parallel for schedule(static) if (M * H * T * D >= 262144)
-    for (int64_t mh = 0; mh < M * H; mh++) {
+}
+
+/* Attention of (row, query head) pairs mh in [mh0, mh1) over positions 0..pos. */
+void lowbit_attend_heads(const float *q, int64_t H, int64_t Hkv, int64_t D, int64_t pos,
+                         int64_t L, const float *kcache, const float *vcache, float scale,
+                         float *out, float *scores, int64_t mh0, int64_t mh1) {
+    const int64_t G = H / Hkv, T = pos + 1;
+    for (int64_t mh = mh0; mh < mh1; mh++) {
         const int64_t m = mh / H, h = mh % H, kvh = h / G;
         const float *qh = q + mh * D;
         const float *kc = kcache + (m * Hkv + kvh) * L * D, *vc = vcache + (m * Hkv + kvh) * L * D;
@@ -97,4 +100,17 @@ void lowbit_attend(float *q, const float *k, const float *v, int64_t M, int64_t 
             for (int64_t d = 0; d < D; d++) o[d] += p * vt[d];
         }
     }
+}
+
+/* q: [M, H * D] (rotated in place); k, v: [M, Hkv * D]; caches [M, Hkv, L, D]; cos, sin:
+ * [D] for this position; out: [M, H * D]; scores: scratch of M * H * (pos + 1) floats. */
+void lowbit_attend(float *q, const float *k, const float *v, int64_t M, int64_t H,
+                   int64_t Hkv, int64_t D, int64_t pos, int64_t L, const float *cos,
+                   const float *sin, float *kcache, float *vcache, float scale, float *out,
+                   float *scores) {
+    lowbit_attend_write(q, k, v, M, H, Hkv, D, pos, L, cos, sin, kcache, vcache);
+#pragma omp parallel for schedule(static) if (M * H * (pos + 1) * D >= 262144)
+    for (int64_t mh = 0; mh < M * H; mh++)
+        lowbit_attend_heads(q, H, Hkv, D, pos, L, kcache, vcache, scale, out, scores, mh,
+                            mh + 1);
 }

@@ -368,3 +368,57 @@ void lowbit_rot_int4_gemv(const float *x, int64_t M, int64_t K, const uint8_t *p
     rotate_rows(x, M, K, nf, sizes, factors, rx, rx + M * K);
     lowbit_int4_gemv(rx, M, K, packed, np, kp, B, sz, kg, bias, y, N, scratch);
 }
+
+/* ---- row ranges of one activation row, for a caller that splits rows over its threads
+ * (csrc/decode_loop.c runs one OpenMP region per decode step and calls these inside it) */
+
+/* y[n] for n in [n0, n1) as lowbit_int8_gemv with M = 1 (n0 a multiple of 4). */
+void lowbit_int8_gemv_range(const float *x, int64_t K, const int8_t *q, int64_t ldq,
+                            const float *scale, const float *bias, float *y, int64_t n0,
+                            int64_t n1) {
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4) {
+        float acc[4];
+        int8_rows4(x, K, q + n * ldq, ldq, acc);
+        for (int r = 0; r < 4; r++)
+            y[n + r] = acc[r] * (scale ? scale[n + r] : 1.0f) + (bias ? bias[n + r] : 0.0f);
+    }
+    for (; n < n1; n++)
+        y[n] = int8_row(x, K, q + n * ldq) * (scale ? scale[n] : 1.0f) + (bias ? bias[n] : 0.0f);
+}
+
+/* lowbit_int4_gemv's activation preparation for one row, into scratch (kp / 2 + kp / kg + 1
+ * floats); lowbit_int4_gemv_range then reads it. */
+void lowbit_int4_prepare(const float *x, int64_t K, int64_t kp, int64_t kg, float *scratch) {
+    const int64_t G = kp / kg;
+    prepare_x(x, 1, K, kp, kg, G, scratch + kp / 2, (int16_t *)scratch, scratch + kp / 2 + G);
+}
+
+/* Work units of an int4 weight: its full row blocks, then the rows of its short last block. */
+int64_t lowbit_int4_units(int64_t np, int64_t B) {
+    return np / B + (np - (np / B) * B);
+}
+
+/* Units [u0, u1) of lowbit_int4_gemv with M = 1 after lowbit_int4_prepare. */
+void lowbit_int4_gemv_range(const float *x, int64_t K, const uint8_t *packed, int64_t np,
+                            int64_t kp, int64_t B, const uint16_t *sz, int64_t kg,
+                            const float *bias, float *y, int64_t N, const float *scratch,
+                            int64_t u0, int64_t u1) {
+    const int64_t G = kp / kg, full = np / B, R = np - full * B;
+    const int16_t *xq = (const int16_t *)scratch;
+    const float *xs = scratch + kp / 2, xscale = scratch[kp / 2 + G];
+    float out[64];
+    for (int64_t u = u0; u < u1; u++) {
+        if (u < full) {
+            int4_block(xq, xscale, xs, K, kg, G, packed + u * kp * (B / 2), B,
+                       (const uint32_t *)sz, np, u * B, out);
+            for (int64_t r = 0; r < B && u * B + r < N; r++)
+                y[u * B + r] = out[r] + (bias ? bias[u * B + r] : 0.0f);
+            continue;
+        }
+        const int64_t j = u - full, n = full * B + j;
+        if (n < N)
+            y[n] = int4_tail_row(x, xs, K, kg, G, packed + full * B * kp / 2, R, j, sz, np, n)
+                   + (bias ? bias[n] : 0.0f);
+    }
+}

@@ -1,0 +1,63 @@
+/* Functions shared between lowbit's C sources (built into one library by native_build.py)
+ * and the model descriptor of csrc/decode_loop.c (mirrored by runtime/native_loop.py). */
+#ifndef LOWBIT_NATIVE_H
+#define LOWBIT_NATIVE_H
+#include <stdint.h>
+
+/* gemv_avx2.c: row ranges of one activation row */
+void lowbit_int8_gemv_range(const float *x, int64_t K, const int8_t *q, int64_t ldq,
+                            const float *scale, const float *bias, float *y, int64_t n0,
+                            int64_t n1);
+void lowbit_int4_prepare(const float *x, int64_t K, int64_t kp, int64_t kg, float *scratch);
+int64_t lowbit_int4_units(int64_t np, int64_t B);
+void lowbit_int4_gemv_range(const float *x, int64_t K, const uint8_t *packed, int64_t np,
+                            int64_t kp, int64_t B, const uint16_t *sz, int64_t kg,
+                            const float *bias, float *y, int64_t N, const float *scratch,
+                            int64_t u0, int64_t u1);
+
+/* decode_ops.c */
+void lowbit_rmsnorm(const float *x, int64_t M, int64_t n, const float *w, float eps, float *out);
+void lowbit_add_rmsnorm(float *x, const float *d, int64_t M, int64_t n, const float *w,
+                        float eps, float *out);
+void lowbit_silu_mul(const float *g, const float *u, int64_t count, float *out);
+void lowbit_attend_write(float *q, const float *k, const float *v, int64_t M, int64_t H,
+                         int64_t Hkv, int64_t D, int64_t pos, int64_t L, const float *cos,
+                         const float *sin, float *kcache, float *vcache);
+void lowbit_attend_heads(const float *q, int64_t H, int64_t Hkv, int64_t D, int64_t pos,
+                         int64_t L, const float *kcache, const float *vcache, float scale,
+                         float *out, float *scores, int64_t mh0, int64_t mh1);
+
+/* decode_loop.c: one linear layer y = x W^T + b, W in one of these layouts */
+enum {
+    LB_F32 = 0,  /* w float [n, ld]                                                        */
+    LB_I8 = 1,   /* w int8 [n, ld], s float [n]: per-channel scale                         */
+    LB_I8G = 2,  /* w int8 [n, ld], s float [n, k / 32]: one scale per 32 inputs (Q8_0)    */
+    LB_I4T = 3,  /* torch's int4 CPU layout (int4_weight): ld = kp, np, block, kg, s = sz  */
+    LB_Q4R = 4,  /* w uint8 [n, ld]: per 64 inputs 32 bytes, byte j = u[j] | u[j + 32] << 4;
+                  * s (z) bf16 [n, 2 ld / 32]: w = (u - 8) s + z per 32 inputs; z may be NULL */
+};
+
+typedef struct {
+    int64_t kind, n, k, ld, np, block, kg;
+    const void *w, *s, *z;
+    const float *bias;
+    float *scratch; /* LB_I4T: its prepared activations (kp / 2 + kp / kg + 1 floats) */
+} lb_linear;
+
+typedef struct {
+    lb_linear q, k, v, o, gate, up, down;
+    const float *in_norm, *post_norm;
+    float *kcache, *vcache; /* [kv_heads, max_len, head_dim] */
+    float in_eps, post_eps;
+} lb_layer;
+
+typedef struct {
+    int64_t n_layers, hidden, inter, heads, kv_heads, head_dim, max_len, vocab;
+    int64_t q8; /* 1: int8 activations per block of 32 for LB_I8 / LB_I8G / LB_Q4R (VNNI) */
+    const float *final_norm, *cos, *sin; /* tables [max_len, head_dim], sin as decode_ops */
+    const lb_layer *layers;
+    const lb_linear *head;
+    float *work; /* lowbit_loop_work_floats(model) floats */
+    float attn_scale, final_eps;
+} lb_model;
+#endif

@@ -1,0 +1,204 @@
+"""The one-call decode step (``runtime.native_loop``, ``csrc/decode_loop.c``) against the
+Python runtime, and each of its kernels against a float64 reference.
+
+Float activations: logits within 1e-4 of the runtime's torch step (both with lowbit's native
+GEMVs, so the same weights and float32 math) and the same 64 greedy tokens. Int8
+activations (per block of 32, AVX512-VNNI): within 5% of the logit range, and at least 95%
+of greedy tokens the same (the accuracy cost, as llama.cpp's Q8_0 activations).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+
+from lowbit.kernels import native
+from lowbit.runtime import DecoderRuntime, generate
+from lowbit.runtime import native_loop as nl
+from tests.runtime.test_decoder import ids, tiny
+
+pytestmark = pytest.mark.skipif(not native.available(),
+                                reason=f"native kernels unavailable: {native.why_unavailable()}")
+vnni = pytest.mark.skipif(not nl.has_vnni(), reason="the CPU lacks AVX512-VNNI")
+RECIPES = [None, "w8", "w4g32", "gguf:q4_0"]
+
+
+def _model(kind: str, recipe: str | None):
+    from lowbit import quantize
+
+    model = tiny(kind)
+    if recipe:
+        quantize(model, recipe, progress=False)
+    return model
+
+
+def _greedy_logits(rt: DecoderRuntime, x: torch.Tensor, steps: int):
+    """Greedy tokens and each step's logits, feeding back the runtime's own argmax."""
+    logits = [rt.prefill(x, max_len=x.shape[1] + steps)]
+    for _ in range(steps):
+        logits.append(rt.decode(logits[-1].argmax(-1, keepdim=True)).clone())
+    out = torch.cat(logits)
+    return out.argmax(-1), out
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_float_loop_matches_the_python_runtime(kind: str, recipe: str | None) -> None:
+    model, x = _model(kind, recipe), ids(length=6)
+    with native.force(True):
+        loop = DecoderRuntime(model, dtype=torch.float32)
+        ref = DecoderRuntime(model, dtype=torch.float32, native=False)
+        assert loop.decode_path.startswith("native loop (float")
+        got_tokens, got = _greedy_logits(loop, x, 64)
+        want_tokens, want = _greedy_logits(ref, x, 64)
+    assert torch.equal(got_tokens, want_tokens)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@vnni
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_int8_activation_loop_is_close_and_agrees(recipe: str | None) -> None:
+    model, x = _model("llama", recipe), ids(length=6)
+    with native.force(True):
+        loop = DecoderRuntime(model, dtype=torch.float32, activations="int8")
+        assert loop.decode_path.startswith("native loop (int8")
+        got_tokens, got = _greedy_logits(loop, x, 64)
+        want_tokens, want = _greedy_logits(DecoderRuntime(model, dtype=torch.float32), x, 64)
+    assert (got_tokens == want_tokens).float().mean() >= 0.95
+    assert (got - want).abs().max() <= 0.05 * (want.max() - want.min())
+
+
+def test_threads_do_not_change_the_numbers() -> None:
+    model, x = _model("llama", "w4g32"), ids(length=6)
+    before = torch.get_num_threads()
+    with native.force(True):
+        rt = DecoderRuntime(model, dtype=torch.float32)
+        try:
+            torch.set_num_threads(1)
+            one = _greedy_logits(rt, x, 16)[1]
+            torch.set_num_threads(2)
+            two = _greedy_logits(rt, x, 16)[1]
+        finally:
+            torch.set_num_threads(before)
+    torch.testing.assert_close(one, two, atol=1e-5, rtol=1e-5)
+
+
+def test_batches_above_one_take_the_fused_step() -> None:
+    model, x = _model("llama", "w8"), ids(batch=2, length=6)
+    with native.force(True):
+        got, _ = generate(DecoderRuntime(model, dtype=torch.float32), x, 8, dtype=torch.float32)
+        want, _ = generate(DecoderRuntime(model, dtype=torch.float32, native=False), x, 8,
+                           dtype=torch.float32)
+    assert torch.equal(got, want)
+
+
+def test_where_it_cannot_run_it_says_why() -> None:
+    from lowbit import quantize
+
+    model = tiny()
+    with native.force(True):
+        assert "bfloat16" in DecoderRuntime(model, dtype=torch.bfloat16).native_loop_why
+        assert "disabled" in DecoderRuntime(model, dtype=torch.float32,
+                                            native=False).native_loop_why
+        quantize(model, "nf4g64", progress=False)
+        rt = DecoderRuntime(model, dtype=torch.float32)
+    assert rt.native_loop_why.startswith("layer 0 q_proj: ")
+    assert "native loop:" in rt.decode_path
+    with pytest.raises(ValueError, match="AVX512-VNNI|'float', 'int8'"):
+        DecoderRuntime(tiny(), dtype=torch.float32, activations="int4" if nl.has_vnni()
+                       else "int8")
+
+
+def test_a_prompt_past_the_cache_is_a_clear_error() -> None:
+    with native.force(True):
+        rt = DecoderRuntime(tiny(), dtype=torch.float32)
+    with pytest.raises(ValueError, match="past the cache length 4"):
+        rt.prefill(ids(length=6), max_len=4)
+    rt.prefill(ids(length=6), max_len=7)
+    rt.decode(ids(length=1))
+    with pytest.raises(RuntimeError, match="KV cache full"):
+        rt.decode(ids(length=1))
+    with pytest.raises(ValueError, match="past the KV cache"):
+        rt._native_loop(ids(length=1), 7)
+
+
+# ---- kernels against float64 references -------------------------------------------------
+def _apply(desc: nl.LbLinear, x: torch.Tensor, q8: bool) -> torch.Tensor:
+    y = torch.empty(desc.n)
+    nl._lib().lowbit_linear_apply(ctypes.byref(desc), x.data_ptr(), y.data_ptr(), int(q8))
+    return y
+
+
+def _q8(x: torch.Tensor) -> torch.Tensor:
+    """Q8_0's quantization of x (blocks of 32), dequantized: what the int8 path multiplies."""
+    k = x.numel()
+    xb = torch.nn.functional.pad(x, (0, (-k) % 32)).view(-1, 32)
+    d = xb.abs().amax(1, keepdim=True) / 127
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    return ((xb * inv).round() * d).reshape(-1)[:k]
+
+
+def test_q8_quantize_is_q8_0_bit_for_bit() -> None:
+    x = torch.randn(100, generator=torch.Generator().manual_seed(3)) * 4
+    xq, dl, dls = torch.zeros(128, dtype=torch.int8), torch.empty(32), torch.empty(32)
+    ls = torch.empty(32, dtype=torch.int32)
+    nl._lib().lowbit_q8_quantize(x.data_ptr(), 100, xq.data_ptr(), dl.data_ptr(),
+                                 ls.data_ptr(), dls.data_ptr())
+    got = (xq.float() * dl.repeat_interleave(4))[:100]
+    assert torch.equal(got, _q8(x))
+    assert torch.equal(ls, xq.view(32, 4).int().sum(1, dtype=torch.int32))
+
+
+def _layer(n: int, k: int, recipe: str):
+    from lowbit import quantize
+
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Linear(k, n, bias=True))
+    if recipe != "float":
+        quantize(model, recipe, progress=False)
+    return model[0]
+
+
+@pytest.mark.parametrize("recipe,kind", [("float", nl.F32), ("w8", nl.I8), ("w4g32", nl.I4T),
+                                         ("gguf:q4_0", nl.I4T), ("gguf:q8_0", nl.I8G)])
+@pytest.mark.parametrize("n,k", [(37, 96), (64, 576)])
+def test_each_layout_against_its_float64_weight(recipe: str, kind: int, n: int, k: int) -> None:
+    layer = _layer(n, k, recipe)
+    with native.force(True):
+        desc, _keep = nl.linear_descriptor(layer, k, q8=False)
+    assert desc.kind == kind
+    w = (layer.weight if recipe == "float" else layer.dequantize_weight()).double()
+    if kind == nl.I4T:  # the kernel's bf16 scales are its weights
+        from lowbit.kernels.int4_weight import dequantize_int4_weight
+
+        w = dequantize_int4_weight(layer._state[0]).double()
+    x = torch.randn(k, generator=torch.Generator().manual_seed(1))
+    b = layer.bias.double()
+    tol = 2e-3 if kind == nl.I4T else 1e-5  # I4T rounds activations to int16 (gemv_avx2.c)
+    want = w @ x.double() + b
+    torch.testing.assert_close(_apply(desc, x, False).double(), want, atol=tol, rtol=tol)
+    if kind == nl.F32 or not nl.has_vnni():
+        return
+    desc, _keep = nl.linear_descriptor(layer, k, q8=True)  # the VNNI kernels
+    assert desc.kind == (nl.Q4R if kind == nl.I4T else kind)
+    want = w @ _q8(x).double() + b
+    torch.testing.assert_close(_apply(desc, x, True).double(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.real_model
+def test_smollm2_greedy_tokens_match() -> None:
+    import lowbit
+
+    model = lowbit.load_model("smollm2-135m")
+    lowbit.quantize(model, "w8", progress=False)
+    x = torch.tensor([[1, 504, 3458, 282, 4649, 314, 216]])
+    with native.force(True):
+        loop = DecoderRuntime(model, dtype=torch.float32)
+        got_tokens, got = _greedy_logits(loop, x, 64)
+        want_tokens, want = _greedy_logits(DecoderRuntime(model, dtype=torch.float32,
+                                                          native=False), x, 64)
+    assert loop.decode_path.startswith("native loop")
+    assert torch.equal(got_tokens, want_tokens)
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=1e-3)
