@@ -1,0 +1,187 @@
+"""lowbit's native decode loop against llama.cpp on the same weights, one after the other.
+
+For each recipe (SmolLM2-135M, ``float``, ``w8``, ``w4g32``, ``gguf:q4_0`` by default) this
+quantizes the model with lowbit, then:
+
+- times lowbit's decode (``DecoderRuntime``, float32, the one-call native loop): 64 greedy
+  tokens after a 32-token prompt, median of ``--repeats`` after a warm-up, for float
+  activations and (where the CPU has AVX512-VNNI) int8 activations per block of 32; and the
+  prefill of 512 tokens (one forward; float32 and bf16 runtimes);
+- exports the same model to GGUF (``lowbit.export``: ``w8`` -> Q8_0, ``gguf:q4_0`` -> Q4_0,
+  ``w4g32`` -> Q4_1, ``float`` -> F32) and runs ``llama-bench -t T -p 512 -n 64``;
+- prints decode tokens/s of both and their ratio, prefill of both, and the achieved weight
+  bandwidth (weight bytes the loop reads per token x tokens/s) beside the machine's
+  measured copy bandwidth (a 256 MiB torch copy: bytes read + written per second).
+
+    .venv/bin/python benchmarks/decode_vs_llama_cpp.py --out decode_vs_llama.json
+    .venv/bin/python benchmarks/decode_vs_llama_cpp.py --recipes w8 --no-llama-cpp
+
+Run it on an otherwise idle machine: the numbers are medians, but a neighbour's job moves
+them (shared/BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+GGUF_NAMES = {"float": "F32", "w8": "Q8_0", "w4g32": "Q4_1", "gguf:q4_0": "Q4_0",
+              "gguf:q8_0": "Q8_0"}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def copy_bandwidth(mib: int = 256, repeats: int = 7) -> float:
+    """GB/s of a large torch copy, bytes read plus bytes written."""
+    src = torch.ones(mib * 2**20 // 4)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return 2 * src.numel() * 4 / statistics.median(times) / 1e9
+
+
+def decode_tps(rt, prompt: torch.Tensor, tokens: int, repeats: int) -> float:
+    """Median tokens/s of ``tokens`` greedy decode steps after ``prompt`` (prefill untimed)."""
+    rates = []
+    for _ in range(repeats + 1):  # the first is a warm-up
+        logits = rt.prefill(prompt, max_len=prompt.shape[1] + tokens)
+        start = time.perf_counter()
+        for _ in range(tokens):
+            logits = rt.decode(logits.argmax(-1, keepdim=True))
+        rates.append(tokens / (time.perf_counter() - start))
+    return statistics.median(rates[1:])
+
+
+def prefill_tps(rt, length: int, repeats: int) -> float:
+    ids = torch.randint(0, 1000, (1, length), generator=torch.Generator().manual_seed(0))
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        rt.prefill(ids)
+        times.append(time.perf_counter() - start)
+    return length / statistics.median(times[1:])
+
+
+def int8_cost(runtimes: dict, prompt: torch.Tensor, tokens: int) -> dict:
+    """int8 against float activations, teacher-forced on the float path's greedy tokens:
+    share of equal argmax, max |logit difference|, mean KL(float || int8)."""
+    logits = {}
+    for act, rt in runtimes.items():
+        out = [rt.prefill(prompt, max_len=prompt.shape[1] + tokens)]
+        for i in range(tokens):
+            feed = (logits["float"][i] if act != "float" else out[-1]).argmax(-1)
+            out.append(rt.decode(feed.view(1, 1)).clone())
+        logits[act] = torch.cat(out)
+    ref, got = logits["float"], logits["int8"]
+    kl = torch.nn.functional.kl_div(got.log_softmax(-1), ref.log_softmax(-1), log_target=True,
+                                    reduction="batchmean")
+    return {"same_argmax": (ref.argmax(-1) == got.argmax(-1)).float().mean().item(),
+            "max_abs_logit_diff": (ref - got).abs().max().item(), "mean_kl": kl.item()}
+
+
+def run_lowbit(model, args) -> dict:
+    from lowbit.runtime import DecoderRuntime
+    from lowbit.runtime.native_loop import has_vnni
+
+    prompt = torch.randint(0, 1000, (1, args.prompt), generator=torch.Generator().manual_seed(1))
+    out, runtimes = {}, {}
+    for act in ["float", "int8"] if has_vnni() else ["float"]:
+        rt = runtimes[act] = DecoderRuntime(model, dtype=torch.float32, activations=act)
+        tps = decode_tps(rt, prompt, args.tokens, args.repeats)
+        loop = rt._native_loop
+        mb = loop.weight_bytes() / 1e6 if loop is not None else float("nan")
+        out[act] = {"decode_tps": tps, "path": rt.decode_path, "weight_mb": mb,
+                    "weight_gbps": mb * tps / 1e3}
+        print(f"  lowbit {act:5s} activations: decode {tps:7.1f} tok/s  "
+              f"({mb:.1f} MB/token -> {mb * tps / 1e3:.1f} GB/s)  [{rt.decode_path}]",
+              flush=True)
+    if "int8" in runtimes:
+        out["int8_cost"] = cost = int8_cost(runtimes, prompt, args.tokens)
+        print(f"  int8 activations vs float: same argmax {cost['same_argmax']:.1%}, max |dlogit| "
+              f"{cost['max_abs_logit_diff']:.3f}, mean KL {cost['mean_kl']:.5f}", flush=True)
+    for dtype in (torch.float32, torch.bfloat16):
+        name = str(dtype).removeprefix("torch.")
+        tps = prefill_tps(DecoderRuntime(model, dtype=dtype), 512, args.repeats)
+        out[f"prefill_{name}_tps"] = tps
+        print(f"  lowbit prefill 512 ({name}): {tps:7.1f} tok/s", flush=True)
+    return out
+
+
+def run_llama(model, recipe: str, workdir: Path, args) -> dict:
+    import lowbit
+    from lowbit.export import llama_cpp_tools
+
+    path = workdir / f"{recipe.replace(':', '_')}.gguf"
+    options = {"float_type": "f32", "embedding_type": "f32"} if recipe == "float" else {}
+    lowbit.export(model, "gguf", path, overwrite=True, **options)
+    res = llama_cpp_tools.bench(path, threads=args.threads, prompt=512, gen=args.tokens,
+                                repetitions=args.repeats)
+    res["file_mb"] = path.stat().st_size / 1e6
+    print(f"  llama.cpp {GGUF_NAMES.get(recipe, '?')}: decode {res['decode_tps']:7.1f} tok/s, "
+          f"prefill {res['prefill_tps']:7.1f} tok/s ({res['file_mb']:.0f} MB file)", flush=True)
+    return res
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipes", default="float,w8,w4g32,gguf:q4_0")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=64, help="decode tokens per run")
+    parser.add_argument("--prompt", type=int, default=32, help="prompt tokens before decode")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-llama-cpp", action="store_true", help="time lowbit only")
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args(argv)
+
+    import lowbit
+    from lowbit.runtime.native_loop import has_vnni
+
+    torch.set_num_threads(args.threads)
+    report = {"cpu": cpu_name(), "threads": args.threads, "vnni": has_vnni(),
+              "torch": torch.__version__, "copy_gbps": copy_bandwidth(), "recipes": {}}
+    print(f"CPU: {report['cpu']}  threads {args.threads}  AVX512-VNNI: {report['vnni']}  "
+          f"copy bandwidth {report['copy_gbps']:.1f} GB/s (read + write)", flush=True)
+    base = lowbit.load_model("smollm2-135m")
+    with tempfile.TemporaryDirectory() as tmp:
+        for recipe in args.recipes.split(","):
+            print(f"{recipe}:", flush=True)
+            model = copy.deepcopy(base)
+            if recipe != "float":
+                lowbit.quantize(model, recipe, progress=False)
+            row = {"lowbit": run_lowbit(model, args)}
+            if not args.no_llama_cpp:
+                row["llama_cpp"] = llama = run_llama(model, recipe, Path(tmp), args)
+                best = max(v["decode_tps"] for v in row["lowbit"].values()
+                           if isinstance(v, dict) and "decode_tps" in v)
+                row["decode_ratio"] = best / llama["decode_tps"]
+                row["prefill_ratio"] = row["lowbit"]["prefill_bfloat16_tps"] / llama[
+                    "prefill_tps"]
+                print(f"  ratio lowbit / llama.cpp: decode {row['decode_ratio']:.2f}x, "
+                      f"prefill (bf16) {row['prefill_ratio']:.2f}x", flush=True)
+            report["recipes"][recipe] = row
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
