@@ -1,5 +1,6 @@
 """The tokenizer as GGUF metadata, for byte-level BPE tokenizers (GPT-2 style: SmolLM2, Qwen2,
-Llama 3): token list and types, merges, special ids, chat template.
+Llama 3): token list and types, merges, special ids, chat template. SentencePiece tokenizers
+(Llama 2, Mistral: ``tokenizer.model``) are written by ``gguf_vocab_spm``.
 
 llama.cpp picks its pre-tokenizer (the regex that splits text before BPE) from
 ``tokenizer.ggml.pre``; lowbit reads it off the Hugging Face ``tokenizer.json``
@@ -69,23 +70,37 @@ def source_pre_tokenizer(spec: str | None) -> str | None:
 
 
 def add_tokenizer(writer, tokenizer, vocab_size: int, pre: str | None) -> str:
-    """Write ``tokenizer`` (a Hugging Face fast tokenizer) into ``writer``; returns the
-    pre-tokenizer name used."""
+    """Write ``tokenizer`` (a Hugging Face tokenizer: byte-level BPE, or SentencePiece with
+    its ``tokenizer.model``) into ``writer``; returns the pre-tokenizer name used."""
     from gguf import SpecialVocab, TokenType
+
+    from lowbit.export.gguf_vocab_spm import add_spm_tokenizer, spm_model_file
 
     with tempfile.TemporaryDirectory(prefix="lowbit-gguf-tok-") as tmp:
         tokenizer.save_pretrained(tmp)
         path = Path(tmp) / "tokenizer.json"
-        if not path.is_file():
-            raise TokenizerExportError("the tokenizer has no tokenizer.json (a slow tokenizer); "
-                                       "load the model's fast tokenizer and export again")
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
         model = data.get("model", {})
         if model.get("type") != "BPE" or model.get("byte_fallback"):
+            spm = spm_model_file(tokenizer, Path(tmp))
+            if spm is not None:
+                return add_spm_tokenizer(writer, tokenizer, spm, Path(tmp), vocab_size)
+            if not data:
+                raise TokenizerExportError(
+                    "the tokenizer has neither tokenizer.json nor tokenizer.model (a slow "
+                    "tokenizer); load the model's fast tokenizer and export again")
+            kind = model.get("type")
+            if model.get("byte_fallback") or kind == "Unigram":
+                raise TokenizerExportError(
+                    f"this is a SentencePiece-style tokenizer ({kind}"
+                    f"{' with byte fallback' if model.get('byte_fallback') else ''}) but its "
+                    "tokenizer.model is not available (a fast tokenizer loaded from "
+                    "tokenizer.json alone); put the model's tokenizer.model next to "
+                    "tokenizer.json, load the tokenizer from that folder and export again")
             raise TokenizerExportError(
-                f"only byte-level BPE tokenizers (GPT-2 style) export for now, this one is "
-                f"{model.get('type')}{' with byte fallback (SentencePiece-style)' if model.get('byte_fallback') else ''}; "  # noqa: E501
-                "convert the model with llama.cpp's convert_hf_to_gguf.py instead")
+                f"only byte-level BPE (GPT-2 style) and SentencePiece (tokenizer.model) "
+                f"tokenizers export to GGUF, this one is {kind}; convert the model with "
+                "llama.cpp's convert_hf_to_gguf.py instead")
         pre = pre or pre_tokenizer_name(data)
         vocab = tokenizer.get_vocab()
         if len(vocab) > vocab_size:
