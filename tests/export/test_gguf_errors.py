@@ -24,7 +24,7 @@ def test_unknown_architecture(tmp_path, tiny_tok):
 
 def test_unknown_format(tmp_path, tiny_tok):
     with pytest.raises(ExportError, match="lowbit exports to gguf"):
-        lowbit.export(tiny_decoder(), "onnx", tmp_path / "m.onnx", tokenizer=tiny_tok)
+        lowbit.export(tiny_decoder(), "tflite", tmp_path / "m.tflite", tokenizer=tiny_tok)
 
 
 @pytest.mark.filterwarnings("ignore:.*no Hadamard rotation")
