@@ -51,14 +51,38 @@ int64_t lowbit_loop_has_vnni(void) {
     return known;
 }
 
-/* Q8_0's quantization of x[0..K) (quantize_row_q8_0_ref, with round-half-even). */
+/* Q8_0's quantization of x[0..K) (quantize_row_q8_0_ref, with round-half-even): whole
+ * blocks 8 lanes at a time (cvtps rounds to nearest even, as nearbyintf), the rest scalar. */
 void lowbit_q8_quantize(const float *x, int64_t K, int8_t *xq, float *dl, int32_t *ls,
                         float *dls) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (int64_t b = 0; b < up64(K); b += 32) {
-        float amax = 0.0f;
-        for (int64_t k = b; k < b + 32 && k < K; k++) amax = fmaxf(amax, fabsf(x[k]));
-        const float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
-        for (int64_t k = b; k < b + 32; k++) xq[k] = k < K ? (int8_t)nearbyintf(x[k] * inv) : 0;
+        float d;
+        if (b + 32 <= K) {
+            __m256 v[4], m = _mm256_setzero_ps();
+            for (int i = 0; i < 4; i++) {
+                v[i] = _mm256_loadu_ps(x + b + 8 * i);
+                m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[i]));
+            }
+            __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+            h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+            h = _mm_max_ss(h, _mm_movehdup_ps(h));
+            d = _mm_cvtss_f32(h) / 127.0f;
+            const __m256 inv = _mm256_set1_ps(d > 0.0f ? 1.0f / d : 0.0f);
+            __m256i c[4];
+            for (int i = 0; i < 4; i++) c[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));
+            const __m256i q = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]),
+                                                 _mm256_packs_epi32(c[2], c[3]));
+            _mm256_storeu_si256((__m256i *)(xq + b), _mm256_permutevar8x32_epi32(q, order));
+        } else {
+            float amax = 0.0f;
+            for (int64_t k = b; k < b + 32 && k < K; k++) amax = fmaxf(amax, fabsf(x[k]));
+            d = amax / 127.0f;
+            const float inv = d > 0.0f ? 1.0f / d : 0.0f;
+            for (int64_t k = b; k < b + 32; k++)
+                xq[k] = k < K ? (int8_t)nearbyintf(x[k] * inv) : 0;
+        }
         for (int64_t l = b / 4; l < (b + 32) / 4; l++) {
             ls[l] = xq[4 * l] + xq[4 * l + 1] + xq[4 * l + 2] + xq[4 * l + 3];
             dl[l] = d;
@@ -69,6 +93,38 @@ void lowbit_q8_quantize(const float *x, int64_t K, int8_t *xq, float *dl, int32_
 
 static inline __m256 widen8(const int8_t *p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+
+/* exp(x) for 8 floats: Cephes' expf (2^n e^r, degree-6 polynomial on |r| <= ln2 / 2,
+ * about 1 ulp), as in avx_mathfun; the libm call per element costs more than the rest of
+ * a block's small operations together. */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* g = g / (1 + exp(-g)) * u (SwiGLU), 8 at a time. */
+static void silu_mul8(float *g, const float *u, int64_t count) {
+    int64_t i = 0;
+    for (; i + 8 <= count; i += 8) {
+        const __m256 x = _mm256_loadu_ps(g + i), one = _mm256_set1_ps(1.0f);
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), x));
+        _mm256_storeu_ps(g + i, _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(one, e)),
+                                              _mm256_loadu_ps(u + i)));
+    }
+    for (; i < count; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
 
 static float f32_row(const float *x, const float *w, int64_t K) {
@@ -283,7 +339,7 @@ void lowbit_decode_step(const lb_model *m, const float *embed, int64_t pos, floa
 #pragma omp barrier
 #pragma omp single
             {
-                lowbit_silu_mul(g, u, m->inter, g);
+                silu_mul8(g, u, m->inter);
                 const lb_linear *ds[1] = {&L->down};
                 prepare(g, ds, 1, a);
             }
