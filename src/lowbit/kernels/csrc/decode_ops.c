@@ -51,8 +51,9 @@ void lowbit_silu_mul(const float *g, const float *u, int64_t count, float *out) 
 }
 
 static void rope(const float *x, int64_t D, const float *cos, const float *sin, float *out) {
-    int64_t half = D / 2;
-    for (int64_t d = 0; d < D; d++) out[d] = x[d] * cos[d] + x[(d + half) % D] * sin[d];
+    int64_t half = D / 2; /* two loops: no integer division per element */
+    for (int64_t d = 0; d < half; d++) out[d] = x[d] * cos[d] + x[d + half] * sin[d];
+    for (int64_t d = half; d < D; d++) out[d] = x[d] * cos[d] + x[d - half] * sin[d];
 }
 
 /* RoPE on q (in place) and k, k and v written into the caches at position pos. */
