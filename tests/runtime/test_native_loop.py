@@ -70,6 +70,17 @@ def test_int8_activation_loop_is_close_and_agrees(recipe: str | None) -> None:
     assert (got - want).abs().max() <= 0.05 * (want.max() - want.min())
 
 
+def test_auto_takes_a_measured_choice_and_says_which() -> None:
+    model, x = _model("llama", "w8"), ids(length=6)
+    with native.force(True):
+        rt = DecoderRuntime(model, dtype=torch.float32, activations="auto")
+        want = "int8" if nl.has_vnni() else "float"
+        assert rt._native_loop.activations in (want, "float")
+        assert rt.decode_path.startswith(f"native loop ({rt._native_loop.activations} ")
+        tokens, _ = _greedy_logits(rt, x, 8)
+    assert tokens.shape == (9,)
+
+
 def test_threads_do_not_change_the_numbers() -> None:
     model, x = _model("llama", "w4g32"), ids(length=6)
     before = torch.get_num_threads()
