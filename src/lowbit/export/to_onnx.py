@@ -34,7 +34,6 @@ import numpy as np
 import torch
 
 from lowbit.export.gguf_weights import ExportError
-from lowbit.export.hf_checkpoint import load_with_tokenizer
 from lowbit.export.onnx_graph import ACTIVATIONS
 from lowbit.model.serialization import remove_stale_temps, swap_in
 
@@ -112,19 +111,26 @@ def _save(proto, folder: Path) -> None:
 
 def export_onnx(model, path: str | os.PathLike, *, overwrite: bool = False, tokenizer=None,
                 accuracy_level: int | None = None,
-                activations: str = "per-token") -> OnnxReport:
+                activations: str = "per-token", example_inputs=None) -> OnnxReport:
     """Write ``model`` (an ``nn.Module``, lowbit checkpoint folder or bundled name; a
     Llama-family decoder, float or quantized by lowbit) as an ONNX folder at ``path``.
     ``accuracy_level``: MatMulNBits' compute type (0: float32 as lowbit; 4: int8
     activations; None: 0 for 2/4 bits, 4 for 8 bits); ``activations``: W8A8 activation
     codes, ``"per-token"`` (lowbit's) or ``"ort-dynamic"`` (ONNX DynamicQuantizeLinear, one
-    scale per tensor)."""
+    scale per tensor). Other models (CNNs, encoders: float, or quantized with int8 weights and
+    static activations, e.g. ``w8a8-static``) go to ``onnx_qdq.export_qdq`` as static int8
+    QDQ; ``example_inputs`` traces a model that is not a Hugging Face text model."""
     _require()
     from lowbit.export.onnx_decoder import decoder_model
 
     _check_options(accuracy_level, activations)
     target = check_target(path, overwrite)
-    model, tokenizer = load_with_tokenizer(model, tokenizer)
+    from lowbit.export.onnx_qdq import export_qdq, open_model
+
+    model, tokenizer, qdq = open_model(model, tokenizer, example_inputs)
+    if qdq:
+        return export_qdq(model, target, overwrite=overwrite, tokenizer=tokenizer,
+                          example_inputs=example_inputs)
     with torch.no_grad():
         proto, facts, ops = decoder_model(model, accuracy_level=accuracy_level,
                                           activations=activations)
