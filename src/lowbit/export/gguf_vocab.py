@@ -13,7 +13,9 @@ import json
 import tempfile
 from pathlib import Path
 
-from lowbit.export.gguf_weights import ExportError
+from lowbit.export.gguf_weights import TokenizerExportError
+
+__all__ = ["TokenizerExportError", "add_tokenizer", "pre_tokenizer_name"]
 
 #: llama.cpp pre-tokenizer names for the byte-level BPE splits lowbit recognises
 PRE_TOKENIZERS = {
@@ -22,10 +24,6 @@ PRE_TOKENIZERS = {
     "qwen2": "qwen2",
     "llama3": "llama-bpe",
 }
-
-
-class TokenizerExportError(ExportError):
-    """A tokenizer that lowbit cannot describe in GGUF metadata."""
 
 
 def pre_tokenizer_name(tokenizer_json: dict) -> str:

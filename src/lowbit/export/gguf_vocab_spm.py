@@ -89,7 +89,7 @@ def add_spm_tokenizer(writer, tokenizer, model_file: Path, saved: Path,
     from gguf import SpecialVocab, TokenType
     from sentencepiece import SentencePieceProcessor
 
-    from lowbit.export.gguf_vocab import TokenizerExportError
+    from lowbit.export.gguf_weights import TokenizerExportError
 
     try:
         sp = SentencePieceProcessor(model_file=str(model_file))

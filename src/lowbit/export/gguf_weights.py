@@ -43,6 +43,10 @@ class ExportError(LowbitError, ValueError):
     """A model that cannot be exported as asked; the message names the fix."""
 
 
+class TokenizerExportError(ExportError):
+    """A tokenizer that lowbit cannot describe in GGUF metadata."""
+
+
 class UnsupportedSchemeError(ExportError):
     """A layer's quantization scheme has no GGUF block type."""
 
