@@ -38,6 +38,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from lowbit.kernels.cpu import cpu_line
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from algorithms import Scores, stored_bits  # noqa: E402  (a sibling benchmark script)
 
@@ -45,18 +47,6 @@ RECIPES = "w4g64-gptq-rot,w4g128,w4g128-gptq,w8,w4g128-awq,w3g64-gptaq-rot"
 TEXTS = "pydoc,idle-news,email"
 
 
-def cpu_line() -> str:
-    from lowbit.kernels import cpu_features
-
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}; {cpu_features().describe()}"
 
 
 def make_recipe(name: str):

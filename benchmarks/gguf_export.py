@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
+
+from lowbit.kernels.cpu import cpu_line
 
 MODEL = "smollm2-135m"
 
@@ -105,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=2, help="llama-bench repetitions")
     p.add_argument("--bench", action="store_true", help="also run llama-bench on each file")
     p.add_argument("--report", help="write PREFIX.json, PREFIX.md and PREFIX.png")
+    p.add_argument("--append", action="store_true",
+                   help="add the rows to an existing PREFIX.json (same settings) instead of "
+                   "replacing it")
     args = p.parse_args(argv)
 
     import lowbit
@@ -131,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         files[f"lowbit {recipe}"] = _export(recipe, out, tokenizer, args.calib_tokens)
     files.update(_llama_files(args, out, f32, tokenizer))
 
-    rows, cpu = [], platform.processor() or "?"
+    rows, cpu = [], cpu_line()
     for name, (path, seconds) in files.items():
         size = path.stat().st_size
         row = {"row": name, "bytes": size, "bits_per_weight": 8 * size / _values(path),
@@ -142,17 +146,31 @@ def main(argv: list[str] | None = None) -> int:
                                                      chunks=args.chunks, threads=args.threads)
         if args.bench:
             speed = tools.bench(path, args.threads, 512, 64, args.reps)
-            cpu = speed["cpu"]
             row.update(prefill_tps=speed.get("prefill_tps"), decode_tps=speed.get("decode_tps"))
         rows.append(row)
         print(json.dumps(row), flush=True)
     command = "python benchmarks/gguf_export.py " + " ".join(argv or sys.argv[1:])
-    result = {"command": command, "cpu": cpu, "model": MODEL, "chunks": args.chunks,
+    result = {"commands": [command], "cpu": cpu, "model": MODEL, "chunks": args.chunks,
               "calib_tokens": args.calib_tokens, "threads": args.threads, "rows": rows}
+    if args.report and args.append and Path(args.report).with_suffix(".json").exists():
+        result = _merged(json.loads(Path(args.report).with_suffix(".json").read_text()),
+                         result)
     print("\n" + "\n".join(table(result)))
     if args.report:
         write_report(result, Path(args.report))
     return 0
+
+
+def _merged(old: dict, new: dict) -> dict:
+    """``old``'s rows with ``new``'s added (a row of the same name replaced); the settings
+    that the numbers depend on must agree."""
+    for key in ("model", "chunks", "calib_tokens"):
+        if old.get(key) != new[key]:
+            raise SystemExit(f"--append: the report was measured with {key}={old.get(key)}, "
+                             f"this run with {new[key]}; use the same settings or a new report")
+    names = {r["row"] for r in new["rows"]}
+    rows = [r for r in old["rows"] if r["row"] not in names] + new["rows"]
+    return {**new, "commands": old["commands"] + new["commands"], "rows": rows}
 
 
 def table(result: dict) -> list[str]:
@@ -160,13 +178,14 @@ def table(result: dict) -> list[str]:
     rows = result["rows"]
     texts = list(rows[0]["texts"]) if rows else []
     speed = any(r.get("decode_tps") for r in rows)
-    lines = [f"`{result['command']}`", "",
+    lines = [*(f"`{c}`" for c in result["commands"]), "",
              f"SmolLM2-135M; llama.cpp's `llama-perplexity --kl-divergence` against the F32 "
              f"file, `-c 512 --chunks {result['chunks']}`; calibration (lowbit's algorithms and "
              f"llama-imatrix): {result['calib_tokens']} tokens of the default mix; pydoc is "
              f"the calibration domain, the other texts are held out"
              + (f"; speed: `llama-bench -t {result['threads']} -p 512 -n 64`" if speed else "")
-             + f"; CPU: {result['cpu']}.", ""]
+             + f"; CPU: {result['cpu']}." + (f" {result['note']}" if result.get("note") else ""),
+             ""]
     head = "| file | MiB | bits/w |" + "".join(f" {t} PPL | {t} KLD |" for t in texts)
     lines += [head + (" pp512 t/s | tg64 t/s |" if speed else ""),
               "|---|---:|---:|" + "---:|---:|" * len(texts) + ("---:|---:|" if speed else "")]

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import sys
 import time
 from pathlib import Path
+
+from lowbit.kernels.cpu import cpu_name
 
 MODEL = "smollm2-135m"
 #: SmolLM2's 576-wide inputs take groups of 64 (not 128); "w4g64-sym" is int4 with symmetric
@@ -28,14 +29,6 @@ RECIPES = ("w8", "fp8", "w8a8-plain", "w4g64-sym", "w4g64", "w4g64-izp", "w4g64-
            "w4g64-gptq-izp")
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def recipe_of(name: str):

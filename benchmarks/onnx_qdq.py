@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import re
 import statistics
 import sys
@@ -41,17 +40,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lowbit.kernels.cpu import cpu_name
+
 ROOT = Path(__file__).resolve().parent
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def recipe():

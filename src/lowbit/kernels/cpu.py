@@ -83,6 +83,22 @@ def _has_vnni() -> bool:
     return any(f in flags.split() for f in _VNNI_FLAGS)
 
 
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    import platform
+
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return platform.processor() or platform.machine()
+
+
+def cpu_line() -> str:
+    """The CPU and what lowbit's kernels use on it, as every benchmark prints it."""
+    return f"{cpu_name()}; {cpu_features().describe()}"
+
+
 def cpu_features() -> CpuFeatures:
     """This machine's features (or what ``assume_cpu`` says)."""
     return _override if _override is not None else _detect()
