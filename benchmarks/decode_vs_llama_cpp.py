@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -35,16 +34,6 @@ import torch
 
 GGUF_NAMES = {"float": "F32", "w8": "Q8_0", "w4g32": "Q4_1", "gguf:q4_0": "Q4_0",
               "gguf:q8_0": "Q8_0"}
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
 
 
 def copy_bandwidth(mib: int = 256, repeats: int = 7) -> float:
@@ -153,10 +142,11 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     import lowbit
+    from lowbit.kernels.cpu import cpu_line
     from lowbit.runtime.native_loop import has_vnni
 
     torch.set_num_threads(args.threads)
-    report = {"cpu": cpu_name(), "threads": args.threads, "vnni": has_vnni(),
+    report = {"cpu": cpu_line(), "threads": args.threads, "vnni": has_vnni(),
               "torch": torch.__version__, "copy_gbps": copy_bandwidth(), "recipes": {}}
     print(f"CPU: {report['cpu']}  threads {args.threads}  AVX512-VNNI: {report['vnni']}  "
           f"copy bandwidth {report['copy_gbps']:.1f} GB/s (read + write)", flush=True)
