@@ -105,9 +105,7 @@ def _engine(model: nn.Module, engine: str):
             if engine == "lowbit":
                 raise
         else:
-            fused = ", fused C ops" if runtime.decode_path == "native fused ops" else ""
-            name = f"lowbit.runtime ({str(dtype).removeprefix('torch.')}{fused})"
-            return (lambda p, n: generate(runtime, p, n, dtype=dtype)), name
+            return (lambda p, n: generate(runtime, p, n, dtype=dtype)), runtime.engine_name
 
     def hf(prompt, n):
         model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,

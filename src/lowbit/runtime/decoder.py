@@ -150,6 +150,13 @@ class DecoderRuntime:
             self.decode_path += f" (native loop: {self.native_loop_why})"
 
     # ---- set-up -------------------------------------------------------------------------------
+    @property
+    def engine_name(self) -> str:
+        """``lowbit.runtime (<dtype>[, native decode loop | , fused C ops])``, for reports."""
+        kind = {"native fused ops": ", fused C ops", "native loop": ", native decode loop"}.get(
+            self.decode_path.split(" (")[0], "")
+        return f"lowbit.runtime ({str(self.dtype).removeprefix('torch.')}{kind})"
+
     def _ensure(self, batch: int, max_len: int) -> None:
         spec = self.spec
         if spec.sliding_window is not None and max_len > spec.sliding_window:

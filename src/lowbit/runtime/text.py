@@ -158,9 +158,7 @@ def _runtime_generate(runtime: DecoderRuntime, model: nn.Module, input_ids: torc
     _, raw = generate_ids(runtime, input_ids, max_new_tokens, dtype=runtime.dtype,
                           eos_token_id=eos, next_token=pick,
                           on_token=lambda column: text.put(int(column[0])))
-    fused = {"native fused ops": ", fused C ops", "native loop": ", native decode loop"}.get(
-        runtime.decode_path.split(" (")[0], "")
-    engine = f"lowbit.runtime ({str(runtime.dtype).removeprefix('torch.')}{fused})"
+    engine = runtime.engine_name
     return TextStats(raw.prompt_tokens, raw.new_tokens, raw.prompt_tokens / raw.prefill_seconds,
                      raw.decode_tokens_per_second, engine, _kernels(model, runtime.dtype))
 
