@@ -195,8 +195,11 @@ def measure() -> dict:
             continue
         timed = sorted(table[name], key=lambda c: total(table, name, c))
         ranking[name] = timed + [c for c in cands if c not in timed]
-        if noisy and (len(timed) < 2 or total(table, name, timed[1]) <
-                      MARGIN * total(table, name, timed[0])):
+        first, second = (total(table, name, c) for c in (timed + timed)[:2])
+        # a win is clear when the runner-up takes MARGIN x as long; an estimate at or below
+        # zero (runtime.*: a step minus its linears, on a noisy machine) decides nothing
+        clear = len(timed) >= 2 and first > 0 and second >= MARGIN * first
+        if noisy and not clear:
             ranking[name] = choices.flag_ranking(name)  # too close to call on a busy machine
     votes = [ranking[f"runtime.{f}"][0] for f in ("int8_weight", "int4_weight", "w8a8")]
     ranking["compute"] = sorted(("fp32", "bf16"), key=lambda dt: -votes.count(dt))
