@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -160,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     same = sum(x == y for x, y in zip(fp["greedy_tokens"], q["greedy_tokens"], strict=True))
     print(f"greedy tokens equal to fp32's: {same}/{len(fp['greedy_tokens'])}")
     if args.out:
-        result = {"cpu": cpu_name(), "onnxruntime": ort.__version__, "threads": args.threads,
+        result = {"command": "python benchmarks/onnx_export.py " + " ".join(sys.argv[1:]),
+                  "cpu": cpu_name(), "onnxruntime": ort.__version__, "threads": args.threads,
                   "model": args.model, "recipe": args.recipe,
                   "accuracy_level": args.accuracy_level, "prompt_tokens": args.prompt,
                   "decode_steps": args.steps, "eval_tokens": args.eval,
