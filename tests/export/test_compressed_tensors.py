@@ -133,7 +133,7 @@ def test_existing_folder_needs_overwrite_and_only_replaces_exports(tmp_path, tin
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("precious")
-    with pytest.raises(ExportError, match="no export wrote"):
+    with pytest.raises(ExportError, match="no model export wrote"):
         lowbit.export(model, "compressed-tensors", mine, tokenizer=tiny_tok, overwrite=True)
     assert (mine / "notes.txt").read_text() == "precious"
 

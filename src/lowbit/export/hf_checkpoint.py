@@ -59,23 +59,33 @@ def check_dtype(dtype: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def check_target(path: str | os.PathLike, overwrite: bool) -> Path:
+def check_folder(path: str | os.PathLike, overwrite: bool,
+                 exported: Callable[[Path], bool], kind: str) -> Path:
     """The folder to write; refuses an existing one without ``overwrite``, and even with
-    it anything but an earlier export or an empty folder."""
+    it anything but an earlier export (``exported(folder)``) or an empty folder, so a
+    model's own files are never deleted."""
     target = Path(path)
     if not target.exists():
         return target
     if not overwrite:
         raise ExportError(f"{target} already exists; choose another folder or pass "
                           "overwrite=True (CLI: --overwrite)")
-    config = target / "config.json"
-    exported = config.is_file() and "quantization_config" in config.read_text(errors="ignore")
-    if not target.is_dir() or (any(target.iterdir()) and not exported):
-        what = "a file" if not target.is_dir() else "a folder that no export wrote"
-        raise ExportError(f"{target} is {what}; --overwrite only replaces an exported model "
-                          "folder, so a model's own files are never deleted: choose another "
+    if not target.is_dir() or (any(target.iterdir()) and not exported(target)):
+        what = "a file" if not target.is_dir() else f"a folder that no {kind} export wrote"
+        raise ExportError(f"{target} is {what}; --overwrite only replaces an exported "
+                          f"{kind} folder, so other files are never deleted: choose another "
                           "folder or remove it yourself")
     return target
+
+
+def _quantized_folder(folder: Path) -> bool:
+    config = folder / "config.json"
+    return config.is_file() and "quantization_config" in config.read_text(errors="ignore")
+
+
+def check_target(path: str | os.PathLike, overwrite: bool) -> Path:
+    """``check_folder`` for the Hugging Face exports (a ``quantization_config`` marks ours)."""
+    return check_folder(path, overwrite, _quantized_folder, "model")
 
 
 def load_with_tokenizer(model, tokenizer):

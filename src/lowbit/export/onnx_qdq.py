@@ -35,8 +35,6 @@ opset 17, IR version 8 (ORT reads <= 13).
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,13 +44,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.export.gguf_weights import ExportError, UnsupportedSchemeError
+from lowbit.export.onnx_folder import MODEL, check_target, write_folder
 from lowbit.formats import get_format, rotate
-from lowbit.model.serialization import remove_stale_temps, swap_in
 from lowbit.nn import QuantizedConv2d, QuantizedLinear
 
 OPSET = 17
 IR_VERSION = 8
-MODEL = "model.onnx"
 NEAREST = "w8a8-static"
 QMAX = 127  # lowbit's symmetric int8 range is [-127, 127]
 
@@ -316,7 +313,7 @@ def export_qdq(model, path: str | os.PathLike, *, overwrite: bool = False, token
     recipe = getattr(model, "lowbit_recipe", None)
     proto.metadata_props.add(key="lowbit.producer", value="lowbit")
     proto.metadata_props.add(key="lowbit.recipe", value=getattr(recipe, "name", None) or "float")
-    _write(proto, target, overwrite, model, tokenizer)
+    write_folder(proto, target, overwrite, model, tokenizer)
     kinds = (nn.Linear, nn.Conv2d)
     stored = {t.name.removeprefix("model.") for t in proto.graph.initializer}
     present = {n: f for n, f in layers.items() if f"{n}.weight_qdata" in stored}
@@ -326,45 +323,6 @@ def export_qdq(model, path: str | os.PathLike, *, overwrite: bool = False, token
                      [n for n, m in model.named_modules() if type(m) in kinds],
                      [n for n in layers if n not in present],
                      dict(Counter(node.op_type for node in proto.graph.node)), names, [output])
-
-
-def check_target(path: str | os.PathLike, overwrite: bool) -> Path:
-    """The folder to write; ``overwrite`` replaces only an earlier ONNX export (a folder
-    holding ``model.onnx``) or an empty folder, never other files (as ``to_onnx``)."""
-    target = Path(path)
-    if target.exists() and not overwrite:
-        raise ExportError(f"{target} already exists; choose another folder or pass "
-                          "overwrite=True (CLI: --overwrite)")
-    if target.exists() and (not target.is_dir() or (any(target.iterdir())
-                                                    and not (target / MODEL).is_file())):
-        raise ExportError(f"{target} is a file or a folder that no ONNX export wrote; "
-                          "--overwrite only replaces an exported ONNX folder: choose another")
-    return target
-
-
-def _write(proto, target: Path, overwrite: bool, model: nn.Module, tokenizer) -> None:
-    """Build the folder under a temporary name and swap it in when complete."""
-    import json
-
-    import onnx
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp",
-                                dir=target.parent))
-    try:
-        onnx.save_model(proto, str(tmp / MODEL))
-        config = getattr(model, "config", None)
-        if hasattr(config, "to_dict"):
-            (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2,
-                                                        sort_keys=True, default=str))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        check_target(target, overwrite)  # it may have appeared while exporting
-        swap_in(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def open_model(model, tokenizer, example_inputs):

@@ -23,10 +23,7 @@ The folder is built under a temporary name and swapped in when complete
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,13 +31,10 @@ import numpy as np
 import torch
 
 from lowbit.export.gguf_weights import ExportError
+from lowbit.export.onnx_folder import DATA, EXTERNAL_BYTES, MODEL, check_target, write_folder
 from lowbit.export.onnx_graph import ACTIVATIONS
-from lowbit.model.serialization import remove_stale_temps, swap_in
 
-MODEL = "model.onnx"
-DATA = "model.onnx.data"
-#: weights above this go to ``DATA`` (a protobuf message must stay under 2 GiB)
-EXTERNAL_BYTES = 1 << 30
+__all__ = ["DATA", "EXTERNAL_BYTES", "MODEL", "check_target", "export_onnx"]
 
 
 @dataclass
@@ -73,22 +67,6 @@ def _require():
                           "(onnx, and onnxruntime to run the file)") from exc
 
 
-def check_target(path: str | os.PathLike, overwrite: bool) -> Path:
-    """The folder to write; ``overwrite`` replaces only an earlier ONNX export (a folder
-    holding ``model.onnx``) or an empty folder, never other files."""
-    target = Path(path)
-    if not target.exists():
-        return target
-    if not overwrite:
-        raise ExportError(f"{target} already exists; choose another folder or pass "
-                          "overwrite=True (CLI: --overwrite)")
-    if not target.is_dir() or (any(target.iterdir()) and not (target / MODEL).is_file()):
-        what = "a file" if not target.is_dir() else "a folder that no ONNX export wrote"
-        raise ExportError(f"{target} is {what}; --overwrite only replaces an exported ONNX "
-                          "folder, so other files are never deleted: choose another folder")
-    return target
-
-
 def _check_options(accuracy_level: int | None, activations: str) -> None:
     if accuracy_level not in (None, 0, 1, 2, 3, 4):
         raise ExportError("accuracy_level must be 0-4 (MatMulNBits) or None (per bit width), "
@@ -96,17 +74,6 @@ def _check_options(accuracy_level: int | None, activations: str) -> None:
     if activations not in ACTIVATIONS:
         raise ExportError(f"activations must be one of {', '.join(ACTIVATIONS)}, "
                           f"got {activations!r}")
-
-
-def _save(proto, folder: Path) -> None:
-    import onnx
-
-    weights = sum(len(t.raw_data) for t in proto.graph.initializer)
-    if weights > EXTERNAL_BYTES:
-        onnx.save_model(proto, str(folder / MODEL), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=DATA, size_threshold=1024)
-    else:
-        onnx.save_model(proto, str(folder / MODEL))
 
 
 def export_onnx(model, path: str | os.PathLike, *, overwrite: bool = False, tokenizer=None,
@@ -141,25 +108,7 @@ def export_onnx(model, path: str | os.PathLike, *, overwrite: bool = False, toke
     for key, value in meta.items():
         proto.metadata_props.add(key=f"lowbit.{key}", value=str(value))
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp",
-                                dir=target.parent))
-    try:
-        _save(proto, tmp)
-        config = getattr(model, "config", None)
-        if hasattr(config, "to_dict"):
-            (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2,
-                                                        sort_keys=True, default=str))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        check_target(target, overwrite)  # it may have appeared while exporting
-        swap_in(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    onnx_bytes = sum((target / f).stat().st_size for f in (MODEL, DATA)
-                     if (target / f).is_file())
+    onnx_bytes = write_folder(proto, target, overwrite, model, tokenizer)
     notes = []
     levels = {a.i for n in proto.graph.node if n.op_type == "MatMulNBits"
               for a in n.attribute if a.name == "accuracy_level"}
