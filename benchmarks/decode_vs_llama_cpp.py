@@ -26,6 +26,7 @@ import argparse
 import copy
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -146,7 +147,8 @@ def main(argv=None) -> dict:
     from lowbit.runtime.native_loop import has_vnni
 
     torch.set_num_threads(args.threads)
-    report = {"cpu": cpu_line(), "threads": args.threads, "vnni": has_vnni(),
+    report = {"command": "python benchmarks/decode_vs_llama_cpp.py " + " ".join(sys.argv[1:]),
+              "cpu": cpu_line(), "threads": args.threads, "vnni": has_vnni(),
               "torch": torch.__version__, "copy_gbps": copy_bandwidth(), "recipes": {}}
     print(f"CPU: {report['cpu']}  threads {args.threads}  AVX512-VNNI: {report['vnni']}  "
           f"copy bandwidth {report['copy_gbps']:.1f} GB/s (read + write)", flush=True)
