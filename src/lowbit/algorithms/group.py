@@ -83,11 +83,9 @@ class Solution:
 
 
 def algorithm_of(scheme) -> Algorithm:
-    """The registry entry that solves ``scheme`` (a codebook format is always k-means)."""
+    """The registry entry that solves ``scheme`` (a codebook format is always k-means: a
+    ``Scheme`` allows only kmeans or rtn on one)."""
     if is_row_codebook(get_format(scheme.weight.format)):
-        if scheme.algorithm not in ("kmeans", "rtn"):
-            raise AlgorithmError(f"codebook formats are built by k-means; use algorithm "
-                                 f"'kmeans' (got {scheme.algorithm!r})")
         return get_algorithm("kmeans")
     return get_algorithm(scheme.algorithm)
 

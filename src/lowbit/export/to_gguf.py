@@ -70,18 +70,24 @@ def _check_type(name: str, what: str) -> str:
     return name
 
 
+def _recipe_kind(model: nn.Module) -> str | None:
+    """The llama.cpp type or mix of the ``gguf:`` recipe ``model`` was quantized with."""
+    recipe = getattr(model, "lowbit_recipe", None)
+    return gguf_kind(recipe) if recipe is not None else None
+
+
 def embedding_choice(model: nn.Module, embedding_type: str) -> tuple[str, bool]:
     """(type of ``token_embd``, whether it carries the quantized head's codes). ``auto``
     writes what llama-quantize writes: a tied embedding shares the quantized head's codes
-    (lowbit's model looks tokens up in the float embedding: the file differs there only by
-    the head's rounding); a ``gguf:`` recipe's embedding otherwise gets llama.cpp's type for
-    it (the output type when tied, the file's main type when not); else F16."""
+    (exactly lowbit's embedding after a ``gguf:`` recipe, which ties them; otherwise the
+    file's lookup differs by the head's rounding); a ``gguf:`` recipe's embedding otherwise
+    gets llama.cpp's type for it (the output type when tied, the file's main type when not);
+    else F16."""
     if embedding_type != "auto":
         return embedding_type, False
     if gguf_model.shares_head(model):
         return "f16", True
-    recipe = getattr(model, "lowbit_recipe", None)
-    kind = gguf_kind(recipe) if recipe is not None else None
+    kind = _recipe_kind(model)
     if kind is None:
         return "f16", False
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
@@ -90,8 +96,7 @@ def embedding_choice(model: nn.Module, embedding_type: str) -> tuple[str, bool]:
 
 def _file_type(model: nn.Module, dominant: str) -> str:
     """llama.cpp's ``general.file_type`` name: the recipe's mix, else the dominant type's."""
-    recipe = getattr(model, "lowbit_recipe", None)
-    kind = gguf_kind(recipe) if recipe is not None else None
+    kind = _recipe_kind(model)
     if kind is not None and gguf_mixes.is_mix(kind):
         return f"MOSTLY_{kind.upper()}"
     return FILE_TYPES[dominant]

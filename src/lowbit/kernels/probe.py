@@ -195,10 +195,10 @@ def measure() -> dict:
             continue
         timed = sorted(table[name], key=lambda c: total(table, name, c))
         ranking[name] = timed + [c for c in cands if c not in timed]
-        first, second = (total(table, name, c) for c in (timed + timed)[:2])
         # a win is clear when the runner-up takes MARGIN x as long; an estimate at or below
         # zero (runtime.*: a step minus its linears, on a noisy machine) decides nothing
-        clear = len(timed) >= 2 and first > 0 and second >= MARGIN * first
+        top = [total(table, name, c) for c in timed[:2]]
+        clear = len(top) == 2 and top[0] > 0 and top[1] >= MARGIN * top[0]
         if noisy and not clear:
             ranking[name] = choices.flag_ranking(name)  # too close to call on a busy machine
     votes = [ranking[f"runtime.{f}"][0] for f in ("int8_weight", "int4_weight", "w8a8")]

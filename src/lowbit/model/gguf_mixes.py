@@ -101,7 +101,8 @@ def is_mix(kind: str) -> bool:
 
 
 def layer_types(model: nn.Module, kind: str) -> dict[str, str]:
-    """Module name -> llama.cpp type, for every ``nn.Linear`` of ``model``."""
+    """Module name -> llama.cpp type, for every ``nn.Linear`` of ``model`` but the head
+    (``head_rule``)."""
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     indices = [int(m.group(1)) for n in names if (m := _LAYER.fullmatch(n))]
     layers = max(indices) + 1 if indices else 1
@@ -111,7 +112,6 @@ def layer_types(model: nn.Module, kind: str) -> dict[str, str]:
     types = {}
     for name in names:
         if name.split(".")[-1] == HEAD:
-            types[name] = output_type(kind)
             continue
         m = _LAYER.fullmatch(name)
         role = ROLES.get(m.group(2)) if m else None
@@ -127,7 +127,7 @@ def resolve_mix(model: nn.Module, recipe, kind: str):
     default = default_type(kind)
     by_type: dict[str, list[str]] = {}
     for name, type_name in layer_types(model, kind).items():
-        if type_name != default and name.split(".")[-1] != HEAD:
+        if type_name != default:
             by_type.setdefault(type_name, []).append(name)
     rules = []
     for type_name, names in sorted(by_type.items()):

@@ -53,8 +53,9 @@ class Scheme:
                 f"a Hadamard input rotation runs with {rotating} (got {self.algorithm!r}"
                 f"{extra}); drop 'rotation' (the '-rot' suffix) for AWQ alone, imatrix, "
                 f"HQQ, k-means or outlier channels")
-        if self.weight is not None and (self.algorithm == "kmeans") != is_row_codebook(
-                get_format(self.weight.format)):
+        codebook = self.weight is not None and is_row_codebook(get_format(self.weight.format))
+        if self.weight is not None and (self.algorithm == "kmeans" and not codebook or codebook
+                                        and self.algorithm not in ("kmeans", "rtn")):
             raise RecipeError(
                 f"k-means fits per-row codebooks: it runs on codebook<bits> formats and they "
                 f"need it (got {self.algorithm!r} on {self.weight.format}); use the preset "
