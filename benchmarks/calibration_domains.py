@@ -18,7 +18,8 @@ llama.cpp's uncalibrated Q4_K_M on the same model moves 0.056 -> 0.069 (about 1.
 
 Recipe options after ``/``, joined by ``+``: ``head=<recipe|keep|same>`` (the head's scheme:
 another recipe's default, kept in float, or the body's), ``damp=<float>`` (GPTQ's
-``percdamp``, default 0.01), ``refine=<int>`` (GPTQ refinement rounds, default 2).
+``percdamp``, default 0.01), ``refine=<int>`` (GPTQ refinement rounds, default 2),
+``shrink=<float>`` (GPTQ's Hessian toward its diagonal, default 0).
 
 Run (one heavy job at a time; GPTQ ~2-3 min per recipe on 2 cores, GPTAQ ~5):
   .venv/bin/python benchmarks/calibration_domains.py --json-out docs/calibration_domains.json
@@ -56,10 +57,10 @@ def make_recipe(name: str):
 
     key, _, options = name.partition("/")
     opts = dict(o.split("=", 1) for o in options.split("+") if o)
-    unknown = set(opts) - {"head", "damp", "refine"}
+    unknown = set(opts) - {"head", "damp", "refine", "shrink"}
     if unknown or any("=" not in o for o in options.split("+") if o):
         raise SystemExit(f"{name}: options are head=<recipe|keep|same>, damp=<float>, "
-                         f"refine=<int>, joined by '+'")
+                         f"refine=<int>, shrink=<float>, joined by '+'")
     recipe = lowbit.Recipe.parse(key)
     head = opts.get("head")
     if head == "keep":
@@ -82,14 +83,12 @@ def quantize_as_cli(model, tok, name: str, calibration: str, calib_tokens: int) 
     recipe, opts = make_recipe(name)
     calib = (calibration_batches(tok, calibration, calib_tokens)
              if recipe.needs_calibration else None)
-    if "damp" not in opts and "refine" not in opts:
+    fields = {"damp": ("percdamp", float), "refine": ("refine_passes", int),
+              "shrink": ("shrink", float)}
+    gptq = {fields[k][0]: fields[k][1](v) for k, v in opts.items() if k in fields}
+    if not gptq:
         lowbit.quantize(model, recipe, calib, progress=False)
         return
-    gptq = {}
-    if "damp" in opts:
-        gptq["percdamp"] = float(opts["damp"])
-    if "refine" in opts:
-        gptq["refine_passes"] = int(opts["refine"])
     lowbit.quantize(model, recipe.with_options(gptq), calib, progress=False)
 
 

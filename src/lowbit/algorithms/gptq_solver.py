@@ -85,6 +85,10 @@ class GPTQ:
     #: run the column loops of integer formats in lowbit's C kernel where it is built
     #: (``kernels/native_solve.py``); False = the torch loops, the reference
     native: bool = True
+    #: shrink ``H`` toward its diagonal, ``(1 - a) H + a diag(H)`` (Ledoit & Wolf, 2004,
+    #: the diagonal target): 0 = GPTQ's ``H``, 1 = no cross-input terms (per-input weighted
+    #: rounding); trusts less of the calibration text's input correlations
+    shrink: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.percdamp <= self.max_percdamp:
@@ -95,6 +99,8 @@ class GPTQ:
             raise AlgorithmError(f"block_size must be >= 1, got {self.block_size}")
         if self.refine_passes < 0:
             raise AlgorithmError(f"refine_passes must be >= 0, got {self.refine_passes}")
+        if not 0 <= self.shrink <= 1:
+            raise AlgorithmError(f"shrink must be in [0, 1], got {self.shrink}")
 
     def quantize(
         self, W: torch.Tensor, H: torch.Tensor | HessianAccumulator, config: WeightSpec
@@ -102,6 +108,9 @@ class GPTQ:
         W = check_weight(W).clone()
         nsamples = H.nsamples if isinstance(H, HessianAccumulator) else None
         H = _check_hessian(H, W)
+        if self.shrink:
+            diag = H.diagonal().clone()
+            H.mul_(1 - self.shrink).diagonal().copy_(diag)
         rows, cols = W.shape
         gran, fmt = config.granularity, config.fmt
 

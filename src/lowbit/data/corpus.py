@@ -217,8 +217,9 @@ def text(
 
     ``source``: ``"default"`` (the mix of pydoc, docstrings and code, one window of each in
     turn; ``sources.MIX``), ``"pydoc"``, another name of ``sources.NAMED`` or a file path.
-    ``offset=None``: ``CALIBRATION_OFFSET`` for pydoc and files (past pydoc's evaluation
-    windows), 0 for the mix (which already starts pydoc there) and the other named texts.
+    ``offset=None``: ``CALIBRATION_OFFSET`` for pydoc (past its evaluation windows), 0 for
+    the mix (which already starts pydoc there), the other named texts and files (a user's
+    calibration file is read from its start).
 
     Returns a list of ``torch.long`` tensors shaped ``(batch_size, seq_len)`` (the last batch
     may be smaller). With ``tokenizer=None`` a ``TextCalibration`` is returned instead, to be
@@ -226,7 +227,7 @@ def text(
     after ``offset``, as many whole windows as fit are used; fewer than one is an error.
     """
     if offset is None:
-        offset = 0 if _named(source) not in (None, "pydoc") else CALIBRATION_OFFSET
+        offset = CALIBRATION_OFFSET if _named(source) == "pydoc" else 0
     if seq_len < 2 or tokens < seq_len or batch_size < 1 or offset < 0:
         raise CorpusError(
             f"need seq_len >= 2, tokens >= seq_len, batch_size >= 1 and offset >= 0; got "
