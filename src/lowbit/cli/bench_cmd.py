@@ -29,6 +29,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep the finished rows of DIR/results.json and run the rest")
     p.add_argument("--overwrite", action="store_true", help="replace DIR/results.json")
     p.add_argument("--json", action="store_true", help="print results.json instead of a table")
+    add_ray_argument(p, "rows")
+
+
+def add_ray_argument(p: argparse.ArgumentParser, cells: str) -> None:
+    """``--ray [ADDRESS]``, shared with ``lowbit sensitivity``."""
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help=f"run the {cells} as Ray tasks: on a local Ray cluster, or on the "
+                        "cluster at ADDRESS (HOST:PORT); default $LOWBIT_RAY, else serially. "
+                        "Needs pip install 'lowbit[distributed]'")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         n_windows=args.windows, protocol=args.protocol, speed=not args.no_speed,
         threads=args.threads)
     results = run_bench(settings, args.report, resume=args.resume, overwrite=args.overwrite,
-                        progress=not args.json)
+                        progress=not args.json, ray=args.ray)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0

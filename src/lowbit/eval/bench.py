@@ -171,10 +171,21 @@ def _open_results(out: Path, settings: BenchSettings, resume: bool, overwrite: b
 
 def run_bench(settings: BenchSettings, report_dir: str | os.PathLike, *, resume: bool = False,
               overwrite: bool = False, progress: bool = True, model: nn.Module | None = None,
-              tokenizer=None, write_report: bool = True) -> dict:
-    """Run the matrix into ``report_dir`` and return the results (also in results.json)."""
+              tokenizer=None, write_report: bool = True, ray: str | bool | None = None) -> dict:
+    """Run the matrix into ``report_dir`` and return the results (also in results.json).
+
+    ``ray``: True / "local" runs the rows as tasks on a local Ray cluster, an address on that
+    cluster (default ``$LOWBIT_RAY``, else serially here); see ``bench_ray``."""
+    from lowbit.model.distributed import ray_address, start
+
     entries = plan(settings)
     out = Path(report_dir)
+    address = ray_address(ray)
+    if address is not None:
+        if model is not None or tokenizer is not None:
+            raise BenchError("Ray workers load the model themselves by name or path: pass "
+                             "settings.model as a bundled name or folder, not a loaded model")
+        start(address)  # before anything is written: an unreachable cluster leaves no file
     results = _open_results(out, settings, resume, overwrite)
     for name in sorted({e.config.peer for e in entries if e.kind == "peer"}):
         results["peers"][name] = peer_status(name)
@@ -183,7 +194,11 @@ def run_bench(settings: BenchSettings, report_dir: str | os.PathLike, *, resume:
     if settings.threads:
         torch.set_num_threads(settings.threads)
     try:
-        if todo:
+        if todo and address is not None:
+            from lowbit.eval.bench_ray import run_rows_on_ray
+
+            run_rows_on_ray(todo, results, settings, out, progress)
+        elif todo:
             _run_rows(todo, results, settings, out, progress, model, tokenizer)
     finally:
         order = {e.id: i for i, e in enumerate(entries)}
@@ -218,18 +233,30 @@ def _run_rows(todo, results, settings, out, progress, model, tokenizer) -> None:
 
         note("starting")
         row = _run_entry(entry, base, tok, ids, settings, out, note=note)
-        results["rows"] = [r for r in results["rows"] if r["id"] != entry.id] + [row]
-        _write_json_atomic(out / RESULTS_FILE, results)
-        if row["status"] == "failed":
-            print(f"lowbit bench: {entry.id} failed: {row['error']}", file=sys.stderr)
+        add_row(results, row, out)
         if big:  # free the candidate's copy of the weights before the next one
             gc.collect()
 
 
+def add_row(results: dict, row: dict, out: Path) -> None:
+    """Put a finished row in ``results`` (replacing an older one) and rewrite results.json."""
+    results["rows"] = [r for r in results["rows"] if r["id"] != row["id"]] + [row]
+    _write_json_atomic(out / RESULTS_FILE, results)
+    if row["status"] == "failed":
+        print(f"lowbit bench: {row['id']} failed: {row['error']}", file=sys.stderr)
+
+
+def row_head(entry: Entry, settings: BenchSettings, out: Path) -> dict:
+    """What every row starts with: which config, the command that reproduces it, where it ran."""
+    from lowbit.model.distributed import node
+
+    return {"id": entry.id, "kind": entry.kind, "label": entry.label, "nearest": entry.nearest,
+            "command": command_for(entry, settings, out), "status": "ok", "node": node()}
+
+
 def _run_entry(entry: Entry, base, tok, ids, settings: BenchSettings, out: Path,
                note=lambda stage: None) -> dict:
-    row = {"id": entry.id, "kind": entry.kind, "label": entry.label, "nearest": entry.nearest,
-           "command": command_for(entry, settings, out), "status": "ok"}
+    row = row_head(entry, settings, out)
     if entry.kind == "peer":
         status = peer_status(entry.config.peer)
         row["peer"], row["peer_version"] = entry.config.peer, status["version"]
@@ -308,7 +335,8 @@ def _peer_row(entry: Entry, base, tok, ids, settings: BenchSettings, out: Path, 
     from lowbit.eval.scoring import evaluate
     from lowbit.eval.speed import measure_speed
 
-    with tempfile.TemporaryDirectory(prefix=".peer-", dir=out) as workdir:
+    # (a Ray worker on another node has no report folder: its temporary folder then)
+    with tempfile.TemporaryDirectory(prefix=".peer-", dir=out if out.is_dir() else None) as workdir:
         t0 = time.perf_counter()
         note("quantizing")
         candidate = entry.config.apply(copy.deepcopy(base), settings.model, Path(workdir))
