@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from lowbit.cli.common import unquantized_source
+from lowbit.cli.common import add_ray_argument, unquantized_source
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,14 +30,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace DIR/results.json")
     p.add_argument("--json", action="store_true", help="print results.json instead of a table")
     add_ray_argument(p, "rows")
-
-
-def add_ray_argument(p: argparse.ArgumentParser, cells: str) -> None:
-    """``--ray [ADDRESS]``, shared with ``lowbit sensitivity``."""
-    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
-                   help=f"run the {cells} as Ray tasks: on a local Ray cluster, or on the "
-                        "cluster at ADDRESS (HOST:PORT); default $LOWBIT_RAY, else serially. "
-                        "Needs pip install 'lowbit[distributed]'")
 
 
 def run(args: argparse.Namespace) -> int:

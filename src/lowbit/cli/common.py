@@ -56,6 +56,14 @@ def calibration_batches(tokenizer, source: str | None, tokens: int = 16384, seq_
     return text(source or DEFAULT_CALIBRATION, tokenizer, tokens=tokens, seq_len=seq_len)
 
 
+def add_ray_argument(p, cells: str) -> None:
+    """``--ray [ADDRESS]`` (bench, sensitivity): the independent cells as Ray tasks."""
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help=f"run the {cells} as Ray tasks: on a local Ray cluster, or on the "
+                        "cluster at ADDRESS (HOST:PORT); default $LOWBIT_RAY, else serially. "
+                        "Needs pip install 'lowbit[distributed]'")
+
+
 def set_threads(n: int | None) -> None:
     """``--threads N``; 0 or None keep torch's default."""
     if n is not None and n < 0:

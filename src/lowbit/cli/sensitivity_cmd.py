@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from lowbit.cli.common import set_threads, unquantized_source
+from lowbit.cli.common import add_ray_argument, set_threads, unquantized_source
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,6 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="PNG heat map (layers x module types); '' for none")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", action="store_true", help="print every row as JSON")
+    add_ray_argument(p, "units (layers or blocks)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(spec)
     result = sensitivity(model, tokenizer, recipe, per=args.per, data=args.data,
                          window=args.window, n_windows=args.windows, protocol=args.protocol,
-                         progress=not args.json)
+                         progress=not args.json, ray=args.ray)
     heatmap = None
     if args.heatmap:
         from lowbit.eval.report import plot_sensitivity_heatmap

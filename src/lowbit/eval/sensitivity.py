@@ -186,59 +186,109 @@ def sensitivity(
     protocol: str = "full",
     calibration: Iterable | None = None,
     progress: bool = True,
+    ray: str | bool | None = None,
 ) -> SensitivityResult:
     """KL divergence (and top-1, ΔPPL) caused by quantizing each layer or block alone.
 
     ``model`` is the unquantized model (it is left as it was); ``recipe`` a ``Recipe`` or its
     name; ``names`` restricts the layers measured (default: every layer the recipe quantizes).
+    ``ray``: True / "local" measures the units as tasks on a local Ray cluster, an address on
+    that cluster (default ``$LOWBIT_RAY``, else here); ``model`` must then come from
+    ``load_model(name or path)``, which each worker repeats (``sensitivity_ray``).
     """
-    from lowbit.data import tokens
-    from lowbit.eval.compare import KLAccumulator
-    from lowbit.eval.perplexity_windows import perplexity
-    from lowbit.eval.scoring import baseline_logprobs
     from lowbit.model import Recipe
-    from lowbit.model.targets import drop_missing_rotations, find_targets
-    from lowbit.nn import QuantizedLinear
+    from lowbit.model.distributed import ray_address
 
     if per not in PER:
         raise SensitivityError(f"per must be one of {PER}, got {per!r}")
+    t0 = time.perf_counter()
+    recipe = Recipe.parse(recipe)
+    address = ray_address(ray)
+    if address is not None:
+        from lowbit.eval.sensitivity_ray import sensitivity_on_ray
+
+        return sensitivity_on_ray(address, model, recipe, names=names, per=per, data=data,
+                                  window=window, n_windows=n_windows, protocol=protocol,
+                                  calibration=calibration, progress=progress)
+    setup = prepare(model, tokenizer, recipe, names, per, data, window, n_windows, protocol,
+                    calibration)
+    rows = [measure_unit(model, setup, unit, members)
+            for unit, members in _progress(setup.units, progress, per)]
+    return SensitivityResult(recipe.name, per, window, n_windows, protocol, str(data),
+                             setup.base_ppl, rows, setup.notes, time.perf_counter() - t0)
+
+
+@dataclass
+class Setup:
+    """What every unit is measured against: the units, the scored windows, the baseline's
+    log-probabilities and the static activation ranges."""
+
+    per: str
+    window: int
+    n_windows: int
+    protocol: str
+    units: list[tuple[str, list]]
+    notes: list[str]
+    ids: torch.Tensor | None = None
+    base_ppl: float = float("nan")
+    base_lp: object = None
+    ranges: dict = field(default_factory=dict)
+
+
+def plan_units(model: nn.Module, recipe, names, per: str) -> tuple[list, list[str]]:
+    """The units to measure and the notes that go with them (nothing is run)."""
+    from lowbit.model.targets import drop_missing_rotations, find_targets
+    from lowbit.nn import QuantizedLinear
+
     if any(isinstance(m, QuantizedLinear) for m in model.modules()):
         raise SensitivityError("the model is already quantized; pass the unquantized model "
                                "(sensitivity quantizes one layer at a time itself)")
-    t0 = time.perf_counter()
-    recipe = Recipe.parse(recipe)
     units = _units(drop_missing_rotations(find_targets(model, recipe)), names, per)
-    ids = tokens(data, tokenizer)[: window * n_windows]
-    base_ppl, base_lp = baseline_logprobs(model, ids, window=window, n_windows=n_windows,
-                                          protocol=protocol)
-    ranges = _static_ranges(model, units, tokenizer, window, calibration)
     notes = []
     algorithms = {s.algorithm for _, members in units for _, _, s in members}
     if algorithms - {"rtn"}:
         notes.append(f"weights rounded to nearest; the recipe's {', '.join(sorted(algorithms))} "
                      "algorithm is not applied per layer")
-    rows = []
-    for unit, members in _progress(units, progress, per):
-        t1 = time.perf_counter()
-        swapped = [(n, m, _Simulated(m, s, ranges.get(n))) for n, m, s in members]
-        try:
-            for n, _, sim in swapped:
-                _set_module(model, n, sim)
-            hook = KLAccumulator(base_lp)
-            res = perplexity(model, ids, window=window, n_windows=n_windows, protocol=protocol,
-                             logits_hook=hook)
-        finally:
-            for n, original, _ in swapped:
-                _set_module(model, n, original)
-        rep = hook.report()
-        block, index, kind = block_of(members[0][0])
-        rows.append(LayerSensitivity(
-            name=unit, block=block, kind=kind if per == "layer" else "block", index=index,
-            params=sum(m.weight.numel() for _, m, _ in members), kld_mean=rep.kld_mean,
-            kld_p99=rep.kld_p99, top1_agreement=rep.top1_agreement,
-            delta_ppl_pct=100 * (res.ppl / base_ppl - 1), seconds=time.perf_counter() - t1))
-    return SensitivityResult(recipe.name, per, window, n_windows, protocol, str(data), base_ppl,
-                             rows, notes, time.perf_counter() - t0)
+    return units, notes
+
+
+def prepare(model, tokenizer, recipe, names, per, data, window, n_windows, protocol,
+            calibration) -> Setup:
+    """``plan_units``, then the baseline's log-probabilities and static ranges (forwards)."""
+    from lowbit.data import tokens
+    from lowbit.eval.scoring import baseline_logprobs
+
+    units, notes = plan_units(model, recipe, names, per)
+    ids = tokens(data, tokenizer)[: window * n_windows]
+    base_ppl, base_lp = baseline_logprobs(model, ids, window=window, n_windows=n_windows,
+                                          protocol=protocol)
+    ranges = _static_ranges(model, units, tokenizer, window, calibration)
+    return Setup(per, window, n_windows, protocol, units, notes, ids, base_ppl, base_lp, ranges)
+
+
+def measure_unit(model: nn.Module, setup: Setup, unit: str, members: list) -> LayerSensitivity:
+    """Quantize one unit's layers alone, score the windows, put the float layers back."""
+    from lowbit.eval.compare import KLAccumulator
+    from lowbit.eval.perplexity_windows import perplexity
+
+    t1 = time.perf_counter()
+    swapped = [(n, m, _Simulated(m, s, setup.ranges.get(n))) for n, m, s in members]
+    try:
+        for n, _, sim in swapped:
+            _set_module(model, n, sim)
+        hook = KLAccumulator(setup.base_lp)
+        res = perplexity(model, setup.ids, window=setup.window, n_windows=setup.n_windows,
+                         protocol=setup.protocol, logits_hook=hook)
+    finally:
+        for n, original, _ in swapped:
+            _set_module(model, n, original)
+    rep = hook.report()
+    block, index, kind = block_of(members[0][0])
+    return LayerSensitivity(
+        name=unit, block=block, kind=kind if setup.per == "layer" else "block", index=index,
+        params=sum(m.weight.numel() for _, m, _ in members), kld_mean=rep.kld_mean,
+        kld_p99=rep.kld_p99, top1_agreement=rep.top1_agreement,
+        delta_ppl_pct=100 * (res.ppl / setup.base_ppl - 1), seconds=time.perf_counter() - t1)
 
 
 def layer_sensitivity(model: nn.Module, tokenizer, recipe, names: Sequence[str] | None = None,
