@@ -336,19 +336,87 @@ def _steps(block, block_copy, split: bool) -> list:
              whole(block_copy) if block_copy is not None else None, False)]
 
 
-def _run_blocks(run: _Run, arch: Arch, batches: list, sequential: bool, progress: bool,
-                half_inputs: bool = True):
-    """Steps 1-4 of the module docstring; returns the names it quantized."""
-    model = run.model
+def _capture_held(model: nn.Module, first_block: nn.Module, batches: list,
+                  half_inputs: bool = True):
+    """Step 1: block 0's inputs as calibration holds them, their keyword arguments, and the
+    dtype the blocks compute in (``hidden`` may hold float16)."""
     dtypes: list[torch.dtype] = []
 
     def hold(h):
         dtypes.append(h.dtype)
         return _hold(h, half_inputs)
 
-    hidden, kwargs_list = _capture(model, arch.blocks[0].module, batches, hold)
+    hidden, kwargs_list = _capture(model, first_block, batches, hold)
     _give_back_free_memory()
-    dtype = dtypes[0]  # what the blocks compute in; ``hidden`` may hold float16
+    return hidden, kwargs_list, dtypes[0]
+
+
+class _Walk:
+    """Steps 2-4 of the module docstring, one block (or the head) per call: the stored
+    inputs of the next block (``hidden``; GPTAQ's float path ``hidden_float`` too) live here
+    between calls. ``split``: run residual branches on their own (``_branches_compose``)."""
+
+    def __init__(self, run: _Run, hidden: list, kwargs_list: list, dtype, split: bool,
+                 sequential: bool, half_inputs: bool = True, hidden_float: list | None = None):
+        self.run, self.hidden, self.kwargs_list, self.dtype = run, hidden, kwargs_list, dtype
+        self.split, self.sequential, self.half_inputs = split, sequential, half_inputs
+        # GPTAQ: the float model's block inputs too, and a float copy of each block
+        self.reference = any("cross" in stats_needed(s) for s in run.plan.values())
+        if self.reference and hidden_float is None:
+            hidden_float = list(hidden)  # entries are replaced, not edited
+        self.hidden_float = hidden_float if self.reference else None
+
+    def _on_held(self, step):  # the step on a stored input
+        return lambda held, kwargs: step(_restore(held, self.dtype), kwargs)
+
+    def block(self, block) -> set[str]:
+        """Quantize ``block`` group by group and advance the stored inputs through it;
+        returns the names of its linears."""
+        run, reference = self.run, self.reference
+        block_copy = copy.deepcopy(block.module) if reference else None
+        for groups, step, float_step, residual in _steps(block, block_copy, self.split):
+            if reference:
+                run.reference = _Reference(self.hidden_float, block_copy, block.name,
+                                           self._on_held(float_step))
+            run.stage(groups, self._on_held(step), self.hidden, self.kwargs_list,
+                      self.sequential)
+            paths = [(self.hidden, step)] + ([(self.hidden_float, float_step)]
+                                             if reference else [])
+            for states, fn in paths:
+                for i, (h, kw) in enumerate(zip(states, self.kwargs_list, strict=True)):
+                    x = _restore(h, self.dtype)
+                    y = fn(x, kw)
+                    states[i] = _hold(x + y if residual else y, self.half_inputs)
+                    if i % TRIM_EVERY == TRIM_EVERY - 1:  # the old inputs' freed pages
+                        _give_back_free_memory()
+            _give_back_free_memory()
+        run.reference = None
+        del block_copy
+        run.solutions.clear()  # feeders live in the same block: drop the unpacked codes
+        return {n for g in block.groups for n in g.linears}
+
+    def head(self, arch: Arch) -> set[str]:
+        """Step 4: the head, from ``final_norm(last hidden states)``, when the plan has it."""
+        model, head = self.run.model, arch.head
+        norm = find_module(model, arch.final_norm)
+        if head not in self.run.plan or norm is None:
+            return set()
+        head_module = model.get_submodule(head)
+        kind = _feeder_kind(norm, {head_module.in_features})
+        group = Group([head], arch.final_norm if kind else None, kind)
+
+        def run_head(h, kw):
+            return model.get_submodule(head)(norm(_restore(h, self.dtype)))
+
+        self.run.stage([group], run_head, self.hidden, self.kwargs_list, sequential=True)
+        return {head}
+
+
+def _run_blocks(run: _Run, arch: Arch, batches: list, sequential: bool, progress: bool,
+                half_inputs: bool = True):
+    """Steps 1-4 of the module docstring; returns the names it quantized."""
+    hidden, kwargs_list, dtype = _capture_held(run.model, arch.blocks[0].module, batches,
+                                               half_inputs)
     blocks = arch.blocks
     if progress:
         from tqdm.auto import tqdm
@@ -356,46 +424,10 @@ def _run_blocks(run: _Run, arch: Arch, batches: list, sequential: bool, progress
         blocks = tqdm(blocks, desc="calibrated quantization", unit="block", leave=False,
                       disable=None)
     split = _branches_compose(arch, hidden, kwargs_list, dtype)
-    # GPTAQ: the float model's block inputs too, and a float copy of each block
-    reference = any("cross" in stats_needed(s) for s in run.plan.values())
-    hidden_float = list(hidden) if reference else None  # entries are replaced, not edited
-
-    def on_held(step):  # the step on a stored input
-        return lambda held, kwargs: step(_restore(held, dtype), kwargs)
-
+    walk = _Walk(run, hidden, kwargs_list, dtype, split, sequential, half_inputs)
     done = set()
     for block in blocks:
-        block_copy = copy.deepcopy(block.module) if reference else None
-        for groups, step, float_step, residual in _steps(block, block_copy, split):
-            if reference:
-                run.reference = _Reference(hidden_float, block_copy, block.name,
-                                           on_held(float_step))
-            run.stage(groups, on_held(step), hidden, kwargs_list, sequential)
-            paths = [(hidden, step)] + ([(hidden_float, float_step)] if reference else [])
-            for states, fn in paths:
-                for i, (h, kw) in enumerate(zip(states, kwargs_list, strict=True)):
-                    x = _restore(h, dtype)
-                    y = fn(x, kw)
-                    states[i] = _hold(x + y if residual else y, half_inputs)
-                    if i % TRIM_EVERY == TRIM_EVERY - 1:  # the old inputs' freed pages
-                        _give_back_free_memory()
-            _give_back_free_memory()
-        run.reference = None
-        del block_copy
-        done |= {n for g in block.groups for n in g.linears}
-        run.solutions.clear()  # feeders live in the same block: drop the unpacked codes
-    head = arch.head
-    norm = find_module(model, arch.final_norm)
-    if head in run.plan and norm is not None:
-        head_module = model.get_submodule(head)
-        kind = _feeder_kind(norm, {head_module.in_features})
-        group = Group([head], arch.final_norm if kind else None, kind)
-
-        def run_head(h, kw):
-            return model.get_submodule(head)(norm(_restore(h, dtype)))
-
-        run.stage([group], run_head, hidden, kwargs_list, sequential=True)
-        done.add(head)
+        done |= walk.block(block)
+    done |= walk.head(arch)
     hidden.clear()
     return done
-

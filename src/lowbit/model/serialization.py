@@ -80,24 +80,8 @@ def save(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = Fa
 
     target = check_target(directory, overwrite)
     tensors, aliases = _unique_state(model)
-    recipe = getattr(model, "lowbit_recipe", None)
-    config = getattr(model, "config", None)
-    from lowbit.version import __version__
-
-    manifest = {
-        "format": FILE_FORMAT,
-        "format_version": FILE_VERSION,
-        "lowbit_version": __version__,
-        "torch_version": torch.__version__,
-        "source": getattr(model, "lowbit_spec", None),
-        "model_class": type(model).__name__,
-        "hf_config": config.to_dict() if hasattr(config, "to_dict") else None,
-        "recipe": recipe.to_dict() if isinstance(recipe, Recipe) else None,
-        "algorithms": recipe.algorithm_options() if isinstance(recipe, Recipe) else {},
-        "quantized": _quantized_entries(model),
-        "aliases": aliases,
-        "dtypes": {k: str(v.dtype).removeprefix("torch.") for k, v in tensors.items()},
-    }
+    manifest = build_manifest(model, _quantized_entries(model), aliases,
+                              {k: v.dtype for k, v in tensors.items()})
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(target)
@@ -118,6 +102,30 @@ def save(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = Fa
                                   "that name: free some space or choose another folder") from exc
         raise
     return target
+
+
+def build_manifest(model: nn.Module, quantized: dict, aliases: dict,
+                   dtypes: dict[str, torch.dtype]) -> dict:
+    """``manifest.json`` of ``model`` (its recipe, source and config) with the entries of
+    its quantized layers, its tied aliases and the dtype of every stored tensor."""
+    from lowbit.version import __version__
+
+    recipe = getattr(model, "lowbit_recipe", None)
+    config = getattr(model, "config", None)
+    return {
+        "format": FILE_FORMAT,
+        "format_version": FILE_VERSION,
+        "lowbit_version": __version__,
+        "torch_version": torch.__version__,
+        "source": getattr(model, "lowbit_spec", None),
+        "model_class": type(model).__name__,
+        "hf_config": config.to_dict() if hasattr(config, "to_dict") else None,
+        "recipe": recipe.to_dict() if isinstance(recipe, Recipe) else None,
+        "algorithms": recipe.algorithm_options() if isinstance(recipe, Recipe) else {},
+        "quantized": quantized,
+        "aliases": aliases,
+        "dtypes": {k: str(v).removeprefix("torch.") for k, v in dtypes.items()},
+    }
 
 
 def check_target(directory: str | os.PathLike, overwrite: bool) -> Path:
@@ -241,8 +249,15 @@ def _check_manifest(path: Path, manifest: object) -> None:
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of ``model.safetensors``, or of every shard when the folder holds the
+    index of a sharded checkpoint (``quantize_checkpoint`` writes those)."""
     from safetensors.torch import load_file
 
+    from lowbit.model.shards import INDEX, TensorFiles
+
+    if (path.parent / INDEX).is_file():
+        files = TensorFiles(path.parent, CheckpointError)
+        return {name: files.read(name) for name in files.names()}
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: the checkpoint is incomplete; re-create it")
     read_header(path, CheckpointError)

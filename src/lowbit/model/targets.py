@@ -32,8 +32,11 @@ def compute_dtype(recipe: Recipe) -> torch.dtype:
     return DTYPES[recipe.compute_dtype]
 
 
-def find_targets(model: nn.Module, recipe: Recipe) -> list[tuple[str, nn.Linear, Scheme | None]]:
-    """Every ``nn.Linear`` with the scheme it gets; errors when a rule matches nothing."""
+def find_targets(model: nn.Module, recipe: Recipe, *, check_finite: bool = True
+                 ) -> list[tuple[str, nn.Linear, Scheme | None]]:
+    """Every ``nn.Linear`` with the scheme it gets; errors when a rule matches nothing.
+    ``check_finite=False`` leaves the NaN/Inf check of the weights to the caller (a model
+    on the ``meta`` device has no values yet: ``check_finite_weights`` per part)."""
     linears = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
     if not linears:
         raise RecipeError(
@@ -49,7 +52,8 @@ def find_targets(model: nn.Module, recipe: Recipe) -> list[tuple[str, nn.Linear,
                 f"{', '.join(close) or 'none'} (patterns are globs, '*' spans dots, or re:...)"
             )
     targets = [(n, m, recipe.scheme_for(n)) for n, m in linears]
-    _check_finite(targets)
+    if check_finite:
+        check_finite_weights(targets)
     return targets
 
 
@@ -57,7 +61,7 @@ class WeightError(LowbitError, ValueError):
     """A weight lowbit cannot quantize (NaN or Inf values); the message names the layer."""
 
 
-def _check_finite(targets: list) -> None:
+def check_finite_weights(targets: list) -> None:
     """Refuse NaN / Inf weights up front: min/max scales of such a row would be NaN."""
     for name, m, scheme in targets:
         if scheme is None or scheme.weight is None:
