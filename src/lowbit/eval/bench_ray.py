@@ -2,7 +2,7 @@
 
 A task receives the row's id, the ``BenchSettings`` (names and numbers) and the report
 folder's path (for the row's command); its worker loads the model by name or path once and
-runs the row exactly as the serial run does (``bench._run_entry``), on the same number of
+runs the row exactly as the serial run does (``bench_rows.run_entry``), on the same number of
 threads. Rows come back as they finish and are merged into results.json at once, so an
 interrupted run keeps them and ``--resume`` skips them. A row whose worker died twice (a
 crash, the OOM killer) is recorded as failed; the other rows keep their results.
@@ -11,17 +11,10 @@ crash, the OOM killer) is recorded as failed; the other rows keep their results.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from lowbit.eval.bench import (
-    BenchError,
-    BenchSettings,
-    Entry,
-    _run_entry,
-    add_row,
-    plan,
-    row_head,
-)
+from lowbit.eval.bench_rows import BenchError, BenchSettings, Entry, plan, row_head, run_entry
 
 __all__ = ["bench_cell", "run_rows_on_ray"]
 
@@ -47,12 +40,13 @@ def bench_cell(entry_id: str, settings: BenchSettings, report_dir: str) -> dict:
     entry = next(e for e in plan(settings) if e.id == entry_id)
     key = ("bench", settings.model, settings.data, settings.window, settings.n_windows)
     base, tok, ids = remember(key, lambda: _load(settings))
-    return _run_entry(entry, base, tok, ids, settings, Path(report_dir))
+    return run_entry(entry, base, tok, ids, settings, Path(report_dir))
 
 
-def run_rows_on_ray(todo: list[Entry], results: dict, settings: BenchSettings, out: Path,
-                    progress: bool) -> None:
-    """Run ``todo``'s rows on the Ray cluster this process is connected to (``start``)."""
+def run_rows_on_ray(todo: list[Entry], settings: BenchSettings, out: Path, progress: bool,
+                    on_row: Callable[[dict], None]) -> None:
+    """Run ``todo``'s rows on the Ray cluster this process is connected to (``start``);
+    ``on_row(row)`` as each finishes (a dead worker's row has status "failed")."""
     from lowbit.model.distributed import run_cells
 
     bar = None
@@ -65,7 +59,7 @@ def run_rows_on_ray(todo: list[Entry], results: dict, settings: BenchSettings, o
         if error is not None:
             row = row_head(todo[i], settings, out) | {"status": "failed", "node": where,
                                                        "error": f"worker died: {error}"}
-        add_row(results, row, out)
+        on_row(row)
         if bar is not None:
             bar.update(1)
             bar.set_postfix_str(f"{row['id']} on {row['node'] and row['node']['hostname']}")

@@ -10,12 +10,15 @@ else in the model changes (the recipe's compute dtype is not applied).
 
 Weights are rounded to nearest (RTN) whatever the recipe's algorithm says; static activation
 ranges are calibrated once on the calibration slice of the corpus (tokens 20,000 onward).
+With ``ray=`` (``lowbit sensitivity --ray``) the units are measured as Ray tasks
+(``sensitivity_on_ray``), with the same numbers.
 """
 
 from __future__ import annotations
 
 import re
 import time
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -194,7 +197,7 @@ def sensitivity(
     name; ``names`` restricts the layers measured (default: every layer the recipe quantizes).
     ``ray``: True / "local" measures the units as tasks on a local Ray cluster, an address on
     that cluster (default ``$LOWBIT_RAY``, else here); ``model`` must then come from
-    ``load_model(name or path)``, which each worker repeats (``sensitivity_ray``).
+    ``load_model(name or path)``, which each worker repeats (``sensitivity_on_ray``).
     """
     from lowbit.model import Recipe
     from lowbit.model.distributed import ray_address
@@ -205,8 +208,6 @@ def sensitivity(
     recipe = Recipe.parse(recipe)
     address = ray_address(ray)
     if address is not None:
-        from lowbit.eval.sensitivity_ray import sensitivity_on_ray
-
         return sensitivity_on_ray(address, model, recipe, names=names, per=per, data=data,
                                   window=window, n_windows=n_windows, protocol=protocol,
                                   calibration=calibration, progress=progress)
@@ -289,6 +290,97 @@ def measure_unit(model: nn.Module, setup: Setup, unit: str, members: list) -> La
         params=sum(m.weight.numel() for _, m, _ in members), kld_mean=rep.kld_mean,
         kld_p99=rep.kld_p99, top1_agreement=rep.top1_agreement,
         delta_ppl_pct=100 * (res.ppl / setup.base_ppl - 1), seconds=time.perf_counter() - t1)
+
+
+# Ray: each unit a task (lowbit.model.distributed). A task gets the unit's name and a small
+# Job; its worker loads the model by name or path once per sweep, checks it is the caller's
+# (fingerprint), prepares as the serial run does and measures on the caller's torch threads,
+# so the numbers equal the serial run's. A unit whose worker died twice is named in the notes.
+
+
+@dataclass(frozen=True)
+class Job:
+    """What every task of one sweep shares (names and numbers, no tensors but the text)."""
+
+    sweep: str
+    spec: str
+    fingerprint: str
+    recipe: object  # a Recipe
+    names: tuple[str, ...] | None
+    per: str
+    data: str
+    window: int
+    n_windows: int
+    protocol: str
+
+
+def _setup(job: Job, calibration):
+    from lowbit.model import load_model, load_tokenizer
+    from lowbit.model.distributed import fingerprint
+
+    model = load_model(job.spec)
+    if fingerprint(model) != job.fingerprint:
+        raise SensitivityError(
+            f"the model a Ray worker loads from {job.spec!r} differs from the caller's (changed "
+            "after loading, or another file at that path on this node): pass the model as "
+            "load_model returns it, and the same files on every node")
+    setup = prepare(model, load_tokenizer(job.spec), job.recipe, job.names, job.per, job.data,
+                    job.window, job.n_windows, job.protocol, calibration)
+    return model, setup
+
+
+def sensitivity_cell(unit: str, job: Job, calibration):
+    """One unit, in a Ray worker: ``(LayerSensitivity, baseline PPL)``."""
+    from lowbit.model.distributed import remember
+
+    model, setup = remember(("sensitivity", job), lambda: _setup(job, calibration))
+    return measure_unit(model, setup, unit, dict(setup.units)[unit]), setup.base_ppl
+
+
+def sensitivity_on_ray(address: str, model, recipe, *, names: Sequence[str] | None, per: str,
+                       data: str, window: int, n_windows: int, protocol: str,
+                       calibration: Iterable | None, progress: bool) -> SensitivityResult:
+    """``sensitivity`` with its units measured on the Ray cluster at ``address``."""
+    from lowbit.model.distributed import fingerprint, run_cells, start
+
+    t0 = time.perf_counter()
+    spec = getattr(model, "lowbit_spec", None)
+    if not spec or spec.startswith("<"):
+        raise SensitivityError("Ray workers load the model themselves by name or path: load it "
+                               "with lowbit.load_model('name or folder'), or run without --ray")
+    units, notes = plan_units(model, recipe, names, per)
+    job = Job(uuid.uuid4().hex, spec, fingerprint(model), recipe,
+              None if names is None else tuple(names), per, str(data), window, n_windows,
+              protocol)
+    start(address)
+    calib = None if calibration is None else list(calibration)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(units), desc=f"sensitivity per {per} on ray", unit=per,
+                   leave=False, disable=None)
+    found: dict[int, object] = {}
+    base_ppl = [float("nan")]
+
+    def done(i: int, result, where, error) -> None:
+        if error is not None:
+            notes.append(f"{units[i][0]} was not measured: its worker died ({error})")
+        else:
+            found[i], base_ppl[0] = result
+        if bar is not None:
+            bar.update(1)
+
+    try:
+        names_ = [u for u, _ in units]
+        run_cells(sensitivity_cell, names_, names_, shared=(job, calib), on_done=done,
+                  threads=torch.get_num_threads())
+    finally:
+        if bar is not None:
+            bar.close()
+    rows = [found[i] for i in sorted(found)]
+    return SensitivityResult(recipe.name, per, window, n_windows, protocol, str(data),
+                             base_ppl[0], rows, notes, time.perf_counter() - t0)
 
 
 def layer_sensitivity(model: nn.Module, tokenizer, recipe, names: Sequence[str] | None = None,

@@ -20,6 +20,8 @@
    layer's options are reduced to their lower convex hull, then the upgrade with the best
    ``dD / dbits`` is taken while it fits (greedy Lagrangian, optimal on the hull), then any
    remaining upgrade that fits.
+   The scoring itself is ``mixed_scoring.Scorer``; with ``ray=`` or ``$LOWBIT_RAY`` the
+   layers are scored as Ray tasks (``mixed_ray.py``) and the table is the same.
 3. The result is an explicit ``Recipe``: a default scheme plus one exact-name rule per layer
    that differs, readable and editable, round-tripping through JSON.
 """
@@ -31,19 +33,21 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from lowbit.algorithms import InputStats, quantize_weight
+from lowbit.algorithms import InputStats
 from lowbit.algorithms.group import Member, solve_group
 from lowbit.formats import dequantize, rotate
-from lowbit.model.arch import find_module, first_output, resolve_arch
+from lowbit.model.arch import first_output, resolve_arch
+from lowbit.model.mixed_scoring import Scorer, layer_bits
 from lowbit.model.recipe import Recipe, RecipeError, Rule, Scheme, budget_of
 from lowbit.model.runner import _capture
 from lowbit.model.targets import find_targets, scheme_for_width
-from lowbit.nn import PackedWeight
 
 DEFAULT_CANDIDATES = ("w2g64", "w3g64", "w4g128", "w4g64", "w8")
 #: algorithms whose candidates are scored after solving against the Hessian (GPTAQ's as
 #: GPTQ's: the scoring has the float model's inputs only)
 SOLVED = ("gptq", "gptaq", "awq+gptq")
+__all__ = ["DEFAULT_CANDIDATES", "SOLVED", "Scorer", "allocate", "auto_recipe", "candidate_schemes",
+           "layer_bits", "recipe_from_choice", "sensitivity", "solved_errors"]
 
 
 def candidate_schemes(names, algorithm: str = "rtn", rotation: str | None = None,
@@ -56,99 +60,43 @@ def candidate_schemes(names, algorithm: str = "rtn", rotation: str | None = None
     return out
 
 
-def layer_bits(weight: torch.Tensor, scheme: Scheme) -> tuple[int, torch.Tensor]:
-    """Stored bits (codes + scales + zero-points) of ``weight`` at ``scheme`` and its RTN."""
-    codes, qp = quantize_weight(weight, scheme.weight, scheme.observer)
-    packed = PackedWeight.from_codes(codes, qp)
-    nbytes = sum(t.numel() * t.element_size() for t in packed.tensors().values())
-    w_hat = dequantize(codes, qp)
-    if scheme.weight.rotation is not None:  # codes of W R: the weight the layer applies
-        w_hat = rotate(w_hat.double(), scheme.weight.rotation, inverse=True).float()
-    return 8 * nbytes, w_hat
-
-
-def _kl(base_logp: torch.Tensor, logits: torch.Tensor) -> float:
-    logq = torch.log_softmax(logits.float(), -1)
-    return float((base_logp.exp() * (base_logp - logq)).sum(-1).mean())
-
-
-@torch.no_grad()
 def sensitivity(model: nn.Module, batches: list, candidates: dict[str, Scheme],
                 names: list[str], *, anchor: str, measure: str = "anchor", top_k: int = 32,
-                progress: bool = True, solved: dict | None = None) -> dict[str, dict]:
+                progress: bool = True, solved: dict | None = None,
+                ray: str | bool | None = None, folded: bool = False) -> dict[str, dict]:
     """``{layer: {"kl": {cand: D}, "bits": {cand: bits}, "numel": n}}`` (module docstring).
 
     ``solved`` (``solved_errors``): each layer's weights and errors as a calibrated algorithm
-    produced them, used instead of round to nearest's."""
+    produced them, used instead of round to nearest's. ``ray``: True / "local" scores the
+    layers (x candidates with ``measure="all"``) as tasks on a local Ray cluster, an address
+    on that cluster (default ``$LOWBIT_RAY``, else here; ``mixed_ray``); ``folded``: the model
+    had its residual rotation folded in after loading (the workers repeat it)."""
+    from lowbit.model.distributed import ray_address
+
     if measure not in ("anchor", "all"):
         raise RecipeError(f"measure must be 'anchor' or 'all', got {measure!r}")
-    arch = resolve_arch(model)
-    norm, head = find_module(model, arch.final_norm), find_module(model, arch.head)
-    hidden, kws = _capture(model, arch.blocks[0].module, batches)
-    inputs, sq = [], {}
-    hooks = [model.get_submodule(n).register_forward_pre_hook(_sq_hook(sq, n)) for n in names]
-    try:
-        for block in arch.blocks:
-            inputs.append(list(hidden))
-            hidden = [first_output(block.module(h, **kw))
-                      for h, kw in zip(hidden, kws, strict=True)]
-        if head is not None and norm is not None:
-            last = [head(norm(h)).float() for h in hidden]
-            vocab = torch.unique(torch.cat([x.reshape(-1, x.shape[-1]).topk(top_k, -1).indices
-                                            .reshape(-1) for x in last]))
-            base = [torch.log_softmax(x[..., vocab], -1) for x in last]
-        else:
-            vocab, base = None, hidden
-    finally:
-        for h in hooks:
-            h.remove()
+    address = ray_address(ray)
+    if address is not None:
+        from lowbit.model.mixed_ray import sensitivity_on_ray
 
-    def divergence(start: int, hs: list) -> float:
-        for block in arch.blocks[start:]:
-            hs = [first_output(block.module(h, **kw)) for h, kw in zip(hs, kws, strict=True)]
-        if vocab is None:
-            return float(sum((h - b).pow(2).sum() / b.pow(2).sum()
-                             for h, b in zip(hs, base, strict=True)) / len(hs))
-        w = head.weight[vocab]
-        return sum(_kl(b, torch.nn.functional.linear(norm(h), w)) for h, b in
-                   zip(hs, base, strict=True)) / len(hs)
+        out = sensitivity_on_ray(address, model, batches, candidates, names, anchor=anchor,
+                                 measure=measure, top_k=top_k, progress=progress,
+                                 solved=solved, folded=folded)
+    else:
+        scorer = Scorer(model, batches, names, top_k)
+        kl_at = set(candidates) if measure == "all" else {anchor}
+        items = names
+        if progress:
+            from tqdm.auto import tqdm
 
-    where = {n: i for i, b in enumerate(arch.blocks) for g in b.groups for n in g.linears}
-    out = {}
-    items = names
-    if progress:
-        from tqdm.auto import tqdm
-
-        items = tqdm(names, desc="sensitivity", unit="layer", leave=False, disable=None)
-    for name in items:
-        lin = model.get_submodule(name)
-        W = lin.weight.detach().clone()
-        ms = sq[name] / max(1, sq[name + "#n"])
-        entry = {"kl": {}, "bits": {}, "err": {}, "numel": W.numel()}
-        for cand, scheme in candidates.items():
-            # (unrotated where the width has no Hadamard matrix, as the recipe is applied)
-            bits, w_hat = layer_bits(W.float(), scheme_for_width(scheme, W.shape[1]))
-            entry["bits"][cand] = bits
-            if solved is not None:  # the algorithm's weight and its Hessian-weighted error
-                entry["err"][cand] = solved[name]["err"][cand]
-                w_hat = solved[name]["w_hat"].get(cand)
-            else:
-                entry["err"][cand] = float(((W.float() - w_hat).pow(2) * ms).sum())
-            if measure == "all" or cand == anchor:
-                lin.weight.data = w_hat.to(W.dtype)
-                try:
-                    start = where.get(name)
-                    if start is None:  # outside the blocks (the head): re-run the head only
-                        entry["kl"][cand] = divergence(len(arch.blocks), hidden)
-                    else:
-                        entry["kl"][cand] = divergence(start, inputs[start])
-                finally:
-                    lin.weight.data = W
-        if measure == "anchor":
+            items = tqdm(names, desc="sensitivity", unit="layer", leave=False, disable=None)
+        out = {name: scorer.score(name, candidates, kl_at, None if solved is None else
+                                  solved[name]) for name in items}
+    if measure == "anchor":
+        for entry in out.values():
             ref_kl, ref_err = entry["kl"][anchor], max(entry["err"][anchor], 1e-30)
             for cand in candidates:
                 entry["kl"].setdefault(cand, ref_kl * entry["err"][cand] / ref_err)
-        out[name] = entry
     return out
 
 
@@ -212,14 +160,6 @@ def solved_errors(model: nn.Module, batches: list, candidates: dict[str, Scheme]
                     if cand in keep:
                         out[m.name]["w_hat"][cand] = w_hat
     return out
-
-
-def _sq_hook(store: dict, name: str):
-    def pre(module, args):
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-        store[name] = store.get(name, 0) + x.pow(2).sum(0)
-        store[name + "#n"] = store.get(name + "#n", 0) + x.shape[0]
-    return pre
 
 
 def _hull(points: list[tuple[int, float, str]]) -> list[tuple[int, float, str]]:
@@ -288,13 +228,15 @@ def recipe_from_choice(choice: dict[str, str], schemes: dict[str, Scheme], name:
 def auto_recipe(model: nn.Module, recipe: Recipe, batches: list | None, *,
                 candidates=DEFAULT_CANDIDATES, measure: str = "anchor",
                 sensitivity_tokens: int = 256, solved_tokens: int = 8192,
-                progress: bool = True, sens: dict | None = None) -> Recipe:
+                progress: bool = True, sens: dict | None = None,
+                ray: str | bool | None = None) -> Recipe:
     """Resolve an ``auto:<bpw>`` placeholder into an explicit per-layer recipe.
 
     Sensitivity runs on the first ``sensitivity_tokens`` tokens of ``batches``; for GPTQ and
     AWQ+GPTQ the candidates' weights and errors come from solving each layer on the first
     ``solved_tokens`` tokens (``solved_errors``, with the recipe's algorithm options). The chosen
     recipe is returned and its sensitivity table is kept on ``model.lowbit_sensitivity``.
+    ``ray``: where the layers are scored (``sensitivity``; default ``$LOWBIT_RAY``, else here).
     """
     bpw = budget_of(recipe)
     algorithm = recipe.default.algorithm if recipe.default is not None else "rtn"
@@ -315,7 +257,8 @@ def auto_recipe(model: nn.Module, recipe: Recipe, batches: list | None, *,
             solved = solved_errors(model, _slice(batches, solved_tokens), schemes, names,
                                    keep=keep, progress=progress)
         sens = sensitivity(model, slice_, rtn, names, anchor=anchor, measure=measure,
-                           progress=progress, solved=solved)
+                           progress=progress, solved=solved, ray=ray,
+                           folded=recipe.fold_rotation is not None)
     model.lowbit_sensitivity = sens
     choice = allocate({n: sens[n] for n in names}, bpw)
     return recipe_from_choice(choice, schemes, f"mixed-{bpw:g}bpw" + (
