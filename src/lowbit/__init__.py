@@ -27,6 +27,7 @@ _LAZY = {
     "load_tokenizer": "lowbit.model",
     "save": "lowbit.model",
     "load": "lowbit.model",
+    "quantize_checkpoint": "lowbit.model",
     "Recipe": "lowbit.model",
     "PRESETS": "lowbit.model",
     "evaluate": "lowbit.eval",

@@ -1,8 +1,14 @@
-"""``lowbit quantize MODEL --recipe R -o DIR``: quantize, save, print a one-screen summary."""
+"""``lowbit quantize MODEL --recipe R -o DIR``: quantize, save, print a one-screen summary.
+
+A Hugging Face folder that does not fit in ``--max-memory`` (default: what the machine has
+available) is quantized one block at a time (``lowbit.quantize_checkpoint``), as ``--stream``
+forces; ``--resume`` continues such a run that was interrupted.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 from lowbit.cli.common import calibration_batches, set_threads
@@ -17,12 +23,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="module pattern to leave unquantized (repeatable), e.g. lm_head")
     p.add_argument("--output", "-o", required=True, help="checkpoint folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    p.add_argument("--max-memory", help="memory the run may use, e.g. 8GiB (default: what the "
+                   "machine has available); a model that does not fit is streamed")
+    p.add_argument("--stream", action="store_true", help="quantize one block at a time, "
+                   "reading the weights from the files (sharded output)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted streamed "
+                   "run into the same --output")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
-    from lowbit.model import Recipe, load_model, load_tokenizer, quantize, save
+    from lowbit.model import Recipe
     from lowbit.model.serialization import check_target
 
     set_threads(args.threads)
@@ -30,6 +42,60 @@ def run(args: argparse.Namespace) -> int:
     recipe = Recipe.parse(args.recipe)
     if args.keep:
         recipe = recipe.with_keep(*args.keep)
+    folder, cap = _streamed_source(args, recipe)
+    if folder is not None:
+        return _run_streamed(args, recipe, folder, cap)
+    return _run_in_memory(args, recipe)
+
+
+def _streamed_source(args, recipe):
+    """(HF folder, cap) when the run streams: ``--stream``/``--resume``, or a model that
+    does not fit the cap; (None, cap) otherwise."""
+    from lowbit.errors import LowbitError
+    from lowbit.model.loaders import resolve_spec
+    from lowbit.model.stream_memory import available_memory, folder_need, format_size, parse_size
+
+    cap = parse_size(args.max_memory) if args.max_memory else available_memory()
+    kind, path = resolve_spec(args.model)
+    if args.stream or args.resume:
+        if kind != "hf":
+            raise LowbitError(f"--stream reads a Hugging Face folder (config.json + safetensors "
+                              f"shards); {args.model} is a {kind} model: drop --stream")
+        return path, cap
+    if kind != "hf":
+        return None, cap
+    tokens = args.calibration_tokens if recipe.needs_calibration else 0
+    need, weights = folder_need(path, tokens)
+    if need <= cap:
+        return None, cap
+    print(f"lowbit: {args.model} needs about {format_size(need)} in memory ({format_size(weights)}"
+          f" of FP32 weights), more than --max-memory {format_size(cap)}: quantizing one block "
+          "at a time (streaming)", file=sys.stderr)
+    return path, cap
+
+
+def _run_streamed(args, recipe, folder, cap) -> int:
+    from lowbit.model import load_tokenizer
+    from lowbit.model.stream_quantize import quantize_checkpoint
+
+    tokenizer = load_tokenizer(args.model)
+    calib = None
+    if recipe.needs_calibration:
+        calib = calibration_batches(tokenizer, args.calibration, args.calibration_tokens)
+    done = quantize_checkpoint(folder, recipe, args.output, calib, overwrite=args.overwrite,
+                               resume=args.resume, max_memory=cap, tokenizer=tokenizer,
+                               progress=not args.quiet)
+    print(f"model         {args.model} (streamed: {done.units} parts, one at a time"
+          f"{f'; {done.resumed} finished by the interrupted run' if done.resumed else ''})")
+    for line in done.summary.lines():
+        print(line)
+    print(f"saved         {done.path}")
+    return 0
+
+
+def _run_in_memory(args, recipe) -> int:
+    from lowbit.model import load_model, load_tokenizer, quantize, save
+
     t0 = time.perf_counter()
     model = load_model(args.model)
     tokenizer = load_tokenizer(args.model)

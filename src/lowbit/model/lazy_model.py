@@ -49,13 +49,22 @@ def meta_skeleton_persistent(module: nn.Module, names: list[str]) -> bool:
 
 
 class LazyModel:
-    """``model`` (on ``meta``) and the files its weights come from."""
+    """``model`` (on ``meta``) and the files its weights come from: a Hugging Face folder
+    (``open``; floats read as float32), or a lowbit checkpoint (``open_checkpoint``; tensors
+    in their saved dtypes, quantized layers rebuilt from their manifest entries)."""
 
-    def __init__(self, model: nn.Module, files: TensorFiles, folder: Path):
+    def __init__(self, model: nn.Module, files: TensorFiles, folder: Path,
+                 manifest: dict | None = None):
         self.model, self.files, self.folder = model, files, folder
+        self.manifest = manifest
         tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
+        if manifest is not None:
+            tied = dict(manifest.get("aliases", {}))
         self.tied = {k: v for k, v in tied.items() if isinstance(v, str)}
-        missing = [k for k in model.state_dict() if self.file_name(k) is None]
+        self.quantized = dict(manifest["quantized"]) if manifest is not None else {}
+        quantized_keys = {k for k in model.state_dict() if k.rpartition(".")[0] in self.quantized}
+        missing = [k for k in model.state_dict() if self.file_name(k) is None
+                   and k not in quantized_keys]
         if missing:
             raise ShardError(
                 f"{folder}: the safetensors files lack {len(missing)} tensors "
@@ -77,6 +86,19 @@ class LazyModel:
         model = meta_skeleton(config, _model_class(transformers, config))
         model.lowbit_spec = os.fspath(folder)
         return cls(model, files, path)
+
+    @classmethod
+    def open_checkpoint(cls, folder: str | os.PathLike) -> LazyModel:
+        """A lowbit checkpoint (``save`` or ``quantize_checkpoint``), weights left in files."""
+        from lowbit.model.serialization import CheckpointError, read_manifest
+        from lowbit.model.serialization import _skeleton as skeleton_of
+
+        path = Path(folder)
+        manifest = read_manifest(path)
+        files = TensorFiles(path, CheckpointError)
+        model = skeleton_of(manifest, build=meta_skeleton)
+        model.lowbit_spec = manifest.get("source")
+        return cls(model, files, path, manifest)
 
     def file_name(self, key: str) -> str | None:
         """The name under which the files hold state-dict entry ``key`` (or None)."""
@@ -100,13 +122,23 @@ class LazyModel:
 
     @torch.no_grad()
     def materialize(self, paths: list[str], whole: bool = True) -> None:
-        """Read the weights of submodules ``paths`` from the files, in float32."""
+        """Read the weights of submodules ``paths`` from the files (module docstring)."""
+        from lowbit.model.serialization import _load_quantized
+
+        source = self.manifest is None
         for path in paths:
             module = self.model.get_submodule(path)
             start = len(path) + 1 if path else 0
-            state = {k[start:]: self.files.read(self.file_name(k), float32=True)
-                     for k in self.keys(path, whole)}
-            module.load_state_dict(state, strict=whole, assign=True)
+            mine = [n for n in self.quantized
+                    if n == path or (whole and n.startswith(f"{path}."))]
+            keys = [k for k in self.keys(path, whole) if k.rpartition(".")[0] not in mine]
+            state = {k[start:]: self.files.read(self.file_name(k), float32=source)
+                     for k in keys}
+            module.load_state_dict(state, strict=whole and not mine, assign=True)
+            for name in mine:
+                own = {k: self.files.read(k) for k in self.files.names()
+                       if k.startswith(f"{name}.") and "." not in k[len(name) + 1:]}
+                _load_quantized(self.model, name, self.quantized[name], own)
 
     @torch.no_grad()
     def evict(self, paths: list[str], whole: bool = True) -> None:

@@ -21,6 +21,7 @@ from lowbit.errors import LowbitError
 from lowbit.model.hf_folder import check_hf_folder
 from lowbit.model.hub import BUNDLED, bundled_path
 from lowbit.model.safetensors_header import is_pickle, read_header
+from lowbit.model.shards import read_into
 
 __all__ = ["ModelLoadError", "load_model", "load_tokenizer", "resolve_spec"]
 
@@ -170,14 +171,7 @@ def _safetensors_index(folder: Path) -> dict[str, tuple[Path, int, str, tuple[in
 
 
 def _read_into(file: Path, offset: int, out: np.ndarray) -> None:
-    view = memoryview(out)
-    with open(file, "rb", buffering=0) as f:
-        f.seek(offset)
-        while view.nbytes:  # one read returns at most ~2 GiB on Linux
-            got = f.readinto(view)
-            if not got:
-                raise ModelLoadError(f"{file} ends early: the file is truncated; fetch it again")
-            view = view[got:]
+    read_into(file, offset, out, ModelLoadError)
 
 
 @torch.no_grad()

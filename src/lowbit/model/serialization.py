@@ -287,7 +287,9 @@ def _check_tensors(path: Path, manifest: dict, tensors: dict[str, torch.Tensor])
                                   "the checkpoint")
 
 
-def _skeleton(manifest: dict) -> nn.Module:
+def _skeleton(manifest: dict, build=None) -> nn.Module:
+    """The architecture ``hf_config`` describes, with random weights; ``build(config, cls)``
+    instead builds it otherwise (``lazy_model.meta_skeleton``: on the meta device)."""
     config = manifest.get("hf_config")
     if not config:
         raise CheckpointError("this checkpoint holds a custom nn.Module; pass the architecture: "
@@ -303,6 +305,8 @@ def _skeleton(manifest: dict) -> nn.Module:
                               "lowbit.load(dir, model=...)") from exc
     auto = AutoModelForCausalLM if manifest.get("model_class", "").endswith("ForCausalLM") \
         else AutoModel
+    if build is not None:
+        return build(cfg, auto._model_mapping[type(cfg)])
     # built on the CPU (not the meta device) so non-persistent buffers such as rotary
     # frequencies are computed as the architecture defines them
     return auto.from_config(cfg)

@@ -77,16 +77,26 @@ class TensorFiles:
 
     def read(self, name: str, float32: bool = False) -> torch.Tensor:
         """Tensor ``name`` in fresh memory (``float32``: floating tensors converted)."""
-        from lowbit.model.loaders import _read_into
-
         file, offset, dtype, shape = self.entries[name]
         if dtype not in TORCH_DTYPES:
             raise self.error(f"{file}: tensor {name!r} has dtype {dtype}, which lowbit does not "
                              "read; convert the checkpoint to float32, float16 or bfloat16")
         raw = torch.empty(self.nbytes(name), dtype=torch.uint8)
-        _read_into(file, offset, raw.numpy())
+        read_into(file, offset, raw.numpy(), self.error)
         t = raw.view(TORCH_DTYPES[dtype]).reshape(shape)
         return t.float() if float32 and t.is_floating_point() and t.dtype != torch.float32 else t
+
+
+def read_into(file: Path, offset: int, out, error: type[Exception]) -> None:
+    """Fill the writable buffer ``out`` from ``file`` at ``offset`` with plain reads."""
+    view = memoryview(out).cast("B")
+    with open(file, "rb", buffering=0) as f:
+        f.seek(offset)
+        while view.nbytes:  # one read returns at most ~2 GiB on Linux
+            got = f.readinto(view)
+            if not got:
+                raise error(f"{file} ends early: the file is truncated; fetch it again")
+            view = view[got:]
 
 
 def _indexed_shards(index: Path, error: type[Exception]) -> list[Path]:

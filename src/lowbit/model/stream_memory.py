@@ -104,3 +104,20 @@ def check_cap(cap: int, need: int, unit_name: str, parts: dict[str, int]) -> Non
         f"--max-memory {format_size(cap)} is too small: one block ({unit_name}) needs about "
         f"{format_size(need)} ({detail}); raise --max-memory to at least {format_size(need)}, "
         "or pass fewer --calibration-tokens")
+
+
+def folder_need(folder: str | Path, tokens: int) -> tuple[int, int]:
+    """(in-memory need, FP32 weight bytes) of quantizing the Hugging Face folder ``folder``
+    with ``tokens`` calibration tokens: this process now plus ``in_memory_need``."""
+    import json
+
+    from lowbit.model.shards import TensorFiles
+
+    files = TensorFiles(folder, MemoryCapError)
+    weights = sum(files.nbytes(n, as_float32=True) for n in files.names())
+    try:
+        hidden = int(json.loads((Path(folder) / "config.json").read_text()).get("hidden_size", 0))
+    except (OSError, ValueError, TypeError):
+        hidden = 0
+    return resident_bytes() + in_memory_need(weights, held_inputs_bytes(tokens, hidden, False)), \
+        weights

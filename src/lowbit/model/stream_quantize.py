@@ -142,6 +142,7 @@ def quantize_checkpoint(
     settings = _settings(lazy, recipe, batches, sequential, sample_tokens, half_inputs,
                          batch_tokens, backend)
     partial = PartialRun(target, settings, resume)
+    resumed = partial.resumed
     writer = ShardWriter(partial.folder, len(units))
     run = _Run(model, plan, backend, sample_tokens)
     dtype = compute_dtype(recipe)
@@ -181,7 +182,7 @@ def quantize_checkpoint(
     bar.close()
     path = _finish(lazy, partial, writer, units, target, tokenizer, summary)
     summary.seconds = time.perf_counter() - t0
-    return StreamedCheckpoint(path, summary, len(units), partial.resumed, list(arch.notes))
+    return StreamedCheckpoint(path, summary, len(units), resumed, list(arch.notes))
 
 
 def _refuse_whole_model(recipe: Recipe) -> None:
