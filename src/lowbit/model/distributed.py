@@ -91,14 +91,14 @@ def start(address: str | None = LOCAL, *, num_cpus: int | None = None,
 
     ``address`` None or "local": a local cluster (``num_cpus`` of this machine, default all);
     "auto": the cluster started on this machine by ``ray start``; otherwise ``HOST:PORT`` (or
-    ``ray://HOST:PORT``), which must answer within ``timeout`` seconds. Reuses a connection
-    this process already has."""
+    ``ray://HOST:PORT``), which must answer within ``timeout`` seconds (Ray itself would retry
+    for minutes). Reuses the connection this process already has, whatever the address."""
     ray = _import_ray()
-    if ray.is_initialized():
-        return ray
     local = address in (None, "", LOCAL)
     if not local and address != "auto":
         _check_reachable(address, timeout)
+    if ray.is_initialized():  # (an address is still checked: a typo is not silently ignored)
+        return ray
     kwargs: dict = {"include_dashboard": False, "log_to_driver": False,
                     "configure_logging": False}
     if local:
