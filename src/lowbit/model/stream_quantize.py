@@ -34,7 +34,7 @@ import torch
 from lowbit.algorithms import get_algorithm
 from lowbit.algorithms.group import stats_needed
 from lowbit.model.arch import resolve_arch
-from lowbit.model.calib_memory import REBATCH_TOKENS, _batches
+from lowbit.model.calib_memory import REBATCH_TOKENS, _batches, _give_back_free_memory
 from lowbit.model.lazy_model import LazyModel
 from lowbit.model.pipeline import _codebook, _quantize_alone, _require_data
 from lowbit.model.recipe import Recipe, RecipeError, gguf_kind, is_auto, resolve_gguf_mix
@@ -176,6 +176,7 @@ def quantize_checkpoint(
         if walk is not None and unit.kind == "head":
             walk.hidden.clear()  # the last use of the calibration inputs
         lazy.evict(unit.paths, unit.whole)
+        _release()
         bar.update(1)
         if on_unit is not None:
             on_unit(index, len(units), unit.name)
@@ -183,6 +184,15 @@ def quantize_checkpoint(
     path = _finish(lazy, partial, writer, units, target, tokenizer, summary)
     summary.seconds = time.perf_counter() - t0
     return StreamedCheckpoint(path, summary, len(units), resumed, list(arch.notes))
+
+
+def _release() -> None:
+    """Free the finished unit now: its modules can sit in reference cycles (collected
+    only by ``gc``), and glibc keeps freed heap pages until asked (``malloc_trim``)."""
+    import gc
+
+    gc.collect()
+    _give_back_free_memory()
 
 
 def _refuse_whole_model(recipe: Recipe) -> None:
