@@ -98,3 +98,24 @@ def test_every_layer_x_candidate_scored_on_ray(ray_cluster, tiny_llama_dir):
     on_ray = sensitivity(model, _calibration()[:1], cands, names, ray=True, **kwargs)
     assert on_ray == serial
     assert list(on_ray[names[0]]["kl"]) == ["w3g64", "w8"]
+
+
+def test_gptq_candidates_solved_on_ray(ray_cluster, tiny_llama_dir):
+    """auto:<bpw>-gptq's heavy part: every group x candidate solved as a task, the errors and
+    the kept weights equal to the serial solve."""
+    from lowbit.model import load_model
+    from lowbit.model.mixed import candidate_schemes, solved_errors
+
+    model = load_model(tiny_llama_dir)
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    cands = candidate_schemes(("w2g64", "w3g64", "w8"), "gptq")
+    serial = solved_errors(model, _calibration(), cands, names, keep={"w3g64"},
+                           progress=False)
+    on_ray = solved_errors(model, _calibration(), cands, names, keep={"w3g64"},
+                           progress=False, ray=True)
+    assert list(on_ray) == list(serial) == names
+    for n in names:
+        assert on_ray[n]["err"] == serial[n]["err"]
+        assert list(on_ray[n]["w_hat"]) == ["w3g64"]
+        assert torch.equal(on_ray[n]["w_hat"]["w3g64"], serial[n]["w_hat"]["w3g64"])

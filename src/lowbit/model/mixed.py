@@ -33,14 +33,10 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from lowbit.algorithms import InputStats
-from lowbit.algorithms.group import Member, solve_group
-from lowbit.formats import dequantize, rotate
-from lowbit.model.arch import first_output, resolve_arch
-from lowbit.model.mixed_scoring import Scorer, layer_bits
+from lowbit.model.distributed import ray_address
+from lowbit.model.mixed_scoring import Scorer, group_stats, layer_bits, solve_candidate
 from lowbit.model.recipe import Recipe, RecipeError, Rule, Scheme, budget_of
-from lowbit.model.runner import _capture
-from lowbit.model.targets import find_targets, scheme_for_width
+from lowbit.model.targets import find_targets
 
 DEFAULT_CANDIDATES = ("w2g64", "w3g64", "w4g128", "w4g64", "w8")
 #: algorithms whose candidates are scored after solving against the Hessian (GPTAQ's as
@@ -71,8 +67,6 @@ def sensitivity(model: nn.Module, batches: list, candidates: dict[str, Scheme],
     layers (x candidates with ``measure="all"``) as tasks on a local Ray cluster, an address
     on that cluster (default ``$LOWBIT_RAY``, else here; ``mixed_ray``); ``folded``: the model
     had its residual rotation folded in after loading (the workers repeat it)."""
-    from lowbit.model.distributed import ray_address
-
     if measure not in ("anchor", "all"):
         raise RecipeError(f"measure must be 'anchor' or 'all', got {measure!r}")
     address = ray_address(ray)
@@ -102,8 +96,8 @@ def sensitivity(model: nn.Module, batches: list, candidates: dict[str, Scheme],
 
 @torch.no_grad()
 def solved_errors(model: nn.Module, batches: list, candidates: dict[str, Scheme],
-                  names: list[str], *, keep: set[str],
-                  progress: bool = True) -> dict[str, dict]:
+                  names: list[str], *, keep: set[str], progress: bool = True,
+                  ray: str | bool | None = None, folded: bool = False) -> dict[str, dict]:
     """``{layer: {"err": {cand: e}, "w_hat": {cand: W_hat}}}`` for a Hessian-solved algorithm.
 
     Round to nearest misjudges what GPTQ leaves of a format: in the Hadamard basis RTN at 3
@@ -112,53 +106,35 @@ def solved_errors(model: nn.Module, batches: list, candidates: dict[str, Scheme]
     run makes) against the Hessian of the float model's inputs, block by block, and scored
     by the output error ``e = tr(dW H dW^T)`` (GPTQ's objective, Frantar et al., 2022,
     eq. 1). ``W_hat`` (in the layer's own basis) is kept for the candidates in ``keep``.
-    AWQ+GPTQ's group scale is not searched here: its layers are solved as GPTQ.
+    AWQ+GPTQ's group scale is not searched here: its layers are solved as GPTQ. ``ray``,
+    ``folded``: as ``sensitivity``'s (each group x candidate a Ray task).
     """
     # scored with plain GPTQ: refinement lowers every candidate's error by a similar 7-12%
     # (algorithms/refine.py) and would multiply this pass's solves
     candidates = {c: replace(s, options={**dict(s.options), "refine_passes": 0})
                   for c, s in candidates.items()}
-    arch = resolve_arch(model)
-    wanted = set(names)
-    hidden, kws = _capture(model, arch.blocks[0].module, batches)
+    address = ray_address(ray)
+    if address is not None:
+        from lowbit.model.mixed_ray import solved_on_ray
+
+        return solved_on_ray(address, model, batches, candidates, names, keep=keep,
+                             progress=progress, folded=folded)
     out: dict[str, dict] = {}
-    blocks = arch.blocks
+    groups = group_stats(model, batches, names)
     if progress:
         from tqdm.auto import tqdm
 
-        blocks = tqdm(blocks, desc="solving candidates", unit="block", leave=False,
+        groups = tqdm(groups, desc="solving candidates", unit="group", leave=False,
                       disable=None)
-    for block in blocks:
-        groups = [[n for n in g.linears if n in wanted] for g in block.groups]
-        groups = [g for g in groups if g]
-        stats, hooks = [], []
-        for g in groups:
-            first = model.get_submodule(g[0])
-            st = InputStats(first.in_features, {"hessian"})
-            hooks.append(first.register_forward_pre_hook(lambda m, a, st=st: st.add(a[0])))
-            stats.append(st)
-        try:
-            hidden = [first_output(block.module(h, **kw))
-                      for h, kw in zip(hidden, kws, strict=True)]
-        finally:
-            for h in hooks:
-                h.remove()
-        for g, st in zip(groups, stats, strict=True):
-            H = st.hessian.H.float()
-            for n in g:
-                out[n] = {"err": {}, "w_hat": {}}
-            for cand, scheme in candidates.items():
-                members = [Member(n, lin, scheme_for_width(scheme, lin.in_features))
-                           for n, lin in ((n, model.get_submodule(n)) for n in g)]
-                for m, sol in zip(members, solve_group(members, st, None), strict=True):
-                    w_hat = dequantize(sol.codes, sol.qparams)
-                    if m.scheme.weight.rotation is not None:  # back to the layer's basis
-                        w_hat = rotate(w_hat.double(), m.scheme.weight.rotation,
-                                       inverse=True).float()
-                    dW = m.module.weight.detach().float() - w_hat
-                    out[m.name]["err"][cand] = float(((dW @ H) * dW).sum())
-                    if cand in keep:
-                        out[m.name]["w_hat"][cand] = w_hat
+    for group, st in groups:
+        for n in group:
+            out[n] = {"err": {}, "w_hat": {}}
+        for cand, scheme in candidates.items():
+            for n, (err, w_hat) in solve_candidate(model, group, st, scheme,
+                                                   cand in keep).items():
+                out[n]["err"][cand] = err
+                if w_hat is not None:
+                    out[n]["w_hat"][cand] = w_hat
     return out
 
 
@@ -255,7 +231,8 @@ def auto_recipe(model: nn.Module, recipe: Recipe, batches: list | None, *,
         if algorithm in SOLVED:
             keep = set(candidates) if measure == "all" else {anchor}
             solved = solved_errors(model, _slice(batches, solved_tokens), schemes, names,
-                                   keep=keep, progress=progress)
+                                   keep=keep, progress=progress, ray=ray,
+                                   folded=recipe.fold_rotation is not None)
         sens = sensitivity(model, slice_, rtn, names, anchor=anchor, measure=measure,
                            progress=progress, solved=solved, ray=ray,
                            folded=recipe.fold_rotation is not None)

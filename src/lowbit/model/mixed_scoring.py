@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lowbit.algorithms import quantize_weight
+from lowbit.algorithms import InputStats, quantize_weight
+from lowbit.algorithms.group import Member, solve_group
 from lowbit.formats import dequantize, rotate
 from lowbit.model.arch import find_module, first_output, resolve_arch
 from lowbit.model.recipe import Scheme
@@ -18,7 +19,7 @@ from lowbit.model.runner import _capture
 from lowbit.model.targets import scheme_for_width
 from lowbit.nn import PackedWeight
 
-__all__ = ["Scorer", "layer_bits"]
+__all__ = ["Scorer", "group_stats", "layer_bits", "solve_candidate"]
 
 def layer_bits(weight: torch.Tensor, scheme: Scheme) -> tuple[int, torch.Tensor]:
     """Stored bits (codes + scales + zero-points) of ``weight`` at ``scheme`` and its RTN."""
@@ -118,3 +119,46 @@ def _sq_hook(store: dict, name: str):
         store[name] = store.get(name, 0) + x.pow(2).sum(0)
         store[name + "#n"] = store.get(name + "#n", 0) + x.shape[0]
     return pre
+
+
+def group_stats(model: nn.Module, batches: list, names: list[str]):
+    """``(group, InputStats)`` for each group of ``names`` that share an input, block by block:
+    the Hessian of the float model's inputs (the model is not changed)."""
+    arch = resolve_arch(model)
+    wanted = set(names)
+    hidden, kws = _capture(model, arch.blocks[0].module, batches)
+    for block in arch.blocks:
+        groups = [[n for n in g.linears if n in wanted] for g in block.groups]
+        groups = [g for g in groups if g]
+        stats, hooks = [], []
+        for g in groups:
+            first = model.get_submodule(g[0])
+            st = InputStats(first.in_features, {"hessian"})
+            hooks.append(first.register_forward_pre_hook(lambda m, a, st=st: st.add(a[0])))
+            stats.append(st)
+        try:
+            with torch.no_grad():
+                hidden = [first_output(block.module(h, **kw))
+                          for h, kw in zip(hidden, kws, strict=True)]
+        finally:
+            for h in hooks:
+                h.remove()
+        yield from zip(groups, stats, strict=True)
+
+
+@torch.no_grad()
+def solve_candidate(model: nn.Module, group: list[str], st, scheme: Scheme,
+                    keep: bool) -> dict[str, tuple[float, torch.Tensor | None]]:
+    """``{layer: (tr(dW H dW^T), W_hat or None)}``: the group solved at one candidate
+    (``solve_group``, the calls the real run makes), ``W_hat`` in the layer's own basis."""
+    H = st.hessian.H.float()
+    members = [Member(n, lin, scheme_for_width(scheme, lin.in_features))
+               for n, lin in ((n, model.get_submodule(n)) for n in group)]
+    out = {}
+    for m, sol in zip(members, solve_group(members, st, None), strict=True):
+        w_hat = dequantize(sol.codes, sol.qparams)
+        if m.scheme.weight.rotation is not None:  # back to the layer's basis
+            w_hat = rotate(w_hat.double(), m.scheme.weight.rotation, inverse=True).float()
+        dW = m.module.weight.detach().float() - w_hat
+        out[m.name] = (float(((dW @ H) * dW).sum()), w_hat if keep else None)
+    return out
