@@ -12,7 +12,8 @@ if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q torch==2.13.0
 fi
-.venv/bin/python -m pip install -q -e ".[models,report,dev,bench,onnx]"
+# distributed: Ray, for the sweeps on Ray (bench/sensitivity --ray) and their tests
+.venv/bin/python -m pip install -q -e ".[models,report,dev,bench,onnx,distributed]"
 # compressed-tensors (lowbit export --to compressed-tensors) asks for a newer torch than the
 # pinned CPU wheel satisfies on paper: install it without letting pip touch torch
 .venv/bin/python -m pip install -q --no-deps "compressed-tensors>=0.20"
