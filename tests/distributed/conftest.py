@@ -1,5 +1,5 @@
-"""A real local Ray cluster with 2 worker CPUs, started once for these tests and shut down
-after them. Tests that need it skip, with the reason, when Ray is not installed
+"""A real local Ray cluster with 2 worker CPUs, started once per test module and shut down
+after it (its workers hold torch and a model: not kept for the rest of the suite). Tests that need it skip, with the reason, when Ray is not installed
 (``pip install 'lowbit[distributed]'``)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ needs_ray = pytest.mark.skipif(RAY_MISSING, reason="Ray is not installed: "
 TINY = {"window": 32, "n_windows": 2, "speed": False, "threads": 1}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster():
     import ray
 
