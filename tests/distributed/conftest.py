@@ -1,6 +1,7 @@
-"""A real local Ray cluster with 2 worker CPUs, started once per test module and shut down
-after it (its workers hold torch and a model: not kept for the rest of the suite). Tests that need it skip, with the reason, when Ray is not installed
-(``pip install 'lowbit[distributed]'``)."""
+"""A real local Ray cluster with 2 worker CPUs, started once per test module and shut
+down after it (its workers hold torch and a model: not kept for the rest of the suite).
+Tests that need it skip, with the reason, when Ray is not installed (``pip install
+'lowbit[distributed]'``)."""
 
 from __future__ import annotations
 
