@@ -19,7 +19,7 @@ llama.cpp's uncalibrated Q4_K_M on the same model moves 0.056 -> 0.069 (about 1.
 Recipe options after ``/``, joined by ``+``: ``head=<recipe|keep|same>`` (the head's scheme:
 another recipe's default, kept in float, or the body's), ``damp=<float>`` (GPTQ's
 ``percdamp``, default 0.01), ``refine=<int>`` (GPTQ refinement rounds, default 2),
-``shrink=<float>`` (GPTQ's Hessian toward its diagonal, default 0).
+``shrink=<float>`` (GPTQ's ``hessian_shrink``: its Hessian toward the diagonal).
 
 Run (one heavy job at a time; GPTQ ~2-3 min per recipe on 2 cores, GPTAQ ~5):
   .venv/bin/python benchmarks/calibration_domains.py --json-out docs/calibration_domains.json
@@ -84,7 +84,7 @@ def quantize_as_cli(model, tok, name: str, calibration: str, calib_tokens: int) 
     calib = (calibration_batches(tok, calibration, calib_tokens)
              if recipe.needs_calibration else None)
     fields = {"damp": ("percdamp", float), "refine": ("refine_passes", int),
-              "shrink": ("shrink", float)}
+              "shrink": ("hessian_shrink", float)}
     gptq = {fields[k][0]: fields[k][1](v) for k, v in opts.items() if k in fields}
     if not gptq:
         lowbit.quantize(model, recipe, calib, progress=False)

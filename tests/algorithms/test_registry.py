@@ -22,7 +22,8 @@ def test_every_algorithm_has_one_entry_with_options_and_a_solver():
         assert dataclasses.is_dataclass(entry.resolve())
         if entry.input_scale is not None:
             assert callable(get_algorithm(entry.input_scale).search)
-    assert get_algorithm("gptq").resolve() == GPTQ(act_order=True, refine_passes=2)
+    assert get_algorithm("gptq").resolve() == GPTQ(act_order=True, refine_passes=2,
+                                                   hessian_shrink=0.6)
 
 
 def test_options_are_typed_and_checked():
