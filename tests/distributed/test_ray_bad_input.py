@@ -126,3 +126,17 @@ def test_ray_flag_without_ray_installed(tiny_llama_dir, tmp_path):
     assert not (tmp_path / "r").exists()
     rows = json.loads((tmp_path / "s" / "results.json").read_text())["rows"]
     assert [r["status"] for r in rows] == ["ok", "ok", "ok"]
+
+
+@needs_ray
+def test_quantize_ray_scores_auto_recipes_only(tiny_llama_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LOWBIT_RAY", "")  # the CLI sets it for its run; restored after
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_llama_dir), "-r", "w8", "-o", str(out), "--ray"]) == 2
+    assert "auto:<bpw>" in capsys.readouterr().err and not out.exists()
+    t0 = time.perf_counter()
+    assert main(["quantize", str(tiny_llama_dir), "-r", "auto:4", "-o", str(out),
+                 "--calibration-tokens", "512", "--quiet", "--ray", DEAD]) == 2
+    err = capsys.readouterr().err
+    assert f"no Ray cluster answers at {DEAD}" in err and "Traceback" not in err
+    assert not out.exists() and time.perf_counter() - t0 < 60

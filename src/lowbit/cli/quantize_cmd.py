@@ -11,7 +11,7 @@ import argparse
 import sys
 import time
 
-from lowbit.cli.common import calibration_batches, set_threads
+from lowbit.cli.common import add_ray_argument, calibration_batches, set_threads
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "reading the weights from the files (sharded output)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted streamed "
                    "run into the same --output")
+    add_ray_argument(p, "auto:<bpw> recipe's layer scoring")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -42,10 +43,27 @@ def run(args: argparse.Namespace) -> int:
     recipe = Recipe.parse(args.recipe)
     if args.keep:
         recipe = recipe.with_keep(*args.keep)
+    if args.ray:
+        _score_on_ray(recipe, args.ray)
     folder, cap = _streamed_source(args, recipe)
     if folder is not None:
         return _run_streamed(args, recipe, folder, cap)
     return _run_in_memory(args, recipe)
+
+
+def _score_on_ray(recipe, address: str) -> None:
+    """``--ray``: only an ``auto:<bpw>`` recipe has independent cells (its layer scoring,
+    which reads ``$LOWBIT_RAY`` in this process)."""
+    import os
+
+    from lowbit.errors import LowbitError
+    from lowbit.model.distributed import ENV
+    from lowbit.model.recipe import is_auto
+
+    if not is_auto(recipe):
+        raise LowbitError(f"--ray distributes the layer scoring of an auto:<bpw> recipe; "
+                          f"{recipe.name} has none: drop --ray, or use e.g. -r auto:4-gptq")
+    os.environ[ENV] = address
 
 
 def _streamed_source(args, recipe):
