@@ -114,9 +114,7 @@ class GPTQ:
         W = check_weight(W).clone()
         nsamples = H.nsamples if isinstance(H, HessianAccumulator) else None
         H = _check_hessian(H, W)
-        if self.hessian_shrink:
-            diag = H.diagonal().clone()
-            H.mul_(1 - self.hessian_shrink).diagonal().copy_(diag)
+        shrink_to_diagonal(H, self.hessian_shrink)
         rows, cols = W.shape
         gran, fmt = config.granularity, config.fmt
 
@@ -196,6 +194,14 @@ def gptq(
     return GPTQ(**options).quantize(W, H, config)
 
 
+def shrink_to_diagonal(H: torch.Tensor, a: float) -> torch.Tensor:
+    """``H <- (1 - a) H + a diag(H)`` in place (``hessian_shrink``); returns ``H``."""
+    if a:
+        diag = H.diagonal().clone()
+        H.mul_(1 - a).diagonal().copy_(diag)
+    return H
+
+
 def _check_hessian(H: torch.Tensor | HessianAccumulator, W: torch.Tensor) -> torch.Tensor:
     if isinstance(H, HessianAccumulator):
         if H.nsamples == 0:
@@ -271,7 +277,10 @@ def _solve(W, scheme, stats, s, options: GPTQ):
         W = asymmetric_target(W, H, stats.cross, options.percdamp)
     if scheme.observer == "mse" and not options.clip_ratios:  # each group's range searched
         options = replace(options, clip_ratios=GPTQ_CLIP_RATIOS)
-    if spec.rotation is not None:
+    if spec.rotation is not None:  # shrunk toward the diagonal of the inputs as they come
+        # (outlier channels and all), not of the rotated inputs, whose diagonal is flat
+        H = shrink_to_diagonal(H.clone(), options.hessian_shrink)
+        options = replace(options, hessian_shrink=0.0)
         W, H = rotate_weight_and_hessian(W, H, spec.rotation)
     res = options.quantize(W, H, replace(spec, rotation=None))
     if algo == "gptaq":  # say which objective this layer got
