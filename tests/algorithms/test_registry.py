@@ -23,7 +23,7 @@ def test_every_algorithm_has_one_entry_with_options_and_a_solver():
         if entry.input_scale is not None:
             assert callable(get_algorithm(entry.input_scale).search)
     assert get_algorithm("gptq").resolve() == GPTQ(act_order=True, refine_passes=2,
-                                                   hessian_shrink=0.6)
+                                                   hessian_shrink=0.3)
 
 
 def test_options_are_typed_and_checked():
