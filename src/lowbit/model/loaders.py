@@ -143,7 +143,11 @@ def _load_hf_dir(path: Path) -> nn.Module:
             path, config=config, local_files_only=True, use_safetensors=True,
             trust_remote_code=False, dtype=torch.float32, output_loading_info=True,
         )
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, MemoryError) as exc:
+        if isinstance(exc, MemoryError) or "Cannot allocate memory" in str(exc):
+            raise ModelLoadError(f"{path} does not fit in this process's memory ({exc}): "
+                                 "quantize it block by block with `lowbit quantize "
+                                 f"{path} --stream` (lowbit.quantize_checkpoint)") from exc
         raise ModelLoadError(f"could not build the model in {path}: {exc}. The weights do not "
                              "match config.json (shapes, names) or a file is damaged: restore "
                              "the folder from the model's source") from exc
