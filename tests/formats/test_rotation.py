@@ -44,3 +44,16 @@ def test_rotation_spreads_an_outlier_channel():
 
     plain, rotated = int8_token_error(x), int8_token_error(rotate(x))
     assert rotated < plain / 20  # the rotation is orthogonal: errors compare directly
+
+
+def test_factors_first_built_in_inference_mode_work_under_autograd():
+    from lowbit.formats import rotation
+
+    for cached in (rotation._paley12, rotation._sylvester, rotation.hadamard_factors,
+                   rotation._factors_as):
+        cached.cache_clear()
+    with torch.inference_mode():  # calibration asks first
+        rotation.rotate(torch.randn(2, 96))
+    x = torch.randn(2, 96, requires_grad=True)
+    rotation.rotate(x).sum().backward()  # a later forward that autograd records
+    assert x.grad is not None and x.grad.shape == x.shape

@@ -146,7 +146,7 @@ def test_block_by_block_eval_equals_the_in_memory_eval(sharded, calib, tmp_path)
     for key in ("ppl", "baseline_ppl", "delta_ppl_pct", "kld_mean", "kld_p99",
                 "top1_agreement", "linear_bytes", "bits_per_weight"):
         assert streamed[key] == pytest.approx(memory[key], rel=1e-5, abs=1e-7), key
-    assert streamed["ppl"] != pytest.approx(streamed["baseline_ppl"], rel=1e-4)
+    assert streamed["kld_mean"] > 1e-7  # the quantized model is not the baseline
     assert streamed["kernels"] == memory["kernels"]
 
 

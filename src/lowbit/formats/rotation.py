@@ -27,7 +27,16 @@ ROTATIONS = ("hadamard",)
 _MAX_SYLVESTER = 64
 
 
+def _normal_tensors(build):
+    """Cached factors are built as normal tensors even when first asked for inside
+    ``torch.inference_mode`` (calibration): an inference tensor in the cache would break
+    every later forward that autograd records ("Inference tensors cannot be saved for
+    backward")."""
+    return functools.wraps(build)(torch.inference_mode(False)(build))
+
+
 @functools.cache
+@_normal_tensors
 def _paley12() -> torch.Tensor:
     q = 11
     residues = {(i * i) % q for i in range(1, q)}
@@ -42,6 +51,7 @@ def _paley12() -> torch.Tensor:
 
 
 @functools.cache
+@_normal_tensors
 def _sylvester(n: int) -> torch.Tensor:
     h = torch.ones(1, 1, dtype=torch.float64)
     while h.shape[0] < n:
@@ -50,6 +60,7 @@ def _sylvester(n: int) -> torch.Tensor:
 
 
 @functools.cache
+@_normal_tensors
 def hadamard_factors(n: int) -> tuple[torch.Tensor, ...]:
     """Normalized orthogonal factors (float64) whose Kronecker product is ``H_n``; the last
     factor is the Sylvester one. Raises ``FormatError`` when ``n`` is not ``12^a · 2^k``."""
@@ -99,6 +110,7 @@ _MERGE_UP_TO = 128
 
 
 @functools.cache
+@_normal_tensors
 def _factors_as(n: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     merged: list[torch.Tensor] = []
     for f in reversed(hadamard_factors(n)):
