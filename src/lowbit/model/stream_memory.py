@@ -48,14 +48,22 @@ def format_size(n: float) -> str:
     return f"{n / 2**10:.0f} KiB"
 
 
-def available_memory() -> int:
-    """What the machine can give this process now (``MemAvailable``), else its total."""
+def _proc_bytes(file: str, key: str) -> int | None:
+    """``key``'s value (given in kB) in a ``/proc`` status file, in bytes; None if absent."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
+        for line in Path(file).read_text().splitlines():
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
+    return None
+
+
+def available_memory() -> int:
+    """What the machine can give this process now (``MemAvailable``), else its total."""
+    found = _proc_bytes("/proc/meminfo", "MemAvailable")
+    if found is not None:
+        return found
     import os
 
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -63,12 +71,9 @@ def available_memory() -> int:
 
 def resident_bytes() -> int:
     """This process's resident set size now."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    found = _proc_bytes("/proc/self/status", "VmRSS")
+    if found is not None:
+        return found
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
