@@ -199,3 +199,41 @@ def test_native_rotation_matches_the_reference(k: int) -> None:
     for rows in (1, 5):
         x = torch.randn(rows, k, generator=torch.Generator().manual_seed(k + rows))
         torch.testing.assert_close(f(x), rotate(x.double()).float(), atol=2e-6, rtol=1e-5)
+
+
+def _pack(nibbles: torch.Tensor, block: int, interleaved: bool) -> torch.Tensor:
+    """Any ``int4pack`` layout (``int4_weight._unpack``'s inverse): full interleaved blocks,
+    then pair blocks (byte j = row 2j | row 2j + 1 << 4) of ``block`` rows or the rest."""
+    n, k = nibbles.shape
+    full = n // block if interleaved else 0
+    parts = [_pack_interleaved(nibbles[: full * block], block).reshape(-1)] if full else []
+    for r0 in range(full * block, n, block):
+        b = nibbles[r0:r0 + block].T  # [k, rows]
+        parts.append((b[:, 0::2] | (b[:, 1::2] << 4)).contiguous().reshape(-1))
+    return torch.cat(parts).view(n, k // 2)
+
+
+@needs_native
+@pytest.mark.parametrize("layout", [(64, True), (32, True), (32, False)])
+@pytest.mark.parametrize("signed", [False, True])
+def test_int4_dequant_equals_the_torch_dequantization(layout, signed) -> None:
+    """Prefill's weight: bit-identical to ``_dequantize_padded`` (and its bf16 rounding) in
+    every layout, tails included (100 rows: one full 64-row block and a 36-row pair block)."""
+    import dataclasses
+
+    from lowbit.kernels.int4_weight import _dequantize_padded, _unpack
+
+    n, k, group = 100, 192, 64
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=gen)
+    zero = None if signed else torch.randint(0, 16, (n, k // group), generator=gen).float()
+    state = prepare_int4_weight(q.to(torch.int8) - 8 if signed else q,
+                                torch.rand(n, k // group, generator=gen) * 0.02 + 1e-3, zero,
+                                group_size=group)
+    nibbles = _unpack(state.packed, state.packed.shape[0], k, state.layout)
+    state = dataclasses.replace(state, packed=_pack(nibbles, *layout), layout=layout)
+    want = _dequantize_padded(state)
+    for dtype in (torch.float32, torch.bfloat16):
+        got = native.int4_dequant(state.packed, state.scales_and_zeros,
+                                  state.kernel_group_size, layout, dtype)
+        assert got.dtype == dtype and torch.equal(got, want.to(dtype))

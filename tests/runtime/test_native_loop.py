@@ -153,13 +153,15 @@ def _q8(x: torch.Tensor) -> torch.Tensor:
 
 def test_q8_quantize_is_q8_0_bit_for_bit() -> None:
     x = torch.randn(100, generator=torch.Generator().manual_seed(3)) * 4
-    xq, dl, dls = torch.zeros(128, dtype=torch.int8), torch.empty(32), torch.empty(32)
-    ls = torch.empty(32, dtype=torch.int32)
-    nl._lib().lowbit_q8_quantize(x.data_ptr(), 100, xq.data_ptr(), dl.data_ptr(),
-                                 ls.data_ptr(), dls.data_ptr())
+    buf = torch.zeros(nl._lib().lowbit_q8_floats(100))  # lowbit_q8_carve's layout, kp = 128
+    nl._lib().lowbit_q8_quantize(x.data_ptr(), 100, buf.data_ptr())
+    xq, dl, dls = buf[:32].view(torch.int8), buf[32:64], buf[64:96]
+    n8, n128 = buf[96:128].view(torch.int32), buf[128:160].view(torch.int32)
     got = (xq.float() * dl.repeat_interleave(4))[:100]
     assert torch.equal(got, _q8(x))
-    assert torch.equal(ls, xq.view(32, 4).int().sum(1, dtype=torch.int32))
+    ls = xq.view(32, 4).int().sum(1, dtype=torch.int32)
+    assert torch.equal(n8, -8 * ls) and torch.equal(n128, -128 * ls)
+    assert torch.equal(dls, dl * ls.float())
 
 
 def _layer(n: int, k: int, recipe: str):

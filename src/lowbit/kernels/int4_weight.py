@@ -325,7 +325,11 @@ def int4_weight_linear(
     x2 = x.reshape(-1, k) if flat else x
     if impl == "auto" and x2.shape[0] >= PREFILL_ROWS:  # many rows: a float GEMM wins
         dtype = choices.float_dtype("prefill.int4_weight")
-        w = _dequantize_padded(state).to(dtype)  # padded K: pad x rather than copy a slice
+        w = (native.int4_dequant(state.packed, state.scales_and_zeros,
+                                 state.kernel_group_size, tuple(state.layout), dtype)
+             if dtype in (torch.float32, torch.bfloat16) and state.packed.is_contiguous()
+             and native.available() else _dequantize_padded(state).to(dtype))
+        # padded K above: pad x rather than copy a slice
         pad = w.shape[1] - k
         x2 = x2.to(dtype)
         y = torch.nn.functional.linear(torch.constant_pad_nd(x2, (0, pad)) if pad else x2, w)

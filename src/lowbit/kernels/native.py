@@ -98,7 +98,8 @@ def _library() -> ctypes.CDLL | None:
     lib.lowbit_rot_int4_gemv.argtypes = [_P, _I, _I, _P, _I, _I, _I, _P, _I, _P, _P, _I, _P,
                                          _I, _P, _P, _P]
     lib.lowbit_rot_int4_gemv.restype = None
-    for name, args in (("lowbit_rmsnorm", [_P, _I, _I, _P, _F, _P]),
+    for name, args in (("lowbit_int4_dequant", [_P, _I, _I, _I, _I, _P, _I, _I, _P]),
+                       ("lowbit_rmsnorm", [_P, _I, _I, _P, _F, _P]),
                        ("lowbit_add_rmsnorm", [_P, _P, _I, _I, _P, _F, _P]),
                        ("lowbit_silu_mul", [_P, _P, _I, _P]),
                        ("lowbit_attend", [_P, _P, _P, _I, _I, _I, _I, _I, _I, _P, _P, _P, _P,
@@ -239,6 +240,18 @@ def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Ten
                                 scales_and_zeros.data_ptr(), kernel_group, _ptr(bias),
                                 y.data_ptr(), n, scratch.data_ptr())
     return y
+
+
+def int4_dequant(packed: torch.Tensor, scales_and_zeros: torch.Tensor, kernel_group: int,
+                 layout: tuple[int, bool], dtype: torch.dtype) -> torch.Tensor:
+    """The float32 or bfloat16 weight ``[N_padded, K_padded]`` of torch's int4 CPU layout
+    (``int4_weight._dequantize_padded``'s numbers, then ``.to(dtype)``)."""
+    np_, kp = packed.shape[0], packed.shape[1] * 2
+    out = torch.empty(np_, kp, dtype=dtype)
+    _library().lowbit_int4_dequant(packed.data_ptr(), np_, kp, layout[0], int(layout[1]),
+                                   scales_and_zeros.data_ptr(), kernel_group,
+                                   int(dtype == torch.bfloat16), out.data_ptr())
+    return out
 
 
 def _bound(call, k: int, n: int, fallback, before: tuple, after: tuple, keep: tuple):

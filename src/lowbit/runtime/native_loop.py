@@ -14,7 +14,8 @@ Linear layouts it reads (``lowbit_native.h``):
   Q8_0 heads of ``gguf:`` recipes): ``LB_I8G``, the codes unpacked once;
 - ``QuantizedLinear`` on ``int4_weight`` (``w4g32``, ``gguf:q4_0``): ``LB_I4T``, torch's
   packed layout as it is; with int8 activations an ``LB_Q4R`` copy instead (the same codes
-  in Q4_0's nibble order, the kernel's bf16 scales and zeros per 32 inputs).
+  in Q4_0's nibble order, rows in groups of four so that the kernel's four-row dot products
+  read one sequential stream, the kernel's bf16 scales and zeros per 32 inputs).
 
 ``activations``: ``"float"`` (float32 activations into lowbit's AVX2 GEMVs: the reference,
 logits within float32 rounding of the Python runtime), ``"int8"`` (activations quantized
@@ -55,7 +56,7 @@ class LbLayer(ctypes.Structure):
 
 class LbModel(ctypes.Structure):
     _fields_ = [(n, _I) for n in ("n_layers", "hidden", "inter", "heads", "kv_heads",
-                                  "head_dim", "max_len", "vocab", "q8")] + [
+                                  "head_dim", "max_len", "vocab", "q8", "threads")] + [
         (n, _P) for n in ("final_norm", "cos", "sin", "layers", "head", "work")] + [
         ("attn_scale", _F), ("final_eps", _F)]
 
@@ -71,7 +72,8 @@ def _lib():
                             ("lowbit_linear_apply", [_P, _P, _P, _I], None),
                             ("lowbit_loop_work_floats", [_P], _I),
                             ("lowbit_loop_has_vnni", [], _I),
-                            ("lowbit_q8_quantize", [_P, _I, _P, _P, _P, _P], None)):
+                            ("lowbit_q8_quantize", [_P, _I, _P], None),
+                            ("lowbit_q8_floats", [_I], _I)):
         getattr(lib, name).argtypes, getattr(lib, name).restype = args, res
     return lib
 
@@ -86,19 +88,26 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 def _q4r(kernel) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """An ``int4_weight`` state's codes in ``LB_Q4R``'s order: per 64 inputs 32 bytes, byte
-    ``j`` holding inputs ``j`` (low nibble) and ``j + 32``; its kernel's bf16 scales and
-    zeros repeated per 32 inputs (exact: the same bf16 numbers). Padding: code 8, scale 0."""
+    """An ``int4_weight`` state's codes in ``LB_Q4R``'s order (lowbit_native.h): rows in
+    groups of four, per row and 64 inputs 32 bytes, byte ``j`` holding inputs ``j`` (low
+    nibble) and ``j + 32``; its kernel's bf16 scales and zeros repeated per 32 inputs (exact:
+    the same bf16 numbers), 16 blocks of a row together. Padding: code 8, scale 0."""
     from lowbit.kernels.int4_weight import unpack_int4_codes
 
     n, k = kernel.out_features, kernel.in_features
-    kp = -(-k // 64) * 64
+    kp, n4 = -(-k // 64) * 64, -(-n // 4) * 4
     u = unpack_int4_codes(kernel).to(torch.int16) + (8 if kernel.signed else 0)
-    u = F.pad(u, (0, kp - k), value=8).to(torch.uint8).view(n, kp // 64, 2, 32)
-    codes = (u[:, :, 0] | (u[:, :, 1] << 4)).reshape(n, kp // 2).contiguous()
+    u = F.pad(u, (0, kp - k, 0, n4 - n), value=8).to(torch.uint8).view(n4, kp // 64, 2, 32)
+    codes = (u[:, :, 0] | (u[:, :, 1] << 4)).view(n4 // 4, 4, kp // 64, 32)
+    codes = codes.transpose(1, 2).reshape(n4, kp // 2).contiguous()
+    g16 = -(-kp // 512) * 16  # blocks of 32 per row, padded to whole loads of 16
     sz = kernel.scales_and_zeros[:, :n].repeat_interleave(kernel.kernel_group_size // 32, 0)
-    sz = F.pad(sz, (0, 0, 0, 0, 0, max(0, kp // 32 - sz.shape[0])))[: kp // 32]
-    s, z = (sz[..., i].T.contiguous() for i in (0, 1))
+    sz = F.pad(sz[: kp // 32], (0, 0, 0, n4 - n, 0, g16 - min(sz.shape[0], kp // 32)))
+
+    def grouped(t: torch.Tensor) -> torch.Tensor:  # [g16, n4] -> [n4 / 4, g16 / 16, 4, 16]
+        return t.T.reshape(n4 // 4, 4, g16 // 16, 16).transpose(1, 2).contiguous()
+
+    s, z = grouped(sz[..., 0]), grouped(sz[..., 1])
     return codes, s, (None if not z.any() else z)
 
 
@@ -267,10 +276,11 @@ class NativeDecodeLoop:
     def _bind(self) -> None:
         """Point the descriptor at the runtime's current cache and RoPE tables."""
         rt, m = self.rt, self.model
-        key = (id(rt.cache), rt.cos.data_ptr())
+        key = (id(rt.cache), rt.cos.data_ptr(), torch.get_num_threads())
         if key == self._bound:
             return
         m.max_len, m.cos, m.sin = rt.cache.max_len, rt.cos.data_ptr(), rt.sin.data_ptr()
+        m.threads = torch.get_num_threads()  # the work below holds one residual per thread
         for i, lay in enumerate(self._layers):
             lay.kcache, lay.vcache = rt.cache.k[i].data_ptr(), rt.cache.v[i].data_ptr()
         self._work = torch.empty(_lib().lowbit_loop_work_floats(ctypes.byref(m)))

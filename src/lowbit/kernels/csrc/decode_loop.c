@@ -1,22 +1,19 @@
 /* A whole Llama-style decode step in one call: every block, the final norm and the output
  * head over lowbit's packed weights (runtime/native_loop.py builds the descriptor).
  *
- * One OpenMP region per token. Small operations (RMSNorm, RoPE and the cache write, SiLU x
- * up, activation quantization) run on one thread (`omp single`); every linear and the
- * attention heads are split over all threads by rows / heads, with a barrier between the
- * stages that depend on each other. The step is DecoderRuntime's eager decode:
+ * One OpenMP region per token. Every thread keeps its own copy of the residual stream and
+ * computes its norm; the elementwise work after it (the normalized vector, SiLU x up, the
+ * activations' int8 blocks) is split over the threads by blocks of 32, as is every linear
+ * (by rows) and the attention (by heads), with a barrier between the stages that depend on
+ * each other; only RoPE and the cache write run on one thread. The step is DecoderRuntime's
+ * eager decode:
  *
  *   h = rmsnorm(x);  q, k, v = h Wq, h Wk, h Wv;  a = attend(rope(q), rope(k) -> cache, v)
  *   x += a Wo;  h = rmsnorm(x);  x += (silu(h Wg) * h Wu) Wd;   logits = rmsnorm(x) Wh
  *
  * Linears run float32 activations (the reference: the GEMVs of gemv_avx2.c and the small
  * loops below) or, with model->q8, int8 activations per block of 32 as llama.cpp's
- * Q8_0 x Q8_0 and Q4_0 x Q8_0 dot products (ggml-cpu/arch/x86/quants.c): the block's
- * scale d = max|x| / 127, codes round(x / d), integer block dot products with
- * vpdpbusd (AVX512-VNNI, built with target attributes and run only where the CPU has it).
- * vpdpbusd multiplies unsigned by signed bytes: int8 weights are offset by +128 (one XOR)
- * and the offset removed with each 4-input lane's code sum, 4-bit codes are unsigned
- * already and their -8 removed the same way.
+ * Q8_0 x Q8_0 and Q4_0 x Q8_0 dot products (ggml-cpu/arch/x86/quants.c; csrc/q8_vnni.c).
  */
 #include <immintrin.h>
 #include <math.h>
@@ -28,15 +25,6 @@
 #include "lowbit_native.h"
 #include "simd_avx2.h"
 
-#define LB_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
-
-/* int8 activations of one vector, padded to kp = K rounded up to 64 with zeros. Per
- * 4-input lane l: dl[l] its block's scale, ls[l] the sum of its 4 codes, dls = dl * ls. */
-typedef struct {
-    int8_t *xq;
-    float *dl, *dls;
-    int32_t *ls;
-} lb_q8;
 
 static int64_t up64(int64_t k) { return (k + 63) / 64 * 64; }
 
@@ -49,46 +37,6 @@ int64_t lowbit_loop_has_vnni(void) {
                 __builtin_cpu_supports("avx512vnni");
     }
     return known;
-}
-
-/* Q8_0's quantization of x[0..K) (quantize_row_q8_0_ref, with round-half-even): whole
- * blocks 8 lanes at a time (cvtps rounds to nearest even, as nearbyintf), the rest scalar. */
-void lowbit_q8_quantize(const float *x, int64_t K, int8_t *xq, float *dl, int32_t *ls,
-                        float *dls) {
-    const __m256 sign = _mm256_set1_ps(-0.0f);
-    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-    for (int64_t b = 0; b < up64(K); b += 32) {
-        float d;
-        if (b + 32 <= K) {
-            __m256 v[4], m = _mm256_setzero_ps();
-            for (int i = 0; i < 4; i++) {
-                v[i] = _mm256_loadu_ps(x + b + 8 * i);
-                m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[i]));
-            }
-            __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-            h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-            h = _mm_max_ss(h, _mm_movehdup_ps(h));
-            d = _mm_cvtss_f32(h) / 127.0f;
-            const __m256 inv = _mm256_set1_ps(d > 0.0f ? 1.0f / d : 0.0f);
-            __m256i c[4];
-            for (int i = 0; i < 4; i++) c[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));
-            const __m256i q = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]),
-                                                 _mm256_packs_epi32(c[2], c[3]));
-            _mm256_storeu_si256((__m256i *)(xq + b), _mm256_permutevar8x32_epi32(q, order));
-        } else {
-            float amax = 0.0f;
-            for (int64_t k = b; k < b + 32 && k < K; k++) amax = fmaxf(amax, fabsf(x[k]));
-            d = amax / 127.0f;
-            const float inv = d > 0.0f ? 1.0f / d : 0.0f;
-            for (int64_t k = b; k < b + 32; k++)
-                xq[k] = k < K ? (int8_t)nearbyintf(x[k] * inv) : 0;
-        }
-        for (int64_t l = b / 4; l < (b + 32) / 4; l++) {
-            ls[l] = xq[4 * l] + xq[4 * l + 1] + xq[4 * l + 2] + xq[4 * l + 3];
-            dl[l] = d;
-            dls[l] = d * (float)ls[l];
-        }
-    }
 }
 
 static inline __m256 widen8(const int8_t *p) {
@@ -154,103 +102,69 @@ static float i8g_row(const float *x, const int8_t *q, const float *s, int64_t K)
     return hsum8(tot);
 }
 
-static inline float bf16f(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-/* The scales of blocks 2c, 2c + 1 (two bf16 at p) in lanes 0-7 and 8-15. */
-LB_VNNI static inline __m512 bf16_pair_lanes(const uint16_t *p) {
-    uint32_t v;
-    memcpy(&v, p, 4);
-    const __m512i b = _mm512_set1_epi32((int)v);
-    return _mm512_castsi512_ps(_mm512_mask_blend_epi32(
-        0xFF00, _mm512_slli_epi32(b, 16), _mm512_and_si512(b, _mm512_set1_epi32((int)0xFFFF0000u))));
-}
-
-/* Rows [n0, n1) of an LB_I8 / LB_I8G / LB_Q4R linear on int8 activations a (AVX512-VNNI):
- * per 64 inputs one vpdpbusd gives 16 lanes of 4-input integer dot products, lanes 0-7 of
- * the first 32-input block and 8-15 of the second; lane sums minus the code-sum offset,
- * times their block's scales, accumulate in float32. */
-LB_VNNI static void q8_rows(const lb_linear *L, const lb_q8 *a, float *y, int64_t n0,
-                            int64_t n1) {
-    const int64_t K = L->k, kind = L->kind;
-    const int64_t kv = kind == LB_Q4R ? up64(K) : K / 64 * 64, G = kind == LB_Q4R ? kv / 32 : K / 32;
-    const __m512i flip = _mm512_set1_epi8((char)0x80), low4 = _mm512_set1_epi8(0x0F);
-    for (int64_t n = n0; n < n1; n++) {
-        __m512 f = _mm512_setzero_ps();
-        for (int64_t c = 0; c < kv / 64; c++) {
-            const __m512i xv = _mm512_loadu_si512(a->xq + 64 * c);
-            const __m512i lsum = _mm512_loadu_si512(a->ls + 16 * c);
-            __m512 scale = _mm512_loadu_ps(a->dl + 16 * c);
-            __m512i acc;
-            if (kind == LB_Q4R) {
-                const uint8_t *w = (const uint8_t *)L->w + n * L->ld + 32 * c;
-                const __m512i b = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)w));
-                const __m512i both = _mm512_inserti64x4(b, _mm256_srli_epi16(_mm512_castsi512_si256(b), 4), 1);
-                acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(both, low4), xv);
-                acc = _mm512_sub_epi32(acc, _mm512_slli_epi32(lsum, 3));
-                const uint16_t *s = (const uint16_t *)L->s + n * G + 2 * c;
-                scale = _mm512_mul_ps(scale, bf16_pair_lanes(s));
-                if (L->z)
-                    f = _mm512_fmadd_ps(bf16_pair_lanes((const uint16_t *)L->z + n * G + 2 * c),
-                                        _mm512_loadu_ps(a->dls + 16 * c), f);
-            } else {
-                const int8_t *w = (const int8_t *)L->w + n * L->ld + 64 * c;
-                acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(),
-                                          _mm512_xor_si512(_mm512_loadu_si512(w), flip), xv);
-                acc = _mm512_sub_epi32(acc, _mm512_slli_epi32(lsum, 7));
-                if (kind == LB_I8G) {
-                    const float *s = (const float *)L->s + n * G + 2 * c;
-                    scale = _mm512_mul_ps(scale, _mm512_permutexvar_ps(
-                        _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
-                        _mm512_castps128_ps512(_mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)s)))));
-                }
-            }
-            f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), scale, f);
-        }
-        float t = _mm512_reduce_add_ps(f);
-        if (kind != LB_Q4R) { /* inputs past the last 64: scalar */
-            const int8_t *w = (const int8_t *)L->w + n * L->ld;
-            for (int64_t k = kv; k < K; k++)
-                t += a->dl[k / 4] * (float)(w[k] * a->xq[k]) *
-                     (kind == LB_I8G ? ((const float *)L->s)[n * G + k / 32] : 1.0f);
-        }
-        if (kind == LB_I8) t *= ((const float *)L->s)[n];
-        y[n] = t + (L->bias ? L->bias[n] : 0.0f);
-    }
-}
-
 static void split(int64_t units, int t, int T, int64_t *a, int64_t *b) {
     *a = units * t / T;
     *b = units * (t + 1) / T;
 }
 
-/* What one input vector needs before the threads read it: int8 codes (q8) and each LB_I4T
- * consumer's prepared activations. Run on one thread. */
-static void prepare(const float *x, const lb_linear *const *ls, int count, const lb_q8 *a) {
-    if (a) lowbit_q8_quantize(x, ls[0]->k, a->xq, a->dl, a->ls, a->dls);
+/* Thread t's blocks of 32 among the `count` values of a vector (padded to 64 for q8). */
+static void blocks(int64_t count, int t, int T, int64_t *b0, int64_t *b1) {
+    split(up64(count) / 32, t, T, b0, b1);
+}
+
+/* Each LB_I4T consumer's prepared activations (gemv_avx2.c) from the complete x: one thread,
+ * after a barrier; nothing where no consumer is LB_I4T. */
+static void prepare_i4t(const float *x, const lb_linear *const *ls, int count) {
+    int any = 0;
+    for (int i = 0; i < count; i++) any |= ls[i]->kind == LB_I4T;
+    if (!any) return;
+#pragma omp barrier
+#pragma omp single
     for (int i = 0; i < count; i++)
         if (ls[i]->kind == LB_I4T)
             lowbit_int4_prepare(x, ls[i]->k, ls[i]->ld, ls[i]->kg, ls[i]->scratch);
 }
 
-/* Thread t of T computes its share of y = x W^T + b (a: int8 activations, or NULL). */
-static void part(const lb_linear *L, const float *x, const lb_q8 *a, float *y, int t, int T) {
-    int64_t u0, u1;
+/* h = rmsnorm(xt (+= d)) * w on thread t's blocks, and their int8 blocks (a); xt is this
+ * thread's residual copy, updated whole (every thread computes the same numbers). Then a
+ * barrier: h and a are complete. */
+static void norm_stage(float *xt, const float *d, int64_t E, const float *w, float eps,
+                       float *h, const lb_q8 *a, const lb_linear *const *ls, int count, int t,
+                       int T) {
+    if (d)
+        for (int64_t i = 0; i < E; i++) xt[i] += d[i];
+    const float inv = lowbit_rms_inverse(xt, E, eps);
+    int64_t b0, b1;
+    blocks(E, t, T, &b0, &b1);
+    for (int64_t i = 32 * b0; i < 32 * b1 && i < E; i++) h[i] = xt[i] * inv * w[i];
+    if (a) lowbit_q8_fill_blocks(h, E, a, b0, b1);
+#pragma omp barrier
+    prepare_i4t(h, ls, count);
+}
+
+/* int8 blocks of the complete vector x (K values) on thread t's blocks, then a barrier. */
+static void q8_stage(const float *x, int64_t K, const lb_q8 *a, const lb_linear *const *ls,
+                     int count, int t, int T) {
+    int64_t b0, b1;
+    blocks(K, t, T, &b0, &b1);
+    if (a) lowbit_q8_fill_blocks(x, K, a, b0, b1);
+#pragma omp barrier
+    prepare_i4t(x, ls, count);
+}
+
+/* Units [u0, u1) of y = x W^T + b (a: int8 activations, or NULL): blocks of an LB_I4T
+ * weight, else groups of 4 rows. */
+static void rows(const lb_linear *L, const float *x, const lb_q8 *a, float *y, int64_t u0,
+                 int64_t u1) {
     const int64_t n = L->n, K = L->k;
     if (L->kind == LB_I4T) {
-        split(lowbit_int4_units(L->np, L->block), t, T, &u0, &u1);
         lowbit_int4_gemv_range(x, K, L->w, L->np, L->ld, L->block, L->s, L->kg, L->bias, y, n,
                                L->scratch, u0, u1);
         return;
     }
-    split((n + 3) / 4, t, T, &u0, &u1);
     const int64_t n0 = 4 * u0, n1 = 4 * u1 < n ? 4 * u1 : n;
     if (a && L->kind != LB_F32) {
-        q8_rows(L, a, y, n0, n1);
+        lowbit_q8_rows(L, a, y, n0, n1);
         return;
     }
     if (L->kind == LB_Q4R) { /* only built for int8 activations (native_loop.py) */
@@ -269,6 +183,16 @@ static void part(const lb_linear *L, const float *x, const lb_q8 *a, float *y, i
     }
 }
 
+/* Thread t of T computes its share of y = x W^T + b: a contiguous range of units (a
+ * dynamic split into chunks measured slower: the threads' weight streams interleave). */
+static void part(const lb_linear *L, const float *x, const lb_q8 *a, float *y, int t, int T) {
+    const int64_t units = L->kind == LB_I4T ? lowbit_int4_units(L->np, L->block)
+                                            : (L->n + 3) / 4;
+    int64_t u0, u1;
+    split(units, t, T, &u0, &u1);
+    rows(L, x, a, y, u0, u1);
+}
+
 static int64_t kmax(const lb_model *m) {
     int64_t k = m->hidden > m->inter ? m->hidden : m->inter;
     return up64(k > m->heads * m->head_dim ? k : m->heads * m->head_dim);
@@ -278,39 +202,33 @@ static int64_t kmax(const lb_model *m) {
 int64_t lowbit_loop_work_floats(const lb_model *m) {
     const int64_t hd = m->heads * m->head_dim, kd = m->kv_heads * m->head_dim;
     return 3 * m->hidden + 2 * hd + 2 * kd + 2 * m->inter + m->heads * m->max_len +
-           kmax(m) / 4 * 4 + 64;
-}
-
-static lb_q8 carve_q8(float *p, int64_t kp) {
-    lb_q8 a = {(int8_t *)p, p + kp / 4, p + kp / 2, (int32_t *)(p + 3 * kp / 4)};
-    return a;
+           lowbit_q8_floats(kmax(m)) + m->hidden * (m->threads > 0 ? m->threads : 1);
 }
 
 /* One decode step at position pos: embed (hidden floats) in, logits (vocab floats) out;
  * the caches get this position's k and v. */
 void lowbit_decode_step(const lb_model *m, const float *embed, int64_t pos, float *logits) {
     const int64_t E = m->hidden, H = m->heads, Hkv = m->kv_heads, D = m->head_dim;
-    float *x = m->work, *h = x + E, *o = h + E, *q = o + E, *att = q + H * D;
+    float *h = m->work + E, *o = h + E, *q = o + E, *att = q + H * D;
     float *k = att + H * D, *v = k + Hkv * D, *g = v + Hkv * D, *u = g + m->inter;
     float *scores = u + m->inter;
-    const lb_q8 q8 = carve_q8(scores + H * m->max_len, kmax(m));
+    const lb_q8 q8 = lowbit_q8_carve(scores + H * m->max_len, kmax(m));
     const lb_q8 *a = m->q8 && lowbit_loop_has_vnni() ? &q8 : NULL; /* never AVX-512 without */
     const float *cos = m->cos + pos * D, *sin = m->sin + pos * D;
-    memcpy(x, embed, E * sizeof(float));
-#pragma omp parallel
+    float *xs = (float *)(q8.n128 + kmax(m) / 4); /* the threads' residual copies */
+    const int nt = omp_get_max_threads() < m->threads ? omp_get_max_threads() : (int)m->threads;
+#pragma omp parallel num_threads(nt)
     {
         const int t = omp_get_thread_num(), T = omp_get_num_threads();
-        int64_t h0, h1;
+        float *xt = xs + t * E;
+        int64_t h0, h1, i0, i1;
         split(H, t, T, &h0, &h1);
+        memcpy(xt, embed, E * sizeof(float));
         for (int64_t l = 0; l < m->n_layers; l++) {
             const lb_layer *L = m->layers + l;
-#pragma omp single
-            {
-                if (l == 0) lowbit_rmsnorm(x, 1, E, L->in_norm, L->in_eps, h);
-                else lowbit_add_rmsnorm(x, o, 1, E, L->in_norm, L->in_eps, h);
-                const lb_linear *qkv[3] = {&L->q, &L->k, &L->v};
-                prepare(h, qkv, 3, a);
-            }
+            const lb_linear *qkv[3] = {&L->q, &L->k, &L->v}, *os[1] = {&L->o};
+            const lb_linear *gu[2] = {&L->gate, &L->up}, *ds[1] = {&L->down};
+            norm_stage(xt, l ? o : NULL, E, L->in_norm, L->in_eps, h, a, qkv, 3, t, T);
             part(&L->q, h, a, q, t, T);
             part(&L->k, h, a, k, t, T);
             part(&L->v, h, a, v, t, T);
@@ -321,37 +239,22 @@ void lowbit_decode_step(const lb_model *m, const float *embed, int64_t pos, floa
             lowbit_attend_heads(q, H, Hkv, D, pos, m->max_len, L->kcache, L->vcache,
                                 m->attn_scale, att, scores, h0, h1);
 #pragma omp barrier
-#pragma omp single
-            {
-                const lb_linear *os[1] = {&L->o};
-                prepare(att, os, 1, a);
-            }
+            q8_stage(att, H * D, a, os, 1, t, T);
             part(&L->o, att, a, o, t, T);
 #pragma omp barrier
-#pragma omp single
-            {
-                lowbit_add_rmsnorm(x, o, 1, E, L->post_norm, L->post_eps, h);
-                const lb_linear *gu[2] = {&L->gate, &L->up};
-                prepare(h, gu, 2, a);
-            }
+            norm_stage(xt, o, E, L->post_norm, L->post_eps, h, a, gu, 2, t, T);
             part(&L->gate, h, a, g, t, T);
             part(&L->up, h, a, u, t, T);
 #pragma omp barrier
-#pragma omp single
-            {
-                silu_mul8(g, u, m->inter);
-                const lb_linear *ds[1] = {&L->down};
-                prepare(g, ds, 1, a);
-            }
+            blocks(m->inter, t, T, &i0, &i1);
+            i1 = 32 * i1 < m->inter ? 32 * i1 : m->inter;
+            if (32 * i0 < i1) silu_mul8(g + 32 * i0, u + 32 * i0, i1 - 32 * i0);
+            q8_stage(g, m->inter, a, ds, 1, t, T);
             part(&L->down, g, a, o, t, T);
 #pragma omp barrier
         }
-#pragma omp single
-        {
-            lowbit_add_rmsnorm(x, o, 1, E, m->final_norm, m->final_eps, h);
-            const lb_linear *hs[1] = {m->head};
-            prepare(h, hs, 1, a);
-        }
+        const lb_linear *hs[1] = {m->head};
+        norm_stage(xt, o, E, m->final_norm, m->final_eps, h, a, hs, 1, t, T);
         part(m->head, h, a, logits, t, T);
     }
 }
@@ -359,12 +262,14 @@ void lowbit_decode_step(const lb_model *m, const float *embed, int64_t pos, floa
 /* One linear on its own (tests, the measured choice): y = x W^T + b, q8: int8 activations. */
 void lowbit_linear_apply(const lb_linear *L, const float *x, float *y, int64_t q8) {
     q8 = q8 && lowbit_loop_has_vnni();
-    float *buf = q8 ? malloc(up64(L->k) * sizeof(float) + 256) : NULL;
-    const lb_q8 q = carve_q8(buf, up64(L->k));
+    float *buf = q8 ? malloc(lowbit_q8_floats(L->k) * sizeof(float)) : NULL;
+    const lb_q8 q = lowbit_q8_carve(buf, L->k);
     const lb_q8 *a = q8 ? &q : NULL;
     const lb_linear *ls[1] = {L};
-    prepare(x, ls, 1, a);
 #pragma omp parallel
-    part(L, x, a, y, omp_get_thread_num(), omp_get_num_threads());
+    {
+        q8_stage(x, L->k, a, ls, 1, omp_get_thread_num(), omp_get_num_threads());
+        part(L, x, a, y, omp_get_thread_num(), omp_get_num_threads());
+    }
     free(buf);
 }

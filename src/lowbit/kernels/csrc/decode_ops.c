@@ -31,8 +31,13 @@ static inline float dot(const float *a, const float *b, int64_t n) {
     return s;
 }
 
+/* 1 / sqrt(mean(x^2) + eps) */
+float lowbit_rms_inverse(const float *x, int64_t n, float eps) {
+    return 1.0f / sqrtf(dot(x, x, n) / (float)n + eps);
+}
+
 static void rmsnorm_row(const float *x, int64_t n, const float *w, float eps, float *out) {
-    float inv = 1.0f / sqrtf(dot(x, x, n) / (float)n + eps);
+    float inv = lowbit_rms_inverse(x, n, eps);
     for (int64_t i = 0; i < n; i++) out[i] = x[i] * inv * w[i];
 }
 

@@ -19,6 +19,7 @@ void lowbit_int4_gemv_range(const float *x, int64_t K, const uint8_t *packed, in
 void lowbit_rmsnorm(const float *x, int64_t M, int64_t n, const float *w, float eps, float *out);
 void lowbit_add_rmsnorm(float *x, const float *d, int64_t M, int64_t n, const float *w,
                         float eps, float *out);
+float lowbit_rms_inverse(const float *x, int64_t n, float eps);
 void lowbit_silu_mul(const float *g, const float *u, int64_t count, float *out);
 void lowbit_attend_write(float *q, const float *k, const float *v, int64_t M, int64_t H,
                          int64_t Hkv, int64_t D, int64_t pos, int64_t L, const float *cos,
@@ -33,8 +34,10 @@ enum {
     LB_I8 = 1,   /* w int8 [n, ld], s float [n]: per-channel scale                         */
     LB_I8G = 2,  /* w int8 [n, ld], s float [n, k / 32]: one scale per 32 inputs (Q8_0)    */
     LB_I4T = 3,  /* torch's int4 CPU layout (int4_weight): ld = kp, np, block, kg, s = sz  */
-    LB_Q4R = 4,  /* w uint8 [n, ld]: per 64 inputs 32 bytes, byte j = u[j] | u[j + 32] << 4;
-                  * s (z) bf16 [n, 2 ld / 32]: w = (u - 8) s + z per 32 inputs; z may be NULL */
+    LB_Q4R = 4,  /* rows in groups of 4 (n padded): w uint8 [n / 4, ld / 32, 4, 32], per row
+                  * and 64 inputs 32 bytes, byte j = u[j] | u[j + 32] << 4 (ld = kp / 2);
+                  * s (z) bf16 [n / 4, G / 16, 4, 16] (G = kp / 32 blocks, padded to 16):
+                  * w = (u - 8) s + z per 32 inputs; z may be NULL */
 };
 
 typedef struct {
@@ -54,10 +57,27 @@ typedef struct {
 typedef struct {
     int64_t n_layers, hidden, inter, heads, kv_heads, head_dim, max_len, vocab;
     int64_t q8; /* 1: int8 activations per block of 32 for LB_I8 / LB_I8G / LB_Q4R (VNNI) */
+    int64_t threads; /* at most this many threads (work holds a residual copy for each) */
     const float *final_norm, *cos, *sin; /* tables [max_len, head_dim], sin as decode_ops */
     const lb_layer *layers;
     const lb_linear *head;
     float *work; /* lowbit_loop_work_floats(model) floats */
     float attn_scale, final_eps;
 } lb_model;
+
+/* q8_vnni.c: int8 activations per block of 32 (Q8_0) and their dot products (AVX512-VNNI).
+ * Per 4-input lane l: dl its block's scale, dls = dl * (code sum), n8 / n128 = -8 / -128
+ * times the code sum (the weights' unsigned offsets); codes padded with zeros to 64. */
+typedef struct {
+    int8_t *xq;
+    float *dl, *dls;
+    int32_t *n8, *n128;
+} lb_q8;
+
+int64_t lowbit_q8_floats(int64_t k);          /* floats of one lb_q8 for k inputs */
+lb_q8 lowbit_q8_carve(float *p, int64_t k);   /* its arrays inside p */
+void lowbit_q8_fill(const float *x, int64_t K, const lb_q8 *a);
+void lowbit_q8_fill_blocks(const float *x, int64_t K, const lb_q8 *a, int64_t b0, int64_t b1);
+void lowbit_q8_quantize(const float *x, int64_t K, float *buf); /* buf: lowbit_q8_carve */
+void lowbit_q8_rows(const lb_linear *L, const lb_q8 *a, float *y, int64_t n0, int64_t n1);
 #endif
