@@ -15,7 +15,13 @@ Linear layouts it reads (``lowbit_native.h``):
 - ``QuantizedLinear`` on ``int4_weight`` (``w4g32``, ``gguf:q4_0``): ``LB_I4T``, torch's
   packed layout as it is; with int8 activations an ``LB_Q4R`` copy instead (the same codes
   in Q4_0's nibble order, rows in groups of four so that the kernel's four-row dot products
-  read one sequential stream, the kernel's bf16 scales and zeros per 32 inputs).
+  read one sequential stream, the kernel's bf16 scales and zeros per 32 inputs);
+- ``QuantizedLinear`` on ``int8_dynamic`` / ``int8_static`` (``w8a8``, ``w8a8-static``,
+  ``w4a8``): ``LB_W8A8``, its int8 codes; the input quantized per token (or with the
+  calibrated scale) whatever ``activations`` says, as the recipe defines it.
+
+A layer that rotates its input (``-rot`` recipes, ``w8a8``) carries its Kronecker factors:
+each thread rotates the input itself and prepares its own activations, with no barrier.
 
 ``activations``: ``"float"`` (float32 activations into lowbit's AVX2 GEMVs: the reference,
 logits within float32 rounding of the Python runtime), ``"int8"`` (activations quantized
@@ -40,12 +46,13 @@ from lowbit.kernels import native
 __all__ = ["NativeDecodeLoop", "native_loop_supported", "has_vnni", "linear_descriptor"]
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-F32, I8, I8G, I4T, Q4R = range(5)
+F32, I8, I8G, I4T, Q4R, W8A8 = range(6)
 
 
 class LbLinear(ctypes.Structure):
     _fields_ = [(n, _I) for n in ("kind", "n", "k", "ld", "np", "block", "kg")] + [
-        (n, _P) for n in ("w", "s", "z", "bias", "scratch")]
+        (n, _P) for n in ("w", "s", "z", "bias", "scratch")] + [
+        ("nf", _I), ("sizes", _P), ("factors", _P), ("act_scale", _F)]
 
 
 class LbLayer(ctypes.Structure):
@@ -115,7 +122,7 @@ def _bytes(d: LbLinear) -> int:
     """Bytes of one linear's weights in its layout."""
     if d.kind == F32:
         return d.n * d.k * 4
-    if d.kind in (I8, I8G):
+    if d.kind in (I8, I8G, W8A8):
         return d.n * d.ld + 4 * d.n * (1 if d.kind == I8 else d.k // 32)
     if d.kind == I4T:
         return d.np * d.ld // 2 + 4 * d.np * (d.ld // d.kg)
@@ -133,16 +140,28 @@ def linear_descriptor(module: nn.Module, in_features: int, q8: bool) -> tuple[Lb
         desc.kind, desc.ld, desc.w, keep = F32, w.shape[1], w.data_ptr(), (w,)
         desc.n, desc.k = w.shape
     elif type(module).__name__ == "QuantizedLinear":
-        if module.outlier_index is not None or module.spec.rotation is not None:
-            raise Unsupported("outlier columns or an input rotation")
+        if module.outlier_index is not None:
+            raise Unsupported("outlier columns")
         name, state = module.backend.name, module._state
         desc.n, desc.k = module.out_features, module.in_features
-        if name == "int8_weight":
+        if module.spec.rotation is not None:  # each thread rotates the input (kron_rotate)
+            from lowbit.nn.backends import _factors
+
+            desc.nf, sizes, flat = native._factor_args(_factors(desc.k, module.spec.rotation))
+            desc.sizes, desc.factors, keep = sizes.data_ptr(), flat.data_ptr(), (sizes, flat)
+        if name in ("int8_dynamic", "int8_static"):
+            kern = state[0]
+            static = name == "int8_static"
+            desc.kind, desc.ld, desc.w = W8A8, kern.qdata.shape[1], kern.qdata.data_ptr()
+            desc.s = (kern.out_scale if static else kern.scale).data_ptr()
+            desc.act_scale, keep = (float(kern.act_scale) if static else 0.0), (*keep, kern)
+        elif name == "int8_weight":
             desc.kind, desc.ld = I8, state.qdata.shape[1]
-            desc.w, desc.s, keep = state.qdata.data_ptr(), state.scale.data_ptr(), (state,)
+            desc.w, desc.s = state.qdata.data_ptr(), state.scale.data_ptr()
+            keep = (*keep, state)
         elif name == "int4_weight" and q8:
             codes, s, z = _q4r(state[0])
-            desc.kind, desc.ld, keep = Q4R, codes.shape[1], (codes, s, z)
+            desc.kind, desc.ld, keep = Q4R, codes.shape[1], (*keep, codes, s, z)
             desc.w, desc.s, desc.z = codes.data_ptr(), s.data_ptr(), _ptr(z)
         elif name == "int4_weight" and state[0].layout[1]:
             kern = state[0]
@@ -151,15 +170,15 @@ def linear_descriptor(module: nn.Module, in_features: int, q8: bool) -> tuple[Lb
             desc.kind, desc.ld, desc.np, desc.block = I4T, kp, kern.packed.shape[0], kern.layout[0]
             desc.kg, desc.w, desc.s = kern.kernel_group_size, kern.packed.data_ptr(), \
                 kern.scales_and_zeros.data_ptr()
-            desc.scratch, keep = scratch.data_ptr(), (kern, scratch)
+            desc.scratch, keep = scratch.data_ptr(), (*keep, kern, scratch)
         elif (name == "dequant" and state.qparams.format.name == "int8"
               and state.qparams.zero_point is None and desc.k % 32 == 0
               and state.qparams.granularity.kind == "group"
               and state.qparams.granularity.group_size == 32):
             codes = state.codes().to(torch.int8).contiguous()
             s = state.qparams.scale.float().reshape(desc.n, desc.k // 32).contiguous()
-            desc.kind, desc.ld, desc.w, desc.s, keep = I8G, desc.k, codes.data_ptr(), \
-                s.data_ptr(), (codes, s)
+            desc.kind, desc.ld, desc.w, desc.s = I8G, desc.k, codes.data_ptr(), s.data_ptr()
+            keep = (*keep, codes, s)
         else:
             raise Unsupported(f"{name} backend for {module.spec.format} "
                               f"{module.spec.granularity} has no native loop layout")

@@ -116,12 +116,12 @@ static void blocks(int64_t count, int t, int T, int64_t *b0, int64_t *b1) {
  * after a barrier; nothing where no consumer is LB_I4T. */
 static void prepare_i4t(const float *x, const lb_linear *const *ls, int count) {
     int any = 0;
-    for (int i = 0; i < count; i++) any |= ls[i]->kind == LB_I4T;
+    for (int i = 0; i < count; i++) any |= ls[i]->kind == LB_I4T && !ls[i]->nf;
     if (!any) return;
 #pragma omp barrier
 #pragma omp single
     for (int i = 0; i < count; i++)
-        if (ls[i]->kind == LB_I4T)
+        if (ls[i]->kind == LB_I4T && !ls[i]->nf)
             lowbit_int4_prepare(x, ls[i]->k, ls[i]->ld, ls[i]->kg, ls[i]->scratch);
 }
 
@@ -183,14 +183,71 @@ static void rows(const lb_linear *L, const float *x, const lb_q8 *a, float *y, i
     }
 }
 
+/* Floats of one thread's scratch for linears that prepare their own input (own_rows). */
+static int64_t own_floats(int64_t kp) { return 4 * kp + 64; }
+
+/* Rows [n0, n1) of LB_W8A8 on the (rotated) input v: codes per token or with the static
+ * scale, exactly as gemv_avx2.c's lowbit_w8a8_gemv; the integer sums by VNNI where the CPU
+ * has it, else the AVX2 loop on float codes (exact below 2^24). rest: 2 kp floats. */
+static void w8a8_rows(const lb_linear *L, const float *v, float *y, int64_t n0, int64_t n1,
+                      float *rest) {
+    const int64_t K = L->k, kp = up64(K);
+    float *codes = rest, s = L->act_scale;
+    int8_t *xq = (int8_t *)(rest + kp);
+    if (s <= 0.0f) {
+        float amax = 0.0f;
+        for (int64_t i = 0; i < K; i++) amax = fabsf(v[i]) > amax ? fabsf(v[i]) : amax;
+        s = (amax > 1e-12f ? amax : 1e-12f) / 127.0f;
+    }
+    int32_t sum = 0;
+    for (int64_t i = 0; i < kp; i++) {
+        float c = i < K ? nearbyintf(v[i] / s) : 0.0f;
+        c = c > 127.0f ? 127.0f : (c < -127.0f ? -127.0f : c);
+        codes[i] = c, xq[i] = (int8_t)c, sum += (int32_t)c;
+    }
+    if (lowbit_loop_has_vnni()) lowbit_w8a8_dot(L, xq, sum, y, n0, n1);
+    else lowbit_int8_gemv_range(codes, K, L->w, L->ld, NULL, NULL, y, n0, n1);
+    const float *ws = L->s, *b = L->bias;
+    for (int64_t n = n0; n < n1; n++)
+        y[n] = L->act_scale > 0.0f ? (b ? fmaf(y[n], ws[n], b[n]) : y[n] * ws[n])
+                                   : y[n] * s * ws[n] + (b ? b[n] : 0.0f);
+}
+
+/* Units [u0, u1) of a linear that prepares its own input on each thread, with no barrier
+ * (every thread computes the same numbers into ts, own_floats(kp) floats): rotated by its
+ * Kronecker factors, then W8A8's codes, the int8 blocks (q8), or LB_I4T's activations. */
+static void own_rows(const lb_linear *L, const float *x, int q8, float *y, int64_t u0,
+                     int64_t u1, float *ts) {
+    const int64_t K = L->k, kp = up64(K);
+    const float *v = L->nf ? lowbit_rotate_vector(x, K, L->nf, L->sizes, L->factors, ts,
+                                                  ts + kp) : x;
+    float *rest = ts + 2 * kp;
+    if (L->kind == LB_W8A8) {
+        w8a8_rows(L, v, y, 4 * u0, 4 * u1 < L->n ? 4 * u1 : L->n, rest);
+    } else if (q8 && L->kind != LB_F32) {
+        const lb_q8 own = lowbit_q8_carve(rest, K);
+        lowbit_q8_fill(v, K, &own);
+        rows(L, v, &own, y, u0, u1);
+    } else if (L->kind == LB_I4T) {
+        lb_linear with = *L;
+        with.scratch = rest;
+        lowbit_int4_prepare(v, K, L->ld, L->kg, rest);
+        rows(&with, v, NULL, y, u0, u1);
+    } else {
+        rows(L, v, NULL, y, u0, u1);
+    }
+}
+
 /* Thread t of T computes its share of y = x W^T + b: a contiguous range of units (a
  * dynamic split into chunks measured slower: the threads' weight streams interleave). */
-static void part(const lb_linear *L, const float *x, const lb_q8 *a, float *y, int t, int T) {
+static void part(const lb_linear *L, const float *x, const lb_q8 *a, float *y, int t, int T,
+                 float *ts) {
     const int64_t units = L->kind == LB_I4T ? lowbit_int4_units(L->np, L->block)
                                             : (L->n + 3) / 4;
     int64_t u0, u1;
     split(units, t, T, &u0, &u1);
-    rows(L, x, a, y, u0, u1);
+    if (L->nf || L->kind == LB_W8A8) own_rows(L, x, a != NULL, y, u0, u1, ts);
+    else rows(L, x, a, y, u0, u1);
 }
 
 static int64_t kmax(const lb_model *m) {
@@ -202,7 +259,8 @@ static int64_t kmax(const lb_model *m) {
 int64_t lowbit_loop_work_floats(const lb_model *m) {
     const int64_t hd = m->heads * m->head_dim, kd = m->kv_heads * m->head_dim;
     return 3 * m->hidden + 2 * hd + 2 * kd + 2 * m->inter + m->heads * m->max_len +
-           lowbit_q8_floats(kmax(m)) + m->hidden * (m->threads > 0 ? m->threads : 1);
+           lowbit_q8_floats(kmax(m)) +
+           (m->hidden + own_floats(kmax(m))) * (m->threads > 0 ? m->threads : 1);
 }
 
 /* One decode step at position pos: embed (hidden floats) in, logits (vocab floats) out;
@@ -215,12 +273,12 @@ void lowbit_decode_step(const lb_model *m, const float *embed, int64_t pos, floa
     const lb_q8 q8 = lowbit_q8_carve(scores + H * m->max_len, kmax(m));
     const lb_q8 *a = m->q8 && lowbit_loop_has_vnni() ? &q8 : NULL; /* never AVX-512 without */
     const float *cos = m->cos + pos * D, *sin = m->sin + pos * D;
-    float *xs = (float *)(q8.n128 + kmax(m) / 4); /* the threads' residual copies */
+    float *xs = (float *)(q8.n128 + kmax(m) / 4); /* per thread: residual copy, scratch */
     const int nt = omp_get_max_threads() < m->threads ? omp_get_max_threads() : (int)m->threads;
 #pragma omp parallel num_threads(nt)
     {
         const int t = omp_get_thread_num(), T = omp_get_num_threads();
-        float *xt = xs + t * E;
+        float *xt = xs + t * (E + own_floats(kmax(m))), *ts = xt + E;
         int64_t h0, h1, i0, i1;
         split(H, t, T, &h0, &h1);
         memcpy(xt, embed, E * sizeof(float));
@@ -229,9 +287,9 @@ void lowbit_decode_step(const lb_model *m, const float *embed, int64_t pos, floa
             const lb_linear *qkv[3] = {&L->q, &L->k, &L->v}, *os[1] = {&L->o};
             const lb_linear *gu[2] = {&L->gate, &L->up}, *ds[1] = {&L->down};
             norm_stage(xt, l ? o : NULL, E, L->in_norm, L->in_eps, h, a, qkv, 3, t, T);
-            part(&L->q, h, a, q, t, T);
-            part(&L->k, h, a, k, t, T);
-            part(&L->v, h, a, v, t, T);
+            part(&L->q, h, a, q, t, T, ts);
+            part(&L->k, h, a, k, t, T, ts);
+            part(&L->v, h, a, v, t, T, ts);
 #pragma omp barrier
 #pragma omp single
             lowbit_attend_write(q, k, v, 1, H, Hkv, D, pos, m->max_len, cos, sin, L->kcache,
@@ -240,22 +298,22 @@ void lowbit_decode_step(const lb_model *m, const float *embed, int64_t pos, floa
                                 m->attn_scale, att, scores, h0, h1);
 #pragma omp barrier
             q8_stage(att, H * D, a, os, 1, t, T);
-            part(&L->o, att, a, o, t, T);
+            part(&L->o, att, a, o, t, T, ts);
 #pragma omp barrier
             norm_stage(xt, o, E, L->post_norm, L->post_eps, h, a, gu, 2, t, T);
-            part(&L->gate, h, a, g, t, T);
-            part(&L->up, h, a, u, t, T);
+            part(&L->gate, h, a, g, t, T, ts);
+            part(&L->up, h, a, u, t, T, ts);
 #pragma omp barrier
             blocks(m->inter, t, T, &i0, &i1);
             i1 = 32 * i1 < m->inter ? 32 * i1 : m->inter;
             if (32 * i0 < i1) silu_mul8(g + 32 * i0, u + 32 * i0, i1 - 32 * i0);
             q8_stage(g, m->inter, a, ds, 1, t, T);
-            part(&L->down, g, a, o, t, T);
+            part(&L->down, g, a, o, t, T, ts);
 #pragma omp barrier
         }
         const lb_linear *hs[1] = {m->head};
         norm_stage(xt, o, E, m->final_norm, m->final_eps, h, a, hs, 1, t, T);
-        part(m->head, h, a, logits, t, T);
+        part(m->head, h, a, logits, t, T, ts);
     }
 }
 
@@ -266,10 +324,14 @@ void lowbit_linear_apply(const lb_linear *L, const float *x, float *y, int64_t q
     const lb_q8 q = lowbit_q8_carve(buf, L->k);
     const lb_q8 *a = q8 ? &q : NULL;
     const lb_linear *ls[1] = {L};
+    const int64_t own = own_floats(up64(L->k));
+    float *scratch = malloc(own * omp_get_max_threads() * sizeof(float));
 #pragma omp parallel
     {
-        q8_stage(x, L->k, a, ls, 1, omp_get_thread_num(), omp_get_num_threads());
-        part(L, x, a, y, omp_get_thread_num(), omp_get_num_threads());
+        const int t = omp_get_thread_num(), T = omp_get_num_threads();
+        q8_stage(x, L->k, a, ls, 1, t, T);
+        part(L, x, a, y, t, T, scratch + t * own);
     }
+    free(scratch);
     free(buf);
 }

@@ -182,6 +182,13 @@ static void rotate_rows(const float *x, int64_t M, int64_t K, int64_t nf, const 
     }
 }
 
+/* One vector rotated as kron_rotate (buf, tmp: K floats each); returns buf or tmp. */
+float *lowbit_rotate_vector(const float *x, int64_t K, int64_t nf, const int64_t *sizes,
+                            const float *factors, float *buf, float *tmp) {
+    memcpy(buf, x, K * sizeof(float));
+    return kron_rotate(buf, tmp, K, nf, sizes, factors);
+}
+
 /* Weight-only layers that rotate their input, in one call: the input rotated (rotate_rows)
  * into rx (M * K + K floats), then lowbit_int8_gemv / lowbit_int4_gemv read it. */
 void lowbit_rot_int8_gemv(const float *x, int64_t M, int64_t K, const int8_t *q, int64_t ldq,

@@ -9,6 +9,8 @@ void lowbit_int8_gemv_range(const float *x, int64_t K, const int8_t *q, int64_t 
                             const float *scale, const float *bias, float *y, int64_t n0,
                             int64_t n1);
 void lowbit_int4_prepare(const float *x, int64_t K, int64_t kp, int64_t kg, float *scratch);
+float *lowbit_rotate_vector(const float *x, int64_t K, int64_t nf, const int64_t *sizes,
+                            const float *factors, float *buf, float *tmp);
 int64_t lowbit_int4_units(int64_t np, int64_t B);
 void lowbit_int4_gemv_range(const float *x, int64_t K, const uint8_t *packed, int64_t np,
                             int64_t kp, int64_t B, const uint16_t *sz, int64_t kg,
@@ -38,6 +40,10 @@ enum {
                   * and 64 inputs 32 bytes, byte j = u[j] | u[j + 32] << 4 (ld = kp / 2);
                   * s (z) bf16 [n / 4, G / 16, 4, 16] (G = kp / 32 blocks, padded to 16):
                   * w = (u - 8) s + z per 32 inputs; z may be NULL */
+    LB_W8A8 = 5, /* w int8 [n, ld], s float [n]; the input quantized to int8 per token
+                  * (act_scale 0: s_x = max|x| / 127) or with act_scale (static), codes
+                  * round(x / s_x) in [-127, 127]; y = sum * s_x * s[n] (dynamic) or
+                  * sum * s[n] (static: s = act_scale * s_w), as gemv_avx2.c's w8a8 */
 };
 
 typedef struct {
@@ -45,6 +51,10 @@ typedef struct {
     const void *w, *s, *z;
     const float *bias;
     float *scratch; /* LB_I4T: its prepared activations (kp / 2 + kp / kg + 1 floats) */
+    int64_t nf;     /* > 0: the input is first rotated by nf Kronecker factors (kron_rotate) */
+    const int64_t *sizes;
+    const float *factors;
+    float act_scale; /* LB_W8A8 */
 } lb_linear;
 
 typedef struct {
@@ -80,4 +90,6 @@ void lowbit_q8_fill(const float *x, int64_t K, const lb_q8 *a);
 void lowbit_q8_fill_blocks(const float *x, int64_t K, const lb_q8 *a, int64_t b0, int64_t b1);
 void lowbit_q8_quantize(const float *x, int64_t K, float *buf); /* buf: lowbit_q8_carve */
 void lowbit_q8_rows(const lb_linear *L, const lb_q8 *a, float *y, int64_t n0, int64_t n1);
+void lowbit_w8a8_dot(const lb_linear *L, const int8_t *xq, int32_t codesum, float *y,
+                     int64_t n0, int64_t n1);
 #endif

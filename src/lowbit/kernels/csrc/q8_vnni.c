@@ -190,3 +190,24 @@ LB_VNNI void lowbit_q8_rows(const lb_linear *L, const lb_q8 *a, float *y, int64_
         if (L->bias) y[n] += L->bias[n];
     }
 }
+
+/* y[n] = sum_k w[n, k] xq[k] as a float for rows [n0, n1) of an LB_W8A8 weight (int8
+ * [n, ld]) and int8 codes xq (zero past k, to a multiple of 64; codesum their sum): the
+ * integer sum in int32 lanes, exact, the weights offset by +128 and 128 codesum removed. */
+LB_VNNI void lowbit_w8a8_dot(const lb_linear *L, const int8_t *xq, int32_t codesum, float *y,
+                             int64_t n0, int64_t n1) {
+    const int64_t K = L->k, chunks = up64(K) / 64;
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    const __mmask64 last = K % 64 ? ((__mmask64)1 << (K % 64)) - 1 : ~(__mmask64)0;
+    for (int64_t n = n0; n < n1; n++) {
+        const int8_t *w = (const int8_t *)L->w + n * L->ld;
+        __m512i acc = _mm512_setzero_si512();
+        for (int64_t c = 0; c < chunks; c++) {
+            const __m512i wv = c + 1 < chunks ? _mm512_loadu_si512(w + 64 * c)
+                                              : _mm512_maskz_loadu_epi8(last, w + 64 * c);
+            acc = _mm512_dpbusd_epi32(acc, _mm512_xor_si512(wv, flip),
+                                      _mm512_loadu_si512(xq + 64 * c));
+        }
+        y[n] = (float)(_mm512_reduce_add_epi32(acc) - 128 * codesum);
+    }
+}
