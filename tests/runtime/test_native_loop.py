@@ -27,7 +27,7 @@ vnni = pytest.mark.skipif(not nl.has_vnni(), reason="the CPU lacks AVX512-VNNI")
 # weight-only, W8A8 (per token, Hadamard-rotated inputs; plain; static with calibrated
 # scales) and a GPTQ recipe on rotated inputs: every layout and own-input path of the loop
 RECIPES = [None, "w8", "w4g32", "gguf:q4_0", "w8a8", "w8a8-plain", "w8a8-static-rot",
-           "w4g32-gptq-rot"]
+           "w4g32-gptq-rot", "nf4g64", "kmeans4"]
 
 
 def _model(kind: str, recipe: str | None):
@@ -127,7 +127,7 @@ def test_where_it_cannot_run_it_says_why() -> None:
         assert "bfloat16" in DecoderRuntime(model, dtype=torch.bfloat16).native_loop_why
         assert "disabled" in DecoderRuntime(model, dtype=torch.float32,
                                             native=False).native_loop_why
-        quantize(model, "nf4g64", progress=False)
+        quantize(model, "fp8", progress=False)
         rt = DecoderRuntime(model, dtype=torch.float32)
     assert rt.native_loop_why.startswith("layer 0 q_proj: ")
     assert "native loop:" in rt.decode_path
@@ -189,7 +189,8 @@ def _layer(n: int, k: int, recipe: str):
 
 
 @pytest.mark.parametrize("recipe,kind", [("float", nl.F32), ("w8", nl.I8), ("w4g32", nl.I4T),
-                                         ("gguf:q4_0", nl.I4T), ("gguf:q8_0", nl.I8G)])
+                                         ("gguf:q4_0", nl.I4T), ("gguf:q8_0", nl.I8G),
+                                         ("nf4g64", nl.LUT4), ("kmeans4", nl.LUT4)])
 @pytest.mark.parametrize("n,k", [(37, 96), (64, 576)])
 def test_each_layout_against_its_float64_weight(recipe: str, kind: int, n: int, k: int) -> None:
     layer = _layer(n, k, recipe)
@@ -209,8 +210,9 @@ def test_each_layout_against_its_float64_weight(recipe: str, kind: int, n: int, 
     if kind == nl.F32 or not nl.has_vnni():
         return
     desc, _keep = nl.linear_descriptor(layer, k, q8=True)  # the VNNI kernels
-    assert desc.kind == (nl.Q4R if kind == nl.I4T else kind)
-    want = w @ _q8(x).double() + b
+    assert desc.kind == {nl.I4T: nl.Q4R}.get(kind, kind)
+    # LUT4 runs float activations always: the layer's own numbers
+    want = w @ (x if kind == nl.LUT4 else _q8(x)).double() + b
     torch.testing.assert_close(_apply(desc, x, True).double(), want, atol=1e-5, rtol=1e-5)
 
 

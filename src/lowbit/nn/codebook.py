@@ -105,6 +105,14 @@ class CodebookBackend:
     def simulate_input(self, x: torch.Tensor, state) -> torch.Tensor:
         return x
 
+    def decode_callable(self, state, bias, rotation=None):
+        """No prebound decode call: the runtime's per-layer step runs ``forward``, and its
+        native loop reads the codes through its lookup kernel (``runtime.native_loop``)."""
+        return None
+
+    def merged_decode_callable(self, states, biases, rotation=None):
+        return None
+
     def forward(self, x, state, bias):
         dtype = x.dtype if x.dtype != torch.float16 else torch.float32
         fmt = state.qparams.format

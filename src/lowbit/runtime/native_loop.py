@@ -46,7 +46,7 @@ from lowbit.kernels import native
 __all__ = ["NativeDecodeLoop", "native_loop_supported", "has_vnni", "linear_descriptor"]
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-F32, I8, I8G, I4T, Q4R, W8A8 = range(6)
+F32, I8, I8G, I4T, Q4R, W8A8, LUT4 = range(7)
 
 
 class LbLinear(ctypes.Structure):
@@ -118,6 +118,36 @@ def _q4r(kernel) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     return codes, s, (None if not z.any() else z)
 
 
+def _lut4(module, name: str, state) -> tuple | None:
+    """``LB_LUT4``'s codes, tables, scales, group size and table mode for a lookup format of
+    at most 4 bits (NF4, log4, codebook(values): one table, scales per group; per-row
+    k-means codebooks: a table per row and group), or None when the layer is neither."""
+    qp = state.qparams
+    fmt, gran, n, k = qp.format, qp.granularity, module.out_features, module.in_features
+    if fmt.kind != "lookup" or fmt.bits > 4 or name not in ("dequant", "codebook"):
+        return None
+    kp = -(-k // 32) * 32
+    kg = gran.group_size if gran.kind == "group" else kp
+    if gran.kind not in ("group", "channel") or kg % 32 or qp.zero_point is not None:
+        raise Unsupported(f"{fmt.name} {gran}: the lookup kernel takes groups of a multiple "
+                          "of 32 inputs or whole rows, without zero-points")
+    u = (state.codes() if name == "dequant" else _codebook_indices(state)).to(torch.uint8)
+    u = F.pad(u, (0, kp - k)).view(n, kp // 32, 2, 16)
+    codes = (u[:, :, 0] | (u[:, :, 1] << 4)).reshape(n, kp // 2).contiguous()
+    if name == "codebook":  # centroids [n, (groups,) levels]: a table per row and group
+        table = qp.scale.float().reshape(n, -1, qp.scale.shape[-1])
+        table = F.pad(table, (0, 16 - table.shape[-1])).contiguous()
+        return codes, table, None, kg, 1
+    table = F.pad(torch.tensor(fmt.values, dtype=torch.float32), (0, 16 - len(fmt.values)))
+    return codes, table, qp.scale.float().reshape(n, -1).contiguous(), kg, 0
+
+
+def _codebook_indices(state) -> torch.Tensor:
+    from lowbit.formats import unpack
+
+    return unpack(state.qdata, state.qparams.format.bits, state.in_features)
+
+
 def _bytes(d: LbLinear) -> int:
     """Bytes of one linear's weights in its layout."""
     if d.kind == F32:
@@ -126,6 +156,8 @@ def _bytes(d: LbLinear) -> int:
         return d.n * d.ld + 4 * d.n * (1 if d.kind == I8 else d.k // 32)
     if d.kind == I4T:
         return d.np * d.ld // 2 + 4 * d.np * (d.ld // d.kg)
+    if d.kind == LUT4:  # codes and the scales or per-row tables
+        return d.n * d.ld + 4 * d.n * -(-2 * d.ld // d.kg) * (16 if d.block else int(bool(d.s)))
     return d.n * d.ld + 2 * d.n * (2 * d.ld // 32) * (2 if d.z else 1)
 
 
@@ -149,7 +181,13 @@ def linear_descriptor(module: nn.Module, in_features: int, q8: bool) -> tuple[Lb
 
             desc.nf, sizes, flat = native._factor_args(_factors(desc.k, module.spec.rotation))
             desc.sizes, desc.factors, keep = sizes.data_ptr(), flat.data_ptr(), (sizes, flat)
-        if name in ("int8_dynamic", "int8_static"):
+        lut = _lut4(module, name, state) if name in ("dequant", "codebook") else None
+        if lut is not None:
+            codes, table, scales, desc.kg, desc.block = lut
+            desc.kind, desc.ld, desc.w, desc.z = LUT4, codes.shape[1], codes.data_ptr(), \
+                table.data_ptr()
+            desc.s, keep = _ptr(scales), (*keep, codes, table, scales)
+        elif name in ("int8_dynamic", "int8_static"):
             kern = state[0]
             static = name == "int8_static"
             desc.kind, desc.ld, desc.w = W8A8, kern.qdata.shape[1], kern.qdata.data_ptr()

@@ -163,6 +163,10 @@ static void rows(const lb_linear *L, const float *x, const lb_q8 *a, float *y, i
         return;
     }
     const int64_t n0 = 4 * u0, n1 = 4 * u1 < n ? 4 * u1 : n;
+    if (L->kind == LB_LUT4) {
+        lowbit_lut4_rows(L, x, y, n0, n1);
+        return;
+    }
     if (a && L->kind != LB_F32) {
         lowbit_q8_rows(L, a, y, n0, n1);
         return;
@@ -224,7 +228,7 @@ static void own_rows(const lb_linear *L, const float *x, int q8, float *y, int64
     float *rest = ts + 2 * kp;
     if (L->kind == LB_W8A8) {
         w8a8_rows(L, v, y, 4 * u0, 4 * u1 < L->n ? 4 * u1 : L->n, rest);
-    } else if (q8 && L->kind != LB_F32) {
+    } else if (q8 && L->kind != LB_F32 && L->kind != LB_LUT4) {
         const lb_q8 own = lowbit_q8_carve(rest, K);
         lowbit_q8_fill(v, K, &own);
         rows(L, v, &own, y, u0, u1);

@@ -44,6 +44,11 @@ enum {
                   * (act_scale 0: s_x = max|x| / 127) or with act_scale (static), codes
                   * round(x / s_x) in [-127, 127]; y = sum * s_x * s[n] (dynamic) or
                   * sum * s[n] (static: s = act_scale * s_w), as gemv_avx2.c's w8a8 */
+    LB_LUT4 = 6, /* w uint8 [n, ld = kp / 2] (kp = k rounded up to 32): per 32 inputs 16
+                  * bytes, byte j = u[j] | u[j + 16] << 4; z float tables of 16 values,
+                  * one shared (block 0) or one per row and group of kg ([n, G, 16], block
+                  * 1); s float [n, G] per-group scales or NULL: w = T[u] (* s); float
+                  * activations always (csrc/lut_gemv.c) */
 };
 
 typedef struct {
@@ -90,6 +95,8 @@ void lowbit_q8_fill(const float *x, int64_t K, const lb_q8 *a);
 void lowbit_q8_fill_blocks(const float *x, int64_t K, const lb_q8 *a, int64_t b0, int64_t b1);
 void lowbit_q8_quantize(const float *x, int64_t K, float *buf); /* buf: lowbit_q8_carve */
 void lowbit_q8_rows(const lb_linear *L, const lb_q8 *a, float *y, int64_t n0, int64_t n1);
+/* lut_gemv.c: rows [n0, n1) of an LB_LUT4 linear on float32 activations */
+void lowbit_lut4_rows(const lb_linear *L, const float *x, float *y, int64_t n0, int64_t n1);
 void lowbit_w8a8_dot(const lb_linear *L, const int8_t *xq, int32_t codesum, float *y,
                      int64_t n0, int64_t n1);
 #endif

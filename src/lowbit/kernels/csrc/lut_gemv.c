@@ -1,0 +1,61 @@
+/* Lookup-table GEMV rows for 4-bit (or fewer) lookup formats, AVX2 + FMA, for
+ * csrc/decode_loop.c's LB_LUT4 (lowbit_native.h):
+ *
+ *   NF4 / log4 / codebook(values) (QLoRA's NormalFloat, Dettmers et al., 2023): one shared
+ *   table T of 16 values and a float scale per group, w[n, k] = T[u] * s[n, k / kg];
+ *   per-row k-means codebooks (Deep Compression, Han et al., 2016; SqueezeLLM): a table per
+ *   row and group, w[n, k] = T[n, k / kg][u], no scale.
+ *
+ * The 16 table values sit in two registers; eight 4-bit indices pick their values with two
+ * vpermps and one blend on the index's bit 3, then one FMA with the float32 activations.
+ * Per group the sum is scaled once. Codes: per 32 inputs 16 bytes, byte j holding input j
+ * (low nibble) and j + 16; inputs past K meet zero activations (masked loads).
+ */
+#include <immintrin.h>
+#include <stdint.h>
+
+#include "lowbit_native.h"
+#include "simd_avx2.h"
+
+/* x[k0 .. k0 + 8) with the inputs past K read as zero. */
+static inline __m256 load8(const float *x, int64_t k0, int64_t K) {
+    if (k0 + 8 <= K) return _mm256_loadu_ps(x + k0);
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(K - k0)), lane);
+    return k0 < K ? _mm256_maskload_ps(x + k0, live) : _mm256_setzero_ps();
+}
+
+/* T[idx] for eight indices 0..15 (lo: T[0..8), hi: T[8..16)). */
+static inline __m256 pick(__m256 lo, __m256 hi, __m256i idx) {
+    const __m256 a = _mm256_permutevar8x32_ps(lo, idx), b = _mm256_permutevar8x32_ps(hi, idx);
+    return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+/* Rows [n0, n1) of an LB_LUT4 linear on float32 activations x. */
+void lowbit_lut4_rows(const lb_linear *L, const float *x, float *y, int64_t n0, int64_t n1) {
+    const int64_t K = L->k, kp = (K + 31) / 32 * 32, kg = L->kg, G = (kp + kg - 1) / kg;
+    const float *tables = (const float *)L->z, *scales = (const float *)L->s;
+    const __m256i low4 = _mm256_set1_epi32(15);
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *w = (const uint8_t *)L->w + n * L->ld;
+        __m256 total = _mm256_setzero_ps();
+        for (int64_t g = 0; g < G; g++) {
+            const float *t = tables + (L->block ? (n * G + g) * 16 : 0);
+            const __m256 lo = _mm256_loadu_ps(t), hi = _mm256_loadu_ps(t + 8);
+            __m256 acc = _mm256_setzero_ps();
+            const int64_t end = (g + 1) * kg < kp ? (g + 1) * kg : kp;
+            for (int64_t k = g * kg; k < end; k += 32) {
+                const uint8_t *b = w + k / 2;
+                const __m256i v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)b));
+                const __m256i v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(b + 8)));
+                acc = _mm256_fmadd_ps(pick(lo, hi, _mm256_and_si256(v0, low4)), load8(x, k, K), acc);
+                acc = _mm256_fmadd_ps(pick(lo, hi, _mm256_and_si256(v1, low4)), load8(x, k + 8, K), acc);
+                acc = _mm256_fmadd_ps(pick(lo, hi, _mm256_srli_epi32(v0, 4)), load8(x, k + 16, K), acc);
+                acc = _mm256_fmadd_ps(pick(lo, hi, _mm256_srli_epi32(v1, 4)), load8(x, k + 24, K), acc);
+            }
+            total = scales ? _mm256_fmadd_ps(acc, _mm256_set1_ps(scales[n * G + g]), total)
+                           : _mm256_add_ps(total, acc);
+        }
+        y[n] = hsum8(total) + (L->bias ? L->bias[n] : 0.0f);
+    }
+}
