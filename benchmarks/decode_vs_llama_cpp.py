@@ -1,7 +1,7 @@
 """lowbit's native decode loop against llama.cpp on the same weights, one after the other.
 
-For each recipe (SmolLM2-135M, ``float``, ``w8``, ``w4g32``, ``gguf:q4_0`` by default) this
-quantizes the model with lowbit, then:
+For each recipe (SmolLM2-135M; ``float``, ``w8``, ``w4g32``, ``gguf:q4_0``, ``w8a8``,
+``nf4g64``, ``kmeans4`` by default) this quantizes the model with lowbit, then:
 
 - times lowbit's decode (``DecoderRuntime``, float32, the one-call native loop): 64 greedy
   tokens after a 32-token prompt, median of ``--repeats`` after a warm-up, for float
@@ -9,15 +9,19 @@ quantizes the model with lowbit, then:
   prefill of 512 tokens (one forward; float32 and bf16 runtimes);
 - exports the same model to GGUF (``lowbit.export``: ``w8`` -> Q8_0, ``gguf:q4_0`` -> Q4_0,
   ``w4g32`` -> Q4_1, ``float`` -> F32) and runs ``llama-bench -t T -p 512 -n 64``;
-- prints decode tokens/s of both and their ratio, prefill of both, and the achieved weight
-  bandwidth (weight bytes the loop reads per token x tokens/s) beside the machine's
-  measured copy bandwidth (a 256 MiB torch copy: bytes read + written per second).
+- prints decode tokens/s of both and their ratio, prefill of both (lowbit: the faster of
+  its float32 and bf16 runtimes, each printed), and the achieved weight bandwidth (weight
+  bytes the loop reads per token x tokens/s) beside the machine's measured copy bandwidth
+  (a 256 MiB torch copy: bytes read + written per second);
+- for every recipe, its ratio to lowbit's own FP32 model run first (``float``: decode with
+  float activations, prefill float32). Recipes with no GGUF type (``w8a8``, ``nf4g64``,
+  ``kmeans4``) are timed against that base only.
 
     .venv/bin/python benchmarks/decode_vs_llama_cpp.py --out decode_vs_llama.json
     .venv/bin/python benchmarks/decode_vs_llama_cpp.py --recipes w8 --no-llama-cpp
 
 Run it on an otherwise idle machine: the numbers are medians, but a neighbour's job moves
-them (shared/BENCHMARKS.md).
+them.
 """
 
 from __future__ import annotations
@@ -133,7 +137,7 @@ def run_llama(model, recipe: str, workdir: Path, args) -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipes", default="float,w8,w4g32,gguf:q4_0")
+    parser.add_argument("--recipes", default="float,w8,w4g32,gguf:q4_0,w8a8,nf4g64,kmeans4")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=64, help="decode tokens per run")
     parser.add_argument("--prompt", type=int, default=32, help="prompt tokens before decode")
@@ -160,15 +164,23 @@ def main(argv=None) -> dict:
             if recipe != "float":
                 lowbit.quantize(model, recipe, progress=False)
             row = {"lowbit": run_lowbit(model, args)}
-            if not args.no_llama_cpp:
+            lb = row["lowbit"]
+            best = max(v["decode_tps"] for v in lb.values()
+                       if isinstance(v, dict) and "decode_tps" in v)
+            prefill = max(lb["prefill_float32_tps"], lb["prefill_bfloat16_tps"])
+            fp32 = report["recipes"].get("float", {}).get("lowbit")
+            if fp32 is not None:  # lowbit's own FP32 runtime (float32 prefill) as the base
+                row["vs_fp32"] = {"decode": best / fp32["float"]["decode_tps"],
+                                  "prefill": prefill / fp32["prefill_float32_tps"]}
+                print(f"  ratio to lowbit FP32: decode {row['vs_fp32']['decode']:.2f}x, "
+                      f"prefill {row['vs_fp32']['prefill']:.2f}x", flush=True)
+            if not args.no_llama_cpp and recipe in GGUF_NAMES:
                 row["llama_cpp"] = llama = run_llama(model, recipe, Path(tmp), args)
-                best = max(v["decode_tps"] for v in row["lowbit"].values()
-                           if isinstance(v, dict) and "decode_tps" in v)
                 row["decode_ratio"] = best / llama["decode_tps"]
-                row["prefill_ratio"] = row["lowbit"]["prefill_bfloat16_tps"] / llama[
-                    "prefill_tps"]
+                row["prefill_ratio"] = prefill / llama["prefill_tps"]
                 print(f"  ratio lowbit / llama.cpp: decode {row['decode_ratio']:.2f}x, "
-                      f"prefill (bf16) {row['prefill_ratio']:.2f}x", flush=True)
+                      f"prefill (best of float32 / bf16) {row['prefill_ratio']:.2f}x",
+                      flush=True)
             report["recipes"][recipe] = row
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))

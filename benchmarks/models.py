@@ -1,6 +1,6 @@
 """SmolLM2-135M end to end: quality, size, speed and quantization memory of lowbit's recipes.
 
-Protocol (../shared/BENCHMARKS.md):
+Protocol:
 - PPL: first 16,384 tokens of CPython 3.11's pydoc topics, 32 windows of 512, every token
   scored; ΔPPL, KL divergence and top-1 agreement against the FP32 model.
 - Speed: prefill = one forward of 1x512 tokens; decode = 64 greedy tokens after a 32-token
@@ -17,8 +17,7 @@ Protocol (../shared/BENCHMARKS.md):
 - Engines: lowbit configs are also set beside FP32 on lowbit's own runtime (timed once at
   the start: ``decode_same_engine_x``), which separates the kernels' gain from the runtime's.
 - The CPU's features are printed first: which kernels win depends on them (native bf16 and
-  VNNI, ``lowbit.kernels.cpu``); shared/BENCHMARKS.md's peer table came from an AVX-512 BF16
-  + VNNI machine.
+  VNNI, ``lowbit.kernels.cpu``); compare rows only within one CPU.
 - Peak memory while quantizing (``--memory``): a subprocess imports lowbit, resets the
   kernel's peak-RSS counter (/proc/self/clear_refs), loads the FP32 model (its weights are
   copied out of the safetensors mapping into process memory), quantizes in place, and

@@ -1,6 +1,6 @@
 """Decode and prefill speed of ``lowbit.runtime`` against Hugging Face eager, in one process.
 
-Protocol (shared/BENCHMARKS.md): decode = 64 greedy tokens after a 32-token prompt with the KV
+Protocol: decode = 64 greedy tokens after a 32-token prompt with the KV
 cache, timed end to end (prompt forward included, for every row alike); prefill = one forward
 of 1x512 tokens returning all logits. Every configuration is warmed up once, then the
 configurations are timed round-robin ``--repeats`` times (so load drifts hit all of them) and

@@ -55,3 +55,15 @@ def test_readme_is_a_page_for_users():
     text = (ROOT / "README.md").read_text()
     assert len(text.splitlines()) <= 150
     assert "../shared" not in text
+
+
+def test_nothing_shipped_points_at_the_team_guides():
+    """The project stands alone: no source, benchmark, script or doc cites the team's guides
+    (DESIGN/STYLE/BENCHMARKS/EXPORT.md outside the repository)."""
+    guides = ("shared/DESIGN", "shared/STYLE", "shared/BENCHMARKS", "shared/EXPORT", "../shared")
+    found = [f"{path.relative_to(ROOT)}: {g}"
+             for folder in ("src", "benchmarks", "scripts", "docs")
+             for path in (ROOT / folder).rglob("*") if path.is_file()
+             and path.suffix in (".py", ".md", ".sh", ".json", ".c", ".h", ".txt")
+             for g in guides if g in path.read_text(errors="replace")]
+    assert not found, found

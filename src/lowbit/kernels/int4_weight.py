@@ -68,7 +68,7 @@ PREFILL_FP32 = "int4_weight.dequant_fp32_linear"
 #: from this many rows on, ``impl="auto"`` dequantizes the weight (with the kernel's own
 #: bf16 scales and zeros, so the numbers are the same) and runs the CPU's fastest float GEMM:
 #: at 512x576x1536 the kernel takes 3.0 ms vs 1.4 ms for bf16 ``F.linear`` on AVX-512 BF16
-#: (shared/BENCHMARKS.md), and 18 ms vs 6 + 2 ms (dequantize) for fp32 on AVX2
+#: (an Intel Xeon), and 18 ms vs 6 + 2 ms (dequantize) for fp32 on AVX2
 PREFILL_ROWS = 32
 #: rows packed at a time (a multiple of every layout's 64- or 32-row blocks), so packing
 #: SmolLM2's 49152-row head holds int32 nibbles of 4096 rows, not of all of them

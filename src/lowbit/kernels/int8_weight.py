@@ -20,7 +20,7 @@ float32. Facts about that kernel in torch 2.13 that shape this wrapper:
   activation columns are zeros); the wrapper copies a misaligned bf16 view.
 
 For many rows (prefill) the kernel, a GEMV-style loop, is slower than a float GEMM
-(3.4 ms vs 1.4 ms in bf16 at 512x576x1536 in shared/BENCHMARKS.md; 55 ms vs 6 ms in fp32 on
+(3.4 ms vs 1.4 ms in bf16 at 512x576x1536 on an AVX-512 BF16 Xeon; 55 ms vs 6 ms in fp32 on
 an AVX2 CPU without native bf16), so ``impl="auto"`` switches from ``PREFILL_ROWS`` rows on
 to widening the codes (exact for int8) to the GEMM dtype measured fastest here
 (``kernels.autotune``, ``prefill.int8_weight``) and ``F.linear``, with the float32 scale
