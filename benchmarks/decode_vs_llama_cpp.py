@@ -27,9 +27,9 @@ them.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -144,47 +144,68 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-llama-cpp", action="store_true", help="time lowbit only")
     parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--row-out", help=argparse.SUPPRESS)  # one recipe, in a child
     args = parser.parse_args(argv)
 
-    import lowbit
     from lowbit.kernels.cpu import cpu_line
     from lowbit.runtime.native_loop import has_vnni
 
     torch.set_num_threads(args.threads)
+    if args.row_out:
+        Path(args.row_out).write_text(json.dumps(measure_recipe(args.recipes, args)))
+        return {}
     report = {"command": "python benchmarks/decode_vs_llama_cpp.py " + " ".join(sys.argv[1:]),
               "cpu": cpu_line(), "threads": args.threads, "vnni": has_vnni(),
-              "torch": torch.__version__, "copy_gbps": copy_bandwidth(), "recipes": {}}
+              "torch": torch.__version__, "copy_gbps": copy_bandwidth(), "recipes": {},
+              "protocol": "each recipe in a fresh process (no allocator or cache state "
+                          "carried from the recipe before)"}
     print(f"CPU: {report['cpu']}  threads {args.threads}  AVX512-VNNI: {report['vnni']}  "
           f"copy bandwidth {report['copy_gbps']:.1f} GB/s (read + write)", flush=True)
-    base = lowbit.load_model("smollm2-135m")
     with tempfile.TemporaryDirectory() as tmp:
         for recipe in args.recipes.split(","):
             print(f"{recipe}:", flush=True)
-            model = copy.deepcopy(base)
-            if recipe != "float":
-                lowbit.quantize(model, recipe, progress=False)
-            row = {"lowbit": run_lowbit(model, args)}
-            lb = row["lowbit"]
-            best = max(v["decode_tps"] for v in lb.values()
-                       if isinstance(v, dict) and "decode_tps" in v)
-            prefill = max(lb["prefill_float32_tps"], lb["prefill_bfloat16_tps"])
-            fp32 = report["recipes"].get("float", {}).get("lowbit")
-            if fp32 is not None:  # lowbit's own FP32 runtime (float32 prefill) as the base
-                row["vs_fp32"] = {"decode": best / fp32["float"]["decode_tps"],
-                                  "prefill": prefill / fp32["prefill_float32_tps"]}
-                print(f"  ratio to lowbit FP32: decode {row['vs_fp32']['decode']:.2f}x, "
-                      f"prefill {row['vs_fp32']['prefill']:.2f}x", flush=True)
-            if not args.no_llama_cpp and recipe in GGUF_NAMES:
-                row["llama_cpp"] = llama = run_llama(model, recipe, Path(tmp), args)
-                row["decode_ratio"] = best / llama["decode_tps"]
-                row["prefill_ratio"] = prefill / llama["prefill_tps"]
-                print(f"  ratio lowbit / llama.cpp: decode {row['decode_ratio']:.2f}x, "
-                      f"prefill (best of float32 / bf16) {row['prefill_ratio']:.2f}x",
-                      flush=True)
-            report["recipes"][recipe] = row
+            out = Path(tmp) / "row.json"
+            child = [a for a in (argv if argv is not None else sys.argv[1:])]
+            subprocess.run([sys.executable, __file__, *child, "--recipes", recipe,
+                            "--row-out", str(out)], check=True)
+            row = report["recipes"][recipe] = json.loads(out.read_text())
+            ratios(row, report["recipes"].get("float") if recipe != "float" else None)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))
     return report
+
+
+def measure_recipe(recipe: str, args) -> dict:
+    """lowbit's numbers for one recipe and, where a GGUF type exists, llama.cpp's."""
+    import lowbit
+
+    model = lowbit.load_model("smollm2-135m")
+    if recipe != "float":
+        lowbit.quantize(model, recipe, progress=False)
+    row = {"lowbit": run_lowbit(model, args)}
+    if not args.no_llama_cpp and recipe in GGUF_NAMES:
+        with tempfile.TemporaryDirectory() as tmp:
+            row["llama_cpp"] = run_llama(model, recipe, Path(tmp), args)
+    return row
+
+
+def ratios(row: dict, fp32: dict | None) -> None:
+    """Add (and print) the row's ratios to lowbit's FP32 row and to llama.cpp."""
+    lb = row["lowbit"]
+    best = max(v["decode_tps"] for v in lb.values() if isinstance(v, dict) and "decode_tps" in v)
+    prefill = max(lb["prefill_float32_tps"], lb["prefill_bfloat16_tps"])
+    if fp32 is not None:  # lowbit's own FP32 runtime (float32 prefill) as the base
+        base = fp32["lowbit"]
+        row["vs_fp32"] = {"decode": best / base["float"]["decode_tps"],
+                          "prefill": prefill / base["prefill_float32_tps"]}
+        print(f"  ratio to lowbit FP32: decode {row['vs_fp32']['decode']:.2f}x, "
+              f"prefill {row['vs_fp32']['prefill']:.2f}x", flush=True)
+    if "llama_cpp" in row:
+        llama = row["llama_cpp"]
+        row["decode_ratio"] = best / llama["decode_tps"]
+        row["prefill_ratio"] = prefill / llama["prefill_tps"]
+        print(f"  ratio lowbit / llama.cpp: decode {row['decode_ratio']:.2f}x, "
+              f"prefill (best of float32 / bf16) {row['prefill_ratio']:.2f}x", flush=True)
 
 
 if __name__ == "__main__":
