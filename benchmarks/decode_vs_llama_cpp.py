@@ -5,7 +5,8 @@ For each recipe (SmolLM2-135M; ``float``, ``w8``, ``w4g32``, ``gguf:q4_0``, ``w8
 
 - times lowbit's decode (``DecoderRuntime``, float32, the one-call native loop): 64 greedy
   tokens after a 32-token prompt, median of ``--repeats`` after a warm-up, for float
-  activations and (where the CPU has AVX512-VNNI) int8 activations per block of 32; and the
+  activations and int8 activations per block of 32 (AVX512-VNNI where the CPU has it, else
+  AVX2; ``--avx2-only`` times the AVX2 kernels on a VNNI CPU too); and the
   prefill of 512 tokens (one forward; float32 and bf16 runtimes);
 - exports the same model to GGUF (``lowbit.export``: ``w8`` -> Q8_0, ``gguf:q4_0`` -> Q4_0,
   ``w4g32`` -> Q4_1, ``float`` -> F32) and runs ``llama-bench -t T -p 512 -n 64``;
@@ -94,11 +95,10 @@ def int8_cost(runtimes: dict, prompt: torch.Tensor, tokens: int) -> dict:
 
 def run_lowbit(model, args) -> dict:
     from lowbit.runtime import DecoderRuntime
-    from lowbit.runtime.native_loop import has_vnni
 
     prompt = torch.randint(0, 1000, (1, args.prompt), generator=torch.Generator().manual_seed(1))
     out, runtimes = {}, {}
-    for act in ["float", "int8"] if has_vnni() else ["float"]:
+    for act in ["float", "int8"]:
         rt = runtimes[act] = DecoderRuntime(model, dtype=torch.float32, activations=act)
         tps = decode_tps(rt, prompt, args.tokens, args.repeats)
         loop = rt._native_loop
@@ -144,6 +144,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-llama-cpp", action="store_true", help="time lowbit only")
     parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--avx2-only", action="store_true",
+                        help="int8 activations on the AVX2 kernels even where VNNI exists")
     parser.add_argument("--row-out", help=argparse.SUPPRESS)  # one recipe, in a child
     args = parser.parse_args(argv)
 
@@ -152,10 +154,17 @@ def main(argv=None) -> dict:
 
     torch.set_num_threads(args.threads)
     if args.row_out:
-        Path(args.row_out).write_text(json.dumps(measure_recipe(args.recipes, args)))
+        import contextlib
+
+        from lowbit.runtime.native_loop import avx2_only
+
+        with avx2_only() if args.avx2_only else contextlib.nullcontext():
+            row = measure_recipe(args.recipes, args)
+        Path(args.row_out).write_text(json.dumps(row))
         return {}
     report = {"command": "python benchmarks/decode_vs_llama_cpp.py " + " ".join(sys.argv[1:]),
-              "cpu": cpu_line(), "threads": args.threads, "vnni": has_vnni(),
+              "cpu": cpu_line(), "threads": args.threads,
+              "vnni": has_vnni() and not args.avx2_only,
               "torch": torch.__version__, "copy_gbps": copy_bandwidth(), "recipes": {},
               "protocol": "each recipe in a fresh process (no allocator or cache state "
                           "carried from the recipe before)"}

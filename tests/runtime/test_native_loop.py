@@ -11,6 +11,7 @@ of greedy tokens the same (the accuracy cost, as llama.cpp's Q8_0 activations).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 
 import pytest
@@ -23,7 +24,6 @@ from tests.runtime.test_decoder import ids, tiny
 
 pytestmark = pytest.mark.skipif(not native.available(),
                                 reason=f"native kernels unavailable: {native.why_unavailable()}")
-vnni = pytest.mark.skipif(not nl.has_vnni(), reason="the CPU lacks AVX512-VNNI")
 # weight-only, W8A8 (per token, Hadamard-rotated inputs; plain; static with calibrated
 # scales) and a GPTQ recipe on rotated inputs: every layout and own-input path of the loop
 RECIPES = [None, "w8", "w4g32", "gguf:q4_0", "w8a8", "w8a8-plain", "w8a8-static-rot",
@@ -71,11 +71,18 @@ def test_float_loop_matches_the_python_runtime(kind: str, recipe: str | None) ->
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-@vnni
+def _isa(name: str):
+    """The int8 kernels of one instruction set: ``vnni`` (skipped without it) or ``avx2``."""
+    if name == "vnni" and not nl.has_vnni():
+        pytest.skip("the CPU lacks AVX512-VNNI")
+    return nl.avx2_only() if name == "avx2" else contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("isa", ["vnni", "avx2"])
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_int8_activation_loop_is_close_and_agrees(recipe: str | None) -> None:
+def test_int8_activation_loop_is_close_and_agrees(recipe: str | None, isa: str) -> None:
     model, x = _model("llama", recipe), ids(length=6)
-    with native.force(True):
+    with native.force(True), _isa(isa):
         loop = DecoderRuntime(model, dtype=torch.float32, activations="int8")
         assert loop.decode_path.startswith("native loop (int8")
         got_tokens, got = _greedy_logits(loop, x, 64)
@@ -131,9 +138,8 @@ def test_where_it_cannot_run_it_says_why() -> None:
         rt = DecoderRuntime(model, dtype=torch.float32)
     assert rt.native_loop_why.startswith("layer 0 q_proj: ")
     assert "native loop:" in rt.decode_path
-    with pytest.raises(ValueError, match="AVX512-VNNI|'float', 'int8'"):
-        DecoderRuntime(tiny(), dtype=torch.float32, activations="int4" if nl.has_vnni()
-                       else "int8")
+    with pytest.raises(ValueError, match="'float', 'int8'"):
+        DecoderRuntime(tiny(), dtype=torch.float32, activations="int4")
 
 
 def test_a_prompt_past_the_cache_is_a_clear_error() -> None:
@@ -207,13 +213,16 @@ def test_each_layout_against_its_float64_weight(recipe: str, kind: int, n: int, 
     tol = 2e-3 if kind == nl.I4T else 1e-5  # I4T rounds activations to int16 (gemv_avx2.c)
     want = w @ x.double() + b
     torch.testing.assert_close(_apply(desc, x, False).double(), want, atol=tol, rtol=tol)
-    if kind == nl.F32 or not nl.has_vnni():
+    if kind == nl.F32:
         return
-    desc, _keep = nl.linear_descriptor(layer, k, q8=True)  # the VNNI kernels
+    desc, _keep = nl.linear_descriptor(layer, k, q8=True)  # the int8-activation kernels
     assert desc.kind == {nl.I4T: nl.Q4R}.get(kind, kind)
     # LUT4 runs float activations always: the layer's own numbers
     want = w @ (x if kind == nl.LUT4 else _q8(x)).double() + b
-    torch.testing.assert_close(_apply(desc, x, True).double(), want, atol=1e-5, rtol=1e-5)
+    for isa in ("vnni", "avx2") if nl.has_vnni() else ("avx2",):
+        with nl.avx2_only() if isa == "avx2" else contextlib.nullcontext():
+            got = _apply(desc, x, True).double()
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=isa)
 
 
 @pytest.mark.real_model

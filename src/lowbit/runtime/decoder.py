@@ -108,7 +108,7 @@ class DecoderRuntime:
     ``native``: run the eager decode step's small operations in C (:mod:`.native_step`);
     ``None`` = where supported, ``True`` = required (raises where not), ``False`` = never.
     ``decode_path`` says which step runs. ``activations``: the native loop's activations,
-    ``"float"`` (reference), ``"int8"`` (per block of 32, VNNI) or ``"auto"``
+    ``"float"`` (reference), ``"int8"`` (per block of 32; VNNI or AVX2) or ``"auto"``
     (:mod:`.native_loop`); ``None``: no whole-step loop (the per-block fused step).
     """
 

@@ -25,14 +25,15 @@ each thread rotates the input itself and prepares its own activations, with no b
 
 ``activations``: ``"float"`` (float32 activations into lowbit's AVX2 GEMVs: the reference,
 logits within float32 rounding of the Python runtime), ``"int8"`` (activations quantized
-to int8 per block of 32 as llama.cpp's Q8_0, integer dot products with AVX512-VNNI; only
-where the CPU has it) or ``"auto"`` (``"int8"`` where VNNI exists and it measured faster on
-this model's output head, else ``"float"``). ``native_loop_supported`` says why a model
-cannot run here; the runtime then keeps its per-layer step.
+to int8 per block of 32 as llama.cpp's Q8_0, integer dot products with AVX512-VNNI where
+the CPU has it, else AVX2's vpmaddubsw) or ``"auto"`` (``"int8"`` where it measured faster
+on one block's MLP and the output head, else ``"float"``). ``native_loop_supported`` says
+why a model cannot run here; the runtime then keeps its per-layer step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import time
@@ -79,6 +80,7 @@ def _lib():
                             ("lowbit_linear_apply", [_P, _P, _P, _I], None),
                             ("lowbit_loop_work_floats", [_P], _I),
                             ("lowbit_loop_has_vnni", [], _I),
+                            ("lowbit_loop_isa", [_I], _I),
                             ("lowbit_q8_quantize", [_P, _I, _P], None),
                             ("lowbit_q8_floats", [_I], _I)):
         getattr(lib, name).argtypes, getattr(lib, name).restype = args, res
@@ -86,8 +88,20 @@ def _lib():
 
 
 def has_vnni() -> bool:
-    """Whether this CPU runs the int8-activation kernels (AVX512 F/BW/VL/DQ + VNNI)."""
+    """Whether the int8-activation kernels run on AVX512-VNNI here (AVX512 F/BW/VL/DQ +
+    VNNI); without it they run on AVX2."""
     return native.available() and bool(_lib().lowbit_loop_has_vnni())
+
+
+@contextlib.contextmanager
+def avx2_only():
+    """Inside the block the int8 kernels take their AVX2 path even where VNNI exists (tests,
+    and timing what an AVX2-only CPU runs); the setting is restored on exit."""
+    before = _lib().lowbit_loop_isa(0)
+    try:
+        yield
+    finally:
+        _lib().lowbit_loop_isa(before)
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -295,11 +309,9 @@ class NativeDecodeLoop:
     def __init__(self, runtime, activations: str = "float"):
         if activations not in ("float", "int8", "auto"):
             raise ValueError(f"activations must be 'float', 'int8' or 'auto', got {activations!r}")
-        if activations == "int8" and not has_vnni():
-            raise ValueError("int8 activations need AVX512-VNNI, which this CPU lacks")
         self.rt, spec = runtime, runtime.spec
-        q8 = activations != "float" and has_vnni()
-        if activations == "auto" and q8:
+        q8 = activations != "float"
+        if activations == "auto":
             q8, (layers, head, self._keep) = _measured(spec)
         else:
             layers, head, self._keep = _descriptors(spec, q8)

@@ -28,6 +28,10 @@
 
 static int64_t up64(int64_t k) { return (k + 63) / 64 * 64; }
 
+static int64_t use_vnni = 1;
+
+/* Whether the int8 dot products run q8_vnni.c (the CPU has AVX512-VNNI and lowbit_loop_isa
+ * did not turn it off) or q8_avx2.c. */
 int64_t lowbit_loop_has_vnni(void) {
     static int known = -1;
     if (known < 0) {
@@ -36,7 +40,13 @@ int64_t lowbit_loop_has_vnni(void) {
                 __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
                 __builtin_cpu_supports("avx512vnni");
     }
-    return known;
+    return known && use_vnni;
+}
+
+int64_t lowbit_loop_isa(int64_t vnni) {
+    const int64_t before = use_vnni;
+    use_vnni = vnni;
+    return before;
 }
 
 static inline __m256 widen8(const int8_t *p) {
@@ -168,7 +178,8 @@ static void rows(const lb_linear *L, const float *x, const lb_q8 *a, float *y, i
         return;
     }
     if (a && L->kind != LB_F32) {
-        lowbit_q8_rows(L, a, y, n0, n1);
+        if (lowbit_loop_has_vnni()) lowbit_q8_rows(L, a, y, n0, n1);
+        else lowbit_q8_rows_avx2(L, a, y, n0, n1);
         return;
     }
     if (L->kind == LB_Q4R) { /* only built for int8 activations (native_loop.py) */
@@ -275,7 +286,7 @@ void lowbit_decode_step(const lb_model *m, const float *embed, int64_t pos, floa
     float *k = att + H * D, *v = k + Hkv * D, *g = v + Hkv * D, *u = g + m->inter;
     float *scores = u + m->inter;
     const lb_q8 q8 = lowbit_q8_carve(scores + H * m->max_len, kmax(m));
-    const lb_q8 *a = m->q8 && lowbit_loop_has_vnni() ? &q8 : NULL; /* never AVX-512 without */
+    const lb_q8 *a = m->q8 ? &q8 : NULL;
     const float *cos = m->cos + pos * D, *sin = m->sin + pos * D;
     float *xs = (float *)(q8.n128 + kmax(m) / 4); /* per thread: residual copy, scratch */
     const int nt = omp_get_max_threads() < m->threads ? omp_get_max_threads() : (int)m->threads;
@@ -323,7 +334,6 @@ void lowbit_decode_step(const lb_model *m, const float *embed, int64_t pos, floa
 
 /* One linear on its own (tests, the measured choice): y = x W^T + b, q8: int8 activations. */
 void lowbit_linear_apply(const lb_linear *L, const float *x, float *y, int64_t q8) {
-    q8 = q8 && lowbit_loop_has_vnni();
     float *buf = q8 ? malloc(lowbit_q8_floats(L->k) * sizeof(float)) : NULL;
     const lb_q8 q = lowbit_q8_carve(buf, L->k);
     const lb_q8 *a = q8 ? &q : NULL;

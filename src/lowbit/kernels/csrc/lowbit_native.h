@@ -71,7 +71,7 @@ typedef struct {
 
 typedef struct {
     int64_t n_layers, hidden, inter, heads, kv_heads, head_dim, max_len, vocab;
-    int64_t q8; /* 1: int8 activations per block of 32 for LB_I8 / LB_I8G / LB_Q4R (VNNI) */
+    int64_t q8; /* 1: int8 activations per block of 32 for LB_I8 / LB_I8G / LB_Q4R */
     int64_t threads; /* at most this many threads (work holds a residual copy for each) */
     const float *final_norm, *cos, *sin; /* tables [max_len, head_dim], sin as decode_ops */
     const lb_layer *layers;
@@ -95,6 +95,11 @@ void lowbit_q8_fill(const float *x, int64_t K, const lb_q8 *a);
 void lowbit_q8_fill_blocks(const float *x, int64_t K, const lb_q8 *a, int64_t b0, int64_t b1);
 void lowbit_q8_quantize(const float *x, int64_t K, float *buf); /* buf: lowbit_q8_carve */
 void lowbit_q8_rows(const lb_linear *L, const lb_q8 *a, float *y, int64_t n0, int64_t n1);
+/* q8_avx2.c: the same rows without VNNI */
+void lowbit_q8_rows_avx2(const lb_linear *L, const lb_q8 *a, float *y, int64_t n0,
+                         int64_t n1);
+int64_t lowbit_loop_isa(int64_t vnni); /* 1: VNNI where present (default), 0: AVX2 only;
+                                        * returns the previous setting (tests) */
 /* lut_gemv.c: rows [n0, n1) of an LB_LUT4 linear on float32 activations */
 void lowbit_lut4_rows(const lb_linear *L, const float *x, float *y, int64_t n0, int64_t n1);
 void lowbit_w8a8_dot(const lb_linear *L, const int8_t *xq, int32_t codesum, float *y,
