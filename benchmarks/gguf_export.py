@@ -109,7 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--append", action="store_true",
                    help="add the rows to an existing PREFIX.json (same settings) instead of "
                    "replacing it")
+    p.add_argument("--speed-only", action="store_true",
+                   help="time every file of the --report's rows found in --out with "
+                   "llama-bench, one after another, and update their speeds only")
     args = p.parse_args(argv)
+    if args.speed_only:
+        return speed_only(args, argv)
 
     import lowbit
     from lowbit.data.corpus import corpus_text
@@ -161,6 +166,51 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _row_file(out: Path, row: str) -> Path:
+    """The GGUF file behind a report row (``lowbit <recipe>``, ``llama-quantize <T>[ +
+    imatrix]``), as main names them."""
+    if row.startswith("lowbit "):
+        return out / f"lowbit-{_file_name(row.removeprefix('lowbit '))}.gguf"
+    kind = row.removeprefix("llama-quantize ").replace(" + imatrix", "-imatrix")
+    return out / f"llama-quantize-{kind}.gguf"
+
+
+def speed_only(args, argv) -> int:
+    """llama-bench on the files of an existing report, back to back in one run, so the
+    speeds of files of one type compare (their sizes and types are equal)."""
+    from lowbit.export import llama_cpp_tools as tools
+
+    if not args.report or not Path(args.report).with_suffix(".json").exists():
+        raise SystemExit("--speed-only needs --report PREFIX with an existing PREFIX.json")
+    result = json.loads(Path(args.report).with_suffix(".json").read_text())
+    rows = [r for r in result["rows"] if _row_file(Path(args.out), r["row"]).exists()]
+    for r in result["rows"]:
+        if r not in rows:
+            print(f"{r['row']}: {_row_file(Path(args.out), r['row'])} is missing, its speed is "
+                  "left out", flush=True)
+            r.pop("prefill_tps", None), r.pop("decode_tps", None)
+    # two passes, the second in reverse order, averaged: a drift of the machine's speed
+    # during the run (it moves by 20-30% over minutes on a shared VM) cancels to first order
+    runs: dict[str, list[dict]] = {r["row"]: [] for r in rows}
+    for order in (rows, rows[::-1]):
+        for r in order:
+            runs[r["row"]].append(tools.bench(_row_file(Path(args.out), r["row"]), args.threads,
+                                              512, 64, args.reps))
+    for r in rows:
+        for key in ("prefill_tps", "decode_tps"):
+            r[key] = sum(run[key] for run in runs[r["row"]]) / len(runs[r["row"]])
+        print(f"{r['row']}: pp512 {r['prefill_tps']:.0f} t/s, tg64 {r['decode_tps']:.1f} t/s",
+              flush=True)
+    timed = len(rows)
+    result["commands"].append("python benchmarks/gguf_export.py " + " ".join(argv or sys.argv[1:]))
+    result["speed_note"] = (f"speeds of {timed} files from the last command: llama-bench on each "
+                            f"file in two passes (the second in reverse order), averaged, on "
+                            f"an otherwise idle CPU ({cpu_line()})")
+    print("\n" + "\n".join(table(result)))
+    write_report(result, Path(args.report))
+    return 0
+
+
 def _merged(old: dict, new: dict) -> dict:
     """``old``'s rows with ``new``'s added (a row of the same name replaced); the settings
     that the numbers depend on must agree."""
@@ -184,7 +234,8 @@ def table(result: dict) -> list[str]:
              f"llama-imatrix): {result['calib_tokens']} tokens of the default mix; pydoc is "
              f"the calibration domain, the other texts are held out"
              + (f"; speed: `llama-bench -t {result['threads']} -p 512 -n 64`" if speed else "")
-             + f"; CPU: {result['cpu']}." + (f" {result['note']}" if result.get("note") else ""),
+             + f"; CPU: {result['cpu']}." + (f" {result['note']}" if result.get("note") else "")
+             + (f" Speed: {result['speed_note']}." if result.get("speed_note") else ""),
              ""]
     head = "| file | MiB | bits/w |" + "".join(f" {t} PPL | {t} KLD |" for t in texts)
     lines += [head + (" pp512 t/s | tg64 t/s |" if speed else ""),
