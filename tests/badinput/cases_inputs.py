@@ -248,7 +248,11 @@ CLI = {
                                "--threads"),
     "quantize, --calibration-tokens 0": (
         ["quantize", "{hf}", "-r", "w4g32-gptq", "--calibration-tokens", "0", "-o", "{tmp}/out"],
-        "tokens=0"),
+        "--calibration-tokens 0 is less than one calibration window (512 tokens)"),
+    "quantize, --calibration-tokens under one window": (
+        ["quantize", "{hf}", "-r", "w4g32-gptq", "--calibration-tokens", "100", "-o",
+         "{tmp}/out"], "--calibration-tokens 100 is less than one calibration window (512 "
+                       "tokens); use 512 or more"),
     "quantize, --calibration is a folder": (
         ["quantize", "{hf}", "-r", "w4g32-gptq", "--calibration", "{tmp}", "-o", "{tmp}/out"],
         "existing file"),

@@ -48,7 +48,12 @@ def unquantized_source(spec: str, recipe: str | None) -> tuple[str, str | None]:
     return source, chosen
 
 
-def calibration_batches(tokenizer, source: str | None, tokens: int = 16384, seq_len: int = 512):
+#: tokens in one calibration window (the ``seq_len`` of ``calibration_batches``)
+CALIBRATION_WINDOW = 512
+
+
+def calibration_batches(tokenizer, source: str | None, tokens: int = 16384,
+                        seq_len: int = CALIBRATION_WINDOW):
     """``tokens`` of ``source`` (a file or built-in name), by default the ``"default"`` mix
     of pydoc, stdlib docstrings and stdlib code (``lowbit.data.sources``)."""
     from lowbit.data import DEFAULT_CALIBRATION, text

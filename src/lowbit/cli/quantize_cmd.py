@@ -11,7 +11,12 @@ import argparse
 import sys
 import time
 
-from lowbit.cli.common import add_ray_argument, calibration_batches, set_threads
+from lowbit.cli.common import (
+    CALIBRATION_WINDOW,
+    add_ray_argument,
+    calibration_batches,
+    set_threads,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,12 +48,23 @@ def run(args: argparse.Namespace) -> int:
     recipe = Recipe.parse(args.recipe)
     if args.keep:
         recipe = recipe.with_keep(*args.keep)
+    if recipe.needs_calibration:
+        _check_calibration_tokens(args.calibration_tokens)
     if args.ray:
         _score_on_ray(recipe, args.ray)
     folder, cap = _streamed_source(args, recipe)
     if folder is not None:
         return _run_streamed(args, recipe, folder, cap)
     return _run_in_memory(args, recipe)
+
+
+def _check_calibration_tokens(tokens: int) -> None:
+    """``--calibration-tokens`` must fill at least one calibration window."""
+    if tokens < CALIBRATION_WINDOW:
+        from lowbit.errors import LowbitError
+
+        raise LowbitError(f"--calibration-tokens {tokens} is less than one calibration window "
+                          f"({CALIBRATION_WINDOW} tokens); use {CALIBRATION_WINDOW} or more")
 
 
 def _score_on_ray(recipe, address: str) -> None:
