@@ -289,7 +289,8 @@ void lowbit_decode_step(const lb_model *m, const float *embed, int64_t pos, floa
     const lb_q8 *a = m->q8 ? &q8 : NULL;
     const float *cos = m->cos + pos * D, *sin = m->sin + pos * D;
     float *xs = (float *)(q8.n128 + kmax(m) / 4); /* per thread: residual copy, scratch */
-    const int nt = omp_get_max_threads() < m->threads ? omp_get_max_threads() : (int)m->threads;
+    int nt = omp_get_max_threads() < m->threads ? omp_get_max_threads() : (int)m->threads;
+    nt = nt > 0 ? nt : 1; /* a descriptor never bound (threads 0) runs on one thread */
 #pragma omp parallel num_threads(nt)
     {
         const int t = omp_get_thread_num(), T = omp_get_num_threads();
