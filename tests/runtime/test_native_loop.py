@@ -261,3 +261,19 @@ def test_w8a8_layout_against_its_float64_math(recipe: str, n: int, k: int) -> No
         desc, _keep = nl.linear_descriptor(layer, k, q8=q8)
         assert desc.kind == nl.W8A8 and bool(desc.nf) == (recipe == "w8a8")
         torch.testing.assert_close(_apply(desc, x, q8).double(), want, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", "w4g32-gptq-rot"])
+def test_prefill_rotates_a_shared_input_once(recipe: str) -> None:
+    """q/k/v and gate/up of a rotated recipe read one rotated vector in prefill: the same
+    numbers, bit for bit, as each layer rotating its own copy."""
+    model, x = _model("llama", recipe), ids(length=40)
+    with native.force(True):
+        rt = DecoderRuntime(model, dtype=torch.float32)
+        assert all(b.qkv_rotation and b.gu_rotation for b in rt.blocks)
+        got = rt.prefill(x, all_logits=True)
+        for b in rt.blocks:  # every layer rotating its own input, as module(x) does
+            b.qkv_rotation = b.gu_rotation = None
+            b.prefill_qkv, b.prefill_gu = [b.q, b.k, b.v], [b.gate, b.up]
+        want = rt.prefill(x, all_logits=True)
+    assert torch.equal(got, want)

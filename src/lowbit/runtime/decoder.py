@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from lowbit.formats.rotation import rotate
 from lowbit.runtime.arch import DecoderSpec, UnsupportedModelError, resolve_decoder, rope_tables
 from lowbit.runtime.cache import StaticKVCache
 from lowbit.runtime.native_loop import NativeDecodeLoop, native_loop_supported
@@ -71,6 +72,23 @@ def prepare_linear(module: nn.Module, in_features: int, dtype: torch.dtype) -> L
     return module if out.dtype == dtype else functools.partial(_cast_output, module, dtype)
 
 
+def _shared_rotation(modules: list[nn.Module]) -> str | None:
+    """The input rotation every module of a group applies when all are ``QuantizedLinear``
+    without outlier columns rotating the same way (q/k/v, gate/up read one vector), else
+    None."""
+    if any(type(m).__name__ != "QuantizedLinear" or m.outlier_index is not None
+           for m in modules):
+        return None
+    rotations = {m.spec.rotation for m in modules}
+    return rotations.pop() if len(rotations) == 1 and None not in rotations else None
+
+
+def _after_rotation(module: nn.Module) -> Linear:
+    """``module(x)`` for an ``x`` already rotated by the module's rotation (prefill rotates a
+    shared input once for its group): its backend's forward on the codes."""
+    return functools.partial(lambda m, x: m.backend.forward(x, m._state, m.bias), module)
+
+
 def _norm_params(module: nn.Module, eps: float, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
     weight = getattr(module, "weight", None)
     if weight is None:
@@ -96,6 +114,13 @@ class _Block:
         self.gate = prepare_linear(mods.gate_proj, hidden, dtype)
         self.up = prepare_linear(mods.up_proj, hidden, dtype)
         self.down = prepare_linear(mods.down_proj, spec.intermediate_size, dtype)
+        # prefill: one rotation per shared input instead of one per layer reading it
+        groups = ((mods.q_proj, mods.k_proj, mods.v_proj), (mods.gate_proj, mods.up_proj))
+        self.qkv_rotation, self.gu_rotation = (_shared_rotation(list(g)) for g in groups)
+        self.prefill_qkv = ([_after_rotation(m) for m in groups[0]] if self.qkv_rotation
+                            else [self.q, self.k, self.v])
+        self.prefill_gu = ([_after_rotation(m) for m in groups[1]] if self.gu_rotation
+                           else [self.gate, self.up])
 
 
 class DecoderRuntime:
@@ -214,9 +239,11 @@ class DecoderRuntime:
         x = spec.embed(input_ids).to(self.dtype)
         for i, blk in enumerate(self.blocks):
             h = F.rms_norm(x, (x.shape[-1],), blk.in_w, blk.in_eps)
-            q = blk.q(h).view(batch, length, heads, dim).transpose(1, 2)
-            k = blk.k(h).view(batch, length, kv_heads, dim).transpose(1, 2)
-            v = blk.v(h).view(batch, length, kv_heads, dim).transpose(1, 2)
+            h = rotate(h, blk.qkv_rotation) if blk.qkv_rotation else h
+            q_of, k_of, v_of = blk.prefill_qkv
+            q = q_of(h).view(batch, length, heads, dim).transpose(1, 2)
+            k = k_of(h).view(batch, length, kv_heads, dim).transpose(1, 2)
+            v = v_of(h).view(batch, length, kv_heads, dim).transpose(1, 2)
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             cache.k[i][:, :, :length].copy_(k)
             cache.v[i][:, :, :length].copy_(v)
@@ -224,7 +251,9 @@ class DecoderRuntime:
                                                enable_gqa=heads != kv_heads)
             x = x + blk.o(a.transpose(1, 2).reshape(batch, length, heads * dim))
             h = F.rms_norm(x, (x.shape[-1],), blk.post_w, blk.post_eps)
-            x = x + blk.down(spec.act_fn(blk.gate(h)) * blk.up(h))
+            h = rotate(h, blk.gu_rotation) if blk.gu_rotation else h
+            gate_of, up_of = blk.prefill_gu
+            x = x + blk.down(spec.act_fn(gate_of(h)) * up_of(h))
         if not all_logits:
             x = x[:, -1]
         return self.lm_head(F.rms_norm(x, (x.shape[-1],), self.final_w, self.final_eps))
@@ -277,7 +306,9 @@ class DecoderRuntime:
             )
             x = x + blk.o(a.view(batch, 1, -1))
             h = F.rms_norm(x, (x.shape[-1],), blk.post_w, blk.post_eps)
-            x = x + blk.down(spec.act_fn(blk.gate(h)) * blk.up(h))
+            h = rotate(h, blk.gu_rotation) if blk.gu_rotation else h
+            gate_of, up_of = blk.prefill_gu
+            x = x + blk.down(spec.act_fn(gate_of(h)) * up_of(h))
         x = F.rms_norm(x[:, 0], (x.shape[-1],), self.final_w, self.final_eps)
         return self.lm_head(x)
 
@@ -301,6 +332,8 @@ class DecoderRuntime:
             )
             x = x + blk.o(a.view(batch, 1, -1))
             h = F.rms_norm(x, (x.shape[-1],), blk.post_w, blk.post_eps)
-            x = x + blk.down(spec.act_fn(blk.gate(h)) * blk.up(h))
+            h = rotate(h, blk.gu_rotation) if blk.gu_rotation else h
+            gate_of, up_of = blk.prefill_gu
+            x = x + blk.down(spec.act_fn(gate_of(h)) * up_of(h))
         x = F.rms_norm(x[:, 0], (x.shape[-1],), self.final_w, self.final_eps)
         return self.lm_head(x)
