@@ -98,6 +98,7 @@ void lowbit_q8_rows(const lb_linear *L, const lb_q8 *a, float *y, int64_t n0, in
 /* q8_avx2.c: the same rows without VNNI */
 void lowbit_q8_rows_avx2(const lb_linear *L, const lb_q8 *a, float *y, int64_t n0,
                          int64_t n1);
+int64_t lowbit_loop_has_vnni(void);   /* decode_loop.c: the int8 kernels run on VNNI */
 int64_t lowbit_loop_isa(int64_t vnni); /* 1: VNNI where present (default), 0: AVX2 only;
                                         * returns the previous setting (tests) */
 /* lut_gemv.c: rows [n0, n1) of an LB_LUT4 linear on float32 activations */

@@ -6,8 +6,9 @@
  *   per-row k-means codebooks (Deep Compression, Han et al., 2016; SqueezeLLM): a table per
  *   row and group, w[n, k] = T[n, k / kg][u], no scale.
  *
- * The 16 table values sit in two registers; eight 4-bit indices pick their values with two
- * vpermps and one blend on the index's bit 3, then one FMA with the float32 activations.
+ * AVX2: the 16 table values sit in two registers; eight 4-bit indices pick their values
+ * with two vpermps and one blend on the index's bit 3, then one FMA with the float32
+ * activations. AVX-512: one register holds the table, one vpermps picks 16 values.
  * Per group the sum is scaled once. Codes: per 32 inputs 16 bytes, byte j holding input j
  * (low nibble) and j + 16; inputs past K meet zero activations (masked loads).
  */
@@ -25,14 +26,58 @@ static inline __m256 load8(const float *x, int64_t k0, int64_t K) {
     return k0 < K ? _mm256_maskload_ps(x + k0, live) : _mm256_setzero_ps();
 }
 
+static void rows_avx2(const lb_linear *L, const float *x, float *y, int64_t n0, int64_t n1);
+
 /* T[idx] for eight indices 0..15 (lo: T[0..8), hi: T[8..16)). */
 static inline __m256 pick(__m256 lo, __m256 hi, __m256i idx) {
     const __m256 a = _mm256_permutevar8x32_ps(lo, idx), b = _mm256_permutevar8x32_ps(hi, idx);
     return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
 }
 
-/* Rows [n0, n1) of an LB_LUT4 linear on float32 activations x. */
+#define LB_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+
+/* x[k0 .. k0 + 16) with the inputs past K read as zero. */
+LB_AVX512 static inline __m512 load16(const float *x, int64_t k0, int64_t K) {
+    if (k0 + 16 <= K) return _mm512_loadu_ps(x + k0);
+    return k0 < K ? _mm512_maskz_loadu_ps((__mmask16)((1u << (K - k0)) - 1), x + k0)
+                  : _mm512_setzero_ps();
+}
+
+/* As rows_avx2 below with the 16 values in one register: one vpermps per 16 weights. */
+LB_AVX512 static void rows_avx512(const lb_linear *L, const float *x, float *y, int64_t n0,
+                                  int64_t n1) {
+    const int64_t K = L->k, kp = (K + 31) / 32 * 32, kg = L->kg, G = (kp + kg - 1) / kg;
+    const float *tables = (const float *)L->z, *scales = (const float *)L->s;
+    const __m512i low4 = _mm512_set1_epi32(15);
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *w = (const uint8_t *)L->w + n * L->ld;
+        __m512 total = _mm512_setzero_ps();
+        for (int64_t g = 0; g < G; g++) {
+            const __m512 t = _mm512_loadu_ps(tables + (L->block ? (n * G + g) * 16 : 0));
+            __m512 acc = _mm512_setzero_ps();
+            const int64_t end = (g + 1) * kg < kp ? (g + 1) * kg : kp;
+            for (int64_t k = g * kg; k < end; k += 32) {
+                const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + k / 2)));
+                acc = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_and_si512(v, low4), t),
+                                      load16(x, k, K), acc);
+                acc = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), t),
+                                      load16(x, k + 16, K), acc);
+            }
+            total = scales ? _mm512_fmadd_ps(acc, _mm512_set1_ps(scales[n * G + g]), total)
+                           : _mm512_add_ps(total, acc);
+        }
+        y[n] = _mm512_reduce_add_ps(total) + (L->bias ? L->bias[n] : 0.0f);
+    }
+}
+
+/* Rows [n0, n1) of an LB_LUT4 linear on float32 activations x: AVX-512 where the loop's
+ * int8 kernels run on it (lowbit_loop_has_vnni), else AVX2. */
 void lowbit_lut4_rows(const lb_linear *L, const float *x, float *y, int64_t n0, int64_t n1) {
+    if (lowbit_loop_has_vnni()) rows_avx512(L, x, y, n0, n1);
+    else rows_avx2(L, x, y, n0, n1);
+}
+
+static void rows_avx2(const lb_linear *L, const float *x, float *y, int64_t n0, int64_t n1) {
     const int64_t K = L->k, kp = (K + 31) / 32 * 32, kg = L->kg, G = (kp + kg - 1) / kg;
     const float *tables = (const float *)L->z, *scales = (const float *)L->s;
     const __m256i low4 = _mm256_set1_epi32(15);
