@@ -174,7 +174,7 @@ def main(argv=None) -> dict:
         for recipe in args.recipes.split(","):
             print(f"{recipe}:", flush=True)
             out = Path(tmp) / "row.json"
-            child = [a for a in (argv if argv is not None else sys.argv[1:])]
+            child = list(argv if argv is not None else sys.argv[1:])
             subprocess.run([sys.executable, __file__, *child, "--recipes", recipe,
                             "--row-out", str(out)], check=True)
             row = report["recipes"][recipe] = json.loads(out.read_text())

@@ -207,18 +207,13 @@ static int64_t own_floats(int64_t kp) { return 4 * kp + 64; }
 static void w8a8_rows(const lb_linear *L, const float *v, float *y, int64_t n0, int64_t n1,
                       float *rest) {
     const int64_t K = L->k, kp = up64(K);
-    float *codes = rest, s = L->act_scale;
+    float *codes = rest;
     int8_t *xq = (int8_t *)(rest + kp);
-    if (s <= 0.0f) {
-        float amax = 0.0f;
-        for (int64_t i = 0; i < K; i++) amax = fabsf(v[i]) > amax ? fabsf(v[i]) : amax;
-        s = (amax > 1e-12f ? amax : 1e-12f) / 127.0f;
-    }
+    const float s = lowbit_w8a8_codes(v, K, L->act_scale, codes);
     int32_t sum = 0;
     for (int64_t i = 0; i < kp; i++) {
-        float c = i < K ? nearbyintf(v[i] / s) : 0.0f;
-        c = c > 127.0f ? 127.0f : (c < -127.0f ? -127.0f : c);
-        codes[i] = c, xq[i] = (int8_t)c, sum += (int32_t)c;
+        xq[i] = i < K ? (int8_t)codes[i] : 0;
+        sum += xq[i];
     }
     if (lowbit_loop_has_vnni()) lowbit_w8a8_dot(L, xq, sum, y, n0, n1);
     else lowbit_int8_gemv_range(codes, K, L->w, L->ld, NULL, NULL, y, n0, n1);

@@ -38,13 +38,6 @@ static inline __m256 widen8_i8(const int8_t *p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
 }
 
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
 /* Four output channels at once: each x vector is loaded once for four weight rows. */
 static void int8_rows4(const float *x, int64_t K, const int8_t *q, int64_t ldq, float out[4]) {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
@@ -198,6 +191,23 @@ void lowbit_rot_int8_gemv(const float *x, int64_t M, int64_t K, const int8_t *q,
     lowbit_int8_gemv(rx, M, K, q, ldq, scale, bias, y, N);
 }
 
+/* W8A8's codes of one row r: round(r / s) clamped to [-127, 127] into codes (may be r),
+ * with s = act_scale (static) or max(max |r|, 1e-12) / 127 (dynamic, per token: as
+ * int8_dynamic.quantize_per_token); returns s. */
+float lowbit_w8a8_codes(const float *r, int64_t K, float act_scale, float *codes) {
+    float s = act_scale;
+    if (s <= 0.0f) {
+        float amax = 0.0f;
+        for (int64_t k = 0; k < K; k++) amax = fabsf(r[k]) > amax ? fabsf(r[k]) : amax;
+        s = (amax > 1e-12f ? amax : 1e-12f) / 127.0f;
+    }
+    for (int64_t k = 0; k < K; k++) {
+        const float c = nearbyintf(r[k] / s);
+        codes[k] = c > 127.0f ? 127.0f : (c < -127.0f ? -127.0f : c);
+    }
+    return s;
+}
+
 /* scratch: at least 2 * M * K floats. */
 void lowbit_w8a8_gemv(const float *x, int64_t M, int64_t K, const int8_t *q, int64_t ldq,
                       const float *wscale, const float *bias, float *y, int64_t N,
@@ -207,18 +217,8 @@ void lowbit_w8a8_gemv(const float *x, int64_t M, int64_t K, const int8_t *q, int
     for (int64_t m = 0; m < M; m++) {
         float *row = codes + m * K;
         memcpy(row, x + m * K, K * sizeof(float));
-        float *r = nf ? kron_rotate(row, tmp, K, nf, sizes, factors) : row;
-        float s = act_scale;
-        if (s <= 0.0f) { /* dynamic, per token: as int8_dynamic.quantize_per_token */
-            float amax = 0.0f;
-            for (int64_t k = 0; k < K; k++) amax = fabsf(r[k]) > amax ? fabsf(r[k]) : amax;
-            s = (amax > 1e-12f ? amax : 1e-12f) / 127.0f;
-        }
-        xscale[m] = s;
-        for (int64_t k = 0; k < K; k++) {
-            float c = nearbyintf(r[k] / s);
-            row[k] = c > 127.0f ? 127.0f : (c < -127.0f ? -127.0f : c);
-        }
+        const float *r = nf ? kron_rotate(row, tmp, K, nf, sizes, factors) : row;
+        xscale[m] = lowbit_w8a8_codes(r, K, act_scale, row);
     }
     lowbit_int8_gemv(codes, M, K, q, ldq, NULL, NULL, y, N);
     for (int64_t m = 0; m < M; m++) {

@@ -14,12 +14,7 @@
 #include <stdint.h>
 #include <string.h>
 
-static inline float bf16_value(uint16_t h) {
-    const uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
+#include "simd_avx2.h"
 
 static inline uint16_t to_bf16(float f) {
     uint32_t u;
@@ -37,8 +32,8 @@ static void dequant_block(const uint8_t *blk, int64_t R, int interleaved, int64_
         const int high = interleaved ? r >= half : r & 1;
         const int64_t n = r0 + r;
         for (int64_t g = 0; g < kp / kg; g++) {
-            const float s = bf16_value(sz[2 * (g * np + n)]);
-            const float shift = bf16_value(sz[2 * (g * np + n) + 1]) - 8.0f * s;
+            const float s = bf16_to_f32(sz[2 * (g * np + n)]);
+            const float shift = bf16_to_f32(sz[2 * (g * np + n) + 1]) - 8.0f * s;
             for (int64_t k = g * kg; k < (g + 1) * kg; k++) {
                 const uint8_t b = blk[k * half + byte];
                 const float u = (float)(high ? b >> 4 : b & 15);

@@ -9,6 +9,7 @@ void lowbit_int8_gemv_range(const float *x, int64_t K, const int8_t *q, int64_t 
                             const float *scale, const float *bias, float *y, int64_t n0,
                             int64_t n1);
 void lowbit_int4_prepare(const float *x, int64_t K, int64_t kp, int64_t kg, float *scratch);
+float lowbit_w8a8_codes(const float *r, int64_t K, float act_scale, float *codes);
 float *lowbit_rotate_vector(const float *x, int64_t K, int64_t nf, const int64_t *sizes,
                             const float *factors, float *buf, float *tmp);
 int64_t lowbit_int4_units(int64_t np, int64_t B);

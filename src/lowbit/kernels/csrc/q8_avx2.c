@@ -17,13 +17,6 @@
 #include "lowbit_native.h"
 #include "simd_avx2.h"
 
-static inline float bf16_float(uint16_t h) {
-    const uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
 /* 8 int32 lanes of 4-input sums of u * x (u unsigned bytes, x signed). */
 static inline __m256i dot_u8(__m256i u, __m256i x) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1));
@@ -48,10 +41,10 @@ static float q4r_row(const lb_linear *L, const lb_q8 *a, int64_t n, int r) {
             const int64_t at = (n * G16 + 4 * (blk / 16) + r) * 16 + blk % 16;
             const __m256 dl = _mm256_loadu_ps(a->dl + lane);
             if (z) /* z x: z d (code sum), before the scaled sum (as q8_vnni.c) */
-                f = _mm256_fmadd_ps(_mm256_set1_ps(bf16_float(z[at])),
+                f = _mm256_fmadd_ps(_mm256_set1_ps(bf16_to_f32(z[at])),
                                     _mm256_loadu_ps(a->dls + lane), f);
             f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum),
-                                _mm256_mul_ps(dl, _mm256_set1_ps(bf16_float(s[at]))), f);
+                                _mm256_mul_ps(dl, _mm256_set1_ps(bf16_to_f32(s[at]))), f);
         }
     }
     return hsum8(f);

@@ -2,6 +2,16 @@
 #ifndef LOWBIT_SIMD_AVX2_H
 #define LOWBIT_SIMD_AVX2_H
 #include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+/* The float of a bfloat16 bit pattern (its upper 16 bits). */
+static inline float bf16_to_f32(uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
 
 /* The sum of the 8 float lanes of v. */
 static inline float hsum8(__m256 v) {
