@@ -190,7 +190,7 @@ def test_native_rotation_matches_the_reference(k: int) -> None:
     for one row and several."""
     from lowbit.formats.rotation import hadamard_factors, rotate
 
-    _, sizes, _ = native._factor_args(hadamard_factors(k))
+    _, sizes, _ = native.factor_args(hadamard_factors(k))
     assert sum(1 for s in sizes.tolist() if s < 0) <= 1  # neighbouring Sylvester merged
     assert sizes.tolist() == {576: [12, 48], 1536: [12, -128]}.get(k, sizes.tolist())
     eye = torch.eye(k, dtype=torch.int8)

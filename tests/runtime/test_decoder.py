@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from lowbit.kernels import choices
 from lowbit.runtime import (
     DecoderRuntime,
     UnsupportedModelError,
@@ -50,12 +51,16 @@ def hf_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids).logits.float()
 
 
+@pytest.mark.parametrize("attention", ["native", "sdpa"])
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (4, 1)])
-def test_prefill_fp32_matches_hf_forward(kind: str, heads: int, kv_heads: int) -> None:
+def test_prefill_fp32_matches_hf_forward(kind: str, heads: int, kv_heads: int,
+                                         attention: str) -> None:
+    """Both prefill attentions (lowbit's C kernel, torch's SDPA) against HF's forward."""
     model = tiny(kind, heads, kv_heads)
     x = ids(batch=2)
-    got = prefill_logits(model, x, torch.float32)
+    with choices.forcing({"prefill.attention": attention}):
+        got = prefill_logits(model, x, torch.float32)
     assert got.dtype == torch.float32 and got.shape == (2, x.shape[1], VOCAB)
     torch.testing.assert_close(got, hf_logits(model, x), atol=1e-5, rtol=1e-5)
 
@@ -72,12 +77,15 @@ def test_prefill_bf16_close_to_fp32_and_no_worse_than_hf_bf16() -> None:
     assert err <= 2 * hf_err + 1e-3
 
 
+@pytest.mark.parametrize("attention", ["native", "sdpa"])
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 0.05)])
-def test_decode_steps_match_hf_forward(dtype: torch.dtype, atol: float) -> None:
+def test_decode_steps_match_hf_forward(dtype: torch.dtype, atol: float, attention: str) -> None:
+    """Decode reads the cache prefill wrote (C or torch attention)."""
     model = tiny()
     x = ids(batch=2, length=14)
     runtime = DecoderRuntime(model, dtype=dtype)
-    runtime.prefill(x[:, :6], max_len=x.shape[1])
+    with choices.forcing({"prefill.attention": attention}):
+        runtime.prefill(x[:, :6], max_len=x.shape[1])
     for pos in range(6, x.shape[1]):
         got = runtime.decode(x[:, pos : pos + 1]).float()
         ref = hf_logits(model, x[:, : pos + 1])[:, -1]

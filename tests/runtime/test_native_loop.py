@@ -263,17 +263,22 @@ def test_w8a8_layout_against_its_float64_math(recipe: str, n: int, k: int) -> No
         torch.testing.assert_close(_apply(desc, x, q8).double(), want, atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("recipe", ["w8a8", "w4g32-gptq-rot"])
-def test_prefill_rotates_a_shared_input_once(recipe: str) -> None:
-    """q/k/v and gate/up of a rotated recipe read one rotated vector in prefill: the same
-    numbers, bit for bit, as each layer rotating its own copy."""
+@pytest.mark.parametrize("recipe", ["w4g32-gptq-rot", "w8a8", "w8a8-plain", "w8a8-static-rot"])
+def test_prefill_groups_share_their_input(recipe: str) -> None:
+    """q/k/v and gate/up read one rotated input in prefill (W8A8: one set of codes, made in
+    C): bit for bit what each layer computes on its own for a weight-only recipe and an
+    unrotated W8A8 one; with a rotated W8A8 input, whose C rotation sums in another order,
+    within 2% of the logit range."""
     model, x = _model("llama", recipe), ids(length=40)
     with native.force(True):
         rt = DecoderRuntime(model, dtype=torch.float32)
-        assert all(b.qkv_rotation and b.gu_rotation for b in rt.blocks)
         got = rt.prefill(x, all_logits=True)
-        for b in rt.blocks:  # every layer rotating its own input, as module(x) does
-            b.qkv_rotation = b.gu_rotation = None
-            b.prefill_qkv, b.prefill_gu = [b.q, b.k, b.v], [b.gate, b.up]
+        for b in rt.blocks:  # every layer on its own input, as module(x) does
+            b.prefill_qkv = lambda h, b=b: [b.q(h), b.k(h), b.v(h)]
+            b.prefill_gu = lambda h, b=b: [b.gate(h), b.up(h)]
+            b.prefill_o, b.prefill_down = (lambda a, b=b: [b.o(a)]), (lambda m, b=b: [b.down(m)])
         want = rt.prefill(x, all_logits=True)
-    assert torch.equal(got, want)
+    if recipe in ("w4g32-gptq-rot", "w8a8-plain"):
+        assert torch.equal(got, want)
+    else:
+        assert (got - want).abs().max() <= 0.02 * (want.max() - want.min())

@@ -17,6 +17,8 @@ Decisions and their candidates:
   through a float32 GEMM);
 - ``prefill.int8_weight`` / ``prefill.int4_weight``: the ``bf16`` or ``fp32`` GEMM on the
   widened weight, many rows; ``prefill.w8a8``: ``int_mm`` or ``fp32_gemm``;
+- ``prefill.attention``: the float32 prefill's causal attention, ``native`` (one C call per
+  block, ``kernels.prefill_attention``) or ``sdpa`` (torch's, with RoPE and cache writes);
 - ``runtime.<family>`` (``int8_weight``, ``int4_weight``, ``w8a8``, ``float``): the decode
   runtime's activation dtype, ``fp32`` (fused C step where available) or ``bf16`` (torch
   step), whichever makes a whole decode step fastest (``runtime.probe`` times one block);

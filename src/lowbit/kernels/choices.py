@@ -27,6 +27,7 @@ DECISIONS: dict[str, tuple[str, ...]] = {
     "prefill.int8_weight": ("bf16", "fp32"),
     "prefill.int4_weight": ("bf16", "fp32"),
     "prefill.w8a8": ("int_mm", "fp32_gemm"),
+    "prefill.attention": ("native", "sdpa"),
     "runtime.int8_weight": ("fp32", "bf16"),
     "runtime.int4_weight": ("fp32", "bf16"),
     "runtime.w8a8": ("fp32", "bf16"),
@@ -73,6 +74,8 @@ def flag_ranking(name: str) -> list[str]:
         return [torch_kernel, "native"] if f.native_bf16 else ["native", torch_kernel]
     if name == "decode.w8a8":
         return ["int_mm", "native", "fp32_gemm"] if f.vnni else ["native", "fp32_gemm", "int_mm"]
+    if name == "prefill.attention":
+        return ["native", "sdpa"]
     if name == "prefill.w8a8":
         return ["int_mm", "fp32_gemm"] if f.vnni else ["fp32_gemm", "int_mm"]
     return ["bf16", "fp32"] if f.native_bf16 else ["fp32", "bf16"]

@@ -236,6 +236,62 @@ def int8_static_linear(
     return y.view(*x.shape[:-1], state.out_features) if flat else y
 
 
+def activation_codes(x: torch.Tensor, factors: tuple[torch.Tensor, ...] = (),
+                     act_scale: float = 0.0, *, rotation: tuple | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The int8 codes of ``x`` ``[M, K]`` rotated by the Kronecker product of ``factors``
+    (none: ``H = I``) and their per-token scales ``[M, 1]`` (``act_scale`` 0), or the codes
+    with the static ``act_scale`` (scales None): one C pass over the rows where the native
+    library is available (the same codes as below for an unrotated input), else
+    ``rotate`` and ``quantize_per_token`` / ``quantize_per_tensor``. ``rotation``: the
+    factors already as ``native.factor_args`` (a caller that quantizes many times)."""
+    x = x if x.dtype is _F32 else x.float()
+    if native.available() and not torch.compiler.is_compiling():
+        rotation = rotation if rotation is not None else native.factor_args(factors)
+        codes, scales = native.w8a8_quantize_rows(x, rotation, act_scale)
+        return codes, (None if act_scale else scales)
+    x = rotate(x) if factors else x
+    return (quantize_per_tensor(x, act_scale), None) if act_scale else quantize_per_token(x)
+
+
+def group_prefill_callable(states: list, biases: list, factors: tuple[torch.Tensor, ...]):
+    """``f(x) == [int8_{dynamic,static}_linear(x @ H, s, b) for s, b in ...]`` for layers
+    that read the same input (q/k/v, gate/up; or one layer): the rotation and the activation
+    codes once for the group (``activation_codes``), then one integer GEMM per layer. None
+    when the layers' static activation scales differ (their codes would too)."""
+    static = {isinstance(s, Int8StaticState) for s in states}
+    if len(static) != 1:
+        return None
+    act_scale = 0.0
+    if static.pop():
+        if len({s.act_scale for s in states}) != 1:
+            return None
+        act_scale = states[0].act_scale
+    rotation = native.factor_args(factors)
+
+    def f(x: torch.Tensor) -> list[torch.Tensor]:
+        fused = native.available() and not torch.compiler.is_compiling()
+        flat = x.reshape(-1, x.shape[-1])
+        codes, x_scale = activation_codes(flat, factors, act_scale, rotation=rotation)
+        outs = []
+        for state, bias in zip(states, biases, strict=True):
+            acc = integer_matmul(codes, state.qdata)
+            if bias is None and acc.dtype is torch.int32 and acc.is_contiguous() and fused:
+                y = native.w8a8_dequant(acc, x_scale, state.scale if x_scale is not None
+                                        else state.out_scale)
+            elif x_scale is None:
+                y = torch.mul(acc, state.out_scale) if bias is None else torch.addcmul(
+                    bias, acc, state.out_scale)
+            else:
+                y = torch.mul(acc, x_scale).mul_(state.scale)
+                if bias is not None:
+                    y.add_(bias)
+            outs.append(y.to(x.dtype).view(*x.shape[:-1], state.out_features))
+        return outs
+
+    return f
+
+
 def decode_callable(state: Int8DynamicState | Int8StaticState, bias: torch.Tensor | None,
                     factors: tuple[torch.Tensor, ...] = ()):
     """``f(x) == int8_{dynamic,static}_linear(x @ H, state, bias)`` for float32 ``x``, with

@@ -102,10 +102,13 @@ def _library() -> ctypes.CDLL | None:
                        ("lowbit_rmsnorm", [_P, _I, _I, _P, _F, _P]),
                        ("lowbit_add_rmsnorm", [_P, _P, _I, _I, _P, _F, _P]),
                        ("lowbit_silu_mul", [_P, _P, _I, _P]),
+                       ("lowbit_w8a8_quantize_rows", [_P, _I, _I, _I, _P, _P, _F, _P, _P]),
+                       ("lowbit_w8a8_dequant", [_P, _I, _I, _P, _P]),
                        ("lowbit_attend", [_P, _P, _P, _I, _I, _I, _I, _I, _I, _P, _P, _P, _P,
                                           _F, _P, _P])):
         getattr(lib, name).argtypes = args
         getattr(lib, name).restype = None
+    lib.lowbit_w8a8_quantize_rows.restype = ctypes.c_int
     return lib
 
 
@@ -221,6 +224,32 @@ def int8_gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor | None,
     return y
 
 
+def w8a8_quantize_rows(x: torch.Tensor, rotation: tuple, act_scale: float
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """W8A8's int8 codes ``[M, K]`` and float32 scales ``[M, 1]`` of float32 ``x`` ``[M, K]``
+    rotated by ``rotation`` (``factor_args`` of the Kronecker factors; of ``()``: as is),
+    per token (``act_scale`` 0) or with the static ``act_scale`` (``csrc/w8a8_prefill.c``)."""
+    x = x.contiguous()
+    m, k = x.shape
+    nf, sizes, flat = rotation
+    codes = torch.empty(m, k, dtype=torch.int8)
+    scales = torch.empty(m, 1, dtype=torch.float32)
+    if _library().lowbit_w8a8_quantize_rows(x.data_ptr(), m, k, nf, sizes.data_ptr(),
+                                            flat.data_ptr(), float(act_scale),
+                                            codes.data_ptr(), scales.data_ptr()):
+        raise MemoryError("w8a8_quantize_rows: no memory for the rotation buffers")
+    return codes, scales
+
+
+def w8a8_dequant(acc: torch.Tensor, x_scale: torch.Tensor | None,
+                 w_scale: torch.Tensor) -> torch.Tensor:
+    """``torch.mul(acc, x_scale).mul_(w_scale)`` (``x_scale`` None: ``acc * w_scale``) for
+    int32 ``acc`` ``[M, N]``, written over ``acc``'s memory as float32 (returned)."""
+    m, n = acc.shape
+    _library().lowbit_w8a8_dequant(acc.data_ptr(), m, n, _ptr(x_scale), w_scale.data_ptr())
+    return acc.view(torch.float32)
+
+
 def _scratch_floats(rows: int, kp: int, kernel_group: int) -> int:
     """Scratch of ``lowbit_int4_gemv``: int16 activations, group sums, one scale per row."""
     return rows * (kp // 2 + kp // kernel_group + 1)
@@ -292,7 +321,7 @@ def w8a8_decoder(qdata: torch.Tensor, wscale: torch.Tensor, bias: torch.Tensor |
     the int8 loop on the codes and scale by ``wscale`` (``s_w``, or ``act_scale * s_w`` when
     static). Bound as ``int8_decoder``."""
     bias = None if bias is None else bias.float().contiguous()
-    nf, sizes, flat = _factor_args(factors)
+    nf, sizes, flat = factor_args(factors)
     scratch = torch.empty(2 * MAX_ROWS * k, dtype=torch.float32)
     before = (qdata.data_ptr(), qdata.shape[1], wscale.data_ptr(), _ptr(bias))
     after = (float(act_scale), nf, sizes.data_ptr(), flat.data_ptr(),
@@ -301,7 +330,7 @@ def w8a8_decoder(qdata: torch.Tensor, wscale: torch.Tensor, bias: torch.Tensor |
                   (qdata, wscale, bias, sizes, flat, scratch))
 
 
-def _factor_args(factors: tuple[torch.Tensor, ...]) -> tuple[int, torch.Tensor, torch.Tensor]:
+def factor_args(factors: tuple[torch.Tensor, ...]) -> tuple[int, torch.Tensor, torch.Tensor]:
     """The number of factors, their sizes (int64) and their row-major entries back to back
     (float32), as ``kron_rotate`` reads them (no factors: 0 and a placeholder each). A
     normalized Sylvester factor is passed as ``-size`` with no entries (C applies it by
@@ -358,7 +387,7 @@ def _rotation_args(k: int, factors: tuple[torch.Tensor, ...]) -> tuple[tuple, tu
     behind those pointers."""
     if not factors:
         return (), ()
-    nf, sizes, flat = _factor_args(factors)
+    nf, sizes, flat = factor_args(factors)
     rx = torch.empty(MAX_ROWS * k + k, dtype=torch.float32)
     return (nf, sizes.data_ptr(), flat.data_ptr(), rx.data_ptr()), (sizes, flat, rx)
 

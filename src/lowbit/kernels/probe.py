@@ -4,7 +4,8 @@
 Decode: one row through ``576 -> 1536``, ``1536 -> 576`` and ``576 -> 16384`` (a wide
 output head, where one-row ``torch._int_mm`` falls behind), ranked by a SmolLM2-135M-like
 mix: 30 blocks of twice the first two shapes (q/k/v/o/gate/up/down hold that many weights)
-and a head of three times the third. Prefill: 128 rows through ``576 -> 1536``. The
+and a head of three times the third. Prefill: 128 rows through ``576 -> 1536``, and causal
+attention of 128 tokens over SmolLM2's heads. The
 runtime's activation dtype: one synthetic block's decode step in float32 and in bf16
 (``runtime.probe``); a model's step is estimated as 30 times that block's work besides its
 float linears plus the mix of the family's measured GEMVs in that dtype.
@@ -27,6 +28,7 @@ from lowbit.kernels import autotune, choices, native
 from lowbit.kernels import int4_weight as k4
 from lowbit.kernels import int8_dynamic as k8a8
 from lowbit.kernels import int8_weight as k8
+from lowbit.kernels import prefill_attention as pa
 from lowbit.kernels.int4_weight import int4_weight_linear, prepare_int4_weight
 from lowbit.kernels.int8_dynamic import int8_dynamic_linear, prepare_int8_dynamic
 from lowbit.kernels.int8_weight import int8_weight_linear, prepare_int8_weight
@@ -126,9 +128,26 @@ def _prefill(table: dict, k: int, n: int, layer: dict, gen: torch.Generator,
             lambda: int4_weight_linear(x, i4), **{"prefill.int4_weight": dt})
     runs["prefill.w8a8"] = {c: _under(lambda: int8_dynamic_linear(x, w8a8),
                                       **{"prefill.w8a8": c}) for c in ("int_mm", "fp32_gemm")}
+    runs["prefill.attention"] = _attention(gen)
     for name, cands in runs.items():
+        label = (f"{PREFILL_ROWS} tokens, 9 / 3 heads" if name == "prefill.attention"
+                 else _label(PREFILL_ROWS, k, n))
         for c, us in autotune.bench(cands, rounds=5, noise=noise, deadline=deadline).items():
-            table.setdefault(name, {}).setdefault(c, {})[_label(PREFILL_ROWS, k, n)] = us
+            table.setdefault(name, {}).setdefault(c, {})[label] = us
+
+
+def _attention(gen: torch.Generator) -> dict:
+    """``prefill.attention``'s candidates on SmolLM2's heads (9 query, 3 kv, 64 wide)."""
+    heads, kv_heads, dim, rows = 9, 3, 64, PREFILL_ROWS
+    q = torch.randn(1, rows, heads * dim, generator=gen)
+    k, v = (torch.randn(1, rows, kv_heads * dim, generator=gen) for _ in range(2))
+    cos, sin = torch.rand(rows, dim, generator=gen), torch.rand(rows, dim, generator=gen)
+    kc, vc = torch.zeros(1, kv_heads, rows, dim), torch.zeros(1, kv_heads, rows, dim)
+    args = (q, k, v, cos, sin, kc, vc, dim**-0.5, heads)
+    runs = {"sdpa": _under(lambda: pa.attend_torch(*args))}
+    if pa.supported(dim, heads, kv_heads):
+        runs["native"] = _under(lambda: pa.attend(*args))
+    return runs
 
 
 def total(table: dict, name: str, cand: str) -> float:

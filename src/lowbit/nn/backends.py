@@ -72,6 +72,11 @@ class Backend:
         dimension; or None."""
         return None
 
+    def prefill_group_callable(self, states: list, biases: list, rotation: str | None = None):
+        """``f(x) == [forward(rotate(x), s, b) for s, b in ...]`` for layers reading one
+        input, sharing the work on it; None where the backend has no such call."""
+        return None
+
     def simulate_input(self, x: torch.Tensor, state) -> torch.Tensor:
         """What the activations become before the matmul (reference path)."""
         if self.activation is None:
@@ -244,6 +249,10 @@ class Int8DynamicBackend(Backend):
 
     def decode_callable(self, state, bias, rotation=None):
         return k8a8.decode_callable(state[0], bias, _factors(state[0].in_features, rotation))
+
+    def prefill_group_callable(self, states, biases, rotation=None):
+        return k8a8.group_prefill_callable([s[0] for s in states], biases,
+                                           _factors(states[0][0].in_features, rotation))
 
 
 class Int8StaticBackend(Int8DynamicBackend):

@@ -158,6 +158,24 @@ class QuantizedLinear(nn.Module):
         return layers[0].backend.merged_decode_callable([m._state for m in layers],
                                                         [m.bias for m in layers], rotation)
 
+    @staticmethod
+    def prefill_group_callable(layers: list):
+        """``f(x) == [layer(x) for layer in layers]`` for many-row inputs read by every layer
+        (q/k/v, gate/up, or one layer) from the backend, sharing work on the input (W8A8:
+        its rotation and codes once), or None unless they are all ``QuantizedLinear`` on one
+        backend type that has such a call, with one rotation or none and no outlier
+        columns."""
+        if not all(type(m) is QuantizedLinear for m in layers):
+            return None
+        kind, rotation = type(layers[0].backend), layers[0].spec.rotation
+        if any(type(m.backend) is not kind or m.spec.rotation != rotation
+               or m.outlier_index is not None for m in layers):
+            return None
+        group = getattr(layers[0].backend, "prefill_group_callable", None)  # not every
+        if group is None:  # backend derives from Backend (the codebook one does not)
+            return None
+        return group([m._state for m in layers], [m.bias for m in layers], rotation)
+
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Plain path: simulate activation quantization, dequantize, float32 matmul."""
         if x.shape[-1] != self.in_features:

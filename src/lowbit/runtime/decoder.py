@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lowbit.formats.rotation import rotate
+from lowbit.kernels import choices, prefill_attention
 from lowbit.runtime.arch import DecoderSpec, UnsupportedModelError, resolve_decoder, rope_tables
 from lowbit.runtime.cache import StaticKVCache
 from lowbit.runtime.native_loop import NativeDecodeLoop, native_loop_supported
@@ -39,6 +40,7 @@ from lowbit.runtime.native_step import NativeDecodeStep, native_step_supported
 __all__ = ["DecoderRuntime"]
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
+PrefillGroup = Callable[[torch.Tensor], list[torch.Tensor]]
 
 
 def _cast_output(module: nn.Module, dtype: torch.dtype, x: torch.Tensor) -> torch.Tensor:
@@ -89,6 +91,22 @@ def _after_rotation(module: nn.Module) -> Linear:
     return functools.partial(lambda m, x: m.backend.forward(x, m._state, m.bias), module)
 
 
+def prefill_group(modules: list[nn.Module], singles: list[Linear]) -> PrefillGroup:
+    """``f(x) == [m(x) for m in modules]`` for the layers that read one input in prefill:
+    their backend's group call where it has one (W8A8: the input rotated and quantized once,
+    in C), else the shared rotation applied once (``_shared_rotation``), else ``singles``
+    (the prepared per-layer callables)."""
+    group = getattr(type(modules[0]), "prefill_group_callable", None)
+    group = group(modules) if group is not None else None
+    if group is not None:
+        return group
+    rotation = _shared_rotation(modules)
+    if rotation is None:
+        return lambda x: [f(x) for f in singles]
+    after = [_after_rotation(m) for m in modules]
+    return lambda x: [f(y) for y in (rotate(x, rotation),) for f in after]
+
+
 def _norm_params(module: nn.Module, eps: float, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
     weight = getattr(module, "weight", None)
     if weight is None:
@@ -114,13 +132,12 @@ class _Block:
         self.gate = prepare_linear(mods.gate_proj, hidden, dtype)
         self.up = prepare_linear(mods.up_proj, hidden, dtype)
         self.down = prepare_linear(mods.down_proj, spec.intermediate_size, dtype)
-        # prefill: one rotation per shared input instead of one per layer reading it
-        groups = ((mods.q_proj, mods.k_proj, mods.v_proj), (mods.gate_proj, mods.up_proj))
-        self.qkv_rotation, self.gu_rotation = (_shared_rotation(list(g)) for g in groups)
-        self.prefill_qkv = ([_after_rotation(m) for m in groups[0]] if self.qkv_rotation
-                            else [self.q, self.k, self.v])
-        self.prefill_gu = ([_after_rotation(m) for m in groups[1]] if self.gu_rotation
-                           else [self.gate, self.up])
+        # prefill: the layers reading one input share its rotation (and W8A8's codes)
+        self.prefill_qkv = prefill_group([mods.q_proj, mods.k_proj, mods.v_proj],
+                                         [self.q, self.k, self.v])
+        self.prefill_o = prefill_group([mods.o_proj], [self.o])
+        self.prefill_gu = prefill_group([mods.gate_proj, mods.up_proj], [self.gate, self.up])
+        self.prefill_down = prefill_group([mods.down_proj], [self.down])
 
 
 class DecoderRuntime:
@@ -231,29 +248,27 @@ class DecoderRuntime:
                                                   options=self.compile_options)
         return self._compiled_prefill(input_ids, all_logits)
 
+    def _prefill_attention(self) -> Callable:
+        """``prefill_attention.attend`` (C) where it runs and ``autotune`` measured it faster
+        here, else its torch reference (bf16, a compiled prefill, shapes C does not take)."""
+        spec = self.spec
+        if (self.dtype is torch.float32 and not self.compile_prefill
+                and prefill_attention.supported(spec.head_dim, spec.num_heads, spec.num_kv_heads)
+                and choices.choice("prefill.attention") == "native"):
+            return prefill_attention.attend
+        return prefill_attention.attend_torch
+
     def _prefill(self, input_ids: torch.Tensor, all_logits: bool) -> torch.Tensor:
         spec, cache = self.spec, self.cache
-        batch, length = input_ids.shape
-        heads, kv_heads, dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
-        cos, sin = self.cos[:length], self.sin[:length]
+        attend = self._prefill_attention()
         x = spec.embed(input_ids).to(self.dtype)
         for i, blk in enumerate(self.blocks):
-            h = F.rms_norm(x, (x.shape[-1],), blk.in_w, blk.in_eps)
-            h = rotate(h, blk.qkv_rotation) if blk.qkv_rotation else h
-            q_of, k_of, v_of = blk.prefill_qkv
-            q = q_of(h).view(batch, length, heads, dim).transpose(1, 2)
-            k = k_of(h).view(batch, length, kv_heads, dim).transpose(1, 2)
-            v = v_of(h).view(batch, length, kv_heads, dim).transpose(1, 2)
-            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-            cache.k[i][:, :, :length].copy_(k)
-            cache.v[i][:, :, :length].copy_(v)
-            a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=spec.attn_scale,
-                                               enable_gqa=heads != kv_heads)
-            x = x + blk.o(a.transpose(1, 2).reshape(batch, length, heads * dim))
-            h = F.rms_norm(x, (x.shape[-1],), blk.post_w, blk.post_eps)
-            h = rotate(h, blk.gu_rotation) if blk.gu_rotation else h
-            gate_of, up_of = blk.prefill_gu
-            x = x + blk.down(spec.act_fn(gate_of(h)) * up_of(h))
+            q, k, v = blk.prefill_qkv(F.rms_norm(x, (x.shape[-1],), blk.in_w, blk.in_eps))
+            a = attend(q, k, v, self.cos, self.sin, cache.k[i], cache.v[i], spec.attn_scale,
+                       spec.num_heads)
+            x = x + blk.prefill_o(a)[0]
+            gate, up = blk.prefill_gu(F.rms_norm(x, (x.shape[-1],), blk.post_w, blk.post_eps))
+            x = x + blk.prefill_down(spec.act_fn(gate) * up)[0]
         if not all_logits:
             x = x[:, -1]
         return self.lm_head(F.rms_norm(x, (x.shape[-1],), self.final_w, self.final_eps))
@@ -306,9 +321,8 @@ class DecoderRuntime:
             )
             x = x + blk.o(a.view(batch, 1, -1))
             h = F.rms_norm(x, (x.shape[-1],), blk.post_w, blk.post_eps)
-            h = rotate(h, blk.gu_rotation) if blk.gu_rotation else h
-            gate_of, up_of = blk.prefill_gu
-            x = x + blk.down(spec.act_fn(gate_of(h)) * up_of(h))
+            gate, up = blk.prefill_gu(h)
+            x = x + blk.down(spec.act_fn(gate) * up)
         x = F.rms_norm(x[:, 0], (x.shape[-1],), self.final_w, self.final_eps)
         return self.lm_head(x)
 
@@ -332,8 +346,7 @@ class DecoderRuntime:
             )
             x = x + blk.o(a.view(batch, 1, -1))
             h = F.rms_norm(x, (x.shape[-1],), blk.post_w, blk.post_eps)
-            h = rotate(h, blk.gu_rotation) if blk.gu_rotation else h
-            gate_of, up_of = blk.prefill_gu
-            x = x + blk.down(spec.act_fn(gate_of(h)) * up_of(h))
+            gate, up = blk.prefill_gu(h)
+            x = x + blk.down(spec.act_fn(gate) * up)
         x = F.rms_norm(x[:, 0], (x.shape[-1],), self.final_w, self.final_eps)
         return self.lm_head(x)

@@ -193,7 +193,7 @@ def linear_descriptor(module: nn.Module, in_features: int, q8: bool) -> tuple[Lb
         if module.spec.rotation is not None:  # each thread rotates the input (kron_rotate)
             from lowbit.nn.backends import _factors
 
-            desc.nf, sizes, flat = native._factor_args(_factors(desc.k, module.spec.rotation))
+            desc.nf, sizes, flat = native.factor_args(_factors(desc.k, module.spec.rotation))
             desc.sizes, desc.factors, keep = sizes.data_ptr(), flat.data_ptr(), (sizes, flat)
         lut = _lut4(module, name, state) if name in ("dequant", "codebook") else None
         if lut is not None:

@@ -91,6 +91,31 @@ void lowbit_int8_gemv(const float *x, int64_t M, int64_t K, const int8_t *q, int
     }
 }
 
+/* fwht_axis of one contiguous s-long vector (s >= 8, a power of two) in AVX2: the passes
+ * h = 1, 2, 4 inside each 8-lane vector (partner lanes by permutes, sw + v * (+-1) being
+ * exactly u + v or u - v), the wider ones on whole vectors; bit for bit the scalar passes. */
+static void fwht_contiguous(float *x, int64_t s, float norm) {
+    const __m256 s1 = _mm256_setr_ps(1, -1, 1, -1, 1, -1, 1, -1);
+    const __m256 s2 = _mm256_setr_ps(1, 1, -1, -1, 1, 1, -1, -1);
+    const __m256 s4 = _mm256_setr_ps(1, 1, 1, 1, -1, -1, -1, -1);
+    for (int64_t j = 0; j < s; j += 8) {
+        __m256 v = _mm256_loadu_ps(x + j);
+        v = _mm256_fmadd_ps(v, s1, _mm256_permute_ps(v, 0xB1));
+        v = _mm256_fmadd_ps(v, s2, _mm256_permute_ps(v, 0x4E));
+        v = _mm256_fmadd_ps(v, s4, _mm256_permute2f128_ps(v, v, 1));
+        _mm256_storeu_ps(x + j, v);
+    }
+    for (int64_t h = 8; h < s; h *= 2)
+        for (int64_t i = 0; i < s; i += 2 * h)
+            for (int64_t j = i; j < i + h; j += 8) {
+                const __m256 u = _mm256_loadu_ps(x + j), v = _mm256_loadu_ps(x + j + h);
+                _mm256_storeu_ps(x + j, _mm256_add_ps(u, v));
+                _mm256_storeu_ps(x + j + h, _mm256_sub_ps(u, v));
+            }
+    const __m256 vn = _mm256_set1_ps(norm);
+    for (int64_t j = 0; j < s; j += 8) _mm256_storeu_ps(x + j, _mm256_mul_ps(_mm256_loadu_ps(x + j), vn));
+}
+
 /* In-place normalized Walsh-Hadamard transform (Sylvester order) of the s-long axis with
  * stride `inner` of each of the `outer` blocks: log2(s) butterfly passes instead of s
  * multiply-adds per entry. */
@@ -98,6 +123,10 @@ static void fwht_axis(float *x, int64_t outer, int64_t s, int64_t inner) {
     const float norm = 1.0f / sqrtf((float)s);
     for (int64_t o = 0; o < outer; o++) {
         float *xo = x + o * s * inner;
+        if (inner == 1 && s >= 8) {
+            fwht_contiguous(xo, s, norm);
+            continue;
+        }
         for (int64_t h = 1; h < s; h *= 2) {
             for (int64_t i = 0; i < s; i += 2 * h) {
                 if (inner == 1) {
@@ -122,6 +151,44 @@ static void fwht_axis(float *x, int64_t outer, int64_t s, int64_t inner) {
     }
 }
 
+/* out[c0 .. c0 + 8 nv) of output j of dense_axis; nv is a constant at every call, so the
+ * accumulators unroll into registers (an array indexed at run time would live in memory
+ * and chain every multiply-add through a store). */
+static inline __attribute__((always_inline)) void axis_lanes(
+    const float *x, float *out, int64_t s, int64_t inner, const float *f, int64_t j, int64_t c0,
+    const int nv) {
+    __m256 acc[6];
+    for (int v = 0; v < nv; v++) acc[v] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < s; i++) {
+        const __m256 b = _mm256_set1_ps(inner == 1 ? x[i] : f[i * s + j]);
+        const float *row = inner == 1 ? f + i * s + c0 : x + i * inner + c0;
+        for (int v = 0; v < nv; v++) acc[v] = _mm256_fmadd_ps(b, _mm256_loadu_ps(row + 8 * v), acc[v]);
+    }
+    for (int v = 0; v < nv; v++) _mm256_storeu_ps(out + c0 + 8 * v, acc[v]);
+}
+
+/* to[j, r] = sum_i f[i, j] x[i, r] for one s x inner block (f row-major s x s): with inner
+ * 1 the outputs are the vector lanes, else the inner entries; each output sums i = 0..s-1
+ * in order with one fused multiply-add per term, 6 vectors at a time (independent chains
+ * hide the multiply-add latency). */
+static void dense_axis(const float *x, float *to, int64_t s, int64_t inner, const float *f) {
+    const int64_t span = inner == 1 ? s : inner, lanes = span - span % 8;
+    for (int64_t j = 0; j < (inner == 1 ? 1 : s); j++) {
+        float *out = inner == 1 ? to : to + j * inner;
+        int64_t c0 = 0;
+        for (; c0 + 48 <= lanes; c0 += 48) axis_lanes(x, out, s, inner, f, j, c0, 6);
+        for (; c0 + 32 <= lanes; c0 += 32) axis_lanes(x, out, s, inner, f, j, c0, 4);
+        for (; c0 + 16 <= lanes; c0 += 16) axis_lanes(x, out, s, inner, f, j, c0, 2);
+        for (; c0 < lanes; c0 += 8) axis_lanes(x, out, s, inner, f, j, c0, 1);
+        for (int64_t c = lanes; c < span; c++) { /* the last span % 8 outputs */
+            float t = 0.0f;
+            for (int64_t i = 0; i < s; i++)
+                t = inner == 1 ? fmaf(x[i], f[i * s + c], t) : fmaf(f[i * s + j], x[i * inner + c], t);
+            out[c] = t;
+        }
+    }
+}
+
 /* x[n] (viewed as the grid |sizes[0]| x ... x |sizes[nf - 1]|, last fastest) times the
  * Kronecker product of the factors, axis a contracted with factor a, as formats/rotation.py's
  * rotate. A factor of size s > 0 is a dense row-major s x s block of `factors`; s < 0 is the
@@ -138,26 +205,8 @@ static float *kron_rotate(float *x, float *tmp, int64_t n, int64_t nf, const int
             fwht_axis(x, outer, s, inner);
             continue;
         }
-        for (int64_t o = 0; o < outer; o++) {
-            const float *xo = x + o * s * inner;
-            float *to = tmp + o * s * inner;
-            if (inner == 1) { /* a row times the block: axpy over its contiguous rows */
-                for (int64_t j = 0; j < s; j++) to[j] = 0.0f;
-                for (int64_t i = 0; i < s; i++) {
-                    const float xi = xo[i], *fi = factors + i * s;
-                    for (int64_t j = 0; j < s; j++) to[j] += xi * fi[j];
-                }
-                continue;
-            }
-            for (int64_t j = 0; j < s; j++) {
-                float *tj = to + j * inner;
-                for (int64_t r = 0; r < inner; r++) tj[r] = 0.0f;
-                for (int64_t i = 0; i < s; i++) {
-                    const float f = factors[i * s + j], *xi = xo + i * inner;
-                    for (int64_t r = 0; r < inner; r++) tj[r] += xi[r] * f;
-                }
-            }
-        }
+        for (int64_t o = 0; o < outer; o++)
+            dense_axis(x + o * s * inner, tmp + o * s * inner, s, inner, factors);
         factors += s * s;
         float *t = x; x = tmp; tmp = t;
     }
