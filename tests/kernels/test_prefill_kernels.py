@@ -139,3 +139,20 @@ def test_group_needs_one_static_scale() -> None:
     a = k8a8.prepare_int8_static(codes, torch.ones(4), 0.1)
     b = k8a8.prepare_int8_static(codes, torch.ones(4), 0.2)
     assert k8a8.group_prefill_callable([a, b], [None, None], ()) is None
+
+
+def test_prefill_attention_avx2_and_avx512_agree() -> None:
+    """The AVX2 blocks (forced) and the AVX-512 ones (where the CPU has them) sum every
+    output in the same order: the same numbers."""
+    from lowbit.runtime.native_loop import avx2_only
+
+    batch, length, heads, kv_heads, dim, max_len = SHAPES[0]
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn(batch, length, heads * dim, generator=gen)
+    k, v = (torch.randn(batch, length, kv_heads * dim, generator=gen) for _ in range(2))
+    cos, sin = _tables(max_len, dim, gen)
+    caches = [torch.zeros(batch, kv_heads, max_len, dim) for _ in range(4)]
+    wide = pa.attend(q, k, v, cos, sin, caches[0], caches[1], 0.125, heads)
+    with avx2_only():
+        narrow = pa.attend(q, k, v, cos, sin, caches[2], caches[3], 0.125, heads)
+    assert torch.equal(wide, narrow)

@@ -55,7 +55,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
     if not supported(dim, heads, kv_heads) or length > max_len or cos.shape[0] < length:
         raise ValueError(f"prefill attention: unsupported shape (head_dim {dim}, heads "
                          f"{heads}, kv heads {kv_heads}, {length} tokens, cache {max_len})")
-    padded = -(-length // 16) * 16
+    padded = -(-length // 32) * 32
     out = torch.empty(batch, length, heads * dim)
     q_rot = torch.empty(batch, heads, length, dim)
     k_t = torch.empty(batch, kv_heads, dim, padded)

@@ -43,6 +43,17 @@ int64_t lowbit_loop_has_vnni(void) {
     return known && use_vnni;
 }
 
+/* Whether AVX-512 (F, DQ) float kernels may run (prefill_attention.c): the CPU has them
+ * and lowbit_loop_isa did not ask for AVX2 only. */
+int64_t lowbit_avx512_allowed(void) {
+    static int known = -1;
+    if (known < 0) {
+        __builtin_cpu_init();
+        known = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
+    }
+    return known && use_vnni;
+}
+
 int64_t lowbit_loop_isa(int64_t vnni) {
     const int64_t before = use_vnni;
     use_vnni = vnni;
@@ -51,26 +62,6 @@ int64_t lowbit_loop_isa(int64_t vnni) {
 
 static inline __m256 widen8(const int8_t *p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
-}
-
-/* exp(x) for 8 floats: Cephes' expf (2^n e^r, degree-6 polynomial on |r| <= ln2 / 2,
- * about 1 ulp), as in avx_mathfun; the libm call per element costs more than the rest of
- * a block's small operations together. */
-static inline __m256 exp8(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
 /* g = g / (1 + exp(-g)) * u (SwiGLU), 8 at a time. */

@@ -102,6 +102,7 @@ void lowbit_q8_rows_avx2(const lb_linear *L, const lb_q8 *a, float *y, int64_t n
 int64_t lowbit_loop_has_vnni(void);   /* decode_loop.c: the int8 kernels run on VNNI */
 int64_t lowbit_loop_isa(int64_t vnni); /* 1: VNNI where present (default), 0: AVX2 only;
                                         * returns the previous setting (tests) */
+int64_t lowbit_avx512_allowed(void);   /* AVX-512 F/DQ present and not turned off above */
 /* lut_gemv.c: rows [n0, n1) of an LB_LUT4 linear on float32 activations */
 void lowbit_lut4_rows(const lb_linear *L, const float *x, float *y, int64_t n0, int64_t n1);
 void lowbit_w8a8_dot(const lb_linear *L, const int8_t *xq, int32_t codesum, float *y,

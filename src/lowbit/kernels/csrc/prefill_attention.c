@@ -11,12 +11,13 @@
  * them; cos and sin [T, D]; the caches [B, Hkv, L, D] (positions 0..T-1 written); out
  * [B, T, H * D], ready for the output projection. Scratch (caller's): the rotated, scaled
  * queries [B, H, T, D] and the rotated keys transposed [B, Hkv, D, Tp] (Tp = T rounded up
- * to 16).
+ * to 32).
  *
  * Work is split into tasks of QB query tokens times the G query heads of one kv head, so
  * each key and value row loaded serves G * QB queries; a task scores its keys 0..t_last
- * (4 queries x 16 keys per register block), takes the exact softmax of each row (max, exp,
- * sum over the visible keys) and accumulates p v (2 queries x 32 dimensions per block).
+ * (4 queries x 16 keys per register block; AVX-512: 8 x 32), takes the exact softmax of
+ * each row (max, exp, sum over the visible keys) and accumulates p v (2 queries x 32
+ * dimensions per block; AVX-512: 4 x 64).
  * Tasks run largest first over the threads (later query blocks see more keys).
  */
 #include <immintrin.h>
@@ -24,29 +25,11 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "lowbit_native.h"
 #include "simd_avx2.h"
 
 #define QB 16 /* query tokens per task */
-
-/* e^x for x <= 0 (scores minus their row maximum): 2^n * p(r), x = n ln 2 + r, |r| <= ln2/2,
- * p Cephes' degree-7 expf polynomial (about 1 ulp); x below -87 gives about 0. */
-static inline __m256 exp_nonpositive(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    const __m256i e = _mm256_slli_epi32(
-        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
+#define LB_AVX512 __attribute__((target("avx512f,avx512dq")))
 
 static void rope_into(const float *x, int64_t D, const float *cos, const float *sin, float mul,
                       float *out) {
@@ -90,7 +73,7 @@ static float softmax_row(float *s, int64_t n, int64_t w) {
     const __m256 vm = _mm256_set1_ps(m);
     __m256 sum = _mm256_setzero_ps();
     for (j = 0; j + 8 <= w; j += 8) {
-        __m256 p = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + j), vm));
+        __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), vm));
         if (j + 8 > n) {  /* the diagonal: keys past the query are masked */
             const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
             const __m256 keep = _mm256_castsi256_ps(
@@ -137,35 +120,104 @@ static void pv_pair(const float *p0, const float *p1, float inv0, float inv1, in
     }
 }
 
+/* AVX-512 (where lowbit_avx512_allowed): 8 queries x 32 keys per score block; 4 queries x
+ * 64 dimensions per p v block. Same sums in the same order per output as the AVX2 ones. */
+LB_AVX512 static void score_block_512(const float *q, const float *kt, int64_t D, int64_t Tp,
+                                      float *s, int64_t ls) {
+    __m512 a[8][2];
+#pragma GCC unroll 8
+    for (int r = 0; r < 8; r++) a[r][0] = a[r][1] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d++) {
+        const __m512 k0 = _mm512_loadu_ps(kt + d * Tp), k1 = _mm512_loadu_ps(kt + d * Tp + 16);
+#pragma GCC unroll 8
+        for (int r = 0; r < 8; r++) {
+            const __m512 b = _mm512_set1_ps(q[r * D + d]);
+            a[r][0] = _mm512_fmadd_ps(b, k0, a[r][0]);
+            a[r][1] = _mm512_fmadd_ps(b, k1, a[r][1]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < 8; r++) {
+        _mm512_storeu_ps(s + r * ls, a[r][0]);
+        _mm512_storeu_ps(s + r * ls + 16, a[r][1]);
+    }
+}
+
+/* o_r[d0 .. d0 + 16 nv) = (p_r v)[..] * inv_r for the 4 rows r; nv is a constant at every
+ * call (the accumulators stay in registers). */
+static inline __attribute__((always_inline)) LB_AVX512 void pv_quad_lanes(
+    const float *const *p, const float *inv, int64_t n, const float *v, int64_t D,
+    float *const *o, int64_t d0, const int nv) {
+    __m512 acc[4][4];
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; r++)
+#pragma GCC unroll 4
+        for (int c = 0; c < nv; c++) acc[r][c] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j++) {
+        __m512 vj[4];
+#pragma GCC unroll 4
+        for (int c = 0; c < nv; c++) vj[c] = _mm512_loadu_ps(v + j * D + d0 + 16 * c);
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; r++) {
+            const __m512 b = _mm512_set1_ps(p[r][j]);
+#pragma GCC unroll 4
+            for (int c = 0; c < nv; c++) acc[r][c] = _mm512_fmadd_ps(b, vj[c], acc[r][c]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; r++)
+#pragma GCC unroll 4
+        for (int c = 0; c < nv; c++)
+            _mm512_storeu_ps(o[r] + d0 + 16 * c, _mm512_mul_ps(acc[r][c], _mm512_set1_ps(inv[r])));
+}
+
+LB_AVX512 static void pv_quad_512(const float *const *p, const float *inv, int64_t n,
+                                  const float *v, int64_t D, float *const *o) {
+    int64_t d0 = 0;
+    for (; d0 + 64 <= D; d0 += 64) pv_quad_lanes(p, inv, n, v, D, o, d0, 4);
+    for (; d0 < D; d0 += 16) pv_quad_lanes(p, inv, n, v, D, o, d0, 1);
+}
+
 /* One task: query tokens t0..t0+QB-1 (clipped to T) of the G heads of kv head (b, kvh). */
 static void attend_task(const float *qs, const float *kt, const float *vc, int64_t T,
                         int64_t Tp, int64_t H, int64_t G, int64_t D, int64_t b, int64_t kvh,
-                        int64_t t0, float *s, float *out) {
-    const int64_t nq = T - t0 < QB ? T - t0 : QB, nk = t0 + nq, w = (nk + 15) & ~(int64_t)15;
-    float inv[16 * QB];
+                        int64_t t0, float *s, float *out, int wide) {
+    const int64_t nq = T - t0 < QB ? T - t0 : QB, nk = t0 + nq, w = (nk + 31) & ~(int64_t)31;
+    const int64_t rb = wide ? 8 : 4; /* query rows per score block */
+    float inv[16 * QB], tail[8 * 256];
     for (int64_t g = 0; g < G; g++) {
         const float *qg = qs + ((b * H + kvh * G + g) * T + t0) * D;
         float *sg = s + g * QB * w;
-        for (int64_t i = 0; i < QB; i += 4) {
-            const float *qi = i + 4 <= nq ? qg + i * D : NULL;
-            float tail[4 * 256];
-            if (qi == NULL) { /* past the last token: score zeros, never read back */
-                if (i >= nq) break;
-                for (int64_t x = 0; x < 4 * D; x++) tail[x] = x < (nq - i) * D ? qg[i * D + x] : 0.0f;
+        for (int64_t i = 0; i < nq; i += rb) {
+            const float *qi = qg + i * D;
+            if (i + rb > nq) { /* the last rows: zeros past the last token, never read back */
+                for (int64_t x = 0; x < rb * D; x++) tail[x] = x < (nq - i) * D ? qi[x] : 0.0f;
                 qi = tail;
             }
-            for (int64_t j = 0; j < w; j += 16) score_block(qi, kt + j, D, Tp, sg + i * w + j, w);
+            if (wide)
+                for (int64_t j = 0; j < w; j += 32) score_block_512(qi, kt + j, D, Tp, sg + i * w + j, w);
+            else
+                for (int64_t j = 0; j < w; j += 16) score_block(qi, kt + j, D, Tp, sg + i * w + j, w);
         }
         for (int64_t i = 0; i < nq; i++) inv[g * QB + i] = softmax_row(sg + i * w, t0 + i + 1, w);
     }
     for (int64_t g = 0; g < G; g++) {
         const float *sg = s + g * QB * w;
-        for (int64_t i = 0; i < nq; i += 2) {
-            const int64_t i1 = i + 1 < nq ? i + 1 : i;
-            float *o0 = out + ((b * T + t0 + i) * H + kvh * G + g) * D;
-            float *o1 = out + ((b * T + t0 + i1) * H + kvh * G + g) * D;
-            pv_pair(sg + i * w, sg + i1 * w, inv[g * QB + i], inv[g * QB + i1], t0 + i1 + 1,
-                    vc, D, o0, o1);
+        const int64_t step = wide && D % 16 == 0 ? 4 : 2;
+        for (int64_t i = 0; i < nq; i += step) {
+            const float *p[4];
+            float *o[4], iv[4];
+            int64_t last = i;
+            for (int64_t r = 0; r < step; r++) { /* rows past the last token repeat it */
+                const int64_t ir = i + r < nq ? i + r : nq - 1;
+                last = ir;
+                p[r] = sg + ir * w, iv[r] = inv[g * QB + ir];
+                o[r] = out + ((b * T + t0 + ir) * H + kvh * G + g) * D;
+            }
+            if (step == 4)
+                pv_quad_512(p, iv, t0 + last + 1, vc, D, o);
+            else
+                pv_pair(p[0], p[1], iv[0], iv[1], t0 + last + 1, vc, D, o[0], o[1]);
         }
     }
 }
@@ -176,25 +228,38 @@ int lowbit_prefill_attention(const float *q, const float *k, const float *v, int
                              int64_t T, int64_t H, int64_t Hkv, int64_t D, int64_t L,
                              const float *cos, const float *sin, float *kcache, float *vcache,
                              float scale, float *out, float *qs, float *kt) {
-    const int64_t G = H / Hkv, Tp = (T + 15) & ~(int64_t)15;
+    const int64_t G = H / Hkv, Tp = (T + 31) & ~(int64_t)31;
+    const int wide = (int)lowbit_avx512_allowed();
     if (D % 8 || D < 8 || D > 256 || G * Hkv != H || G > 16 || T > L) return -1;
-#pragma omp parallel for schedule(static)
-    for (int64_t bt = 0; bt < B * T; bt++) {
-        const int64_t b = bt / T, t = bt % T;
-        const float *cs = cos + t * D, *sn = sin + t * D;
-        for (int64_t h = 0; h < H; h++)
-            rope_into(q + (bt * H + h) * D, D, cs, sn, scale, qs + ((b * H + h) * T + t) * D);
-        for (int64_t h = 0; h < Hkv; h++) {
-            float *kc = kcache + ((b * Hkv + h) * L + t) * D, *vcr = vcache + ((b * Hkv + h) * L + t) * D;
-            rope_into(k + (bt * Hkv + h) * D, D, cs, sn, 1.0f, kc);
-            const float *vr = v + (bt * Hkv + h) * D;
-            float *ktr = kt + (b * Hkv + h) * D * Tp + t;
-            for (int64_t d = 0; d < D; d++) vcr[d] = vr[d], ktr[d * Tp] = kc[d];
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (int64_t bt = 0; bt < B * T; bt++) {
+            const int64_t b = bt / T, t = bt % T;
+            const float *cs = cos + t * D, *sn = sin + t * D;
+            for (int64_t h = 0; h < H; h++)
+                rope_into(q + (bt * H + h) * D, D, cs, sn, scale, qs + ((b * H + h) * T + t) * D);
+            for (int64_t h = 0; h < Hkv; h++) {
+                float *kc = kcache + ((b * Hkv + h) * L + t) * D;
+                float *vcr = vcache + ((b * Hkv + h) * L + t) * D;
+                rope_into(k + (bt * Hkv + h) * D, D, cs, sn, 1.0f, kc);
+                const float *vr = v + (bt * Hkv + h) * D;
+                for (int64_t d = 0; d < D; d++) vcr[d] = vr[d];
+            }
+        }
+        /* the rotated keys transposed, 32 positions at a time (their rows stay in L1),
+         * zeros past T up to Tp */
+        const int64_t tiles = Tp / 32;
+#pragma omp for schedule(static)
+        for (int64_t bt = 0; bt < B * Hkv * tiles; bt++) {
+            const int64_t bh = bt / tiles, t0 = bt % tiles * 32;
+            const float *kc = kcache + bh * L * D;
+            float *kth = kt + bh * D * Tp;
+            for (int64_t d = 0; d < D; d++)
+                for (int64_t t = t0; t < t0 + 32; t++)
+                    kth[d * Tp + t] = t < T ? kc[t * D + d] : 0.0f;
         }
     }
-    for (int64_t bh = 0; bh < B * Hkv; bh++) /* zero the padding keys the blocks read */
-        for (int64_t d = 0; d < D; d++)
-            for (int64_t t = T; t < Tp; t++) kt[(bh * D + d) * Tp + t] = 0.0f;
     const int64_t blocks = (T + QB - 1) / QB, tasks = B * Hkv * blocks;
     int failed = 0;
 #pragma omp parallel
@@ -209,7 +274,7 @@ int lowbit_prefill_attention(const float *q, const float *k, const float *v, int
             const int64_t blk = blocks - 1 - task / (B * Hkv), bh = task % (B * Hkv);
             if (s != NULL)
                 attend_task(qs, kt + bh * D * Tp, vcache + bh * L * D, T, Tp, H, G, D,
-                            bh / Hkv, bh % Hkv, blk * QB, s, out);
+                            bh / Hkv, bh % Hkv, blk * QB, s, out, wide);
         }
         free(s);
     }
