@@ -31,11 +31,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from lowbit.formats.rotation import rotate
-from lowbit.kernels import choices, prefill_attention
 from lowbit.runtime.arch import DecoderSpec, UnsupportedModelError, resolve_decoder, rope_tables
 from lowbit.runtime.cache import StaticKVCache
 from lowbit.runtime.native_loop import NativeDecodeLoop, native_loop_supported
 from lowbit.runtime.native_step import NativeDecodeStep, native_step_supported
+from lowbit.runtime.prefill_ops import prefill_ops
 
 __all__ = ["DecoderRuntime"]
 
@@ -248,30 +248,24 @@ class DecoderRuntime:
                                                   options=self.compile_options)
         return self._compiled_prefill(input_ids, all_logits)
 
-    def _prefill_attention(self) -> Callable:
-        """``prefill_attention.attend`` (C) where it runs and ``autotune`` measured it faster
-        here, else its torch reference (bf16, a compiled prefill, shapes C does not take)."""
-        spec = self.spec
-        if (self.dtype is torch.float32 and not self.compile_prefill
-                and prefill_attention.supported(spec.head_dim, spec.num_heads, spec.num_kv_heads)
-                and choices.choice("prefill.attention") == "native"):
-            return prefill_attention.attend
-        return prefill_attention.attend_torch
-
     def _prefill(self, input_ids: torch.Tensor, all_logits: bool) -> torch.Tensor:
         spec, cache = self.spec, self.cache
-        attend = self._prefill_attention()
-        x = spec.embed(input_ids).to(self.dtype)
+        ops = prefill_ops(self)
+        x = spec.embed(input_ids).to(self.dtype).contiguous()
+        h = ops.norm(x, self.blocks[0].in_w, self.blocks[0].in_eps)
         for i, blk in enumerate(self.blocks):
-            q, k, v = blk.prefill_qkv(F.rms_norm(x, (x.shape[-1],), blk.in_w, blk.in_eps))
-            a = attend(q, k, v, self.cos, self.sin, cache.k[i], cache.v[i], spec.attn_scale,
-                       spec.num_heads)
-            x = x + blk.prefill_o(a)[0]
-            gate, up = blk.prefill_gu(F.rms_norm(x, (x.shape[-1],), blk.post_w, blk.post_eps))
-            x = x + blk.prefill_down(spec.act_fn(gate) * up)[0]
+            q, k, v = blk.prefill_qkv(h)
+            a = ops.attend(q, k, v, self.cos, self.sin, cache.k[i], cache.v[i], spec.attn_scale,
+                           spec.num_heads)
+            x, h = ops.add_norm(x, blk.prefill_o(a)[0], blk.post_w, blk.post_eps)
+            gate, up = blk.prefill_gu(h)
+            nxt = self.blocks[i + 1] if i + 1 < len(self.blocks) else None
+            x, h = ops.add_norm(x, blk.prefill_down(ops.glu(gate, up))[0],
+                                nxt.in_w if nxt else self.final_w,
+                                nxt.in_eps if nxt else self.final_eps)
         if not all_logits:
-            x = x[:, -1]
-        return self.lm_head(F.rms_norm(x, (x.shape[-1],), self.final_w, self.final_eps))
+            h = h[:, -1]
+        return self.lm_head(h)
 
     # ---- decode ---------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -64,17 +64,6 @@ static inline __m256 widen8(const int8_t *p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
 
-/* g = g / (1 + exp(-g)) * u (SwiGLU), 8 at a time. */
-static void silu_mul8(float *g, const float *u, int64_t count) {
-    int64_t i = 0;
-    for (; i + 8 <= count; i += 8) {
-        const __m256 x = _mm256_loadu_ps(g + i), one = _mm256_set1_ps(1.0f);
-        const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), x));
-        _mm256_storeu_ps(g + i, _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(one, e)),
-                                              _mm256_loadu_ps(u + i)));
-    }
-    for (; i < count; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-}
 
 static float f32_row(const float *x, const float *w, int64_t K) {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0;
@@ -308,7 +297,7 @@ void lowbit_decode_step(const lb_model *m, const float *embed, int64_t pos, floa
 #pragma omp barrier
             blocks(m->inter, t, T, &i0, &i1);
             i1 = 32 * i1 < m->inter ? 32 * i1 : m->inter;
-            if (32 * i0 < i1) silu_mul8(g + 32 * i0, u + 32 * i0, i1 - 32 * i0);
+            if (32 * i0 < i1) silu_mul8(g + 32 * i0, u + 32 * i0, i1 - 32 * i0, g + 32 * i0);
             q8_stage(g, m->inter, a, ds, 1, t, T);
             part(&L->down, g, a, o, t, T, ts);
 #pragma omp barrier

@@ -13,6 +13,7 @@
  *           query head softmax(q k^T * scale) v over positions 0..pos. Query head h reads
  *           kv head h / G (grouped-query attention), heads in the order of q's columns.
  * silu_mul: out = g / (1 + exp(-g)) * u                           (SwiGLU, Shazeer, 2020)
+ *           (exp: simd_avx2.h's exp8, about 1 ulp)
  * Every row of the batch is independent: x is [M, n], q [M, H * D], k and v [M, Hkv * D],
  * the caches [M, Hkv, max_len, D].
  */
@@ -41,18 +42,27 @@ static void rmsnorm_row(const float *x, int64_t n, const float *w, float eps, fl
     for (int64_t i = 0; i < n; i++) out[i] = x[i] * inv * w[i];
 }
 
+/* Rows split over the threads from 64 on (a prefill); a decode step's few rows run inline. */
 void lowbit_rmsnorm(const float *x, int64_t M, int64_t n, const float *w, float eps, float *out) {
+#pragma omp parallel for schedule(static) if (M >= 64)
     for (int64_t m = 0; m < M; m++) rmsnorm_row(x + m * n, n, w, eps, out + m * n);
 }
 
 void lowbit_add_rmsnorm(float *x, const float *d, int64_t M, int64_t n, const float *w,
                         float eps, float *out) {
-    for (int64_t i = 0; i < M * n; i++) x[i] += d[i];
-    lowbit_rmsnorm(x, M, n, w, eps, out);
+#pragma omp parallel for schedule(static) if (M >= 64)
+    for (int64_t m = 0; m < M; m++) {
+        float *xm = x + m * n;
+        for (int64_t i = 0; i < n; i++) xm[i] += d[m * n + i];
+        rmsnorm_row(xm, n, w, eps, out + m * n);
+    }
 }
 
 void lowbit_silu_mul(const float *g, const float *u, int64_t count, float *out) {
-    for (int64_t i = 0; i < count; i++) out[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    const int64_t chunk = 4096; /* floats per task: whole vectors, a page or more each */
+#pragma omp parallel for schedule(static) if (count >= 16 * chunk)
+    for (int64_t c = 0; c < count; c += chunk)
+        silu_mul8(g + c, u + c, count - c < chunk ? count - c : chunk, out + c);
 }
 
 static void rope(const float *x, int64_t D, const float *cos, const float *sin, float *out) {
