@@ -156,3 +156,51 @@ def test_prefill_attention_avx2_and_avx512_agree() -> None:
     with avx2_only():
         narrow = pa.attend(q, k, v, cos, sin, caches[2], caches[3], 0.125, heads)
     assert torch.equal(wide, narrow)
+
+
+@pytest.mark.parametrize("recipe", ["nf4g64", "kmeans4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lookup_weight_equals_torch(recipe: str, dtype: torch.dtype) -> None:
+    """NF4 and per-row k-means layers widened in C: the torch path's numbers exactly, in
+    float32 and bfloat16."""
+    import lowbit
+    from lowbit.nn.linear import QuantizedLinear
+
+    gen = torch.Generator().manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Linear(200, 24), torch.nn.Linear(24, 7))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    lowbit.quantize(model, recipe, progress=False)
+    layers = [m for m in model.modules() if type(m) is QuantizedLinear]
+    assert layers
+    x = torch.randn(40, 200, generator=gen).to(dtype)
+    for layer in layers:
+        state = layer._state
+        got = layer.backend.forward(x[:, : layer.in_features], state, layer.bias)
+        want_w = state.dequantize(dtype)
+        want = torch.nn.functional.linear(x[:, : layer.in_features], want_w,
+                                          None if layer.bias is None else layer.bias.to(dtype))
+        assert torch.equal(got, want.to(got.dtype)), recipe
+
+
+@pytest.mark.parametrize("k,group", [(37, 37), (200, 64), (96, 32)])
+def test_lookup_weight_layouts(k: int, group: int) -> None:
+    """Whole rows and groups, an odd K and a partial last group: ``T[u] * s`` and per-row
+    ``T[n, g, u]`` as float32 products, then each dtype's rounding."""
+    from lowbit.formats import pack
+    from lowbit.kernels.lookup_dequant import lookup_weight
+
+    gen = torch.Generator().manual_seed(k)
+    n, groups = 5, -(-k // group)
+    codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    table, scales = torch.randn(16, generator=gen), torch.rand(n, groups, generator=gen)
+    tables = torch.randn(n, groups, 16, generator=gen)
+    col = torch.arange(k) // group
+    want_shared = table[codes.long()] * scales[:, col]
+    want_rows = tables[torch.arange(n)[:, None], col[None], codes.long()]
+    for dtype in (torch.float32, torch.bfloat16):
+        got = lookup_weight(pack(codes, 4), k, table, scales, group, dtype)
+        assert torch.equal(got, want_shared.to(dtype))
+        got = lookup_weight(pack(codes, 4), k, tables, None, group, dtype)
+        assert torch.equal(got, want_rows.to(dtype))

@@ -32,6 +32,7 @@ from lowbit.formats.lookup import (  # noqa: F401  (re-exported: the codebook fo
     codebook_format,
     is_row_codebook,
 )
+from lowbit.kernels import lookup_dequant
 from lowbit.nn.activation import ModuleError
 from lowbit.nn.packed import PackedWeight, WeightSpec
 
@@ -115,8 +116,14 @@ class CodebookBackend:
 
     def forward(self, x, state, bias):
         dtype = x.dtype if x.dtype != torch.float16 else torch.float32
-        fmt = state.qparams.format
-        indices = unpack(state.qdata, fmt.bits, state.in_features)
-        w = gather_rows(indices, state.qparams.scale, state.qparams.granularity, dtype)
+        qp = state.qparams
+        n, k = state.qdata.shape[0], state.in_features
+        if lookup_dequant.usable(qp.format.bits, qp.granularity.kind, None, dtype):
+            w = lookup_dequant.lookup_weight(state.qdata, k, qp.scale.reshape(n, -1, 16),
+                                             None, qp.granularity.group_size
+                                             if qp.granularity.kind == "group" else k, dtype)
+        else:
+            indices = unpack(state.qdata, qp.format.bits, k)
+            w = gather_rows(indices, qp.scale, qp.granularity, dtype)
         b = None if bias is None else bias.to(dtype)
         return F.linear(x.to(dtype), w, b).to(x.dtype)

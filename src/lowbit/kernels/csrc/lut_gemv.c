@@ -104,3 +104,62 @@ static void rows_avx2(const lb_linear *L, const float *x, float *y, int64_t n0, 
         y[n] = hsum8(total) + (L->bias ? L->bias[n] : 0.0f);
     }
 }
+
+/* 8 floats rounded to bfloat16 (nearest, ties to even: as torch's .to(torch.bfloat16) for
+ * finite values), stored at out. */
+static inline void store_bf16x8(uint16_t *out, __m256 v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_srli_epi32(
+        _mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r),
+                                            _mm256_extracti128_si256(r, 1));
+    _mm_storeu_si128((__m128i *)out, packed);
+}
+
+/* The weight [N, K] of a 4-bit lookup layer for a prefill's GEMM, from lowbit's canonical
+ * packing (formats/packing.py: byte j of a row holds input 2j in its low nibble, 2j + 1 in
+ * its high one; ldp bytes per row): w[n, k] = T[u] * s[n, k / kg] with one shared table T
+ * and per-group scales, or w[n, k] = T[n, k / kg][u] with per_row tables [N, G, 16] and no
+ * scales. Each product is the float32 one formats.scaling.dequantize forms, then stored as
+ * float32 or (bf16) rounded to bfloat16: the same numbers as the torch path. */
+void lowbit_lut4_dequant(const uint8_t *packed, int64_t N, int64_t K, int64_t ldp,
+                         const float *tables, int64_t per_row, const float *scales,
+                         int64_t kg, int64_t bf16, void *out) {
+    const int64_t G = (K + kg - 1) / kg;
+    const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *p = packed + n * ldp;
+        float *of = (float *)out + n * K;
+        uint16_t *oh = (uint16_t *)out + n * K;
+        for (int64_t g = 0; g < G; g++) {
+            const float *t = tables + (per_row ? (n * G + g) * 16 : 0);
+            const float s = scales ? scales[n * G + g] : 1.0f; /* x * 1.0f is exact */
+            float tv[16];
+            for (int i = 0; i < 16; i++) tv[i] = t[i] * s;
+            const __m256 lo = _mm256_loadu_ps(tv), hi = _mm256_loadu_ps(tv + 8);
+            const int64_t end = (g + 1) * kg < K ? (g + 1) * kg : K;
+            int64_t k = g * kg;
+            for (; k + 8 <= end && k % 2 == 0; k += 8) {
+                int32_t word;
+                memcpy(&word, p + k / 2, 4);
+                const __m256i idx = _mm256_and_si256(
+                    _mm256_srlv_epi32(_mm256_set1_epi32(word), shifts), _mm256_set1_epi32(15));
+                const __m256 v = pick(lo, hi, idx);
+                if (bf16) store_bf16x8(oh + k, v);
+                else _mm256_storeu_ps(of + k, v);
+            }
+            for (; k < end; k++) {
+                const float v = tv[(p[k / 2] >> (4 * (k % 2))) & 15];
+                if (bf16) {
+                    uint32_t u;
+                    memcpy(&u, &v, 4);
+                    oh[k] = (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+                } else {
+                    of[k] = v;
+                }
+            }
+        }
+    }
+}
