@@ -158,23 +158,23 @@ def test_prefill_attention_avx2_and_avx512_agree() -> None:
     assert torch.equal(wide, narrow)
 
 
-@pytest.mark.parametrize("recipe", ["nf4g64", "kmeans4"])
+@pytest.mark.parametrize("recipe", ["nf4g64", "kmeans4", "gguf:q8_0"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_lookup_weight_equals_torch(recipe: str, dtype: torch.dtype) -> None:
-    """NF4 and per-row k-means layers widened in C: the torch path's numbers exactly, in
-    float32 and bfloat16."""
+def test_widened_weights_equal_torch(recipe: str, dtype: torch.dtype) -> None:
+    """NF4, per-row k-means and int8-per-group (Q8_0) layers widened in C: the torch path's
+    numbers exactly, in float32 and bfloat16."""
     import lowbit
     from lowbit.nn.linear import QuantizedLinear
 
     gen = torch.Generator().manual_seed(5)
-    model = torch.nn.Sequential(torch.nn.Linear(200, 24), torch.nn.Linear(24, 7))
+    model = torch.nn.Sequential(torch.nn.Linear(256, 24), torch.nn.Linear(24, 7))
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen))
     lowbit.quantize(model, recipe, progress=False)
     layers = [m for m in model.modules() if type(m) is QuantizedLinear]
     assert layers
-    x = torch.randn(40, 200, generator=gen).to(dtype)
+    x = torch.randn(40, 256, generator=gen).to(dtype)
     for layer in layers:
         state = layer._state
         got = layer.backend.forward(x[:, : layer.in_features], state, layer.bias)
@@ -189,7 +189,7 @@ def test_lookup_weight_layouts(k: int, group: int) -> None:
     """Whole rows and groups, an odd K and a partial last group: ``T[u] * s`` and per-row
     ``T[n, g, u]`` as float32 products, then each dtype's rounding."""
     from lowbit.formats import pack
-    from lowbit.kernels.lookup_dequant import lookup_weight
+    from lowbit.kernels.weight_dequant import lookup_weight
 
     gen = torch.Generator().manual_seed(k)
     n, groups = 5, -(-k // group)

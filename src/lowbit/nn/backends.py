@@ -23,7 +23,7 @@ from lowbit.formats.rotation import hadamard_factors
 from lowbit.kernels import int4_weight as k4
 from lowbit.kernels import int8_dynamic as k8a8
 from lowbit.kernels import int8_weight as k8
-from lowbit.kernels import lookup_dequant
+from lowbit.kernels import weight_dequant
 from lowbit.nn.activation import ActivationSpec, ModuleError
 from lowbit.nn.codebook import CodebookBackend, is_row_codebook
 from lowbit.nn.packed import PackedWeight, WeightSpec
@@ -110,7 +110,7 @@ class DequantBackend(Backend):
         return state
 
     def forward(self, x, state, bias):
-        w = _lookup_weight(state, x.dtype if x.dtype != torch.float16 else torch.float32)
+        w = _widened(state, x.dtype if x.dtype != torch.float16 else torch.float32)
         x_in = self.simulate_input(x, state) if self.activation else x
         b = None if bias is None else bias.to(w.dtype)
         return F.linear(x_in.to(w.dtype), w, b).to(x.dtype)
@@ -338,21 +338,25 @@ def select_backend(
     return DequantBackend(spec, activation)
 
 
-def _lookup_weight(state: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
-    """``state.dequantize(dtype)``, widened in C for a 4-bit lookup format (NF4, log4,
-    codebook(values)) with group or channel scales (``kernels.lookup_dequant``)."""
+def _widened(state: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """``state.dequantize(dtype)``, widened in C (``kernels.weight_dequant``) for a 4-bit
+    lookup format (NF4, log4, codebook(values)) or symmetric int8 codes, with group or
+    channel scales."""
     qp = state.qparams
     fmt, gran = qp.format, qp.granularity
-    if fmt.kind != "lookup" or not lookup_dequant.usable(fmt.bits, gran.kind,
-                                                         qp.zero_point, dtype):
-        return state.dequantize(dtype)
+    lookup = fmt.kind == "lookup" and fmt.bits == 4 and len(fmt.values) <= 16
+    int8 = isinstance(fmt, IntFormat) and fmt.bits == 8 and fmt.signed
     n, k = state.qdata.shape[0], state.in_features
     group = gran.group_size if gran.kind == "group" else k
-    if qp.scale.numel() != n * -(-k // group) or len(fmt.values) > 16:
+    if (not (lookup or int8) or qp.scale.numel() != n * -(-k // max(group, 1))
+            or not weight_dequant.usable(fmt.bits, gran.kind, qp.zero_point, dtype)):
         return state.dequantize(dtype)
+    scales = qp.scale.reshape(n, -1)
+    if int8:
+        return weight_dequant.int8_weight(state.qdata.view(torch.int8), k, scales, group,
+                                          dtype)
     table = F.pad(torch.tensor(fmt.values, dtype=torch.float32), (0, 16 - len(fmt.values)))
-    return lookup_dequant.lookup_weight(state.qdata, k, table, qp.scale.reshape(n, -1), group,
-                                        dtype)
+    return weight_dequant.lookup_weight(state.qdata, k, table, scales, group, dtype)
 
 
 def _factors(k: int, rotation: str | None) -> tuple[torch.Tensor, ...]:

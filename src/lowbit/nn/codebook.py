@@ -32,7 +32,7 @@ from lowbit.formats.lookup import (  # noqa: F401  (re-exported: the codebook fo
     codebook_format,
     is_row_codebook,
 )
-from lowbit.kernels import lookup_dequant
+from lowbit.kernels import weight_dequant
 from lowbit.nn.activation import ModuleError
 from lowbit.nn.packed import PackedWeight, WeightSpec
 
@@ -118,8 +118,8 @@ class CodebookBackend:
         dtype = x.dtype if x.dtype != torch.float16 else torch.float32
         qp = state.qparams
         n, k = state.qdata.shape[0], state.in_features
-        if lookup_dequant.usable(qp.format.bits, qp.granularity.kind, None, dtype):
-            w = lookup_dequant.lookup_weight(state.qdata, k, qp.scale.reshape(n, -1, 16),
+        if weight_dequant.usable(qp.format.bits, qp.granularity.kind, None, dtype):
+            w = weight_dequant.lookup_weight(state.qdata, k, qp.scale.reshape(n, -1, 16),
                                              None, qp.granularity.group_size
                                              if qp.granularity.kind == "group" else k, dtype)
         else:

@@ -105,18 +105,6 @@ static void rows_avx2(const lb_linear *L, const float *x, float *y, int64_t n0, 
     }
 }
 
-/* 8 floats rounded to bfloat16 (nearest, ties to even: as torch's .to(torch.bfloat16) for
- * finite values), stored at out. */
-static inline void store_bf16x8(uint16_t *out, __m256 v) {
-    const __m256i u = _mm256_castps_si256(v);
-    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    const __m256i r = _mm256_srli_epi32(
-        _mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
-    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r),
-                                            _mm256_extracti128_si256(r, 1));
-    _mm_storeu_si128((__m128i *)out, packed);
-}
-
 /* The weight [N, K] of a 4-bit lookup layer for a prefill's GEMM, from lowbit's canonical
  * packing (formats/packing.py: byte j of a row holds input 2j in its low nibble, 2j + 1 in
  * its high one; ldp bytes per row): w[n, k] = T[u] * s[n, k / kg] with one shared table T
@@ -152,13 +140,8 @@ void lowbit_lut4_dequant(const uint8_t *packed, int64_t N, int64_t K, int64_t ld
             }
             for (; k < end; k++) {
                 const float v = tv[(p[k / 2] >> (4 * (k % 2))) & 15];
-                if (bf16) {
-                    uint32_t u;
-                    memcpy(&u, &v, 4);
-                    oh[k] = (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
-                } else {
-                    of[k] = v;
-                }
+                if (bf16) oh[k] = to_bf16(v);
+                else of[k] = v;
             }
         }
     }

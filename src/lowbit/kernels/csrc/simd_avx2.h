@@ -14,6 +14,26 @@ static inline float bf16_to_f32(uint16_t h) {
     return f;
 }
 
+/* f rounded to bfloat16 (nearest, ties to even: torch's .to(torch.bfloat16) of a finite
+ * number), as its bit pattern. */
+static inline uint16_t to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* 8 floats rounded to bfloat16 (nearest, ties to even: as torch's .to(torch.bfloat16) for
+ * finite values), stored at out. */
+static inline void store_bf16x8(uint16_t *out, __m256 v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_srli_epi32(
+        _mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r),
+                                            _mm256_extracti128_si256(r, 1));
+    _mm_storeu_si128((__m128i *)out, packed);
+}
+
 /* The sum of the 8 float lanes of v. */
 static inline float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

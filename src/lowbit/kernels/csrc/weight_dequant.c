@@ -1,6 +1,9 @@
-/* The float weight of torch's int4 CPU layout (kernels/int4_weight.py), for prefill's GEMM.
+/* Float weights for prefill's GEMM, the torch paths' numbers exactly.
  *
- * w[n, k] = u * s + (z - 8 s) with (s, z) the bf16 pair of row n's group of kg inputs, in
+ * int8 codes with a float scale per group of kg inputs (symmetric, e.g. the Q8_0 head of the
+ * gguf recipes): w[n, k] = q * s, one float32 product, as formats.scaling.dequantize.
+ *
+ * torch's int4 CPU layout (kernels/int4_weight.py): w[n, k] = u * s + (z - 8 s) with (s, z) the bf16 pair of row n's group of kg inputs, in
  * float32: one product, then one sum (as int4_weight._dequantize_padded's mul_ and add_;
  * ISO C mode contracts nothing into an FMA), written as float32 or rounded to bfloat16
  * (nearest, ties to even, as torch's .to(torch.bfloat16) of finite numbers).
@@ -16,11 +19,6 @@
 
 #include "simd_avx2.h"
 
-static inline uint16_t to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
 
 /* Rows r0 .. r0 + R of one block at blk (kp * R / 2 bytes). */
 static void dequant_block(const uint8_t *blk, int64_t R, int interleaved, int64_t r0,
@@ -64,6 +62,35 @@ void lowbit_int4_dequant(const uint8_t *packed, int64_t np, int64_t kp, int64_t 
             const int64_t R = np - b * B < B ? np - b * B : B;
             dequant_block(packed + b * B * kp / 2, R, interleaved && R == B, b * B, np, kp,
                           sz, kg, (int)bf16, out, row);
+        }
+    }
+}
+
+/* w [N, K] (float32, or bf16 rounded to nearest even) of int8 codes q [N, ldq] and scales
+ * [N, ceil(K / kg)]. */
+void lowbit_int8_dequant(const int8_t *q, int64_t N, int64_t K, int64_t ldq,
+                         const float *scales, int64_t kg, int64_t bf16, void *out) {
+    const int64_t G = (K + kg - 1) / kg;
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const int8_t *qn = q + n * ldq;
+        float *of = (float *)out + n * K;
+        uint16_t *oh = (uint16_t *)out + n * K;
+        for (int64_t g = 0; g < G; g++) {
+            const float s = scales[n * G + g];
+            const __m256 vs = _mm256_set1_ps(s);
+            const int64_t end = (g + 1) * kg < K ? (g + 1) * kg : K;
+            int64_t k = g * kg;
+            for (; k + 8 <= end; k += 8) {
+                const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                    _mm_loadl_epi64((const __m128i *)(qn + k)))), vs);
+                if (bf16) store_bf16x8(oh + k, v);
+                else _mm256_storeu_ps(of + k, v);
+            }
+            for (; k < end; k++) {
+                if (bf16) oh[k] = to_bf16((float)qn[k] * s);
+                else of[k] = (float)qn[k] * s;
+            }
         }
     }
 }
