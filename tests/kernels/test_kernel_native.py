@@ -181,18 +181,19 @@ def test_int4_avx512_layout_of_64_row_blocks():
 
 
 @needs_native
-@pytest.mark.parametrize("k", [12, 64, 576, 768, 1536, 4096])
+@pytest.mark.parametrize("k", [12, 64, 288, 576, 768, 1536, 4096])
 def test_native_rotation_matches_the_reference(k: int) -> None:
     """The rotation of ``lowbit_rot_*_gemv`` (seen through an identity int8 weight): dense
-    Paley factors as multiply-adds (one whose axis has 2-7 entries after it multiplied out
-    with them: 576 = 12 x 48), Sylvester factors (merged: 1536 = 12 x 128, 4096 = one
-    4096) as Walsh-Hadamard butterflies; equal to ``formats.rotation.rotate`` in float64,
-    for one row and several."""
+    Paley factors as multiply-adds (with 2 or 4 entries after their axis on the narrow
+    vector path: 576 = 12 x 12 x 4, 288 = 12 x 12 x 2), Sylvester factors (merged: 1536 =
+    12 x 128, 4096 = one 4096) as Walsh-Hadamard butterflies; equal to
+    ``formats.rotation.rotate`` in float64, for one row and several."""
     from lowbit.formats.rotation import hadamard_factors, rotate
 
     _, sizes, _ = native.factor_args(hadamard_factors(k))
     assert sum(1 for s in sizes.tolist() if s < 0) <= 1  # neighbouring Sylvester merged
-    assert sizes.tolist() == {576: [12, 48], 1536: [12, -128]}.get(k, sizes.tolist())
+    assert sizes.tolist() == {576: [12, 12, -4], 288: [12, 12, -2],
+                              1536: [12, -128]}.get(k, sizes.tolist())
     eye = torch.eye(k, dtype=torch.int8)
     f = native.int8_decoder(eye, torch.ones(k), None, k, k, lambda x: rotate(x),
                             hadamard_factors(k))

@@ -342,9 +342,10 @@ def factor_args(factors: tuple[torch.Tensor, ...]) -> tuple[int, torch.Tensor, t
     for a in range(len(factors) - 2, -1, -1):
         inner[a] = inner[a + 1] * factors[a + 1].shape[0]
     for a, f in enumerate(factors):
-        # a dense factor whose axis has 2-7 entries after it would run a short strided
-        # loop: multiply it out with the factors after it (576 = 12 x (12 x 4) -> 12 x 48)
-        if not is_sylvester(f) and 1 < inner[a] < 8:
+        # a dense factor whose axis has 3, 5, 6 or 7 entries after it would run a short
+        # strided loop: multiply it out with the factors after it (2 and 4 have their own
+        # vector path: 576 = 12 x 12 x 4 stays three factors)
+        if not is_sylvester(f) and 1 < inner[a] < 8 and inner[a] not in (2, 4):
             merged = factors[a].double()
             for g in factors[a + 1:]:
                 merged = torch.kron(merged, g.double())

@@ -116,11 +116,28 @@ static void fwht_contiguous(float *x, int64_t s, float norm) {
     for (int64_t j = 0; j < s; j += 8) _mm256_storeu_ps(x + j, _mm256_mul_ps(_mm256_loadu_ps(x + j), vn));
 }
 
+/* fwht_axis of the consecutive s-long blocks (s = 2 or 4) of x[0 .. total), total a
+ * multiple of 8: fwht_contiguous's in-register passes h < s, bit for bit the scalar ones. */
+static void fwht_small(float *x, int64_t total, int64_t s, float norm) {
+    const __m256 s1 = _mm256_setr_ps(1, -1, 1, -1, 1, -1, 1, -1);
+    const __m256 s2 = _mm256_setr_ps(1, 1, -1, -1, 1, 1, -1, -1), vn = _mm256_set1_ps(norm);
+    for (int64_t j = 0; j < total; j += 8) {
+        __m256 v = _mm256_loadu_ps(x + j);
+        v = _mm256_fmadd_ps(v, s1, _mm256_permute_ps(v, 0xB1));
+        if (s == 4) v = _mm256_fmadd_ps(v, s2, _mm256_permute_ps(v, 0x4E));
+        _mm256_storeu_ps(x + j, _mm256_mul_ps(v, vn));
+    }
+}
+
 /* In-place normalized Walsh-Hadamard transform (Sylvester order) of the s-long axis with
  * stride `inner` of each of the `outer` blocks: log2(s) butterfly passes instead of s
  * multiply-adds per entry. */
 static void fwht_axis(float *x, int64_t outer, int64_t s, int64_t inner) {
     const float norm = 1.0f / sqrtf((float)s);
+    if (inner == 1 && (s == 2 || s == 4) && (outer * s) % 8 == 0) {
+        fwht_small(x, outer * s, s, norm);
+        return;
+    }
     for (int64_t o = 0; o < outer; o++) {
         float *xo = x + o * s * inner;
         if (inner == 1 && s >= 8) {
@@ -189,6 +206,54 @@ static void dense_axis(const float *x, float *to, int64_t s, int64_t inner, cons
     }
 }
 
+/* dense_axis for inner 2 or 4 (s a multiple of 8 / inner): a vector holds 8 / inner
+ * outputs j times their inner entries; input i's entries repeated across it (one broadcast)
+ * meet the matching coefficients f[i, j] (built once per call into coef). Each output sums
+ * i = 0..s-1 in order, as dense_axis. */
+#define NARROW_MAX 64 /* largest s of dense_axis_narrow */
+
+static void dense_axis_narrow(const float *x, float *to, int64_t outer, int64_t s,
+                              int64_t inner, const float *f) {
+    /* the coefficient vectors of the last factor seen by this thread, rebuilt when the
+     * factor's entries (compared by value: a freed factor's address may be reused) change */
+    static __thread __m256 coef[NARROW_MAX * NARROW_MAX / 2];
+    static __thread float seen[NARROW_MAX * NARROW_MAX];
+    static __thread int64_t seen_s, seen_inner;
+    const int64_t per = 8 / inner, nv = s / per; /* output vectors per block */
+    if (seen_s != s || seen_inner != inner || memcmp(seen, f, s * s * sizeof(float))) {
+        for (int64_t i = 0; i < s; i++)
+            for (int64_t v = 0; v < nv; v++) {
+                float lanes[8];
+                for (int l = 0; l < 8; l++) lanes[l] = f[i * s + v * per + l / inner];
+                coef[i * nv + v] = _mm256_loadu_ps(lanes);
+            }
+        memcpy(seen, f, s * s * sizeof(float));
+        seen_s = s, seen_inner = inner;
+    }
+    for (int64_t o = 0; o < outer; o++) {
+        const float *xo = x + o * s * inner;
+        float *out = to + o * s * inner;
+        for (int64_t v0 = 0; v0 < nv; v0 += 6) {
+            const int64_t w = nv - v0 < 6 ? nv - v0 : 6;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0;
+            for (int64_t i = 0; i < s; i++) {
+                const __m256 b = inner == 4
+                    ? _mm256_broadcast_ps((const __m128 *)(xo + 4 * i))
+                    : _mm256_castpd_ps(_mm256_broadcast_sd((const double *)(xo + 2 * i)));
+                const __m256 *c = coef + i * nv + v0;
+                a0 = _mm256_fmadd_ps(c[0], b, a0);
+                if (w > 1) a1 = _mm256_fmadd_ps(c[1], b, a1);
+                if (w > 2) a2 = _mm256_fmadd_ps(c[2], b, a2);
+                if (w > 3) a3 = _mm256_fmadd_ps(c[3], b, a3);
+                if (w > 4) a4 = _mm256_fmadd_ps(c[4], b, a4);
+                if (w > 5) a5 = _mm256_fmadd_ps(c[5], b, a5);
+            }
+            const __m256 acc[6] = {a0, a1, a2, a3, a4, a5};
+            for (int64_t v = 0; v < w; v++) _mm256_storeu_ps(out + 8 * (v0 + v), acc[v]);
+        }
+    }
+}
+
 /* x[n] (viewed as the grid |sizes[0]| x ... x |sizes[nf - 1]|, last fastest) times the
  * Kronecker product of the factors, axis a contracted with factor a, as formats/rotation.py's
  * rotate. A factor of size s > 0 is a dense row-major s x s block of `factors`; s < 0 is the
@@ -205,8 +270,12 @@ static float *kron_rotate(float *x, float *tmp, int64_t n, int64_t nf, const int
             fwht_axis(x, outer, s, inner);
             continue;
         }
-        for (int64_t o = 0; o < outer; o++)
-            dense_axis(x + o * s * inner, tmp + o * s * inner, s, inner, factors);
+        if ((inner == 2 || inner == 4) && s % (8 / inner) == 0 && s <= NARROW_MAX) {
+            dense_axis_narrow(x, tmp, outer, s, inner, factors);
+        } else {
+            for (int64_t o = 0; o < outer; o++)
+                dense_axis(x + o * s * inner, tmp + o * s * inner, s, inner, factors);
+        }
         factors += s * s;
         float *t = x; x = tmp; tmp = t;
     }
