@@ -134,15 +134,9 @@ void lowbit_lut4_dequant(const uint8_t *packed, int64_t N, int64_t K, int64_t ld
                 memcpy(&word, p + k / 2, 4);
                 const __m256i idx = _mm256_and_si256(
                     _mm256_srlv_epi32(_mm256_set1_epi32(word), shifts), _mm256_set1_epi32(15));
-                const __m256 v = pick(lo, hi, idx);
-                if (bf16) store_bf16x8(oh + k, v);
-                else _mm256_storeu_ps(of + k, v);
+                put8(of, oh, k, pick(lo, hi, idx), bf16);
             }
-            for (; k < end; k++) {
-                const float v = tv[(p[k / 2] >> (4 * (k % 2))) & 15];
-                if (bf16) oh[k] = to_bf16(v);
-                else of[k] = v;
-            }
+            for (; k < end; k++) put1(of, oh, k, tv[(p[k / 2] >> (4 * (k % 2))) & 15], bf16);
         }
     }
 }

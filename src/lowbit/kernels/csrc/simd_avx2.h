@@ -34,6 +34,18 @@ static inline void store_bf16x8(uint16_t *out, __m256 v) {
     _mm_storeu_si128((__m128i *)out, packed);
 }
 
+/* Weights widened for a GEMM: 8 (put8) or 1 (put1) at index k of a float32 row (of) or,
+ * with bf16, of a bfloat16 row (oh) over the same memory. */
+static inline void put8(float *of, uint16_t *oh, int64_t k, __m256 v, int64_t bf16) {
+    if (bf16) store_bf16x8(oh + k, v);
+    else _mm256_storeu_ps(of + k, v);
+}
+
+static inline void put1(float *of, uint16_t *oh, int64_t k, float v, int64_t bf16) {
+    if (bf16) oh[k] = to_bf16(v);
+    else of[k] = v;
+}
+
 /* The sum of the 8 float lanes of v. */
 static inline float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

@@ -81,16 +81,10 @@ void lowbit_int8_dequant(const int8_t *q, int64_t N, int64_t K, int64_t ldq,
             const __m256 vs = _mm256_set1_ps(s);
             const int64_t end = (g + 1) * kg < K ? (g + 1) * kg : K;
             int64_t k = g * kg;
-            for (; k + 8 <= end; k += 8) {
-                const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
-                    _mm_loadl_epi64((const __m128i *)(qn + k)))), vs);
-                if (bf16) store_bf16x8(oh + k, v);
-                else _mm256_storeu_ps(of + k, v);
-            }
-            for (; k < end; k++) {
-                if (bf16) oh[k] = to_bf16((float)qn[k] * s);
-                else of[k] = (float)qn[k] * s;
-            }
+            for (; k + 8 <= end; k += 8)
+                put8(of, oh, k, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                    _mm_loadl_epi64((const __m128i *)(qn + k)))), vs), bf16);
+            for (; k < end; k++) put1(of, oh, k, (float)qn[k] * s, bf16);
         }
     }
 }
