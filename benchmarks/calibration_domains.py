@@ -4,7 +4,10 @@ Each recipe is quantized exactly as ``lowbit quantize`` does by default (``Recip
 the name, so below 6 bits the head is int8; ``calibration_batches`` with
 ``--calib-tokens`` tokens of the calibration text; ``allocator_tuning``), once per
 calibration text of ``--calibration`` (``default``: the mix of pydoc past token 20000,
-stdlib docstrings and stdlib code; ``pydoc``: pydoc only, the old default). Each model is
+stdlib docstrings and stdlib code; ``pydoc``: pydoc only, the old default; ``generated``:
+windows sampled from the FP32 model itself, ``lowbit.data.generated``, after LLM-QAT;
+``TEXT+generated@F``: a fraction ``F`` of the windows generated, spread evenly among
+windows of ``TEXT``, e.g. ``default+generated@0.25``). Each model is
 then scored on the first ``--n-windows`` x 512 tokens of every text of ``--texts``: pydoc
 (in-domain: the same kind of text as pydoc calibration, never the same tokens) and the
 held-out texts ``idle-news`` and ``email`` (``lowbit.data.sources``; calibration never
@@ -25,6 +28,8 @@ Run (one heavy job at a time; GPTQ ~2-3 min per recipe on 2 cores, GPTAQ ~5):
   .venv/bin/python benchmarks/calibration_domains.py --json-out docs/calibration_domains.json
   .venv/bin/python benchmarks/calibration_domains.py --recipes w4g128/head=keep,\\
       w4g128/head=w6g64,w4g128/head=same --json-out x.json --append   # the head's format
+  .venv/bin/python benchmarks/calibration_domains.py --recipes w4g64-gptq-rot --calibration \
+      generated,default+generated@0.25 --json-out x.json --append   # self-generated text
 """
 
 from __future__ import annotations
@@ -81,8 +86,11 @@ def quantize_as_cli(model, tok, name: str, calibration: str, calib_tokens: int) 
     from lowbit.cli.common import calibration_batches
 
     recipe, opts = make_recipe(name)
-    calib = (calibration_batches(tok, calibration, calib_tokens)
-             if recipe.needs_calibration else None)
+    calib = None
+    if recipe.needs_calibration and "generated" in calibration:
+        calib = generated_mix(model, tok, calibration, calib_tokens)
+    elif recipe.needs_calibration:
+        calib = calibration_batches(tok, calibration, calib_tokens)
     fields = {"damp": ("percdamp", float), "refine": ("refine_passes", int),
               "shrink": ("hessian_shrink", float)}
     gptq = {fields[k][0]: fields[k][1](v) for k, v in opts.items() if k in fields}
@@ -90,6 +98,26 @@ def quantize_as_cli(model, tok, name: str, calibration: str, calib_tokens: int) 
         lowbit.quantize(model, recipe, calib, progress=False)
         return
     lowbit.quantize(model, recipe.with_options(gptq), calib, progress=False)
+
+
+def generated_mix(model, tok, spec: str, calib_tokens: int, seq_len: int = 512):
+    """``generated``: windows sampled from the model; ``TEXT+generated@F``: a fraction ``F``
+    of the windows generated, spread evenly among windows of ``TEXT``."""
+    import torch
+
+    from lowbit.cli.common import calibration_batches
+    from lowbit.data.generated import generated_windows
+
+    n = calib_tokens // seq_len
+    base, frac = ("", 1.0) if spec == "generated" else spec.split("+generated@")
+    frac = float(frac)
+    n_gen = int(n * frac)  # window i is generated when floor((i + 1) F) steps up
+    gen = list(generated_windows(model, tok, n_gen, seq_len)) if n_gen else []
+    text = list(calibration_batches(tok, base, (n - n_gen) * seq_len)) if n > n_gen else []
+    out = [(gen if int((i + 1) * frac) > int(i * frac) else text).pop(0).reshape(1, seq_len)
+           for i in range(n)]
+    assert not gen and not text
+    return [torch.as_tensor(w) for w in out]
 
 
 def score(model, ids, n_windows, baseline=None) -> Scores:
@@ -144,18 +172,21 @@ def run(args) -> dict:
     if path and args.append and path.exists():
         old = json.loads(path.read_text())
         out["rows"], out["commands"] = old["rows"], old.get("commands", []) + out["commands"]
-    done = {(r["recipe"], r["calibration"]) for r in out["rows"]}
+        for r in out["rows"]:  # rows from before calib_tokens was kept per row
+            r.setdefault("calib_tokens", old["calib_tokens"])
+        out["calib_tokens"] = old["calib_tokens"]  # the first run's; rows carry their own
+    done = {(r["recipe"], r["calibration"], r["calib_tokens"]) for r in out["rows"]}
     jobs = [(r, c) for r in args.recipes.split(",") if r
             for c in (args.calibration.split(",") if make_recipe(r)[0].needs_calibration
                       else ["none"])]
     for name, calibration in jobs:
-        if (name, calibration) in done:
+        if (name, calibration, args.calib_tokens) in done:
             continue
         model = copy.deepcopy(base)
         t0 = time.perf_counter()
         quantize_as_cli(model, tok, name, calibration, args.calib_tokens)
         seconds = time.perf_counter() - t0
-        row = {"recipe": name, "calibration": calibration,
+        row = {"recipe": name, "calibration": calibration, "calib_tokens": args.calib_tokens,
                "resolved": model.lowbit_recipe.to_dict(), "quantize_s": seconds,
                "bits_saved": stored_bits(model)[0], **model_size(model).to_dict(), "texts": {}}
         for t in texts:
@@ -172,7 +203,8 @@ def run(args) -> dict:
 
 
 def line(row: dict) -> str:
-    cells = [f"{row['recipe']:28s} {row['calibration']:7s} {row['bits_saved']:5.2f} b/w"]
+    cells = [f"{row['recipe']:28s} {row['calibration']:7s} {row['calib_tokens']} tok "
+             f"{row['bits_saved']:5.2f} b/w"]
     for t, r in row["texts"].items():
         cells.append(f"{t} KLD {r['llama.cpp']['kld']:.4f}/{r['full']['kld']:.4f}")
     for t, r in row["ood_over_id_kld"].items():
@@ -183,13 +215,14 @@ def line(row: dict) -> str:
 def table(out: dict, proto: str) -> str:
     texts = out["texts"]
     held = [t for t in texts if t != "pydoc"]
-    head = ["recipe", "calibration", "bits/w"] + [f"{t} dPPL / KLD / top-1" for t in texts] \
-        + [f"{t}/pydoc KLD" for t in held]
-    lines = [f"protocol {proto}, {out['n_windows']} windows x 512, {out['calib_tokens']} "
-             f"calibration tokens; {out['cpu']}", "| " + " | ".join(head) + " |",
+    head = ["recipe", "calibration", "tokens", "bits/w"] \
+        + [f"{t} dPPL / KLD / top-1" for t in texts] + [f"{t}/pydoc KLD" for t in held]
+    lines = [f"protocol {proto}, {out['n_windows']} windows x 512, tokens: calibration "
+             f"tokens of each row; {out['cpu']}", "| " + " | ".join(head) + " |",
              "|" + "---|" * len(head)]
     for r in out["rows"]:
-        cells = [r["recipe"], r["calibration"], f"{r['bits_saved']:.2f}"]
+        tokens = r.get("calib_tokens", out["calib_tokens"])
+        cells = [r["recipe"], r["calibration"], str(tokens), f"{r['bits_saved']:.2f}"]
         for t in texts:
             p = r["texts"][t][proto]
             cells.append(f"{p['dppl_pct']:+.2f}% / {p['kld']:.4f} / {100 * p['top1']:.1f}%")

@@ -1,5 +1,6 @@
 """Text data for evaluation and calibration: built-in texts of CPython's standard library
-(``pydoc``, the ``default`` calibration mix, held-out texts; ``sources``) and user files."""
+(``pydoc``, the ``default`` calibration mix, held-out texts; ``sources``), user files, and
+windows sampled from the model itself (``generated``)."""
 
 from lowbit.data.corpus import (
     CALIBRATION_OFFSET,
