@@ -39,9 +39,11 @@ def _held_out(out: dict) -> list[str]:
 
 
 def _chosen_rows(out: dict) -> list[dict]:
-    """One row per recipe as the CLI makes it: default calibration, no A/B options."""
+    """One row per recipe as the CLI makes it: default calibration with the run's default
+    token count (``lowbit quantize``'s 16384), no A/B options."""
     return [r for r in out["rows"]
-            if r["calibration"] in ("default", "none") and "/" not in r["recipe"]]
+            if r["calibration"] in ("default", "none") and "/" not in r["recipe"]
+            and r.get("calib_tokens", out["calib_tokens"]) == out["calib_tokens"]]
 
 
 def readme_table(out: dict) -> str:
@@ -66,12 +68,13 @@ def readme_table(out: dict) -> str:
 
 def _full_table(out: dict, proto: str) -> list[str]:
     texts = out["texts"]
-    head = ["recipe", "calibration", "bits/w (memory)", "quantize s",
+    head = ["recipe", "calibration", "tokens", "bits/w (memory)", "quantize s",
             *[f"{t}: ΔPPL / KLD / top-1" for t in texts]]
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for r in out["rows"]:
-        cells = [f"`{r['recipe']}`", r["calibration"], f"{r['bits_per_weight']:.2f}",
-                 f"{r['quantize_s']:.0f}"]
+        tokens = r.get("calib_tokens", out["calib_tokens"]) if r["calibration"] != "none" else 0
+        cells = [f"`{r['recipe']}`", r["calibration"], str(tokens or "-"),
+                 f"{r['bits_per_weight']:.2f}", f"{r['quantize_s']:.0f}"]
         for t in texts:
             p = r["texts"][t][proto]
             cells.append(f"{p['dppl_pct']:+.2f}% / {p['kld']:.4f} / {100 * p['top1']:.1f}%")
