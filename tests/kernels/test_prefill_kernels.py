@@ -204,3 +204,35 @@ def test_lookup_weight_layouts(k: int, group: int) -> None:
         assert torch.equal(got, want_shared.to(dtype))
         got = lookup_weight(pack(codes, 4), k, tables, None, group, dtype)
         assert torch.equal(got, want_rows.to(dtype))
+
+
+def test_kernels_rebind_after_the_library_is_reloaded(monkeypatch, tmp_path) -> None:
+    """``native.reset`` loads another copy of the library, whose functions start without
+    argument types: each wrapper binds the copy loaded now (a wrapper that had cached the
+    first copy's binding once passed 64-bit pointers as C ints to the second: a crash)."""
+    from lowbit.formats import pack
+    from lowbit.kernels.weight_dequant import int8_weight, lookup_weight
+
+    gen = torch.Generator().manual_seed(2)
+    codes = torch.randint(-127, 128, (6, 64), generator=gen, dtype=torch.int8)
+    nibbles = torch.randint(0, 16, (6, 64), generator=gen, dtype=torch.uint8)
+    scales, table = torch.rand(6, 2, generator=gen), torch.randn(16, generator=gen)
+    q = torch.randn(1, 20, 2 * 16, generator=gen)
+    kv = torch.randn(1, 20, 16, generator=gen)
+    cos, sin = _tables(20, 16, gen)
+
+    def run():
+        caches = torch.zeros(1, 1, 20, 16), torch.zeros(1, 1, 20, 16)
+        return (int8_weight(codes, 64, scales, 32, torch.float32),
+                lookup_weight(pack(nibbles, 4), 64, table, scales, 32, torch.float32),
+                pa.attend(q, kv, kv, cos, sin, *caches, 0.25, 2))
+
+    first = run()
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path))  # a fresh build, loaded anew
+    native.reset()
+    try:
+        for a, b in zip(run(), first, strict=True):
+            assert torch.equal(a, b)
+    finally:
+        monkeypatch.undo()
+        native.reset()

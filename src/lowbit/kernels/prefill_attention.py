@@ -11,7 +11,6 @@ Float32 only; the torch path (``DecoderRuntime``'s prefill) is its reference, an
 from __future__ import annotations
 
 import ctypes
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -21,11 +20,13 @@ from lowbit.kernels import native
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
 
-@functools.cache
 def _call():
+    """``lowbit_prefill_attention`` of the library loaded now, its argument types set (after
+    ``native.reset`` another library may be loaded, its functions bare)."""
     fn = native.library().lowbit_prefill_attention
-    fn.argtypes = [_P, _P, _P, _I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _F, _P, _P, _P]
-    fn.restype = ctypes.c_int
+    if fn.argtypes is None:
+        fn.argtypes = [_P, _P, _P, _I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _F, _P, _P, _P]
+        fn.restype = ctypes.c_int
     return fn
 
 

@@ -12,7 +12,6 @@ reference and runs wherever these do not.
 from __future__ import annotations
 
 import ctypes
-import functools
 
 import torch
 
@@ -21,14 +20,12 @@ from lowbit.kernels import native
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 
 
-@functools.cache
-def _call():
-    lib = native.library()
-    lib.lowbit_int8_dequant.argtypes = [_P, _I, _I, _I, _P, _I, _I, _P]
-    lib.lowbit_int8_dequant.restype = None
-    fn = lib.lowbit_lut4_dequant
-    fn.argtypes = [_P, _I, _I, _I, _P, _I, _P, _I, _I, _P]
-    fn.restype = None
+def _fn(name: str, argtypes: list):
+    """The library's ``name`` with its argument types set: bound on the library loaded now
+    (``native.reset`` may load another, whose functions start without them)."""
+    fn = getattr(native.library(), name)
+    if fn.argtypes is None:
+        fn.argtypes, fn.restype = argtypes, None
     return fn
 
 
@@ -36,14 +33,13 @@ def int8_weight(codes: torch.Tensor, in_features: int, scales: torch.Tensor, gro
                 dtype: torch.dtype) -> torch.Tensor:
     """``[N, K]`` weight ``codes[n, k] * scales[n, k // group]`` in ``dtype`` (float32 or
     bfloat16) of int8 ``codes`` ``[N, >= K]``."""
-    _call()
     codes = codes.contiguous()
     n, k = codes.shape[0], in_features
     scales = scales.float().contiguous()
     out = torch.empty(n, k, dtype=dtype)
-    native.library().lowbit_int8_dequant(codes.data_ptr(), n, k, codes.shape[1],
-                                         scales.data_ptr(), group,
-                                         int(dtype == torch.bfloat16), out.data_ptr())
+    _fn("lowbit_int8_dequant", [_P, _I, _I, _I, _P, _I, _I, _P])(
+        codes.data_ptr(), n, k, codes.shape[1], scales.data_ptr(), group,
+        int(dtype == torch.bfloat16), out.data_ptr())
     return out
 
 
@@ -58,7 +54,8 @@ def lookup_weight(qdata: torch.Tensor, in_features: int, table: torch.Tensor,
     table = table.float().contiguous()
     scales = None if scales is None else scales.float().contiguous()
     out = torch.empty(n, k, dtype=dtype)
-    _call()(qdata.contiguous().data_ptr(), n, k, qdata.shape[1], table.data_ptr(), int(per_row),
+    _fn("lowbit_lut4_dequant", [_P, _I, _I, _I, _P, _I, _P, _I, _I, _P])(
+        qdata.contiguous().data_ptr(), n, k, qdata.shape[1], table.data_ptr(), int(per_row),
             None if scales is None else scales.data_ptr(), group, int(dtype == torch.bfloat16),
             out.data_ptr())
     return out
