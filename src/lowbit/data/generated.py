@@ -108,10 +108,10 @@ def model_key(model: nn.Module) -> str:
 def cache_path(key: str, start: int, seq_len: int, seed: int, batch: int, rows: int) -> Path:
     """Where ``generated_windows`` keeps batch ``batch`` (``rows`` windows) of a model
     digest ``key``."""
-    from lowbit.kernels.native_build import cache_root
+    from lowbit.model.hub import cache_dir
 
     spec = json.dumps([_VERSION, key, start, seq_len, seed, batch, rows]).encode()
-    return cache_root() / "generated" / f"{hashlib.sha256(spec).hexdigest()[:32]}.npy"
+    return cache_dir() / "generated" / f"{hashlib.sha256(spec).hexdigest()[:32]}.npy"
 
 
 def generated_windows(model: nn.Module, tokenizer: Any, n: int, seq_len: int, *,
