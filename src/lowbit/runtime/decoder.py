@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lowbit.formats.rotation import rotate
+from lowbit.kernels.prefill_attention import rope
 from lowbit.runtime.arch import DecoderSpec, UnsupportedModelError, resolve_decoder, rope_tables
 from lowbit.runtime.cache import StaticKVCache
 from lowbit.runtime.native_loop import NativeDecodeLoop, native_loop_supported
@@ -223,7 +224,7 @@ class DecoderRuntime:
             self.masks = torch.zeros(n, n, dtype=self.dtype).masked_fill(~allowed, float("-inf"))
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(x * cos, torch.roll(x, self.spec.head_dim // 2, -1), sin)
+        return rope(x, cos, sin)  # x's last axis is head_dim
 
     # ---- prefill --------------------------------------------------------------------------------
     @torch.inference_mode()
