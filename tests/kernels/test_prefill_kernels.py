@@ -236,3 +236,21 @@ def test_kernels_rebind_after_the_library_is_reloaded(monkeypatch, tmp_path) -> 
     finally:
         monkeypatch.undo()
         native.reset()
+
+
+def test_codebooks_of_other_widths_keep_the_torch_path() -> None:
+    """Only 4-bit codes widen in C: an 8-bit per-row codebook (256 centroids) computes
+    with its own dequantized weight."""
+    import dataclasses
+
+    import lowbit
+
+    recipe = lowbit.Recipe.parse("kmeans4")
+    weight = dataclasses.replace(recipe.default.weight, format="codebook8")
+    recipe = dataclasses.replace(recipe, rules=(), default=dataclasses.replace(
+        recipe.default, weight=weight))
+    model = torch.nn.Sequential(torch.nn.Linear(64, 16))
+    lowbit.quantize(model, recipe, progress=False)
+    x = torch.randn(40, 64, generator=torch.Generator().manual_seed(0))
+    want = torch.nn.functional.linear(x, model[0].dequantize_weight(), model[0].bias)
+    torch.testing.assert_close(model(x), want, atol=1e-5, rtol=1e-5)

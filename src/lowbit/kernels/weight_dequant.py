@@ -61,10 +61,10 @@ def lookup_weight(qdata: torch.Tensor, in_features: int, table: torch.Tensor,
     return out
 
 
-def usable(bits: int, kind: str, zero_point, dtype: torch.dtype) -> bool:
-    """Whether a layer's weight widens here: ``bits`` 4 (``lookup_weight``) or 8
-    (``int8_weight``), group or channel tables or scales, no zero-point, a float32 or
-    bfloat16 product, and the native library here."""
-    return (bits in (4, 8) and kind in ("group", "channel") and zero_point is None
+def usable(kind: str, zero_point, dtype: torch.dtype) -> bool:
+    """Whether a layer whose codes one of the functions above takes (the caller checks the
+    format: 4-bit lookup, int8) widens here: group or channel tables or scales, no
+    zero-point, a float32 or bfloat16 product, and the native library here."""
+    return (kind in ("group", "channel") and zero_point is None
             and dtype in (torch.float32, torch.bfloat16) and native.available()
             and not torch.compiler.is_compiling())

@@ -349,7 +349,7 @@ def _widened(state: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
     n, k = state.qdata.shape[0], state.in_features
     group = gran.group_size if gran.kind == "group" else k
     if (not (lookup or int8) or qp.scale.numel() != n * -(-k // max(group, 1))
-            or not weight_dequant.usable(fmt.bits, gran.kind, qp.zero_point, dtype)):
+            or not weight_dequant.usable(gran.kind, qp.zero_point, dtype)):
         return state.dequantize(dtype)
     scales = qp.scale.reshape(n, -1)
     if int8:

@@ -118,7 +118,7 @@ class CodebookBackend:
         dtype = x.dtype if x.dtype != torch.float16 else torch.float32
         qp = state.qparams
         n, k = state.qdata.shape[0], state.in_features
-        if weight_dequant.usable(qp.format.bits, qp.granularity.kind, None, dtype):
+        if qp.format.bits == 4 and weight_dequant.usable(qp.granularity.kind, None, dtype):
             w = weight_dequant.lookup_weight(state.qdata, k, qp.scale.reshape(n, -1, 16),
                                              None, qp.granularity.group_size
                                              if qp.granularity.kind == "group" else k, dtype)
