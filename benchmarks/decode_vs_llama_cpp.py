@@ -6,7 +6,7 @@ For each recipe (SmolLM2-135M; ``float``, ``w8``, ``w4g32``, ``gguf:q4_0``, ``w8
 - times lowbit's decode (``DecoderRuntime``, float32, the one-call native loop): 64 greedy
   tokens after a 32-token prompt, median of ``--repeats`` after a warm-up, for float
   activations and int8 activations per block of 32 (AVX512-VNNI where the CPU has it, else
-  AVX2; ``--avx2-only`` times the AVX2 kernels on a VNNI CPU too); and the
+  AVX2); and the
   prefill of 512 tokens (one forward; float32 and bf16 runtimes);
 - exports the same model to GGUF (``lowbit.export``: ``w8`` -> Q8_0, ``gguf:q4_0`` -> Q4_0,
   ``w4g32`` -> Q4_1, ``float`` -> F32) and runs ``llama-bench -t T -p 512 -n 64``;
@@ -20,6 +20,12 @@ For each recipe (SmolLM2-135M; ``float``, ``w8``, ``w4g32``, ``gguf:q4_0``, ``w8
   ``vs_fp32_across_processes``: on a shared VM the two processes can see speeds 20-30%
   apart). Recipes with no GGUF type (``w8a8``, ``nf4g64``, ``kmeans4``) are timed against
   that base only.
+
+``--avx2-only`` runs the whole comparison as an AVX2-only CPU would on this machine: lowbit's
+loop and prefill attention on their AVX2 kernels, torch and oneDNN capped at AVX2
+(``ATEN_CPU_CAPABILITY=avx2``, ``ONEDNN_MAX_CPU_ISA=AVX2``) and llama.cpp built with AVX2
+only (``LLAMA_CPP_ISA=avx2 bash scripts/build_llama_cpp.sh`` -> ``bin-avx2``). The memory
+system stays this machine's, so it stands in for, and does not replace, a real AVX2 CPU.
 
     .venv/bin/python benchmarks/decode_vs_llama_cpp.py --out decode_vs_llama.json
     .venv/bin/python benchmarks/decode_vs_llama_cpp.py --recipes w8 --no-llama-cpp
@@ -151,7 +157,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-llama-cpp", action="store_true", help="time lowbit only")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--avx2-only", action="store_true",
-                        help="int8 activations on the AVX2 kernels even where VNNI exists")
+                        help="lowbit, torch and llama.cpp (its AVX2 build) limited to AVX2")
     parser.add_argument("--row-out", help=argparse.SUPPRESS)  # one recipe, in a child
     args = parser.parse_args(argv)
 
@@ -168,9 +174,11 @@ def main(argv=None) -> dict:
             row = measure_recipe(args.recipes, args)
         Path(args.row_out).write_text(json.dumps(row))
         return {}
+    env = avx2_env(args) if args.avx2_only else None
     report = {"command": "python benchmarks/decode_vs_llama_cpp.py " + " ".join(sys.argv[1:]),
               "cpu": cpu_line(), "threads": args.threads,
               "vnni": has_vnni() and not args.avx2_only,
+              "isa": "avx2 only (emulated, see --avx2-only)" if env else "native",
               "torch": torch.__version__, "copy_gbps": copy_bandwidth(), "recipes": {},
               "protocol": "each recipe in a fresh process (no allocator or cache state "
                           "carried from the recipe before)"}
@@ -182,12 +190,30 @@ def main(argv=None) -> dict:
             out = Path(tmp) / "row.json"
             child = list(argv if argv is not None else sys.argv[1:])
             subprocess.run([sys.executable, __file__, *child, "--recipes", recipe,
-                            "--row-out", str(out)], check=True)
+                            "--row-out", str(out)], check=True, env=env)
             row = report["recipes"][recipe] = json.loads(out.read_text())
             ratios(row, report["recipes"].get("float") if recipe != "float" else None)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))
     return report
+
+
+def avx2_env(args) -> dict:
+    """The children's environment for ``--avx2-only``: torch/oneDNN capped at AVX2 and
+    llama.cpp's AVX2-only build."""
+    import os
+
+    from lowbit.export import llama_cpp_tools
+
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    if not args.no_llama_cpp:
+        avx2_bin = llama_cpp_tools.tool_dir().parent / "bin-avx2"
+        if not (avx2_bin / "llama-bench").is_file():
+            raise SystemExit(f"--avx2-only needs llama.cpp's AVX2-only build in {avx2_bin}: "
+                             "run LLAMA_CPP_ISA=avx2 bash scripts/build_llama_cpp.sh "
+                             "(or pass --no-llama-cpp)")
+        env["LOWBIT_LLAMA_CPP_BIN"] = str(avx2_bin)
+    return env
 
 
 def paired_vs_fp32(model, lb: dict, args) -> dict:

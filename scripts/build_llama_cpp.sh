@@ -7,6 +7,10 @@
 # benchmarks/gguf_export.py find the binaries there (or via LOWBIT_LLAMA_CPP_BIN).
 # Takes a few minutes on 2 cores. Safe to run again: finished steps are skipped.
 #
+# LLAMA_CPP_ISA=avx2 builds the same tools with AVX2/FMA/F16C only (no AVX-512, no VNNI, no
+# AMX) into $ROOT/bin-avx2, so an AVX-512 machine can time llama.cpp as an AVX2-only CPU runs
+# it (benchmarks/decode_vs_llama_cpp.py --avx2-only uses it).
+#
 # Known issue: on Intel Xeons with AMX, GCC 12 miscompiles ggml/src/ggml-cpu/amx/mmq.cpp
 # (segfault on multi-token quantized batches); there, run the tools with `-nr` / `--repack 0`
 # or build with a newer compiler. AMD CPUs (no AMX) are not affected.
@@ -26,11 +30,19 @@ fi
 SRC="$ROOT/llama_cpp_python-$VERSION"
 [ -d "$SRC" ] || tar xzf "$SDIST"
 cd "$SRC/vendor/llama.cpp"
-cmake -B build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
+case "${LLAMA_CPP_ISA:-native}" in
+  native) BUILD=build; BIN=bin; ISA_FLAGS=(-DGGML_NATIVE=ON) ;;
+  avx2) BUILD=build-avx2; BIN=bin-avx2
+        ISA_FLAGS=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+                   -DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX_VNNI=OFF
+                   -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF -DGGML_CPU_ALL_VARIANTS=OFF) ;;
+  *) echo "LLAMA_CPP_ISA must be native or avx2, not '${LLAMA_CPP_ISA}'" >&2; exit 2 ;;
+esac
+cmake -B "$BUILD" -DCMAKE_BUILD_TYPE=Release "${ISA_FLAGS[@]}" -DLLAMA_CURL=OFF \
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF
-cmake --build build -j"$JOBS" \
+cmake --build "$BUILD" -j"$JOBS" \
   --target llama-perplexity llama-completion llama-bench llama-quantize llama-simple llama-tokenize \
   llama-imatrix
-ln -sfn "$SRC/vendor/llama.cpp/build/bin" "$ROOT/bin"
-echo "llama.cpp tools in $ROOT/bin:"
-ls "$ROOT/bin"
+ln -sfn "$SRC/vendor/llama.cpp/$BUILD/bin" "$ROOT/$BIN"
+echo "llama.cpp tools in $ROOT/$BIN:"
+ls "$ROOT/$BIN"

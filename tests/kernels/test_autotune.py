@@ -53,6 +53,17 @@ def test_measured_once_then_read_back(cache):
     assert again["ranking"] == first["ranking"]
 
 
+def test_isa_caps_are_part_of_the_machine_key(monkeypatch):
+    """A torch capped at AVX2 (ATEN_CPU_CAPABILITY) times differently: its own cache entry."""
+    for name in autotune.ISA_CAPS:
+        monkeypatch.delenv(name, raising=False)
+    plain = autotune.machine_key()
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    capped = autotune.machine_key()
+    assert capped["isa_caps"] == {"ATEN_CPU_CAPABILITY": "avx2"} and plain["isa_caps"] == {}
+    assert autotune._key_id(capped) != autotune._key_id(plain)
+
+
 def test_corrupt_or_foreign_cache_is_measured_again(cache):
     tmp, calls = cache
     path = tmp / autotune.CACHE_NAME

@@ -70,6 +70,8 @@ from lowbit.kernels.choices import (  # noqa: F401  (re-exported: the choices' p
 
 CACHE_NAME = "kernels.json"
 VERSION = 3  # of the probe: a new version measures again
+#: environment variables that cap the instruction sets torch and oneDNN use
+ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
 _result: dict | None = None
 _lock = threading.RLock()
 _kernel_probe: Callable[[], dict] | None = None
@@ -101,7 +103,8 @@ def cache_path() -> Path:
 
 
 def machine_key() -> dict:
-    """What the timings depend on: CPU model and flags, torch, threads, native library."""
+    """What the timings depend on: CPU model and flags, torch (and the instruction sets its
+    environment allows it), threads, native library."""
     info: dict[str, str] = {}
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -112,6 +115,7 @@ def machine_key() -> dict:
     lib = native.library_tag() if native.available() else f"none ({native.why_unavailable()})"
     return {"cpu": model, "flags": hashlib.sha256(flags.encode()).hexdigest()[:16],
             "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "isa_caps": {k: os.environ[k] for k in ISA_CAPS if k in os.environ},
             "native": lib, "probe": VERSION}
 
 
