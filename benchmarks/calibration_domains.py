@@ -6,8 +6,11 @@ the name, so below 6 bits the head is int8; ``calibration_batches`` with
 calibration text of ``--calibration`` (``default``: the mix of pydoc past token 20000,
 stdlib docstrings and stdlib code; ``pydoc``: pydoc only, the old default; ``generated``:
 windows sampled from the FP32 model itself, ``lowbit.data.generated``, after LLM-QAT;
-``TEXT+generated@F``: a fraction ``F`` of the windows generated, spread evenly among
-windows of ``TEXT``, e.g. ``default+generated@0.25``). Each model is
+any mix ``lowbit quantize --calibration`` takes, ``TEXT+PART@F``: a share ``F`` of the
+windows from ``PART``, spread evenly among windows of ``TEXT``, e.g.
+``default+generated@0.25``; here ``PART`` may also be ``email-tail`` or ``idle-news-tail``,
+that held-out text from token 16384 on, past every evaluation window: a user adding a
+little of their own kind of text). Each model is
 then scored on the first ``--n-windows`` x 512 tokens of every text of ``--texts``: pydoc
 (in-domain: the same kind of text as pydoc calibration, never the same tokens) and the
 held-out texts ``idle-news`` and ``email`` (``lowbit.data.sources``; calibration never
@@ -30,6 +33,8 @@ Run (one heavy job at a time; GPTQ ~2-3 min per recipe on 2 cores, GPTAQ ~5):
       w4g128/head=w6g64,w4g128/head=same --json-out x.json --append   # the head's format
   .venv/bin/python benchmarks/calibration_domains.py --recipes w4g64-gptq-rot --calibration \
       generated,default+generated@0.25 --json-out x.json --append   # self-generated text
+  .venv/bin/python benchmarks/calibration_domains.py --recipes w4g64-gptq-rot --calibration \
+      default+email-tail@0.25 --json-out x.json --append   # a little of the user's text
 """
 
 from __future__ import annotations
@@ -87,10 +92,9 @@ def quantize_as_cli(model, tok, name: str, calibration: str, calib_tokens: int) 
 
     recipe, opts = make_recipe(name)
     calib = None
-    if recipe.needs_calibration and "generated" in calibration:
-        calib = generated_mix(model, tok, calibration, calib_tokens)
-    elif recipe.needs_calibration:
-        calib = calibration_batches(tok, calibration, calib_tokens)
+    if recipe.needs_calibration:
+        calib = calibration_batches(tok, resolve_tails(calibration, tok), calib_tokens,
+                                    model=model)
     fields = {"damp": ("percdamp", float), "refine": ("refine_passes", int),
               "shrink": ("hessian_shrink", float)}
     gptq = {fields[k][0]: fields[k][1](v) for k, v in opts.items() if k in fields}
@@ -100,24 +104,26 @@ def quantize_as_cli(model, tok, name: str, calibration: str, calib_tokens: int) 
     lowbit.quantize(model, recipe.with_options(gptq), calib, progress=False)
 
 
-def generated_mix(model, tok, spec: str, calib_tokens: int, seq_len: int = 512):
-    """``generated``: windows sampled from the model; ``TEXT+generated@F``: a fraction ``F``
-    of the windows generated, spread evenly among windows of ``TEXT``."""
-    import torch
+#: where a held-out text's ``-tail`` calibration file starts (past every evaluation window)
+TAIL_OFFSET = 16384
 
-    from lowbit.cli.common import calibration_batches
-    from lowbit.data.generated import generated_windows
 
-    n = calib_tokens // seq_len
-    base, frac = ("", 1.0) if spec == "generated" else spec.split("+generated@")
-    frac = float(frac)
-    n_gen = int(n * frac)  # window i is generated when floor((i + 1) F) steps up
-    gen = list(generated_windows(model, tok, n_gen, seq_len)) if n_gen else []
-    text = list(calibration_batches(tok, base, (n - n_gen) * seq_len)) if n > n_gen else []
-    out = [(gen if int((i + 1) * frac) > int(i * frac) else text).pop(0).reshape(1, seq_len)
-           for i in range(n)]
-    assert not gen and not text
-    return [torch.as_tensor(w) for w in out]
+def resolve_tails(spec: str, tok) -> str:
+    """``NAME-tail`` in a calibration spec (``default+email-tail@0.25``) -> a file of that
+    held-out text from token ``TAIL_OFFSET`` on: "bring a little of your own text", with
+    the evaluation windows (the first ``--n-windows`` x 512 tokens) never calibrated on."""
+    import tempfile
+
+    from lowbit.data import HELD_OUT, tokens
+
+    def tail(m: re.Match) -> str:
+        path = Path(tempfile.gettempdir()) / f"lowbit-calibration-{m[1]}-tail.txt"
+        if not path.is_file():
+            ids = tokens(m[1], tok, offset=TAIL_OFFSET)
+            path.write_text(tok.decode(ids.tolist()), encoding="utf-8")
+        return str(path)
+
+    return re.sub(rf"({'|'.join(map(re.escape, HELD_OUT))})-tail", tail, spec)
 
 
 def score(model, ids, n_windows, baseline=None) -> Scores:

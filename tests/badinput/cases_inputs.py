@@ -256,6 +256,12 @@ CLI = {
     "quantize, --calibration is a folder": (
         ["quantize", "{hf}", "-r", "w4g32-gptq", "--calibration", "{tmp}", "-o", "{tmp}/out"],
         "existing file"),
+    "quantize, calibration mix without a share": (
+        ["quantize", "{hf}", "-r", "w4g32-gptq", "--calibration", "default+{tmp}/m.pt",
+         "-o", "{tmp}/out"], "needs a share"),
+    "quantize, calibration mix with a missing file": (
+        ["quantize", "{hf}", "-r", "w4g32-gptq", "--calibration", "default+{tmp}/none.txt@0.25",
+         "-o", "{tmp}/out"], "none.txt"),
     "eval, --window 0": (["eval", "{hf}", "--window", "0", "--no-speed"], "window"),
     "qat, --seq-len 1": (["qat", "{hf}", "--seq-len", "1", "--steps", "1", "-o", "{tmp}/out"],
                          "seq_len"),

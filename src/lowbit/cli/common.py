@@ -19,7 +19,8 @@ def open_model(spec: str, recipe: str | None = None, calibration: str | None = N
         from lowbit.model import Recipe
 
         r = Recipe.parse(recipe)
-        calib = calibration_batches(tokenizer, calibration) if r.needs_calibration else None
+        calib = (calibration_batches(tokenizer, calibration, model=model)
+                 if r.needs_calibration else None)
         quantize(model, r, calib, progress=progress)
     return model, tokenizer
 
@@ -53,12 +54,14 @@ CALIBRATION_WINDOW = 512
 
 
 def calibration_batches(tokenizer, source: str | None, tokens: int = 16384,
-                        seq_len: int = CALIBRATION_WINDOW):
-    """``tokens`` of ``source`` (a file or built-in name), by default the ``"default"`` mix
-    of pydoc, stdlib docstrings and stdlib code (``lowbit.data.sources``)."""
+                        seq_len: int = CALIBRATION_WINDOW, model=None):
+    """``tokens`` of ``source`` (a file, a built-in name, ``generated`` or a mix such as
+    ``default+my.txt@0.25``), by default the ``"default"`` mix of pydoc, stdlib docstrings
+    and stdlib code (``lowbit.data.sources``). ``model``: for ``generated`` windows."""
     from lowbit.data import DEFAULT_CALIBRATION, text
 
-    return text(source or DEFAULT_CALIBRATION, tokenizer, tokens=tokens, seq_len=seq_len)
+    return text(source or DEFAULT_CALIBRATION, tokenizer, tokens=tokens, seq_len=seq_len,
+                model=model)
 
 
 def add_ray_argument(p, cells: str) -> None:

@@ -22,7 +22,10 @@ from lowbit.cli.common import (
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="bundled name (smollm2-135m, minilm-l6), HF folder or .gguf")
     p.add_argument("--recipe", "-r", default="w8", help="preset (see README), grammar or file")
-    p.add_argument("--calibration", help="text file for calibration (default: built-in corpus)")
+    p.add_argument("--calibration", help="calibration text: a file, a built-in name "
+                   "(default, pydoc, docstrings, stdlib-code), 'generated' (sampled from the "
+                   "model) or a mix such as default+my.txt@0.25 (a quarter of the windows from "
+                   "my.txt); default: the built-in mix")
     p.add_argument("--calibration-tokens", type=int, default=16384)
     p.add_argument("--keep", action="append", default=[],
                    help="module pattern to leave unquantized (repeatable), e.g. lm_head")
@@ -136,7 +139,8 @@ def _run_in_memory(args, recipe) -> int:
     load_s = time.perf_counter() - t0
     calib = None
     if recipe.needs_calibration:
-        calib = calibration_batches(tokenizer, args.calibration, args.calibration_tokens)
+        calib = calibration_batches(tokenizer, args.calibration, args.calibration_tokens,
+                                    model=model)
     quantize(model, recipe, calib, progress=not args.quiet)
     out = save(model, args.output, overwrite=args.overwrite, tokenizer=tokenizer)
     print(f"model         {args.model} (loaded in {load_s:.1f} s)")

@@ -199,7 +199,7 @@ class TextCalibration:
     batch_size: int = 1
 
     def batches(self, tokenizer: Any) -> list[torch.Tensor]:
-        """Tokenize and cut into batches (see ``text``)."""
+        """Tokenize and cut into batches (see ``text``); ``tokenizer`` may be the model."""
         return text(self.source, tokenizer, tokens=self.tokens, seq_len=self.seq_len,
                     offset=self.offset, batch_size=self.batch_size)
 
@@ -212,6 +212,7 @@ def text(
     seq_len: int = 512,
     offset: int | None = None,
     batch_size: int = 1,
+    model: torch.nn.Module | None = None,
 ) -> list[torch.Tensor] | TextCalibration:
     """Calibration batches: ``tokens // seq_len`` windows of ``seq_len`` tokens from ``offset``.
 
@@ -225,7 +226,20 @@ def text(
     may be smaller). With ``tokenizer=None`` a ``TextCalibration`` is returned instead, to be
     resolved later with the model's tokenizer. If the text holds fewer than ``tokens`` tokens
     after ``offset``, as many whole windows as fit are used; fewer than one is an error.
+
+    ``source`` may also be a mix, ``default+my.txt@0.25`` (``calibration_mix``: a share of
+    the windows from each added text), or ``generated`` (windows sampled from ``model``;
+    a model passed as ``tokenizer`` serves too); ``offset`` does not apply to those.
     """
+    from lowbit.data import calibration_mix
+
+    if calibration_mix.is_mix_or_generated(source):
+        if tokenizer is None:
+            return TextCalibration(os.fspath(source), tokens, seq_len, offset, batch_size)
+        if model is None and isinstance(tokenizer, torch.nn.Module):
+            model = tokenizer
+        return calibration_mix.mixed(os.fspath(source), _resolve_tokenizer(tokenizer), tokens,
+                                     seq_len, model, batch_size)
     if offset is None:
         offset = CALIBRATION_OFFSET if _named(source) == "pydoc" else 0
     if seq_len < 2 or tokens < seq_len or batch_size < 1 or offset < 0:
