@@ -127,6 +127,11 @@ def results_md(out: dict, speed: dict | None, bench: dict | None) -> str:
              f"{', '.join(_held_out(out))} are held out. FP32 PPL: " + ", ".join(
                  f"{t} {v['full']:.3f} (full) / {v['llama.cpp']:.3f} (llama.cpp)"
                  for t, v in out["fp32_ppl"].items()) + ".", ""]
+    if any("-tail@" in r["calibration"] for r in out["rows"]):
+        lines[-1:-1] = ["A calibration `default+<text>-tail@0.25` draws a quarter of its windows "
+                        "from that text past token 16384 (after every evaluation window): a "
+                        "user adding a little of their own kind of text. For such a row that "
+                        "text is no longer held out."]
     for proto in ("llama.cpp", "full"):
         lines += [f"### Protocol: {proto}", "", *_full_table(out, proto), ""]
     if speed:
