@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,8 @@ import torch
 from lowbit.data.sources import CorpusError
 
 GENERATED = "generated"
+#: ``read(source, tokenizer, tokens, seq_len)``: windows of a plain source, as batches
+Reader = Callable[[str, Any, int, int], list[torch.Tensor]]
 
 
 def parse(spec: str) -> tuple[str, list[tuple[str, float]]] | None:
@@ -61,8 +64,10 @@ def parse(spec: str) -> tuple[str, list[tuple[str, float]]] | None:
     return base, parts
 
 
-def windows(source: str, tokenizer: Any, n: int, seq_len: int, model=None) -> torch.Tensor:
-    """The first ``n`` calibration windows ``(n, seq_len)`` of one plain source."""
+def windows(source: str, tokenizer: Any, n: int, seq_len: int, read: Reader,
+            model=None) -> torch.Tensor:
+    """The first ``n`` calibration windows ``(n, seq_len)`` of one plain source (``read``:
+    ``corpus.text``'s reader of a built-in name or file)."""
     if source == GENERATED:
         if model is None:
             raise CorpusError("'generated' calibration samples the model itself, so it needs "
@@ -71,17 +76,15 @@ def windows(source: str, tokenizer: Any, n: int, seq_len: int, model=None) -> to
         from lowbit.data.generated import generated_windows
 
         return generated_windows(model, tokenizer, n, seq_len)
-    from lowbit.data.corpus import text
-
     with warnings.catch_warnings():  # too short a text is an error in a mix (``mixed``)
         warnings.simplefilter("ignore")
-        return torch.cat(text(source, tokenizer, tokens=n * seq_len, seq_len=seq_len))
+        return torch.cat(read(source, tokenizer, n * seq_len, seq_len))
 
 
-def mixed(spec: str, tokenizer: Any, tokens: int, seq_len: int, model=None,
+def mixed(spec: str, tokenizer: Any, tokens: int, seq_len: int, read: Reader, model=None,
           batch_size: int = 1) -> list[torch.Tensor]:
     """Calibration batches of the mix ``spec`` (``parse``; or ``generated`` alone):
-    ``tokens // seq_len`` windows."""
+    ``tokens // seq_len`` windows; ``read`` reads a plain source (``windows``)."""
     parsed = (GENERATED, []) if spec == GENERATED else parse(spec)
     if parsed is None:
         raise CorpusError(f"{spec!r} is not a calibration mix (BASE+PART@SHARE)")
@@ -95,7 +98,7 @@ def mixed(spec: str, tokenizer: Any, tokens: int, seq_len: int, model=None,
     for rank, (name, count) in enumerate(counts):
         if count < 1:
             continue
-        got = windows(name, tokenizer, count, seq_len, model)
+        got = windows(name, tokenizer, count, seq_len, read, model)
         if len(got) < count:
             raise CorpusError(f"calibration mix {spec!r}: {name!r} gave {len(got)} windows "
                               f"of {seq_len} tokens, {count} were asked for; lower the "

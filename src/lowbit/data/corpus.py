@@ -204,6 +204,11 @@ class TextCalibration:
                     offset=self.offset, batch_size=self.batch_size)
 
 
+def _plain(source: str, tokenizer: Any, tokens_: int, seq_len: int) -> list[torch.Tensor]:
+    """One plain source's windows, for a mix (``calibration_mix.Reader``)."""
+    return text(source, tokenizer, tokens=tokens_, seq_len=seq_len)
+
+
 def text(
     source: str | os.PathLike[str] = DEFAULT_CALIBRATION,
     tokenizer: Any = None,
@@ -239,7 +244,7 @@ def text(
         if model is None and isinstance(tokenizer, torch.nn.Module):
             model = tokenizer
         return calibration_mix.mixed(os.fspath(source), _resolve_tokenizer(tokenizer), tokens,
-                                     seq_len, model, batch_size)
+                                     seq_len, _plain, model, batch_size)
     if offset is None:
         offset = CALIBRATION_OFFSET if _named(source) == "pydoc" else 0
     if seq_len < 2 or tokens < seq_len or batch_size < 1 or offset < 0:
