@@ -76,6 +76,11 @@ def test_too_short_part_is_an_error(files, tmp_path) -> None:
         text(f"{files['base']}+{short}@0.5", _Chars(), tokens=8 * 64, seq_len=64)
 
 
+def test_a_share_below_one_window_is_an_error(files) -> None:
+    with pytest.raises(CorpusError, match="gets no window of the 8"):
+        text(f"{files['base']}+{files['mail']}@0.05", _Chars(), tokens=8 * 64, seq_len=64)
+
+
 def test_generated_needs_the_model(files) -> None:
     with pytest.raises(CorpusError, match="needs the model"):
         text(f"{files['base']}+generated@0.25", _Chars(), tokens=8 * 64, seq_len=64)

@@ -97,7 +97,9 @@ def mixed(spec: str, tokenizer: Any, tokens: int, seq_len: int, read: Reader, mo
     keyed = []
     for rank, (name, count) in enumerate(counts):
         if count < 1:
-            continue
+            raise CorpusError(f"calibration mix {spec!r}: {name!r} gets no window of the "
+                              f"{n} ({tokens} tokens / {seq_len}); raise its share or "
+                              "--calibration-tokens")
         got = windows(name, tokenizer, count, seq_len, read, model)
         if len(got) < count:
             raise CorpusError(f"calibration mix {spec!r}: {name!r} gave {len(got)} windows "
