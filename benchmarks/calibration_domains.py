@@ -117,10 +117,12 @@ def resolve_tails(spec: str, tok) -> str:
     from lowbit.data import HELD_OUT, tokens
 
     def tail(m: re.Match) -> str:
-        path = Path(tempfile.gettempdir()) / f"lowbit-calibration-{m[1]}-tail.txt"
-        if not path.is_file():
+        path = Path(tempfile.gettempdir()) / f"lowbit-calibration-{m[1]}-tail-{TAIL_OFFSET}.txt"
+        if not path.is_file():  # SmolLM2's tokens decoded: the text past the offset
             ids = tokens(m[1], tok, offset=TAIL_OFFSET)
-            path.write_text(tok.decode(ids.tolist()), encoding="utf-8")
+            part = path.with_suffix(".part")
+            part.write_text(tok.decode(ids.tolist()), encoding="utf-8")
+            part.replace(path)
         return str(path)
 
     return re.sub(rf"({'|'.join(map(re.escape, HELD_OUT))})-tail", tail, spec)
