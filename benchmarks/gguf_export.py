@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             row.update(prefill_tps=speed.get("prefill_tps"), decode_tps=speed.get("decode_tps"))
         rows.append(row)
         print(json.dumps(row), flush=True)
-    command = "python benchmarks/gguf_export.py " + " ".join(argv or sys.argv[1:])
+    command = "python benchmarks/gguf_export.py " + shlex.join(argv or sys.argv[1:])
     result = {"commands": [command], "cpu": cpu, "model": MODEL, "chunks": args.chunks,
               "calib_tokens": args.calib_tokens, "threads": args.threads, "rows": rows}
     if args.report and args.append and Path(args.report).with_suffix(".json").exists():
@@ -202,7 +203,7 @@ def speed_only(args, argv) -> int:
         print(f"{r['row']}: pp512 {r['prefill_tps']:.0f} t/s, tg64 {r['decode_tps']:.1f} t/s",
               flush=True)
     timed = len(rows)
-    result["commands"].append("python benchmarks/gguf_export.py " + " ".join(argv or sys.argv[1:]))
+    result["commands"].append("python benchmarks/gguf_export.py " + shlex.join(argv or sys.argv[1:]))
     result["speed_note"] = (f"speeds of {timed} files from the last command: llama-bench on each "
                             f"file in two passes (the second in reverse order), averaged, on "
                             f"an otherwise idle CPU ({cpu_line()})")
@@ -220,7 +221,8 @@ def _merged(old: dict, new: dict) -> dict:
                              f"this run with {new[key]}; use the same settings or a new report")
     names = {r["row"] for r in new["rows"]}
     rows = [r for r in old["rows"] if r["row"] not in names] + new["rows"]
-    return {**new, "commands": old["commands"] + new["commands"], "rows": rows}
+    kept = {k: old[k] for k in ("note", "speed_note") if k in old}  # what earlier runs said
+    return {**new, **kept, "commands": old["commands"] + new["commands"], "rows": rows}
 
 
 def table(result: dict) -> list[str]:
