@@ -67,3 +67,22 @@ def test_nothing_shipped_points_at_the_team_guides():
              and path.suffix in (".py", ".md", ".sh", ".json", ".c", ".h", ".txt")
              for g in guides if g in path.read_text(errors="replace")]
     assert not found, found
+
+
+def test_gguf_export_append_keeps_the_reports_notes():
+    """``--append`` merges rows into an existing report; what earlier runs noted stays."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gguf_export
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    old = {"model": "m", "chunks": 16, "calib_tokens": 8, "commands": ["a"], "note": "N.",
+           "speed_note": "S", "rows": [{"row": "x", "v": 1}, {"row": "y", "v": 1}]}
+    new = {"model": "m", "chunks": 16, "calib_tokens": 8, "commands": ["b"],
+           "rows": [{"row": "y", "v": 2}]}
+    merged = gguf_export._merged(old, new)
+    assert merged["note"] == "N." and merged["speed_note"] == "S"
+    assert merged["commands"] == ["a", "b"]
+    assert [(r["row"], r["v"]) for r in merged["rows"]] == [("x", 1), ("y", 2)]
+    with pytest.raises(SystemExit, match="chunks"):
+        gguf_export._merged(old, {**new, "chunks": 8})
