@@ -203,10 +203,11 @@ def speed_only(args, argv) -> int:
         print(f"{r['row']}: pp512 {r['prefill_tps']:.0f} t/s, tg64 {r['decode_tps']:.1f} t/s",
               flush=True)
     timed = len(rows)
-    result["commands"].append("python benchmarks/gguf_export.py " + shlex.join(argv or sys.argv[1:]))
-    result["speed_note"] = (f"speeds of {timed} files from the last command: llama-bench on each "
-                            f"file in two passes (the second in reverse order), averaged, on "
-                            f"an otherwise idle CPU ({cpu_line()})")
+    command = shlex.join(argv or sys.argv[1:])
+    result["commands"].append(f"python benchmarks/gguf_export.py {command}")
+    result["speed_note"] = (f"speeds of {timed} files from the --speed-only command: llama-bench "
+                            "on each file in two passes (the second in reverse order), averaged, "
+                            f"on an otherwise idle CPU ({cpu_line()})")
     print("\n" + "\n".join(table(result)))
     write_report(result, Path(args.report))
     return 0
