@@ -59,6 +59,9 @@ def test_eval_of_a_checkpoint_with_and_without_baseline(checkpoint, tiny_llama_d
     assert against["bits_per_weight"] < 16
     if recipe == "w8":  # 8-bit weights barely move a model's predictions
         assert against["kld_mean"] < 0.01
+    calibration = json.loads((out / "manifest.json").read_text())["calibration"]
+    assert calibration == ({"text": "default", "tokens": 1024} if recipe == "w4g32-gptq"
+                           else None)  # only the calibrated recipe read text
 
 
 def test_checkpoint_evaluated_against_itself_is_near_zero(checkpoint, capsys):
@@ -101,3 +104,17 @@ def test_checkpoint_without_tokenizer_files_uses_its_source(checkpoint, tmp_path
         shutil.copy(out / name, bare / name)
     assert main(["eval", str(bare), "--json", "--no-speed", *SMALL]) == 0
     assert json.loads(capsys.readouterr().out)["ppl"] > 1
+
+
+def test_quantize_with_a_calibration_mix_records_it(tiny_llama_dir, tmp_path):
+    """``--calibration default+FILE@0.5``: half the windows from the user's text; the line
+    and the manifest say which text calibrated the checkpoint."""
+    mine = tmp_path / "mine.txt"
+    mine.write_text("Subject: lunch\nFrom: ann@example.org\n\nSee you at noon. " * 200)
+    out = tmp_path / "ckpt"
+    spec = f"default+{mine}@0.5"
+    proc = _lowbit("quantize", str(tiny_llama_dir), "-r", "w4g32-gptq", "-o", str(out),
+                   "--calibration", spec, "--calibration-tokens", "1024", "--quiet")
+    assert f"calibration   {spec} (1024 tokens)" in proc.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["calibration"] == {"text": spec, "tokens": 1024}

@@ -123,6 +123,8 @@ def build_manifest(model: nn.Module, quantized: dict, aliases: dict,
         "hf_config": config.to_dict() if hasattr(config, "to_dict") else None,
         "recipe": recipe.to_dict() if isinstance(recipe, Recipe) else None,
         "algorithms": recipe.algorithm_options() if isinstance(recipe, Recipe) else {},
+        # which text calibrated it, where the caller said (``lowbit quantize`` does)
+        "calibration": getattr(model, "lowbit_calibration_text", None),
         "quantized": quantized,
         "aliases": aliases,
         "dtypes": {k: str(v).removeprefix("torch.") for k, v in dtypes.items()},
