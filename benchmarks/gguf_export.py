@@ -155,8 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             row.update(prefill_tps=speed.get("prefill_tps"), decode_tps=speed.get("decode_tps"))
         rows.append(row)
         print(json.dumps(row), flush=True)
-    command = "python benchmarks/gguf_export.py " + shlex.join(argv or sys.argv[1:])
-    result = {"commands": [command], "cpu": cpu, "model": MODEL, "chunks": args.chunks,
+    result = {"commands": [_command(argv)], "cpu": cpu, "model": MODEL, "chunks": args.chunks,
               "calib_tokens": args.calib_tokens, "threads": args.threads, "rows": rows}
     if args.report and args.append and Path(args.report).with_suffix(".json").exists():
         result = _merged(json.loads(Path(args.report).with_suffix(".json").read_text()),
@@ -165,6 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.report:
         write_report(result, Path(args.report))
     return 0
+
+
+def _command(argv: list[str] | None) -> str:
+    """This run's command line as the report records it (quoted so it can be pasted)."""
+    return "python benchmarks/gguf_export.py " + shlex.join(argv or sys.argv[1:])
 
 
 def _row_file(out: Path, row: str) -> Path:
@@ -203,8 +207,7 @@ def speed_only(args, argv) -> int:
         print(f"{r['row']}: pp512 {r['prefill_tps']:.0f} t/s, tg64 {r['decode_tps']:.1f} t/s",
               flush=True)
     timed = len(rows)
-    command = shlex.join(argv or sys.argv[1:])
-    result["commands"].append(f"python benchmarks/gguf_export.py {command}")
+    result["commands"].append(_command(argv))
     result["speed_note"] = (f"speeds of {timed} files from the --speed-only command: llama-bench "
                             "on each file in two passes (the second in reverse order), averaged, "
                             f"on an otherwise idle CPU ({cpu_line()})")

@@ -142,16 +142,14 @@ def _run_in_memory(args, recipe) -> int:
         calib = calibration_batches(tokenizer, args.calibration, args.calibration_tokens,
                                     model=model)
     quantize(model, recipe, calib, progress=not args.quiet)
-    if calib is not None:  # recorded in the checkpoint's manifest (``calibration``)
-        model.lowbit_calibration_text = {
-            "text": args.calibration or "default",
-            "tokens": sum(int(b.numel()) for b in calib)}
+    cal = None if calib is None else {"text": args.calibration or "default",
+                                      "tokens": sum(int(b.numel()) for b in calib)}
+    model.lowbit_calibration_text = cal  # recorded in the manifest (``calibration``)
     out = save(model, args.output, overwrite=args.overwrite, tokenizer=tokenizer)
     print(f"model         {args.model} (loaded in {load_s:.1f} s)")
     for line in model.lowbit_summary.lines():
         print(line)
-    if calib is not None:
-        cal = model.lowbit_calibration_text
+    if cal is not None:
         print(f"calibration   {cal['text']} ({cal['tokens']} tokens)")
     print(f"saved         {out}")
     return 0
