@@ -194,6 +194,22 @@ def _layer(n: int, k: int, recipe: str):
     return model[0]
 
 
+def _lut4q_weight(layer, n: int, k: int) -> torch.Tensor:
+    """The float64 weight of ``LB_LUT4Q`` (``T16[u] * s`` per row and group), from its
+    int16 byte planes and scales, decoded here independently of the kernel."""
+    codes, table, scales, kg, per_row = nl._lut4(layer, layer.backend.name, layer._state)
+    kp = codes.shape[1] * 2
+    groups = -(-kp // kg)
+    planes, s = nl._lut4q(table, scales, n, groups)
+    t16 = (planes[:, :16].int() | (planes[:, 16:].int() << 8)).to(torch.int16).double()
+    c = codes.view(n, kp // 32, 16)
+    u = torch.stack([c & 15, c >> 4], 2).reshape(n, kp).long()  # byte j: inputs j, j + 16
+    g = torch.arange(kp) // kg
+    rows = torch.arange(n)[:, None]
+    vals = t16[rows * groups + g, u] if per_row else t16[0][u]
+    return (vals * s.double()[rows, g])[:, :k]
+
+
 @pytest.mark.parametrize("recipe,kind", [("float", nl.F32), ("w8", nl.I8), ("w4g32", nl.I4T),
                                          ("gguf:q4_0", nl.I4T), ("gguf:q8_0", nl.I8G),
                                          ("nf4g64", nl.LUT4), ("kmeans4", nl.LUT4)])
@@ -216,9 +232,12 @@ def test_each_layout_against_its_float64_weight(recipe: str, kind: int, n: int, 
     if kind == nl.F32:
         return
     desc, _keep = nl.linear_descriptor(layer, k, q8=True)  # the int8-activation kernels
-    assert desc.kind == {nl.I4T: nl.Q4R}.get(kind, kind)
-    # LUT4 runs float activations always: the layer's own numbers
-    want = w @ (x if kind == nl.LUT4 else _q8(x)).double() + b
+    assert desc.kind == {nl.I4T: nl.Q4R, nl.LUT4: nl.LUT4Q}.get(kind, kind)
+    if kind == nl.LUT4:  # the kernel's int16 tables are its weights, within 2^-16 of w
+        w16 = _lut4q_weight(layer, n, k)
+        assert (w16 - w).abs().max() <= 2.0**-16 * w.abs().max()
+        w = w16
+    want = w @ _q8(x).double() + b
     for isa in ("vnni", "avx2") if nl.has_vnni() else ("avx2",):
         with nl.avx2_only() if isa == "avx2" else contextlib.nullcontext():
             got = _apply(desc, x, True).double()

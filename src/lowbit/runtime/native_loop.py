@@ -16,6 +16,10 @@ Linear layouts it reads (``lowbit_native.h``):
   packed layout as it is; with int8 activations an ``LB_Q4R`` copy instead (the same codes
   in Q4_0's nibble order, rows in groups of four so that the kernel's four-row dot products
   read one sequential stream, the kernel's bf16 scales and zeros per 32 inputs);
+- lookup formats of at most 4 bits (``nf4g64``, ``kmeans4``, codebooks): ``LB_LUT4``, the
+  codes with their float tables; with int8 activations an ``LB_LUT4Q`` copy instead (each
+  table rounded to int16 against its largest value, a relative change of at most 2^-16,
+  for ``vpshufb`` lookups and exact integer sums: ``csrc/lut_gemv.c``);
 - ``QuantizedLinear`` on ``int8_dynamic`` / ``int8_static`` (``w8a8``, ``w8a8-static``,
   ``w4a8``): ``LB_W8A8``, its int8 codes; the input quantized per token (or with the
   calibrated scale) whatever ``activations`` says, as the recipe defines it.
@@ -47,7 +51,7 @@ from lowbit.kernels import native
 __all__ = ["NativeDecodeLoop", "native_loop_supported", "has_vnni", "linear_descriptor"]
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-F32, I8, I8G, I4T, Q4R, W8A8, LUT4 = range(7)
+F32, I8, I8G, I4T, Q4R, W8A8, LUT4, LUT4Q = range(8)
 
 
 class LbLinear(ctypes.Structure):
@@ -156,6 +160,22 @@ def _lut4(module, name: str, state) -> tuple | None:
     return codes, table, qp.scale.float().reshape(n, -1).contiguous(), kg, 0
 
 
+def _lut4q(table: torch.Tensor, scales: torch.Tensor | None, n: int, groups: int
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``LB_LUT4Q``'s tables and scales from ``LB_LUT4``'s: each table of 16 values as int16
+    ``T16 = round(T / max|T| * 32767)`` in two byte planes (``[tables, 32]``: low bytes, then
+    high bytes), and per row and group the scale times that table's unit ``max|T| / 32767``.
+    """
+    t = table.reshape(-1, 16)
+    top = t.abs().amax(1, keepdim=True)
+    t16 = torch.where(top > 0, torch.round(t / top.clamp_min(1e-30) * 32767), 0).to(torch.int16)
+    planes = torch.cat([t16 & 255, (t16 >> 8) & 255], 1).to(torch.uint8).contiguous()
+    unit = (top[:, 0] / 32767).float()
+    per_group = unit.view(n, groups) if t.shape[0] > 1 else unit.expand(n, groups)
+    s = per_group * (scales.view(n, groups) if scales is not None else 1.0)
+    return planes, s.contiguous()
+
+
 def _codebook_indices(state) -> torch.Tensor:
     from lowbit.formats import unpack
 
@@ -172,6 +192,8 @@ def _bytes(d: LbLinear) -> int:
         return d.np * d.ld // 2 + 4 * d.np * (d.ld // d.kg)
     if d.kind == LUT4:  # codes and the scales or per-row tables
         return d.n * d.ld + 4 * d.n * -(-2 * d.ld // d.kg) * (16 if d.block else int(bool(d.s)))
+    if d.kind == LUT4Q:  # codes, scales and the per-row int16 tables
+        return d.n * d.ld + d.n * -(-2 * d.ld // d.kg) * (4 + (32 if d.block else 0))
     return d.n * d.ld + 2 * d.n * (2 * d.ld // 32) * (2 if d.z else 1)
 
 
@@ -198,8 +220,10 @@ def linear_descriptor(module: nn.Module, in_features: int, q8: bool) -> tuple[Lb
         lut = _lut4(module, name, state) if name in ("dequant", "codebook") else None
         if lut is not None:
             codes, table, scales, desc.kg, desc.block = lut
-            desc.kind, desc.ld, desc.w, desc.z = LUT4, codes.shape[1], codes.data_ptr(), \
-                table.data_ptr()
+            if q8:
+                table, scales = _lut4q(table, scales, desc.n, -(-2 * codes.shape[1] // desc.kg))
+            desc.kind, desc.ld, desc.w, desc.z = LUT4Q if q8 else LUT4, codes.shape[1], \
+                codes.data_ptr(), table.data_ptr()
             desc.s, keep = _ptr(scales), (*keep, codes, table, scales)
         elif name in ("int8_dynamic", "int8_static"):
             kern = state[0]

@@ -157,6 +157,11 @@ static void rows(const lb_linear *L, const float *x, const lb_q8 *a, float *y, i
         lowbit_lut4_rows(L, x, y, n0, n1);
         return;
     }
+    if (L->kind == LB_LUT4Q) { /* only built for int8 activations (native_loop.py) */
+        if (a) lowbit_lut4_q8_rows(L, a, y, n0, n1);
+        else for (int64_t r = n0; r < n1; r++) y[r] = NAN;
+        return;
+    }
     if (a && L->kind != LB_F32) {
         if (lowbit_loop_has_vnni()) lowbit_q8_rows(L, a, y, n0, n1);
         else lowbit_q8_rows_avx2(L, a, y, n0, n1);

@@ -49,7 +49,11 @@ enum {
                   * bytes, byte j = u[j] | u[j + 16] << 4; z float tables of 16 values,
                   * one shared (block 0) or one per row and group of kg ([n, G, 16], block
                   * 1); s float [n, G] per-group scales or NULL: w = T[u] (* s); float
-                  * activations always (csrc/lut_gemv.c) */
+                  * activations (csrc/lut_gemv.c) */
+    LB_LUT4Q = 7, /* LB_LUT4 for int8 activations: w as LB_LUT4; z uint8 [tables, 32], each
+                   * table's int16 values T16 as 16 low bytes then 16 high bytes (one shared
+                   * table, block 0, or [n, G] of them, block 1); s float [n, G]:
+                   * w = T16[u] * s */
 };
 
 typedef struct {
@@ -105,6 +109,8 @@ int64_t lowbit_loop_isa(int64_t vnni); /* 1: VNNI where present (default), 0: AV
 int64_t lowbit_avx512_allowed(void);   /* AVX-512 F/DQ present and not turned off above */
 /* lut_gemv.c: rows [n0, n1) of an LB_LUT4 linear on float32 activations */
 void lowbit_lut4_rows(const lb_linear *L, const float *x, float *y, int64_t n0, int64_t n1);
+/* lut_gemv.c: rows [n0, n1) of an LB_LUT4Q linear on int8 activations */
+void lowbit_lut4_q8_rows(const lb_linear *L, const lb_q8 *a, float *y, int64_t n0, int64_t n1);
 void lowbit_w8a8_dot(const lb_linear *L, const int8_t *xq, int32_t codesum, float *y,
                      int64_t n0, int64_t n1);
 #endif

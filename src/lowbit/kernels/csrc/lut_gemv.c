@@ -11,6 +11,13 @@
  * activations. AVX-512: one register holds the table, one vpermps picks 16 values.
  * Per group the sum is scaled once. Codes: per 32 inputs 16 bytes, byte j holding input j
  * (low nibble) and j + 16; inputs past K meet zero activations (masked loads).
+ *
+ * LB_LUT4Q (int8 activations, Q8_0 blocks of 32): each table rounded to int16 (T16, with a
+ * float unit folded into the per-group scale) and held as two byte planes; vpshufb picks the
+ * low and high bytes of 32 values at once, two unpacks make them int16, and vpmaddwd with
+ * the sign-extended activation codes sums them exactly in int32; per block of 32 one FMA
+ * applies the activation scale times the group's scale. About twice the float kernel's rate
+ * on AVX2, where vpermps + blend per 8 values is its cost.
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -139,4 +146,54 @@ void lowbit_lut4_dequant(const uint8_t *packed, int64_t N, int64_t K, int64_t ld
             for (; k < end; k++) put1(of, oh, k, tv[(p[k / 2] >> (4 * (k % 2))) & 15], bf16);
         }
     }
+}
+
+/* int32 lanes of sum_j T16[u_j] * x_j over one block of 32 inputs: codes c16 (16 bytes, as
+ * LB_LUT4), table byte planes tl / th in both lanes, xa / xb the block's int8 codes
+ * sign-extended to int16 in unpack order (inputs 0-7 | 16-23 and 8-15 | 24-31). */
+static inline __m256i lut16_dot(const uint8_t *c16, __m256i tl, __m256i th, __m256i xa,
+                                __m256i xb) {
+    const __m128i c = _mm_loadu_si128((const __m128i *)c16);
+    const __m256i idx = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(c, 4), c),
+                                         _mm256_set1_epi8(15)); /* inputs 0-15 | 16-31 */
+    const __m256i lo = _mm256_shuffle_epi8(tl, idx), hi = _mm256_shuffle_epi8(th, idx);
+    return _mm256_add_epi32(_mm256_madd_epi16(_mm256_unpacklo_epi8(lo, hi), xa),
+                            _mm256_madd_epi16(_mm256_unpackhi_epi8(lo, hi), xb));
+}
+
+static inline __m256i plane(const uint8_t *p) {
+    return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
+}
+
+/* R (1..4, a constant where inlined) rows from n of an LB_LUT4Q linear: they share each
+ * block's activation codes. */
+static inline __attribute__((always_inline)) void lut4q_rows(const lb_linear *L, const lb_q8 *a,
+                                                             float *y, int64_t n, const int R) {
+    const int64_t kp = (L->k + 31) / 32 * 32, kg = L->kg, G = (kp + kg - 1) / kg;
+    const uint8_t *planes = (const uint8_t *)L->z, *w = (const uint8_t *)L->w;
+    const float *sc = (const float *)L->s;
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                     _mm256_setzero_ps()};
+    for (int64_t b = 0; b < kp / 32; b++) {
+        const __m256i xv = _mm256_loadu_si256((const __m256i *)(a->xq + 32 * b));
+        const __m256i sign = _mm256_cmpgt_epi8(_mm256_setzero_si256(), xv);
+        const __m256i xa = _mm256_unpacklo_epi8(xv, sign), xb = _mm256_unpackhi_epi8(xv, sign);
+        const __m256 d = _mm256_loadu_ps(a->dl + 8 * b);
+        const int64_t g = 32 * b / kg;
+        for (int r = 0; r < R; r++) {
+            const uint8_t *t = planes + (L->block ? ((n + r) * G + g) * 32 : 0);
+            const __m256i sum = lut16_dot(w + (n + r) * L->ld + 16 * b, plane(t), plane(t + 16),
+                                          xa, xb);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum),
+                                     _mm256_mul_ps(d, _mm256_set1_ps(sc[(n + r) * G + g])), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) y[n + r] = hsum8(acc[r]) + (L->bias ? L->bias[n + r] : 0.0f);
+}
+
+/* Rows [n0, n1) of an LB_LUT4Q linear on the int8 activations a (AVX2). */
+void lowbit_lut4_q8_rows(const lb_linear *L, const lb_q8 *a, float *y, int64_t n0, int64_t n1) {
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4) lut4q_rows(L, a, y, n, 4);
+    for (; n < n1; n++) lut4q_rows(L, a, y, n, 1);
 }
