@@ -10,10 +10,15 @@ For each recipe (SmolLM2-135M; ``float``, ``w8``, ``w4g32``, ``gguf:q4_0``, ``w8
   prefill of 512 tokens (one forward; float32 and bf16 runtimes);
 - exports the same model to GGUF (``lowbit.export``: ``w8`` -> Q8_0, ``gguf:q4_0`` -> Q4_0,
   ``w4g32`` -> Q4_1, ``float`` -> F32) and runs ``llama-bench -t T -p 512 -n 64``;
-- prints decode tokens/s of both and their ratio, prefill of both (lowbit: the faster of
-  its float32 and bf16 runtimes, each printed), and the achieved weight bandwidth (weight
-  bytes the loop reads per token x tokens/s) beside the machine's measured copy bandwidth
-  (a 256 MiB torch copy: bytes read + written per second);
+- prints decode tokens/s of both, prefill of both (lowbit: the faster of its float32 and
+  bf16 runtimes, each printed), and the achieved weight bandwidth (weight bytes the loop
+  reads per token x tokens/s) beside the machine's measured copy bandwidth (a 256 MiB torch
+  copy: bytes read + written per second);
+- times the two against each other in alternating rounds (lowbit's prefill and decode, then
+  ``llama-bench -r 1`` on the file, ``--repeats`` rounds after a warm-up one) and reports
+  the median of the per-round ratios as ``decode_ratio`` / ``prefill_ratio``: the separate
+  timings above lie minutes apart, and their ratio (kept as ``ratio_across_runs``) carries
+  the machine's drift;
 - for every recipe, its ratio to lowbit's own FP32 model (decode with float activations,
   prefill float32), timed alternately with it in the recipe's process (``vs_fp32``; the
   ratio to the ``float`` row, timed minutes earlier in another process, is kept as
@@ -132,19 +137,54 @@ def run_lowbit(model, args) -> dict:
     return out
 
 
-def run_llama(model, recipe: str, workdir: Path, args) -> dict:
+def export_gguf(model, recipe: str, workdir: Path) -> Path:
     import lowbit
-    from lowbit.export import llama_cpp_tools
 
     path = workdir / f"{recipe.replace(':', '_')}.gguf"
     options = {"float_type": "f32", "embedding_type": "f32"} if recipe == "float" else {}
     lowbit.export(model, "gguf", path, overwrite=True, **options)
+    return path
+
+
+def run_llama(path: Path, recipe: str, args, repeats: int | None = None) -> dict:
+    from lowbit.export import llama_cpp_tools
+
     res = llama_cpp_tools.bench(path, threads=args.threads, prompt=512, gen=args.tokens,
-                                repetitions=args.repeats)
+                                repetitions=args.repeats if repeats is None else repeats)
     res["file_mb"] = path.stat().st_size / 1e6
-    print(f"  llama.cpp {GGUF_NAMES.get(recipe, '?')}: decode {res['decode_tps']:7.1f} tok/s, "
-          f"prefill {res['prefill_tps']:7.1f} tok/s ({res['file_mb']:.0f} MB file)", flush=True)
+    if repeats is None:
+        print(f"  llama.cpp {GGUF_NAMES.get(recipe, '?')}: decode {res['decode_tps']:7.1f} "
+              f"tok/s, prefill {res['prefill_tps']:7.1f} tok/s ({res['file_mb']:.0f} MB file)",
+              flush=True)
     return res
+
+
+def paired_vs_llama(model, lb: dict, path: Path, recipe: str, args) -> dict:
+    """lowbit against llama.cpp in alternating rounds (one lowbit prefill 512 and one run of
+    ``--tokens`` decode steps, then one ``llama-bench -r 1`` on the exported file), the
+    ratio taken per round and its median reported, so that the machine's drift over
+    minutes (20-30% on a shared VM) stays out of it; the first round is a warm-up."""
+    from lowbit.runtime import DecoderRuntime
+
+    dtype = max(("float32", "bfloat16"), key=lambda d: lb[f"prefill_{d}_tps"])
+    act = max(("float", "int8"), key=lambda a: lb[a]["decode_tps"])
+    pre = DecoderRuntime(model, dtype=getattr(torch, dtype))
+    dec = DecoderRuntime(model, dtype=torch.float32, activations=act)
+    prompt = torch.randint(0, 1000, (1, args.prompt), generator=torch.Generator().manual_seed(1))
+    rounds = []
+    for _ in range(args.repeats + 1):
+        ours = {"prefill": prefill_tps(pre, 512, 0), "decode": decode_tps(dec, prompt,
+                                                                          args.tokens, 0)}
+        theirs = run_llama(path, recipe, args, repeats=1)
+        rounds.append({"lowbit": ours, "llama_cpp": {"prefill": theirs["prefill_tps"],
+                                                     "decode": theirs["decode_tps"]}})
+    out = {"prefill_dtype": dtype, "activations": act, "rounds": rounds[1:]}
+    for m in ("prefill", "decode"):
+        out[m] = statistics.median(r["lowbit"][m] / r["llama_cpp"][m] for r in rounds[1:])
+    print(f"  alternating rounds with llama.cpp: prefill ({dtype}) {out['prefill']:.2f}x, "
+          f"decode ({act} activations) {out['decode']:.2f}x (medians of per-round ratios)",
+          flush=True)
+    return out
 
 
 def main(argv=None) -> dict:
@@ -181,7 +221,8 @@ def main(argv=None) -> dict:
               "isa": "avx2 only (emulated, see --avx2-only)" if env else "native",
               "torch": torch.__version__, "copy_gbps": copy_bandwidth(), "recipes": {},
               "protocol": "each recipe in a fresh process (no allocator or cache state "
-                          "carried from the recipe before)"}
+                          "carried from the recipe before); ratios to llama.cpp and to FP32 "
+                          "are medians over alternating rounds in that process"}
     print(f"CPU: {report['cpu']}  threads {args.threads}  AVX512-VNNI: {report['vnni']}  "
           f"copy bandwidth {report['copy_gbps']:.1f} GB/s (read + write)", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -259,7 +300,10 @@ def measure_recipe(recipe: str, args) -> dict:
         row["paired_vs_fp32"] = paired_vs_fp32(model, row["lowbit"], args)
     if not args.no_llama_cpp and recipe in GGUF_NAMES:
         with tempfile.TemporaryDirectory() as tmp:
-            row["llama_cpp"] = run_llama(model, recipe, Path(tmp), args)
+            path = export_gguf(model, recipe, Path(tmp))
+            row["llama_cpp"] = run_llama(path, recipe, args)
+            row["paired_vs_llama_cpp"] = paired_vs_llama(model, row["lowbit"], path, recipe,
+                                                         args)
     return row
 
 
@@ -280,10 +324,14 @@ def ratios(row: dict, fp32: dict | None) -> None:
               f"{row['vs_fp32_across_processes']['prefill']:.2f}x", flush=True)
     if "llama_cpp" in row:
         llama = row["llama_cpp"]
-        row["decode_ratio"] = best / llama["decode_tps"]
-        row["prefill_ratio"] = prefill / llama["prefill_tps"]
-        print(f"  ratio lowbit / llama.cpp: decode {row['decode_ratio']:.2f}x, "
-              f"prefill (best of float32 / bf16) {row['prefill_ratio']:.2f}x", flush=True)
+        row["ratio_across_runs"] = {"decode": best / llama["decode_tps"],
+                                    "prefill": prefill / llama["prefill_tps"]}
+        print(f"  ratio lowbit / llama.cpp (separate timings): decode "
+              f"{row['ratio_across_runs']['decode']:.2f}x, prefill (best of float32 / bf16) "
+              f"{row['ratio_across_runs']['prefill']:.2f}x", flush=True)
+        paired = row.get("paired_vs_llama_cpp")
+        if paired:  # the alternating rounds are the ratios reported
+            row["decode_ratio"], row["prefill_ratio"] = paired["decode"], paired["prefill"]
 
 
 if __name__ == "__main__":
