@@ -16,7 +16,7 @@ import torch
 
 import lowbit
 from lowbit.cli.main import main
-from lowbit.runtime.text import encode_prompt
+from lowbit.runtime.text import GenerateError, encode_prompt
 
 transformers = pytest.importorskip("transformers")
 
@@ -53,7 +53,8 @@ def _hf_greedy_text(model, tok, prompt: str, n: int, chat: bool = False) -> str:
 
 
 def test_streams_greedy_text_equal_to_transformers_on_the_checkpoint(w8: Path) -> None:
-    proc = _lowbit("generate", str(w8), PROMPT, "--max-new-tokens", "8")
+    proc = _lowbit("generate", str(w8), PROMPT, "--max-new-tokens", "8",
+                   "--activations", "float")
     closing = CLOSING.match(proc.stderr.strip().splitlines()[-1])
     assert closing, proc.stderr
     assert closing[2] == "8" and closing[3].startswith("lowbit.runtime")
@@ -63,10 +64,36 @@ def test_streams_greedy_text_equal_to_transformers_on_the_checkpoint(w8: Path) -
     expected = _hf_greedy_text(model, tok, PROMPT, 8)
     assert proc.stdout == expected + "\n"
     pieces: list[str] = []
-    text, stats = lowbit.generate(model, tok, PROMPT, max_new_tokens=8, stream=pieces.append)
+    text, stats = lowbit.generate(model, tok, PROMPT, max_new_tokens=8, stream=pieces.append,
+                                  activations="float")
     assert text == expected == "".join(pieces) and stats.new_tokens == 8
     printed = dict(item.rsplit(" x", 1) for item in closing[4].split(", "))
     assert stats.kernels == {name: int(n) for name, n in printed.items()}
+
+
+@pytest.mark.parametrize("activations", ["int8", "auto"])
+def test_int8_activations_are_named_in_the_closing_line(activations: str, w8: Path) -> None:
+    """int8 activations (per block of 32, as llama.cpp) where asked or, by default, where
+    they measured faster: the closing line says which ran; the text is the float loop's
+    up to that rounding (not asserted token for token)."""
+    from lowbit.runtime.native_loop import has_vnni
+
+    argv = ["generate", str(w8), PROMPT, "--max-new-tokens", "8"]
+    proc = _lowbit(*argv, *(["--activations", activations] if activations != "auto" else []))
+    closing = CLOSING.match(proc.stderr.strip().splitlines()[-1])
+    assert closing and closing[2] == "8", proc.stderr
+    engine = closing[3]
+    assert engine.startswith("lowbit.runtime (float32, native decode loop")
+    if activations == "int8":
+        assert engine.endswith(", int8 activations)")
+    else:
+        assert engine.endswith(("loop)", ", int8 activations)"))
+    if activations == "int8" or has_vnni():  # float vs int8: the same model, same prompt
+        model, tok = lowbit.load_model(w8), lowbit.load_tokenizer(w8)
+        _, stats = lowbit.generate(model, tok, PROMPT, max_new_tokens=8, activations="int8")
+        assert stats.engine.endswith(", int8 activations)") and stats.new_tokens == 8
+        with pytest.raises(GenerateError, match="activations must be 'auto', 'int8' or"):
+            lowbit.generate(model, tok, PROMPT, max_new_tokens=8, activations="int4")
 
 
 def test_sampling_is_reproducible_from_the_seed(w8: Path, capsys) -> None:
@@ -124,7 +151,8 @@ def test_an_encoder_is_refused(tiny_tokenizer_dir, tmp_path: Path, capsys) -> No
 @pytest.mark.real_model
 def test_real_model_chat_streams_transformers_greedy_answer() -> None:
     question = "What is the capital of France?"
-    proc = _lowbit("generate", "smollm2-135m", question, "--chat", "--max-new-tokens", "24")
+    proc = _lowbit("generate", "smollm2-135m", question, "--chat", "--max-new-tokens", "24",
+                   "--activations", "float")
     closing = CLOSING.match(proc.stderr.strip().splitlines()[-1])
     assert closing and closing[3].startswith("lowbit.runtime (float32")
     assert "Paris" in proc.stdout

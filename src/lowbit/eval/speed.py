@@ -100,7 +100,8 @@ def _engine(model: nn.Module, engine: str):
 
         dtype = runtime_dtype(model)
         try:
-            runtime = DecoderRuntime(model, dtype=dtype)  # prepared once, outside the timing
+            # prepared once, outside the timing; the activations ``lowbit generate`` uses
+            runtime = DecoderRuntime(model, dtype=dtype, activations="auto")
         except UnsupportedModelError:
             if engine == "lowbit":
                 raise

@@ -195,9 +195,12 @@ class DecoderRuntime:
     # ---- set-up -------------------------------------------------------------------------------
     @property
     def engine_name(self) -> str:
-        """``lowbit.runtime (<dtype>[, native decode loop | , fused C ops])``, for reports."""
+        """``lowbit.runtime (<dtype>[, native decode loop[, int8 activations] | , fused C
+        ops])``, for reports."""
         kind = {"native fused ops": ", fused C ops", "native loop": ", native decode loop"}.get(
             self.decode_path.split(" (")[0], "")
+        if self._native_loop is not None and self._native_loop.activations == "int8":
+            kind += ", int8 activations"
         return f"lowbit.runtime ({str(self.dtype).removeprefix('torch.')}{kind})"
 
     def _ensure(self, batch: int, max_len: int) -> None:

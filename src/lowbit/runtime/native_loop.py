@@ -315,13 +315,27 @@ def _seconds(linears: list[LbLinear], q8: int, rounds: int = 7) -> float:
     return sorted(times)[rounds // 2]
 
 
+#: ``"auto"``'s answers in this process, by what was timed (layouts, shapes, threads, ISA)
+_AUTO: dict[tuple, bool] = {}
+
+
 def _measured(spec) -> tuple[bool, tuple]:
     """``"auto"``'s choice: int8 activations (True) where one block's MLP and the output
-    head run faster with them than with float32 activations on this machine; with the
-    chosen descriptors."""
+    head run faster with them than with float32 activations on this machine (the two timed
+    in alternating rounds); with the chosen descriptors. The answer is kept for the process,
+    so every runtime of a model in it computes the same numbers."""
     (l8, h8, k8), (lf, hf, kf) = _descriptors(spec, True), _descriptors(spec, False)
-    q8 = _seconds([l8[0]["gate_proj"], l8[0]["down_proj"], h8], 1) < _seconds(
-        [lf[0]["gate_proj"], lf[0]["down_proj"], hf], 0)
+    ints = [l8[0]["gate_proj"], l8[0]["down_proj"], h8]
+    floats = [lf[0]["gate_proj"], lf[0]["down_proj"], hf]
+    key = (tuple((d.kind, d.n, d.k, d.kg, d.block) for d in ints + floats),
+           torch.get_num_threads(), has_vnni())
+    if key not in _AUTO:
+        times: dict[bool, list] = {True: [], False: []}
+        for _ in range(5):
+            times[True].append(_seconds(ints, 1, rounds=3))
+            times[False].append(_seconds(floats, 0, rounds=3))
+        _AUTO[key] = sorted(times[True])[2] < sorted(times[False])[2]
+    q8 = _AUTO[key]
     return q8, ((l8, h8, k8) if q8 else (lf, hf, kf))
 
 

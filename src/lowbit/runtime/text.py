@@ -94,8 +94,8 @@ def encode_prompt(tokenizer: Any, prompt: str, chat: bool = False) -> torch.Tens
 
 def generate(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int = 128, *,
              chat: bool = False, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-             stream: Stream | None = None,
-             dtype: torch.dtype | None = None) -> tuple[str, TextStats]:
+             stream: Stream | None = None, dtype: torch.dtype | None = None,
+             activations: str = "auto") -> tuple[str, TextStats]:
     """Continue ``prompt`` (or answer it, with ``chat``) and return ``(text, stats)``.
 
     Greedy when ``temperature`` is 0; otherwise samples from the softmax at ``temperature``
@@ -103,14 +103,20 @@ def generate(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int 
     seeded with ``seed`` (same seed, same text). Stops after ``max_new_tokens`` or at an
     end-of-sequence id. ``stream`` (a callable or a text file such as ``sys.stdout``) gets
     the text piece by piece as it decodes; the pieces join to the returned text. ``dtype``
-    is the runtime's activation dtype (default: the model's).
+    is the runtime's activation dtype (default: the model's). ``activations``: the native
+    decode loop's (float32 runtimes): ``"auto"`` (int8 per block of 32, as llama.cpp rounds
+    them, where that measured faster in this process; else float32), ``"int8"`` or
+    ``"float"`` (the reference); ``stats.engine`` says which ran.
     """
     check_options(prompt, max_new_tokens, temperature, top_p)
+    if activations not in ("auto", "int8", "float"):
+        raise GenerateError(f"activations must be 'auto', 'int8' or 'float', got "
+                            f"{activations!r}")
     input_ids = encode_prompt(tokenizer, prompt, chat)
     _check_length(model, input_ids.shape[1], max_new_tokens)
     text = _TextStream(tokenizer, stream)
     runtime, why_not = _try_runtime(model, dtype or _model_dtype(model),
-                                    input_ids.shape[1] + max_new_tokens)
+                                    input_ids.shape[1] + max_new_tokens, activations)
     eos = _eos_ids(model, tokenizer)
     if runtime is not None:
         stats = _runtime_generate(runtime, model, input_ids, max_new_tokens,
@@ -139,11 +145,11 @@ def _check_length(model: nn.Module, prompt_tokens: int, max_new_tokens: int) -> 
             f"model's limit of {limit} positions (max_position_embeddings): {fix}")
 
 
-def _try_runtime(model: nn.Module, dtype: torch.dtype,
-                 length: int) -> tuple[DecoderRuntime | None, str | None]:
+def _try_runtime(model: nn.Module, dtype: torch.dtype, length: int,
+                 activations: str = "auto") -> tuple[DecoderRuntime | None, str | None]:
     """The lean runtime for ``model``, or ``None`` and the reason it cannot run it."""
     try:
-        runtime = DecoderRuntime(model, dtype=dtype)
+        runtime = DecoderRuntime(model, dtype=dtype, activations=activations)
     except UnsupportedModelError as exc:
         return None, str(exc)
     window = runtime.spec.sliding_window
