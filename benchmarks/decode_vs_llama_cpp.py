@@ -19,6 +19,8 @@ For each recipe (SmolLM2-135M; ``float``, ``w8``, ``w4g32``, ``gguf:q4_0``, ``w8
   the median of the per-round ratios as ``decode_ratio`` / ``prefill_ratio``: the separate
   timings above lie minutes apart, and their ratio (kept as ``ratio_across_runs``) carries
   the machine's drift;
+- times lowbit's decode at 1 thread and at ``--threads`` in alternating rounds (how the
+  native loop scales with threads);
 - for every recipe, its ratio to lowbit's own FP32 model (decode with float activations,
   prefill float32), timed alternately with it in the recipe's process (``vs_fp32``; the
   ratio to the ``float`` row, timed minutes earlier in another process, is kept as
@@ -288,6 +290,31 @@ def paired_vs_fp32(model, lb: dict, args) -> dict:
     return out
 
 
+def thread_scaling(model, lb: dict, args) -> dict:
+    """Decode tokens/s (the faster activations) at 1 thread and at ``--threads``, timed in
+    alternating rounds; ``speedup`` is the ratio of the medians."""
+    from lowbit.runtime import DecoderRuntime
+
+    act = max(("float", "int8"), key=lambda a: lb[a]["decode_tps"])
+    rt = DecoderRuntime(model, dtype=torch.float32, activations=act)
+    prompt = torch.randint(0, 1000, (1, args.prompt), generator=torch.Generator().manual_seed(1))
+    counts = sorted({1, args.threads})
+    rates: dict = {t: [] for t in counts}
+    try:
+        for _ in range(args.repeats + 1):
+            for t in counts:
+                torch.set_num_threads(t)
+                rates[t].append(decode_tps(rt, prompt, args.tokens, 0))
+    finally:
+        torch.set_num_threads(args.threads)
+    med = {t: statistics.median(r[1:]) for t, r in rates.items()}
+    out = {"activations": act, "decode_tps": med, "speedup": med[counts[-1]] / med[1]}
+    print(f"  decode threads {' / '.join(map(str, counts))}: "
+          f"{' / '.join(f'{med[t]:.1f}' for t in counts)} tok/s = {out['speedup']:.2f}x",
+          flush=True)
+    return out
+
+
 def measure_recipe(recipe: str, args) -> dict:
     """lowbit's numbers for one recipe and, where a GGUF type exists, llama.cpp's."""
     import lowbit
@@ -296,6 +323,7 @@ def measure_recipe(recipe: str, args) -> dict:
     if recipe != "float":
         lowbit.quantize(model, recipe, progress=False)
     row = {"lowbit": run_lowbit(model, args)}
+    row["thread_scaling"] = thread_scaling(model, row["lowbit"], args)
     if recipe != "float":
         row["paired_vs_fp32"] = paired_vs_fp32(model, row["lowbit"], args)
     if not args.no_llama_cpp and recipe in GGUF_NAMES:
