@@ -22,32 +22,52 @@ static inline __m256i dot_u8(__m256i u, __m256i x) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1));
 }
 
-/* One LB_Q4R row (of its group of four, row r) on int8 activations a. */
-static float q4r_row(const lb_linear *L, const lb_q8 *a, int64_t n, int r) {
+/* The four rows of the LB_Q4R group starting at row n on int8 activations a, into t[0..4):
+ * each block's activations, offsets and scales loaded once for the four, the rows' bf16
+ * scales (and zeros) widened 16 at a time into f32 tables; per row the same operations in
+ * the same order as one row alone. */
+static void q4r_rows4(const lb_linear *L, const lb_q8 *a, int64_t n, float t[4]) {
     const int64_t kp = 2 * L->ld, G16 = (kp / 32 + 15) / 16;
     const uint16_t *s = L->s, *z = L->z;
     const __m256i low4 = _mm256_set1_epi8(0x0F);
-    __m256 f = _mm256_setzero_ps();
+    __m256 f[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                   _mm256_setzero_ps()};
+    float sf[4][16], zf[4][16];
     for (int64_t c = 0; c < kp / 64; c++) {
-        const __m256i b = _mm256_loadu_si256((const __m256i *)((const uint8_t *)L->w + n * L->ld
-                                                               + 128 * c + 32 * r));
-        const __m256i u[2] = {_mm256_and_si256(b, low4),
-                              _mm256_and_si256(_mm256_srli_epi16(b, 4), low4)};
+        if (c % 8 == 0) { /* blocks 2c .. 2c + 15: the group's next 16 scales per row */
+            const int64_t at = (n * G16 + 4 * (c / 8)) * 16;
+            for (int r = 0; r < 4; r++)
+                for (int h = 0; h < 16; h += 8) {
+                    const __m128i v = _mm_loadu_si128((const __m128i *)(s + at + 16 * r + h));
+                    _mm256_storeu_ps(sf[r] + h, _mm256_castsi256_ps(
+                        _mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16)));
+                    if (z) {
+                        const __m128i w = _mm_loadu_si128((const __m128i *)(z + at + 16 * r + h));
+                        _mm256_storeu_ps(zf[r] + h, _mm256_castsi256_ps(
+                            _mm256_slli_epi32(_mm256_cvtepu16_epi32(w), 16)));
+                    }
+                }
+        }
+        const uint8_t *wc = (const uint8_t *)L->w + n * L->ld + 128 * c;
         for (int h = 0; h < 2; h++) { /* blocks 2c (inputs 64c..) and 2c + 1 (64c + 32..) */
-            const int64_t blk = 2 * c + h, lane = 8 * blk;
+            const int64_t blk = 2 * c + h, lane = 8 * blk, j = blk % 16;
             const __m256i x = _mm256_loadu_si256((const __m256i *)(a->xq + 32 * blk));
-            const __m256i sum = _mm256_add_epi32(dot_u8(u[h], x),
-                                                 _mm256_loadu_si256((const __m256i *)(a->n8 + lane)));
-            const int64_t at = (n * G16 + 4 * (blk / 16) + r) * 16 + blk % 16;
+            const __m256i off = _mm256_loadu_si256((const __m256i *)(a->n8 + lane));
             const __m256 dl = _mm256_loadu_ps(a->dl + lane);
-            if (z) /* z x: z d (code sum), before the scaled sum (as q8_vnni.c) */
-                f = _mm256_fmadd_ps(_mm256_set1_ps(bf16_to_f32(z[at])),
-                                    _mm256_loadu_ps(a->dls + lane), f);
-            f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum),
-                                _mm256_mul_ps(dl, _mm256_set1_ps(bf16_to_f32(s[at]))), f);
+            for (int r = 0; r < 4; r++) {
+                const __m256i b = _mm256_loadu_si256((const __m256i *)(wc + 32 * r));
+                const __m256i u = h ? _mm256_and_si256(_mm256_srli_epi16(b, 4), low4)
+                                    : _mm256_and_si256(b, low4);
+                const __m256i sum = _mm256_add_epi32(dot_u8(u, x), off);
+                if (z) /* z x: z d (code sum), before the scaled sum (as q8_vnni.c) */
+                    f[r] = _mm256_fmadd_ps(_mm256_set1_ps(zf[r][j]),
+                                           _mm256_loadu_ps(a->dls + lane), f[r]);
+                f[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum),
+                                       _mm256_mul_ps(dl, _mm256_set1_ps(sf[r][j])), f[r]);
+            }
         }
     }
-    return hsum8(f);
+    for (int r = 0; r < 4; r++) t[r] = hsum8(f[r]);
 }
 
 /* One LB_I8 / LB_I8G row: whole blocks of 32 by SIMD, the inputs past them scalar. */
@@ -73,8 +93,17 @@ static float i8_row(const lb_linear *L, const lb_q8 *a, int64_t n) {
 /* Rows [n0, n1) of an LB_I8 / LB_I8G / LB_Q4R linear on int8 activations a (AVX2). */
 void lowbit_q8_rows_avx2(const lb_linear *L, const lb_q8 *a, float *y, int64_t n0,
                          int64_t n1) {
+    if (L->kind == LB_Q4R) { /* groups of four rows; n0 is a multiple of 4 */
+        for (int64_t n = n0; n < n1; n += 4) {
+            float t[4];
+            q4r_rows4(L, a, n, t);
+            for (int64_t r = n; r < n + 4 && r < n1; r++)
+                y[r] = t[r - n] + (L->bias ? L->bias[r] : 0.0f);
+        }
+        return;
+    }
     for (int64_t n = n0; n < n1; n++) {
-        float t = L->kind == LB_Q4R ? q4r_row(L, a, n / 4 * 4, (int)(n % 4)) : i8_row(L, a, n);
+        float t = i8_row(L, a, n);
         if (L->kind == LB_I8) t *= ((const float *)L->s)[n];
         y[n] = t + (L->bias ? L->bias[n] : 0.0f);
     }
