@@ -161,6 +161,13 @@ def run_llama(path: Path, recipe: str, args, repeats: int | None = None) -> dict
     return res
 
 
+def faster(lb: dict) -> tuple[str, str]:
+    """The recipe's faster prefill dtype and faster decode activations in ``run_lowbit``'s
+    timings: what the paired and thread measurements run."""
+    return (max(("float32", "bfloat16"), key=lambda d: lb[f"prefill_{d}_tps"]),
+            max(("float", "int8"), key=lambda a: lb[a]["decode_tps"]))
+
+
 def paired_vs_llama(model, lb: dict, path: Path, recipe: str, args) -> dict:
     """lowbit against llama.cpp in alternating rounds (one lowbit prefill 512 and one run of
     ``--tokens`` decode steps, then one ``llama-bench -r 1`` on the exported file), the
@@ -168,8 +175,7 @@ def paired_vs_llama(model, lb: dict, path: Path, recipe: str, args) -> dict:
     minutes (20-30% on a shared VM) stays out of it; the first round is a warm-up."""
     from lowbit.runtime import DecoderRuntime
 
-    dtype = max(("float32", "bfloat16"), key=lambda d: lb[f"prefill_{d}_tps"])
-    act = max(("float", "int8"), key=lambda a: lb[a]["decode_tps"])
+    dtype, act = faster(lb)
     pre = DecoderRuntime(model, dtype=getattr(torch, dtype))
     dec = DecoderRuntime(model, dtype=torch.float32, activations=act)
     prompt = torch.randint(0, 1000, (1, args.prompt), generator=torch.Generator().manual_seed(1))
@@ -267,8 +273,7 @@ def paired_vs_fp32(model, lb: dict, args) -> dict:
     import lowbit
     from lowbit.runtime import DecoderRuntime
 
-    dtype = max(("float32", "bfloat16"), key=lambda d: lb[f"prefill_{d}_tps"])
-    act = max(("float", "int8"), key=lambda a: lb[a]["decode_tps"])
+    dtype, act = faster(lb)
     runtimes = {"recipe": (DecoderRuntime(model, dtype=getattr(torch, dtype)),
                            DecoderRuntime(model, dtype=torch.float32, activations=act)),
                 "fp32": (DecoderRuntime(lowbit.load_model("smollm2-135m"), dtype=torch.float32),)}
@@ -295,7 +300,7 @@ def thread_scaling(model, lb: dict, args) -> dict:
     alternating rounds; ``speedup`` is the ratio of the medians."""
     from lowbit.runtime import DecoderRuntime
 
-    act = max(("float", "int8"), key=lambda a: lb[a]["decode_tps"])
+    act = faster(lb)[1]
     rt = DecoderRuntime(model, dtype=torch.float32, activations=act)
     prompt = torch.randint(0, 1000, (1, args.prompt), generator=torch.Generator().manual_seed(1))
     counts = sorted({1, args.threads})

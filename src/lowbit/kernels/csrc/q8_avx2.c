@@ -38,14 +38,8 @@ static void q4r_rows4(const lb_linear *L, const lb_q8 *a, int64_t n, float t[4])
             const int64_t at = (n * G16 + 4 * (c / 8)) * 16;
             for (int r = 0; r < 4; r++)
                 for (int h = 0; h < 16; h += 8) {
-                    const __m128i v = _mm_loadu_si128((const __m128i *)(s + at + 16 * r + h));
-                    _mm256_storeu_ps(sf[r] + h, _mm256_castsi256_ps(
-                        _mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16)));
-                    if (z) {
-                        const __m128i w = _mm_loadu_si128((const __m128i *)(z + at + 16 * r + h));
-                        _mm256_storeu_ps(zf[r] + h, _mm256_castsi256_ps(
-                            _mm256_slli_epi32(_mm256_cvtepu16_epi32(w), 16)));
-                    }
+                    _mm256_storeu_ps(sf[r] + h, load_bf16x8(s + at + 16 * r + h));
+                    if (z) _mm256_storeu_ps(zf[r] + h, load_bf16x8(z + at + 16 * r + h));
                 }
         }
         const uint8_t *wc = (const uint8_t *)L->w + n * L->ld + 128 * c;

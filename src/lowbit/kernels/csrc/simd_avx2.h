@@ -22,6 +22,12 @@ static inline uint16_t to_bf16(float f) {
     return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
+/* 8 bfloat16 values at p widened to float32 (exact). */
+static inline __m256 load_bf16x8(const uint16_t *p) {
+    const __m128i v = _mm_loadu_si128((const __m128i *)p);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+
 /* 8 floats rounded to bfloat16 (nearest, ties to even: as torch's .to(torch.bfloat16) for
  * finite values), stored at out. */
 static inline void store_bf16x8(uint16_t *out, __m256 v) {
