@@ -60,10 +60,20 @@ def test_kill_mid_write_keeps_previous_checkpoint(big_dir, tmp_path):
             seen = _mid_write(tmp_path, out.name)
             time.sleep(0.001)  # a poll per ms: the save takes tens of ms, the CPU is shared
         if seen is not None:
-            os.kill(proc.pid, signal.SIGKILL)
+            # freeze the save, then kill it only if it is still writing (the temp folder
+            # exists and the old checkpoint still holds the name); a save that got past that
+            # between the poll and the stop is let finish and tried again
+            os.kill(proc.pid, signal.SIGSTOP)
+            _wait_stopped(proc.pid)
+            if seen.exists() and out.exists():
+                os.kill(proc.pid, signal.SIGKILL)
+            else:
+                seen = None
+            os.kill(proc.pid, signal.SIGCONT)
         err = proc.communicate(timeout=60)[1].decode()
-        if proc.returncode != 0:
+        if proc.returncode == -signal.SIGKILL:
             break
+        assert proc.returncode == 0, err
         assert lowbit.load(out).lowbit_recipe.name == "w8"  # completed: whole, not torn
         shutil.rmtree(out)
         model = _small_checkpoint(out, "w4g32")
@@ -82,6 +92,19 @@ def test_kill_mid_write_keeps_previous_checkpoint(big_dir, tmp_path):
     assert list(tmp_path.glob(f".{out.name}.*.tmp"))
     lowbit.save(model, out, overwrite=True)
     assert not list(tmp_path.glob(f".{out.name}.*")), list(tmp_path.iterdir())
+
+
+def _wait_stopped(pid: int) -> None:
+    """Until the kernel reports ``pid`` stopped (or gone): a SIGSTOP is not taken at once."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, IndexError):
+            return
+        if state in "TtZX":
+            return
+        time.sleep(0.0005)
 
 
 def _small_checkpoint(path: Path, recipe: str):
