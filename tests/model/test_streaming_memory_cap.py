@@ -1,6 +1,6 @@
 """Proof that streaming holds one block, not the model: a synthetic Llama of 200 MiB (FP32)
-is quantized in a child process whose resident memory grows by less than 48 MiB (a quarter
-of the model) at its peak, under a hard address-space cap the in-memory path cannot run
+is quantized in a child process whose resident memory grows by less than 64 MiB (under a
+third of the model, about five blocks) at its peak, under a hard address-space cap the in-memory path cannot run
 under, and the streamed codes equal the in-memory path's on a slice of the model.
 
 Two measures (``capped_run``), because each alone proves less:
@@ -10,7 +10,9 @@ Two measures (``capped_run``), because each alone proves less:
   when ``malloc_trim`` hands the pages of freed blocks back (about 1.5 MiB of extent per unit
   here, with a flat resident set), so it needs a margin over the real peak;
 - the real peak, the kernel's own high-water mark of the resident set (``VmHWM``, reset
-  just before the run): exact, no sampling, and the bound asserted (``RSS_CAP_MB``).
+  just before the run): exact, no sampling, and the bound asserted (``RSS_CAP_MB``). It
+  varies from run to run (35-52 MiB measured for this 16-block model, 39-47 MiB for a
+  32-block one: it does not grow with the model), hence the bound's margin.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from lowbit.model.shards import TensorFiles
 from .synthetic import llama_config, write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
-AS_CAP_MB, RSS_CAP_MB = 128, 48
+AS_CAP_MB, RSS_CAP_MB = 128, 64
 SHAPES = {"hidden": 512, "inter": 1408}  # one block: 3.1M weights, 12.6 MiB in FP32
 
 
@@ -49,7 +51,7 @@ def _capped(mode: str, src: Path, out: Path, warm: Path) -> dict:
 def test_a_model_several_times_the_cap_streams_under_it(tmp_path):
     big = write_checkpoint(tmp_path / "big", llama_config(**SHAPES, layers=16))
     write_checkpoint(tmp_path / "warm", llama_config(**SHAPES, layers=1))
-    assert big > 4 * RSS_CAP_MB * 2**20 and big > 1.5 * AS_CAP_MB * 2**20  # 200 MiB
+    assert big > 3 * RSS_CAP_MB * 2**20 and big > 1.5 * AS_CAP_MB * 2**20  # 200 MiB
 
     streamed = _capped("stream", tmp_path / "big", tmp_path / "out", tmp_path / "warm")
     assert streamed["error"] is None, streamed
