@@ -1,7 +1,8 @@
 """Proof that streaming holds one block, not the model: a synthetic Llama of 200 MiB (FP32)
 is quantized in a child process whose resident memory grows by less than 64 MiB (under a
-third of the model, about five blocks) at its peak, under a hard address-space cap the in-memory path cannot run
-under, and the streamed codes equal the in-memory path's on a slice of the model.
+third of the model, about five blocks) at its peak, under a hard address-space cap the
+in-memory path cannot run under, and the streamed codes equal the in-memory path's on a
+slice of the model.
 
 Two measures (``capped_run``), because each alone proves less:
 - the hard cap, ``RLIMIT_AS`` (address space in use after warm-up + ``AS_CAP_MB``): no
