@@ -20,7 +20,7 @@ def _weights(seed: int = 0) -> np.ndarray:
     return w
 
 
-@pytest.mark.parametrize("name", list(blocks.BLOCK_TYPES))
+@pytest.mark.parametrize("name", blocks.REFERENCE_ROUNDED)
 @pytest.mark.parametrize("seed", [0, 1])
 def test_rounding_floats_matches_gguf_quantize_byte_for_byte(name, seed):
     w = _weights(seed)
@@ -38,6 +38,11 @@ def test_packed_codes_decode_to_the_block_formula(name):
     if name == "q8_0":
         codes = rng.integers(-128, 128, (rows, cols)).astype(np.int8)
         values = codes.astype(np.float32)
+    elif name == "iq4_nl":  # llama.cpp's kvalues_iq4nl, written out here independently
+        codes = rng.integers(0, 16, (rows, cols)).astype(np.uint8)
+        table = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69,
+                          89, 113], np.float32)
+        values = table[codes]
     else:
         codes = rng.integers(0, 1 << bits, (rows, cols)).astype(np.uint8)
         values = codes.astype(np.float32) - blocks.OFFSET[name]

@@ -113,9 +113,9 @@ def test_unrecognised_pre_tokenizer_asks_for_its_name():
 
 
 def test_unknown_type(tmp_path, tiny_tok):
-    with pytest.raises(ExportError, match="unknown GGUF type 'iq4_nl'"):
+    with pytest.raises(ExportError, match="unknown GGUF type 'iq4_xs'"):
         lowbit.export(tiny_decoder(), "gguf", tmp_path / "m.gguf", tokenizer=tiny_tok,
-                      float_type="iq4_nl")
+                      float_type="iq4_xs")
 
 
 def test_temporary_file_of_a_killed_export_is_removed(tmp_path, tiny_tok):

@@ -124,6 +124,22 @@ def test_float_model_rounded_like_llama_cpp(float_type, tmp_path, tiny_tok):
     assert np.array_equal(stored["blk.0.ffn_up.weight"], quantize(w, ggml_type(float_type)))
 
 
+def test_float_model_rounded_to_iq4_nl(tmp_path, tiny_tok):
+    """gguf-py has no IQ4_NL quantizer: a float weight is rounded by lowbit on IQ4_NL's grid
+    (gguf:iq4_nl's round to nearest), and gguf.quants reads back exactly that weight."""
+    from lowbit.algorithms.round_to_nearest import quantize_weight
+    from lowbit.formats.scaling import dequantize
+    from lowbit.model.gguf_grids import grid_spec
+
+    model = tiny_decoder("llama")
+    path = _export(model, tmp_path, tiny_tok, float_type="iq4_nl").path
+    kind, stored = read_tensors(path)["blk.0.ffn_up.weight"]
+    w = model.model.layers[0].mlp.up_proj.weight.detach().float()
+    codes, qp = quantize_weight(w, grid_spec("iq4_nl"))
+    assert kind == "iq4_nl"
+    assert np.array_equal(stored, dequantize(codes, qp).float().numpy())
+
+
 def test_checkpoint_and_cli(tmp_path, tiny_llama_dir, capsys):
     from lowbit.cli.main import main
 

@@ -29,6 +29,9 @@ def test_llama_cpp_layer_choice_for_30_layers():
     assert tensor_type("q2_k", "attn_v", 0, 30, gqa=3) == "q3_k"
     assert tensor_type("q2_k", "attn_v", 0, 30, gqa=4) == "q4_k"
     assert tensor_type("q4_k_m", None, 0, 30) == "q4_k"
+    # IQ4_NL (no importance matrix): ffn_down Q5_K in the first 30 // 8 = 3 layers
+    assert [tensor_type("iq4_nl", "ffn_down", i, 30) for i in (2, 3)] == ["q5_k", "iq4_nl"]
+    assert [tensor_type("iq4_nl", "attn_v", 0, 30, gqa=g) for g in (3, 4)] == ["iq4_nl", "q5_k"]
 
 
 def _decoder(tied: bool, layers: int = 8):
@@ -83,6 +86,7 @@ needs_quantize = pytest.mark.skipif(
 @pytest.mark.parametrize("kind, tied", [
     ("q4_k_m", True), ("q4_k_m", False), ("q3_k_m", True), ("q2_k", True), ("q4_k_s", False),
     ("q5_k_m", True), ("q3_k_l", True), ("q4_0", True), ("q8_0", False), ("q6_k", True),
+    ("iq4_nl", True), ("iq4_nl", False),
 ])
 def test_each_tensor_gets_llama_quantize_type(kind, tied, tmp_path, tiny_tok):
     model = _decoder(tied)

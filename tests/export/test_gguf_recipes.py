@@ -25,7 +25,7 @@ def _export(model, tmp_path, tok):
 @pytest.mark.parametrize("recipe, kind, exact", [
     ("gguf:q4_0-gptq", "q4_0", True), ("gguf:q8_0-gptq", "q8_0", True),
     ("gguf:q5_0", "q5_0", True), ("gguf:q4_1-gptq", "q4_1", False),
-    ("gguf:q5_1-awq+gptq-frot", "q5_1", False),
+    ("gguf:q5_1-awq+gptq-frot", "q5_1", False), ("gguf:iq4_nl-gptq", "iq4_nl", True),
 ])
 def test_solved_codes_reach_the_file_unchanged(recipe, kind, exact, tmp_path, tiny_tok):
     model = tiny_decoder("llama")
@@ -33,6 +33,9 @@ def test_solved_codes_reach_the_file_unchanged(recipe, kind, exact, tmp_path, ti
                     progress=False)
     report = _export(model, tmp_path, tiny_tok)
     assert report.carried == 15
+    scales = model.model.layers[0].mlp.up_proj.packed_weight().qparams.scale
+    # llama.cpp's Q4_0 / Q5_0 / IQ4_NL sign d (the largest |w| on the longer end), as lowbit
+    assert bool((scales < 0).any()) == (kind in ("q4_0", "q5_0", "iq4_nl"))
     diffs = compare_weights(model, report.path)
     assert diffs[kind].tensors >= 14
     # float16 d: exact; Q4_1/Q5_1's m = -z * s is rounded to float16 once more

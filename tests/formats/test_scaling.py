@@ -214,3 +214,30 @@ def test_float_zero_point_is_float16_beside_16_bit_scales():
     err = (dequantize(quantize(x, half), half) - x).abs().max(-1).values
     step = half.scale.float().amax(-1)
     assert bool((err <= 0.5 * step + 1e-6).all())  # still within half a step
+
+
+def test_signed_scale_puts_the_extreme_on_the_longer_end():
+    """``signed_scale`` (llama.cpp's Q4_0: d = max / -8): a group whose largest magnitude is
+    positive gets a negative scale, so that value is code -8 exactly; the grid then has one
+    more step across the group's range, and rounding error falls accordingly."""
+    from lowbit.formats import WeightSpec
+
+    w = torch.tensor([[0.1, -0.3, 0.8, 0.2], [-0.8, 0.5, 0.1, 0.0]])
+    spec = WeightSpec("int4", "group:4", True, "fp16", signed_scale=True)
+    qp = spec.qparams(w)
+    assert qp.scale.flatten().tolist() == pytest.approx([-0.1, 0.1], rel=1e-3)
+    codes = quantize(w, qp)
+    assert codes[0, 2] == -8 and codes[1, 0] == -8
+    assert torch.allclose(dequantize(codes, qp), w, atol=0.05 + 1e-6)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 512, generator=g)
+    errors = {}
+    for signed in (False, True):
+        s = WeightSpec("int4", "group:32", True, "fp16", signed_scale=signed)
+        errors[signed] = float((dequantize(quantize(x, s.qparams(x)), s.qparams(x)) - x)
+                               .pow(2).mean())
+    assert errors[True] < 0.85 * errors[False], errors  # about 22% less on Gaussian weights
+    assert WeightSpec(**spec.to_dict()) == spec
+    assert "signed_scale" not in WeightSpec("int4", "group:4", True, "fp16").to_dict()
+    with pytest.raises(FormatError, match="signed_scale needs symmetric"):
+        WeightSpec("uint4", "group:32", False, "fp16", signed_scale=True)

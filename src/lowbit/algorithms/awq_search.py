@@ -33,7 +33,7 @@ import torch
 from lowbit.algorithms.base import AlgorithmError, QuantResult, check_inputs, check_weight
 from lowbit.algorithms.registry import Algorithm, register
 from lowbit.formats.rotation import rotate
-from lowbit.formats.scaling import dequantize, minmax, qparams_from_range, quantize
+from lowbit.formats.scaling import dequantize, minmax, quantize
 from lowbit.formats.spec import WeightSpec
 
 
@@ -117,9 +117,7 @@ class AWQ:
 
     @staticmethod
     def _qparams(lo, hi, config):
-        return qparams_from_range(lo, hi, config.fmt, config.granularity,
-                                  symmetric=config.symmetric, scale_dtype=config.scale_dtype,
-                                  integer_zero_point=config.integer_zero_point)
+        return config.range_qparams(lo, hi)
 
     def _search_clip(self, Ws, Xs, lo, hi, config):
         """Per (row, group) shrink of the range minimising that group's output error."""

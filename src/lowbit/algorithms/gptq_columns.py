@@ -18,7 +18,6 @@ from lowbit.formats.scaling import (
     QParams,
     compute_qparams,
     dequantize,
-    qparams_from_range,
     quantize,
 )
 from lowbit.formats.spec import WeightSpec
@@ -190,14 +189,12 @@ def clipped_qparams(W: torch.Tensor, cfg: WeightSpec, gran: Granularity,
                      ratios: tuple[float, ...], norm: float) -> QParams:
     """Min/max parameters of ``W`` under ``gran``, each parameter's range shrunk by the ratio
     (of ``ratios``) with the least ``sum |W - q(W)|^norm`` over its elements."""
-    opts = dict(symmetric=cfg.symmetric, scale_dtype=cfg.scale_dtype,
-                integer_zero_point=cfg.integer_zero_point)
     if not ratios:
-        return compute_qparams(W, cfg.fmt, gran, **opts)
+        return compute_qparams(W, cfg.fmt, gran, **cfg.range_options())
     best_lo, best_hi = best_clip_range(
-        W, gran, lambda lo, hi: qparams_from_range(lo, hi, cfg.fmt, gran, **opts), ratios, norm)
+        W, gran, lambda lo, hi: cfg.range_qparams(lo, hi, gran), ratios, norm)
     # one call on the chosen ranges: a super-block dtype's groups are snapped together
-    return qparams_from_range(best_lo, best_hi, cfg.fmt, gran, **opts)
+    return cfg.range_qparams(best_lo, best_hi, gran)
 
 
 def column_qparams(qp: QParams, group: int) -> QParams:

@@ -30,7 +30,7 @@ import torch
 
 from lowbit.algorithms.base import AlgorithmError, QuantResult, check_weight
 from lowbit.algorithms.registry import Algorithm, register
-from lowbit.formats.scaling import dequantize, minmax, qparams_from_range, quantize
+from lowbit.formats.scaling import dequantize, minmax, quantize
 from lowbit.formats.spec import WeightSpec
 
 
@@ -59,9 +59,7 @@ class ImportanceRTN:
         shape = lo.shape
 
         def qparams(c_lo, c_hi):
-            return qparams_from_range(c_lo, c_hi, fmt, gran, symmetric=config.symmetric,
-                                      scale_dtype=config.scale_dtype,
-                                  integer_zero_point=config.integer_zero_point)
+            return config.range_qparams(c_lo, c_hi, gran)
 
         def loss(qp):
             codes = quantize(W, qp)

@@ -154,7 +154,8 @@ def refit_group_params(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor,
         if offsets:
             shift[r0:r1] = theta[:, n_groups:]
     old_scale = qparams.scale.reshape(rows, n_groups)
-    ok = torch.isfinite(scale) & (scale > 0)
+    # a refit keeps each scale's sign (negative only for ``signed_scale`` specs)
+    ok = torch.isfinite(scale) & (scale * old_scale.double() > 0)
     new_scale = torch.where(ok, scale, old_scale.double()).to(old_scale.dtype)
     old_zero = new_zero = None if zero is None else zero.reshape(rows, n_groups)
     if offsets:

@@ -5,7 +5,9 @@
   value j + 16 (high nibble);
 - ``Q4_1`` (20 B): ``d | m | qs[16]``, x = d * q + m;
 - ``Q5_0`` (22 B) / ``Q5_1`` (24 B): as Q4_0 / Q4_1 with the fifth bit of value j in bit j
-  of a little-endian 32-bit ``qh`` after ``d`` (and ``m``); x = d * (q - 16) / d * q + m.
+  of a little-endian 32-bit ``qh`` after ``d`` (and ``m``); x = d * (q - 16) / d * q + m;
+- ``IQ4_NL`` (18 B): laid out as Q4_0, x = d * kvalues_iq4nl[q] (a 16-value non-linear table,
+  ``formats.lookup.IQ4NL_VALUES``).
 
 ``pack`` lays codes out; ``round_float`` chooses codes for a float weight the way llama.cpp's
 reference quantizers do (float32 arithmetic, same rounding), so ``pack(*round_float(w, t))``
@@ -19,10 +21,13 @@ import numpy as np
 BLOCK = 32
 #: type name -> (bits, has a min ``m``)
 BLOCK_TYPES = {"q8_0": (8, False), "q4_0": (4, False), "q4_1": (4, True),
-               "q5_0": (5, False), "q5_1": (5, True)}
+               "q5_0": (5, False), "q5_1": (5, True), "iq4_nl": (4, False)}
 FLOAT_TYPES = ("f32", "f16")
+#: the types ``round_float`` rounds as llama.cpp's reference quantizer does (gguf-py has no
+#: IQ4_NL quantizer to check one against: ``gguf_weights.float_weight`` rounds that by lowbit)
+REFERENCE_ROUNDED = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 #: offset added to a signed code to store it (x = d * (stored - offset))
-OFFSET = {"q8_0": 0, "q4_0": 8, "q5_0": 16, "q4_1": 0, "q5_1": 0}
+OFFSET = {"q8_0": 0, "q4_0": 8, "q5_0": 16, "q4_1": 0, "q5_1": 0, "iq4_nl": 0}
 
 
 def ggml_type(name: str):
@@ -87,6 +92,8 @@ def _inverse(d: np.ndarray) -> np.ndarray:
 def round_float(w: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Codes, ``d`` and ``m`` (float32, before their float16 rounding) that llama.cpp's
     reference quantizer picks for float weight ``w`` ``[rows, cols]``; ``cols % 32 == 0``."""
+    if name not in REFERENCE_ROUNDED:
+        raise ValueError(f"no reference rounding for {name}; use one of {REFERENCE_ROUNDED}")
     rows, cols = w.shape
     x = np.ascontiguousarray(w, dtype=np.float32).reshape(-1, BLOCK)
     bits, has_min = BLOCK_TYPES[name]

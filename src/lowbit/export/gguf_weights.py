@@ -6,7 +6,9 @@ grid, with the scale (and offset) of its group repeated in every 32-value block 
 - int8 symmetric, per channel or groups of 32k -> ``Q8_0``: d = scale;
 - int4 / int5 symmetric -> ``Q4_0`` / ``Q5_0``: stored code = code + 8 / + 16, d = scale;
 - uint4 / uint5 asymmetric (float or integer zero-point) -> ``Q4_1`` / ``Q5_1``: lowbit
-  computes x = (q - z) * s, the block x = d * q + m, so d = s and m = -z * s.
+  computes x = (q - z) * s, the block x = d * q + m, so d = s and m = -z * s;
+- the ``iq4nl`` lookup table, symmetric (``gguf:iq4_nl``) -> ``IQ4_NL``: code = index into
+  the same table, d = scale.
 d and m are stored as float16: the only rounding the move adds (``ExportReport`` measures it).
 Codes solved on a k-quant grid (``model/gguf_grids.py``: groups inside 256-input super-blocks
 with ``fp16*...`` scale dtypes) become Q6_K, Q5_K, Q4_K, Q3_K or Q2_K blocks
@@ -33,10 +35,11 @@ from lowbit.nn import QuantizedLinear, WeightSpec
 
 #: (format, symmetric) -> GGUF block type holding that grid exactly
 CARRIED = {("int8", True): "q8_0", ("int4", True): "q4_0", ("int5", True): "q5_0",
-           ("uint4", False): "q4_1", ("uint5", False): "q5_1"}
-BLOCK_TYPE_HELP = ("GGUF holds int8 symmetric (Q8_0), int4/int5 symmetric (Q4_0/Q5_0) and "
-                   "4/5-bit asymmetric (Q4_1/Q5_1) codes in blocks of 32 inputs, and the "
-                   "k-quants' grids of the gguf:q6_k/q5_k/q4_k/q3_k/q2_k recipes")
+           ("uint4", False): "q4_1", ("uint5", False): "q5_1", ("iq4nl", True): "iq4_nl"}
+BLOCK_TYPE_HELP = ("GGUF holds int8 symmetric (Q8_0), int4/int5 symmetric (Q4_0/Q5_0), "
+                   "4/5-bit asymmetric (Q4_1/Q5_1) and llama.cpp's iq4nl table (IQ4_NL) codes "
+                   "in blocks of 32 inputs, and the k-quants' grids of the "
+                   "gguf:q6_k/q5_k/q4_k/q3_k/q2_k recipes")
 
 
 class ExportError(LowbitError, ValueError):
@@ -159,6 +162,10 @@ def float_weight(layer: str, weight: torch.Tensor, type_name: str) -> tuple[str,
         return "f32", np.ascontiguousarray(w)
     if type_name == "f16":
         return "f16", w.astype(np.float16)
+    if type_name == "iq4_nl":  # gguf-py has no IQ4_NL quantizer: lowbit's rounding, its grid
+        check_row_length(layer, w.shape[-1])
+        codes, qp = quantize_weight(weight.detach().float(), grid_spec(type_name))
+        return type_name, blocks.pack(type_name, codes.numpy(), qp.scale.float().numpy())
     if type_name in kquants.KQUANTS:
         spec = fit_row_length(grid_spec(type_name), w.shape[-1])
         if grid_of(spec) == type_name:

@@ -32,7 +32,8 @@ EMBEDDING_TYPES = ("auto",) + TYPES
 FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0",
               "q4_0": "MOSTLY_Q4_0", "q4_1": "MOSTLY_Q4_1", "q5_0": "MOSTLY_Q5_0",
               "q5_1": "MOSTLY_Q5_1", "q6_k": "MOSTLY_Q6_K", "q5_k": "MOSTLY_Q5_K_M",
-              "q4_k": "MOSTLY_Q4_K_M", "q3_k": "MOSTLY_Q3_K_M", "q2_k": "MOSTLY_Q2_K"}
+              "q4_k": "MOSTLY_Q4_K_M", "q3_k": "MOSTLY_Q3_K_M", "q2_k": "MOSTLY_Q2_K",
+              "iq4_nl": "MOSTLY_IQ4_NL"}
 
 
 TIED_NOTE = "; token_embd holds the quantized head's codes (tied)"

@@ -10,6 +10,8 @@
   Neural Networks using Logarithmic Data Representation"). As a lookup format it rounds to
   the nearest value in the linear domain (the least squared error), where the paper rounds
   ``log2|x|``; the two differ only between the arithmetic and geometric midpoints.
+- ``iq4nl``: llama.cpp's IQ4_NL table (``kvalues_iq4nl``, integers -127 .. 113, denser near
+  zero), with a scale per block it is GGUF's IQ4_NL type (``gguf:iq4_nl`` recipes).
 - ``codebook(values)``: any user table, e.g. k-means centroids.
 
 ``encode`` (nearest) picks the closest value; an input exactly halfway between two values
@@ -47,6 +49,8 @@ NF4_VALUES = (
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 )  # fmt: skip
 NF4_OFFSET = 0.9677083
+#: llama.cpp's non-linear 4-bit table (``kvalues_iq4nl``, ggml-common.h), ascending integers
+IQ4NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
 
 @dataclass(frozen=True)
@@ -178,6 +182,8 @@ def nf4_values(offset: float = NF4_OFFSET) -> torch.Tensor:
 
 
 NF4 = register_format(LookupFormat("nf4", 4, values=NF4_VALUES))
+#: llama.cpp's IQ4_NL / IQ4_XS grid (``kvalues_iq4nl`` in ggml-common.h): x = d * value
+IQ4NL = register_format(LookupFormat("iq4nl", 4, values=IQ4NL_VALUES))
 LOG4 = register_format(log_format(4))
 
 

@@ -91,7 +91,8 @@ def _round_scale(scale: torch.Tensor, fmt: NumberFormat, scale_dtype: str) -> to
     rounded = scale.to(target)
     # a scale that rounds to 0 or overflows in a half dtype would break dequantization
     tiny = torch.finfo(target).tiny
-    return torch.nan_to_num(rounded, posinf=torch.finfo(target).max).clamp_min(tiny)
+    magnitude = torch.nan_to_num(rounded.abs(), posinf=torch.finfo(target).max).clamp_min(tiny)
+    return torch.where(rounded < 0, -magnitude, magnitude)  # signed scales keep their sign
 
 
 def qparams_from_range(
@@ -103,8 +104,16 @@ def qparams_from_range(
     symmetric: bool = True,
     scale_dtype: str = "fp32",
     integer_zero_point: bool = True,
+    signed_scale: bool = False,
 ) -> QParams:
     """Scale (and zero-point) that map ``[min_val, max_val]`` onto ``fmt``'s grid.
+
+    ``signed_scale`` (symmetric formats whose negative end is the longer one: int4's -8,
+    IQ4_NL's -127): the scale takes the sign that puts the range's largest-magnitude end on
+    ``fmt.min_value``, ``scale = extreme / min_value`` (negative when that end is positive),
+    as llama.cpp's Q4_0 / Q5_0 / IQ4_NL quantizers choose ``d = max / -8``: one more step of
+    the grid spans the range than with ``amax / max_value``; the opposite end may clip by
+    less than a step.
 
     ``integer_zero_point=False`` keeps the asymmetric zero-point unrounded, so the grid is
     ``min + scale * k`` (llama.cpp's Q4_1, torchao's int4): the range's ends are hit (up to
@@ -131,6 +140,9 @@ def qparams_from_range(
             )
         amax = torch.maximum(min_val.abs(), max_val.abs())
         scale = amax / fmt.max_value
+        if signed_scale and -fmt.min_value > fmt.max_value:
+            extreme = torch.where(min_val.abs() >= max_val.abs(), min_val, max_val)
+            scale = extreme / fmt.min_value
         empty = amax == 0
         scale = _round_scale(torch.where(empty, torch.ones_like(scale), scale), fmt, scale_dtype)
         return QParams(fmt, granularity, scale, None, scale_dtype)
@@ -198,13 +210,14 @@ def compute_qparams(
     symmetric: bool = True,
     scale_dtype: str = "fp32",
     integer_zero_point: bool = True,
+    signed_scale: bool = False,
 ) -> QParams:
     """Min/max (asymmetric) or absmax (symmetric) parameters computed directly from ``x``."""
     granularity = Granularity.parse(granularity)
     lo, hi = minmax(x, granularity)
     return qparams_from_range(
         lo, hi, fmt, granularity, symmetric=symmetric, scale_dtype=scale_dtype,
-        integer_zero_point=integer_zero_point,
+        integer_zero_point=integer_zero_point, signed_scale=signed_scale,
     )
 
 

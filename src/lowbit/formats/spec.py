@@ -14,7 +14,7 @@ import torch
 from lowbit.formats.base import FormatError, NumberFormat, get_format
 from lowbit.formats.granularity import Granularity
 from lowbit.formats.rotation import check_rotation
-from lowbit.formats.scaling import SCALE_DTYPES, QParams, compute_qparams
+from lowbit.formats.scaling import SCALE_DTYPES, QParams, compute_qparams, qparams_from_range
 from lowbit.formats.superblock import check as check_super
 from lowbit.formats.superblock import super_scale
 
@@ -32,6 +32,9 @@ class WeightSpec:
     #: "hadamard": the codes are of ``W @ H`` and the layer rotates its input by ``H``
     #: (``formats.rotation``); None: no rotation
     rotation: str | None = None
+    #: symmetric only: each scale's sign puts its group's largest-magnitude weight on the
+    #: format's longer, negative end (``scaling.qparams_from_range``; llama.cpp's Q4_0)
+    signed_scale: bool = False
 
     def __post_init__(self) -> None:
         gran = Granularity.parse(self.granularity)
@@ -56,6 +59,10 @@ class WeightSpec:
         kind = super_scale(self.scale_dtype)
         if kind is not None:  # llama.cpp's k-quant scales (``formats.superblock``)
             check_super(kind, fmt, gran, self.symmetric, self.integer_zero_point)
+        if self.signed_scale and (not self.symmetric or kind is not None
+                                  or self.scale_dtype == "e8m0"):
+            raise FormatError("signed_scale needs symmetric=True and a float scale dtype "
+                              "(fp32, bf16 or fp16): drop signed_scale for this spec")
 
     @property
     def fmt(self) -> NumberFormat:
@@ -68,9 +75,18 @@ class WeightSpec:
 
     def qparams(self, W: torch.Tensor) -> QParams:
         """Min/max (or absmax) parameters of ``W`` under this spec: the RTN choice."""
-        return compute_qparams(W, self.fmt, self.granularity, symmetric=self.symmetric,
-                               scale_dtype=self.scale_dtype,
-                               integer_zero_point=self.integer_zero_point)
+        return compute_qparams(W, self.fmt, self.granularity, **self.range_options())
+
+    def range_options(self) -> dict:
+        """This spec's keyword arguments of ``scaling.qparams_from_range``."""
+        return dict(symmetric=self.symmetric, scale_dtype=self.scale_dtype,
+                    integer_zero_point=self.integer_zero_point, signed_scale=self.signed_scale)
+
+    def range_qparams(self, lo: torch.Tensor, hi: torch.Tensor,
+                      granularity: Granularity | None = None) -> QParams:
+        """Parameters mapping the range ``[lo, hi]`` onto this spec's grid."""
+        return qparams_from_range(lo, hi, self.fmt, granularity or self.granularity,
+                                  **self.range_options())
 
     def to_dict(self) -> dict:
         gran = self.granularity
@@ -81,7 +97,7 @@ class WeightSpec:
             "scale_dtype": self.scale_dtype,
             "integer_zero_point": self.integer_zero_point,
             "rotation": self.rotation,
-        }
+        } | ({"signed_scale": True} if self.signed_scale else {})
 
 
 def _registered(fmt: NumberFormat) -> bool:

@@ -25,7 +25,8 @@ from lowbit.model.scheme import Rule, Scheme
 
 #: llama-quantize file type -> the type most tensors get (``llama_ftype_get_default_type``)
 MIX_DEFAULT = {"q2_k": "q2_k", "q3_k_s": "q3_k", "q3_k_m": "q3_k", "q3_k_l": "q3_k",
-               "q4_k_s": "q4_k", "q4_k_m": "q4_k", "q5_k_s": "q5_k", "q5_k_m": "q5_k"}
+               "q4_k_s": "q4_k", "q4_k_m": "q4_k", "q5_k_s": "q5_k", "q5_k_m": "q5_k",
+               "iq4_nl": "iq4_nl"}
 #: lowbit module name suffix -> llama.cpp tensor category that the mixes treat specially
 ROLES = {"self_attn.v_proj": "attn_v", "mlp.down_proj": "ffn_down",
          "self_attn.o_proj": "attn_output"}
@@ -43,6 +44,8 @@ MIX_NOTES = {
               "third between",
     "q5_k_s": "Q5_K everywhere",
     "q5_k_m": "attn_v and ffn_down Q6_K as in q4_k_m",
+    "iq4_nl": "ffn_down Q5_K in the first 1/8 of the layers (without an importance matrix), "
+              "attn_v Q5_K with >= 4 query heads per k/v head",
 }
 _LAYER = re.compile(r"(?:.*\.)?layers\.(\d+)\.(.+)")
 
@@ -80,6 +83,8 @@ def tensor_type(kind: str, role: str | None, layer: int, layers: int, gqa: int =
             return "q6_k"
         if kind == "q4_k_s" and layer < 4:
             return "q5_k"
+        if kind == "iq4_nl" and gqa >= 4:
+            return "q5_k"
     elif role == "ffn_down":
         if kind == "q2_k":
             return "q3_k"
@@ -89,7 +94,7 @@ def tensor_type(kind: str, role: str | None, layer: int, layers: int, gqa: int =
             return "q5_k"
         if kind in ("q4_k_m", "q5_k_m") and more_bits(layer, layers):
             return "q6_k"
-        if kind == "q4_k_s" and layer < layers // 8:
+        if kind in ("q4_k_s", "iq4_nl") and layer < layers // 8:
             return "q5_k"
     elif role == "attn_output":
         return {"q2_k": "q3_k", "q3_k_m": "q4_k", "q3_k_l": "q5_k"}.get(kind, base)

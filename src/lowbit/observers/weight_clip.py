@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from lowbit.formats.granularity import Granularity
-from lowbit.formats.scaling import QParams, dequantize, minmax, qparams_from_range, quantize
+from lowbit.formats.scaling import QParams, dequantize, minmax, quantize
 from lowbit.formats.spec import WeightSpec
 
 #: the clipping ratios tried, largest first (ties keep the larger range)
@@ -29,13 +29,9 @@ def mse_clipped(w: torch.Tensor, spec: WeightSpec,
     dtype (``formats.superblock``), which share a float16 scale, are snapped together."""
     gran = spec.granularity
 
-    def qparams(c_lo, c_hi):
-        return qparams_from_range(c_lo, c_hi, spec.format, gran, symmetric=spec.symmetric,
-                                  scale_dtype=spec.scale_dtype,
-                                  integer_zero_point=spec.integer_zero_point)
-
-    best_lo, best_hi = best_clip_range(w, gran, qparams, ratios or WEIGHT_CLIP_RATIOS)
-    qp = qparams(best_lo, best_hi)
+    best_lo, best_hi = best_clip_range(w, gran, spec.range_qparams,
+                                       ratios or WEIGHT_CLIP_RATIOS)
+    qp = spec.range_qparams(best_lo, best_hi)
     return quantize(w, qp), qp
 
 
