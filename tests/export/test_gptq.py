@@ -34,7 +34,7 @@ def _export(model, tmp_path, tok, **kw):
 
 @pytest.mark.parametrize("recipe, bits, group, sym", [
     ("w4g32-izp", 4, 32, False), ("w4", 4, -1, True), ("w8", 8, -1, True),
-    ("w8g32-izp", 8, 32, False)])
+    ("w8g32-izp", 8, 32, False), ("gguf:q4_0", 4, 32, True)])
 def test_unpacked_file_gives_lowbit_codes_exactly(recipe, bits, group, sym, tmp_path, tiny_tok):
     model = lowbit.quantize(tiny_decoder(), recipe)
     report, config, tensors = _export(model, tmp_path, tiny_tok)
