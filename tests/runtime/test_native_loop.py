@@ -27,7 +27,8 @@ pytestmark = pytest.mark.skipif(not native.available(),
 # weight-only, W8A8 (per token, Hadamard-rotated inputs; plain; static with calibrated
 # scales) and a GPTQ recipe on rotated inputs: every layout and own-input path of the loop
 RECIPES = [None, "w8", "w4g32", "gguf:q4_0", "w8a8", "w8a8-plain", "w8a8-static-rot",
-           "w4g32-gptq-rot", "nf4g64", "kmeans4"]
+           "w4g32-gptq-rot", "nf4g64", "kmeans4", "gguf:iq4_nl",
+           "fp8"]  # fp8: no packed layout, its dequantized weight as LB_F32
 
 
 def _model(kind: str, recipe: str | None):
@@ -134,7 +135,7 @@ def test_where_it_cannot_run_it_says_why() -> None:
         assert "bfloat16" in DecoderRuntime(model, dtype=torch.bfloat16).native_loop_why
         assert "disabled" in DecoderRuntime(model, dtype=torch.float32,
                                             native=False).native_loop_why
-        quantize(model, "fp8", progress=False)
+        quantize(model, "w2g16-rot", progress=False)  # 2-bit codes behind a rotation
         rt = DecoderRuntime(model, dtype=torch.float32)
     assert rt.native_loop_why.startswith("layer 0 q_proj: ")
     assert "native loop:" in rt.decode_path
@@ -212,7 +213,8 @@ def _lut4q_weight(layer, n: int, k: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("recipe,kind", [("float", nl.F32), ("w8", nl.I8), ("w4g32", nl.I4T),
                                          ("gguf:q4_0", nl.I4T), ("gguf:q8_0", nl.I8G),
-                                         ("nf4g64", nl.LUT4), ("kmeans4", nl.LUT4)])
+                                         ("nf4g64", nl.LUT4), ("kmeans4", nl.LUT4),
+                                         ("gguf:iq4_nl", nl.LUT4)])
 @pytest.mark.parametrize("n,k", [(37, 96), (64, 576)])
 def test_each_layout_against_its_float64_weight(recipe: str, kind: int, n: int, k: int) -> None:
     layer = _layer(n, k, recipe)

@@ -20,6 +20,9 @@ Linear layouts it reads (``lowbit_native.h``):
   codes with their float tables; with int8 activations an ``LB_LUT4Q`` copy instead (each
   table rounded to int16 against its largest value, a relative change of at most 2^-16,
   for ``vpshufb`` lookups and exact integer sums: ``csrc/lut_gemv.c``);
+- any other ``QuantizedLinear`` on ``dequant`` without a rotation (5/6-bit codes, the
+  k-quants' super-blocks: ``Q5_K`` / ``Q6_K`` layers of ``gguf:`` mixes): ``LB_F32`` on its
+  dequantized weight, 4 bytes per weight but the same numbers;
 - ``QuantizedLinear`` on ``int8_dynamic`` / ``int8_static`` (``w8a8``, ``w8a8-static``,
   ``w4a8``): ``LB_W8A8``, its int8 codes; the input quantized per token (or with the
   calibrated scale) whatever ``activations`` says, as the recipe defines it.
@@ -255,6 +258,12 @@ def linear_descriptor(module: nn.Module, in_features: int, q8: bool) -> tuple[Lb
             s = state.qparams.scale.float().reshape(desc.n, desc.k // 32).contiguous()
             desc.kind, desc.ld, desc.w, desc.s = I8G, desc.k, codes.data_ptr(), s.data_ptr()
             keep = (*keep, codes, s)
+        elif name == "dequant" and module.spec.rotation is None:
+            # a grid with no packed layout here (5/6-bit codes, k-quant super-blocks: the
+            # Q5_K / Q6_K layers of gguf: mixes): its dequantized float32 weight, the numbers
+            # the dequant backend multiplies, so one such layer keeps the loop native
+            w = module.dequantize_weight(torch.float32).contiguous()
+            desc.kind, desc.ld, desc.w, keep = F32, desc.k, w.data_ptr(), (*keep, w)
         else:
             raise Unsupported(f"{name} backend for {module.spec.format} "
                               f"{module.spec.granularity} has no native loop layout")
