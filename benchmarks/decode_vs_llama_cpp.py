@@ -9,7 +9,8 @@ For each recipe (SmolLM2-135M; ``float``, ``w8``, ``w4g32``, ``gguf:q4_0``, ``w8
   AVX2); and the
   prefill of 512 tokens (one forward; float32 and bf16 runtimes);
 - exports the same model to GGUF (``lowbit.export``: ``w8`` -> Q8_0, ``gguf:q4_0`` -> Q4_0,
-  ``w4g32`` -> Q4_1, ``gguf:iq4_nl`` -> IQ4_NL, ``float`` -> F32) and runs ``llama-bench -t T -p 512 -n 64``;
+  ``w4g32`` -> Q4_1, ``gguf:iq4_nl`` -> IQ4_NL, ``float`` -> F32) and runs
+  ``llama-bench -t T -p 512 -n 64``;
 - prints decode tokens/s of both, prefill of both (lowbit: the faster of its float32 and
   bf16 runtimes, each printed), and the achieved weight bandwidth (weight bytes the loop
   reads per token x tokens/s) beside the machine's measured copy bandwidth (a 256 MiB torch
