@@ -11,9 +11,12 @@
 # AMX) into $ROOT/bin-avx2, so an AVX-512 machine can time llama.cpp as an AVX2-only CPU runs
 # it (benchmarks/decode_vs_llama_cpp.py --avx2-only uses it).
 #
-# Known issue: on Intel Xeons with AMX, GCC 12 miscompiles ggml/src/ggml-cpu/amx/mmq.cpp
-# (segfault on multi-token quantized batches); there, run the tools with `-nr` / `--repack 0`
-# or build with a newer compiler. AMD CPUs (no AMX) are not affected.
+# AMX (Intel Xeons): GCC 12 miscompiles ggml/src/ggml-cpu/amx/mmq.cpp (llama-perplexity
+# segfaults, llama-bench's prefill dies of SIGILL on quantized files). On a CPU with AMX and a
+# GCC older than 13 the native build therefore uses clang where it is installed (Debian:
+# apt install clang libomp-dev), telling ggml about AMX with the macros GCC defines and clang
+# spells differently (__AMX_INT8__, __AMX_TILE__). Without clang it builds with GCC and AMX
+# off (-mno-amx-*), with a warning: the tools work, but prefill runs without AMX.
 set -euo pipefail
 VERSION=${LLAMA_CPP_PYTHON_VERSION:-0.3.36}
 ROOT=${LOWBIT_LLAMA_CPP_DIR:-$HOME/.cache/lowbit/llama.cpp}
@@ -38,6 +41,22 @@ case "${LLAMA_CPP_ISA:-native}" in
                    -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF -DGGML_CPU_ALL_VARIANTS=OFF) ;;
   *) echo "LLAMA_CPP_ISA must be native or avx2, not '${LLAMA_CPP_ISA}'" >&2; exit 2 ;;
 esac
+GCC_MAJOR=$(${CC:-gcc} -dumpversion 2>/dev/null | cut -d. -f1)
+if [ "$BUILD" = build ] && grep -qw amx_int8 /proc/cpuinfo && [ -z "${CC:-}" ] &&
+   [ "${GCC_MAJOR:-0}" -lt 13 ] 2>/dev/null; then
+  if command -v clang >/dev/null && command -v clang++ >/dev/null; then
+    export CC=clang CXX=clang++
+    BUILD=build-clang
+    ISA_FLAGS+=("-DCMAKE_C_FLAGS=-D__AMX_INT8__ -D__AMX_TILE__"
+                "-DCMAKE_CXX_FLAGS=-D__AMX_INT8__ -D__AMX_TILE__")
+  else
+    echo "warning: this CPU has AMX and GCC $GCC_MAJOR miscompiles llama.cpp's AMX kernels;" \
+         "building without AMX (install clang and libomp-dev for an AMX build)" >&2
+    BUILD=build-noamx
+    ISA_FLAGS+=("-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+                "-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16")
+  fi
+fi
 cmake -B "$BUILD" -DCMAKE_BUILD_TYPE=Release "${ISA_FLAGS[@]}" -DLLAMA_CURL=OFF \
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF
 cmake --build "$BUILD" -j"$JOBS" \
