@@ -18,8 +18,8 @@ _CSRC = Path(__file__).with_name("csrc")
 #: the GEMVs, the fused small operations of a decode step and the whole-step loop (AVX2 +
 #: FMA; the loop's AVX512-VNNI functions carry their own target attributes)
 SOURCES = (_CSRC / "gemv_avx2.c", _CSRC / "decode_ops.c", _CSRC / "decode_loop.c",
-           _CSRC / "q8_vnni.c", _CSRC / "q8_avx2.c", _CSRC / "weight_dequant.c",
-           _CSRC / "lut_gemv.c", _CSRC / "prefill_attention.c",
+           _CSRC / "q8_vnni.c", _CSRC / "q8_tiles.c", _CSRC / "q8_avx2.c",
+           _CSRC / "weight_dequant.c", _CSRC / "lut_gemv.c", _CSRC / "prefill_attention.c",
            _CSRC / "w8a8_prefill.c")
 HEADERS = (_CSRC / "simd_avx2.h", _CSRC / "lowbit_native.h")  # part of the build's hash
 #: the solvers' column loops: plain C, built without x86 flags

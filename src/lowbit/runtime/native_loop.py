@@ -15,7 +15,9 @@ Linear layouts it reads (``lowbit_native.h``):
 - ``QuantizedLinear`` on ``int4_weight`` (``w4g32``, ``gguf:q4_0``): ``LB_I4T``, torch's
   packed layout as it is; with int8 activations an ``LB_Q4R`` copy instead (the same codes
   in Q4_0's nibble order, rows in groups of four so that the kernel's four-row dot products
-  read one sequential stream, the kernel's bf16 scales and zeros per 32 inputs);
+  read one sequential stream, the kernel's bf16 scales and zeros per 32 inputs), and on
+  AVX512-VNNI an ``LB_Q4C`` copy in tiles of 16 rows (``native_tiles``; int8 weights, the
+  ``LB_I8`` / ``LB_I8G`` layers, likewise become ``LB_I8C``);
 - lookup formats of at most 4 bits (``nf4g64``, ``kmeans4``, codebooks): ``LB_LUT4``, the
   codes with their float tables; with int8 activations an ``LB_LUT4Q`` copy instead (each
   table rounded to int16 against its largest value, a relative change of at most 2^-16,
@@ -50,11 +52,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from lowbit.kernels import native
+from lowbit.runtime import native_tiles
 
 __all__ = ["NativeDecodeLoop", "native_loop_supported", "has_vnni", "linear_descriptor"]
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-F32, I8, I8G, I4T, Q4R, W8A8, LUT4, LUT4Q = range(8)
+F32, I8, I8G, I4T, Q4R, W8A8, LUT4, LUT4Q, Q4C, I8C = range(10)
 
 
 class LbLinear(ctypes.Structure):
@@ -197,6 +200,11 @@ def _bytes(d: LbLinear) -> int:
         return d.n * d.ld + 4 * d.n * -(-2 * d.ld // d.kg) * (16 if d.block else int(bool(d.s)))
     if d.kind == LUT4Q:  # codes, scales and the per-row int16 tables
         return d.n * d.ld + d.n * -(-2 * d.ld // d.kg) * (4 + (32 if d.block else 0))
+    n16 = -(-d.n // 16) * 16
+    if d.kind == Q4C:  # codes, bf16 scales (and zeros) per 32 inputs
+        return n16 * d.ld * (16 + 2 * (2 if d.z else 1))
+    if d.kind == I8C:
+        return n16 * d.ld * 32 + 4 * (n16 * d.ld if d.kg else n16)
     return d.n * d.ld + 2 * d.n * (2 * d.ld // 32) * (2 if d.z else 1)
 
 
@@ -234,10 +242,17 @@ def linear_descriptor(module: nn.Module, in_features: int, q8: bool) -> tuple[Lb
             desc.kind, desc.ld, desc.w = W8A8, kern.qdata.shape[1], kern.qdata.data_ptr()
             desc.s = (kern.out_scale if static else kern.scale).data_ptr()
             desc.act_scale, keep = (float(kern.act_scale) if static else 0.0), (*keep, kern)
+        elif name == "int8_weight" and q8 and has_vnni():
+            tiles, s, desc.ld = native_tiles.i8c(state.qdata[:, :desc.k], state.scale, False)
+            desc.kind, desc.w, desc.s, keep = I8C, tiles.data_ptr(), s.data_ptr(), (*keep, tiles, s)
         elif name == "int8_weight":
             desc.kind, desc.ld = I8, state.qdata.shape[1]
             desc.w, desc.s = state.qdata.data_ptr(), state.scale.data_ptr()
             keep = (*keep, state)
+        elif name == "int4_weight" and q8 and has_vnni():
+            codes, s, z, desc.ld = native_tiles.q4c(state[0])
+            desc.kind, keep = Q4C, (*keep, codes, s, z)
+            desc.w, desc.s, desc.z = codes.data_ptr(), s.data_ptr(), _ptr(z)
         elif name == "int4_weight" and q8:
             codes, s, z = _q4r(state[0])
             desc.kind, desc.ld, keep = Q4R, codes.shape[1], (*keep, codes, s, z)
@@ -257,6 +272,9 @@ def linear_descriptor(module: nn.Module, in_features: int, q8: bool) -> tuple[Lb
             codes = state.codes().to(torch.int8).contiguous()
             s = state.qparams.scale.float().reshape(desc.n, desc.k // 32).contiguous()
             desc.kind, desc.ld, desc.w, desc.s = I8G, desc.k, codes.data_ptr(), s.data_ptr()
+            if q8 and has_vnni():
+                codes, s, desc.ld = native_tiles.i8c(codes, s, True)
+                desc.kind, desc.kg, desc.w, desc.s = I8C, 32, codes.data_ptr(), s.data_ptr()
             keep = (*keep, codes, s)
         elif name == "dequant" and module.spec.rotation is None:
             # a grid with no packed layout here (5/6-bit codes, k-quant super-blocks: the

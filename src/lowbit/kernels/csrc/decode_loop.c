@@ -143,10 +143,15 @@ static void q8_stage(const float *x, int64_t K, const lb_q8 *a, const lb_linear 
 }
 
 /* Units [u0, u1) of y = x W^T + b (a: int8 activations, or NULL): blocks of an LB_I4T
- * weight, else groups of 4 rows. */
+ * weight, tiles of 16 rows of LB_Q4C / LB_I8C, else groups of 4 rows. */
 static void rows(const lb_linear *L, const float *x, const lb_q8 *a, float *y, int64_t u0,
                  int64_t u1) {
     const int64_t n = L->n, K = L->k;
+    if (L->kind == LB_Q4C || L->kind == LB_I8C) { /* only built for int8 activations */
+        if (a) lowbit_q8_tiles(L, a, y, u0, u1);
+        else for (int64_t r = 16 * u0; r < 16 * u1 && r < n; r++) y[r] = NAN;
+        return;
+    }
     if (L->kind == LB_I4T) {
         lowbit_int4_gemv_range(x, K, L->w, L->np, L->ld, L->block, L->s, L->kg, L->bias, y, n,
                                L->scratch, u0, u1);
@@ -238,7 +243,8 @@ static void own_rows(const lb_linear *L, const float *x, int q8, float *y, int64
 static void part(const lb_linear *L, const float *x, const lb_q8 *a, float *y, int t, int T,
                  float *ts) {
     const int64_t units = L->kind == LB_I4T ? lowbit_int4_units(L->np, L->block)
-                                            : (L->n + 3) / 4;
+                          : L->kind == LB_Q4C || L->kind == LB_I8C ? (L->n + 15) / 16
+                                                                   : (L->n + 3) / 4;
     int64_t u0, u1;
     split(units, t, T, &u0, &u1);
     if (L->nf || L->kind == LB_W8A8) own_rows(L, x, a != NULL, y, u0, u1, ts);
@@ -268,7 +274,8 @@ void lowbit_decode_step(const lb_model *m, const float *embed, int64_t pos, floa
     const lb_q8 q8 = lowbit_q8_carve(scores + H * m->max_len, kmax(m));
     const lb_q8 *a = m->q8 ? &q8 : NULL;
     const float *cos = m->cos + pos * D, *sin = m->sin + pos * D;
-    float *xs = (float *)(q8.n128 + kmax(m) / 4); /* per thread: residual copy, scratch */
+    float *xs = scores + H * m->max_len + lowbit_q8_floats(kmax(m)); /* per thread:
+                                                             residual copy, scratch */
     int nt = omp_get_max_threads() < m->threads ? omp_get_max_threads() : (int)m->threads;
     nt = nt > 0 ? nt : 1; /* a descriptor never bound (threads 0) runs on one thread */
 #pragma omp parallel num_threads(nt)

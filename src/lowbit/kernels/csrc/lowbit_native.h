@@ -54,6 +54,15 @@ enum {
                    * table's int16 values T16 as 16 low bytes then 16 high bytes (one shared
                    * table, block 0, or [n, G] of them, block 1); s float [n, G]:
                    * w = T16[u] * s */
+    LB_Q4C = 8,  /* int8 activations on AVX512-VNNI: 4-bit codes in tiles of 16 rows (n
+                  * padded to 16), ld = G blocks of 32 inputs (k padded with code 8): w uint8
+                  * [n / 16, G, 4, 16, 4], byte j of row r in step m of block b holding
+                  * u[r, 32 b + 4 m + j] (low nibble) and u[r, 32 b + 16 + 4 m + j]; s (z)
+                  * bf16 [n / 16, G, 16]: w = (u - 8) s + z per 32 inputs; z may be NULL */
+    LB_I8C = 9,  /* int8 weights in the same tiles: w uint8 [n / 16, G, 8, 16, 4], byte j
+                  * of row r in step m of block b = w[r, 32 b + 4 m + j] + 128 (k padded
+                  * with 0); kg 32: s float [n / 16, G, 16] per 32 inputs (Q8_0), kg 0: s
+                  * float [n padded to 16] per row */
 };
 
 typedef struct {
@@ -87,11 +96,14 @@ typedef struct {
 
 /* q8_vnni.c: int8 activations per block of 32 (Q8_0) and their dot products (AVX512-VNNI).
  * Per 4-input lane l: dl its block's scale, dls = dl * (code sum), n8 / n128 = -8 / -128
- * times the code sum (the weights' unsigned offsets); codes padded with zeros to 64. */
+ * times the code sum (the weights' unsigned offsets); codes padded with zeros to 64. The
+ * same per block of 32: bd, bds, bn8, bn128 (the 16-row tile kernels, q8_tiles.c). */
 typedef struct {
     int8_t *xq;
     float *dl, *dls;
     int32_t *n8, *n128;
+    float *bd, *bds;
+    int32_t *bn8, *bn128;
 } lb_q8;
 
 int64_t lowbit_q8_floats(int64_t k);          /* floats of one lb_q8 for k inputs */
@@ -111,6 +123,8 @@ int64_t lowbit_avx512_allowed(void);   /* AVX-512 F/DQ present and not turned of
 void lowbit_lut4_rows(const lb_linear *L, const float *x, float *y, int64_t n0, int64_t n1);
 /* lut_gemv.c: rows [n0, n1) of an LB_LUT4Q linear on int8 activations */
 void lowbit_lut4_q8_rows(const lb_linear *L, const lb_q8 *a, float *y, int64_t n0, int64_t n1);
+/* q8_tiles.c: tiles [t0, t1) of an LB_Q4C / LB_I8C linear (rows 16 t0 .. min(16 t1, n)) */
+void lowbit_q8_tiles(const lb_linear *L, const lb_q8 *a, float *y, int64_t t0, int64_t t1);
 void lowbit_w8a8_dot(const lb_linear *L, const int8_t *xq, int32_t codesum, float *y,
                      int64_t n0, int64_t n1);
 #endif

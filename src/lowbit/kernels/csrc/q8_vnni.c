@@ -28,12 +28,13 @@
 
 static int64_t up64(int64_t k) { return (k + 63) / 64 * 64; }
 
-int64_t lowbit_q8_floats(int64_t k) { return 5 * up64(k) / 4 + 16; }
+int64_t lowbit_q8_floats(int64_t k) { return 5 * up64(k) / 4 + up64(k) / 8 + 16; }
 
 lb_q8 lowbit_q8_carve(float *p, int64_t k) {
-    const int64_t kp = up64(k);
+    const int64_t kp = up64(k), b = 5 * kp / 4;
     lb_q8 a = {(int8_t *)p, p + kp / 4, p + kp / 2, (int32_t *)(p + 3 * kp / 4),
-               (int32_t *)(p + kp)};
+               (int32_t *)(p + kp), p + b, p + b + kp / 32, (int32_t *)(p + b + kp / 16),
+               (int32_t *)(p + b + 3 * kp / 32)};
     return a;
 }
 
@@ -73,13 +74,19 @@ void lowbit_q8_fill_blocks(const float *x, int64_t K, const lb_q8 *a, int64_t b0
             for (int64_t k = b; k < b + 32; k++)
                 a->xq[k] = k < K ? (int8_t)nearbyintf(x[k] * inv) : 0;
         }
+        int32_t sum = 0;
         for (int64_t l = b / 4; l < (b + 32) / 4; l++) {
             const int32_t s = a->xq[4 * l] + a->xq[4 * l + 1] + a->xq[4 * l + 2] + a->xq[4 * l + 3];
             a->dl[l] = d;
             a->dls[l] = d * (float)s;
             a->n8[l] = -8 * s;
             a->n128[l] = -128 * s;
+            sum += s;
         }
+        a->bd[b / 32] = d;
+        a->bds[b / 32] = d * (float)sum;
+        a->bn8[b / 32] = -8 * sum;
+        a->bn128[b / 32] = -128 * sum;
     }
 }
 
