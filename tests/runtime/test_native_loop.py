@@ -183,6 +183,12 @@ def test_q8_quantize_is_q8_0_bit_for_bit() -> None:
     ls = xq.view(32, 4).int().sum(1, dtype=torch.int32)
     assert torch.equal(n8, -8 * ls) and torch.equal(n128, -128 * ls)
     assert torch.equal(dls, dl * ls.float())
+    # per block of 32 (the tile kernels): scale, scale x code sum, -8 and -128 x code sum
+    bd, bds = buf[160:164], buf[164:168]
+    bn8, bn128 = buf[168:172].view(torch.int32), buf[172:176].view(torch.int32)
+    bs = xq.view(4, 32).int().sum(1, dtype=torch.int32)
+    assert torch.equal(bd, dl[::8]) and torch.equal(bds, bd * bs.float())
+    assert torch.equal(bn8, -8 * bs) and torch.equal(bn128, -128 * bs)
 
 
 def _layer(n: int, k: int, recipe: str):
