@@ -13,7 +13,8 @@
  *
  * Linears run float32 activations (the reference: the GEMVs of gemv_avx2.c and the small
  * loops below) or, with model->q8, int8 activations per block of 32 as llama.cpp's
- * Q8_0 x Q8_0 and Q4_0 x Q8_0 dot products (ggml-cpu/arch/x86/quants.c; csrc/q8_vnni.c).
+ * Q8_0 x Q8_0 and Q4_0 x Q8_0 dot products (ggml-cpu/arch/x86/quants.c; csrc/q8_vnni.c;
+ * on AVX512-VNNI the 4-bit and int8 weights in tiles of 16 rows, csrc/q8_tiles.c).
  */
 #include <immintrin.h>
 #include <math.h>
