@@ -239,14 +239,11 @@ def test_each_layout_against_its_float64_weight(recipe: str, kind: int, n: int, 
     torch.testing.assert_close(_apply(desc, x, False).double(), want, atol=tol, rtol=tol)
     if kind == nl.F32:
         return
-    if kind == nl.LUT4:  # the kernel's int16 tables are its weights, within 2^-16 of w
-        w16 = _lut4q_weight(layer, n, k)
-        assert (w16 - w).abs().max() <= 2.0**-16 * w.abs().max()
-        w = w16
-    want = w @ _q8(x).double() + b
-    # the int8-activation layouts: 16-row tiles on VNNI, row-major on AVX2; a tile layout
-    # run where VNNI is off takes its scalar reference (q8_tiles.c)
+    # the int8-activation layouts: 16-row tiles on VNNI (IQ4_NL's integer table too), row-major
+    # on AVX2; a tile layout run where VNNI is off takes its scalar reference (q8_tiles.c)
     tiled = {nl.I4T: nl.Q4C, nl.I8: nl.I8C, nl.I8G: nl.I8C}
+    if recipe == "gguf:iq4_nl":
+        tiled[nl.LUT4] = nl.L4C
     rowwise = {nl.I4T: nl.Q4R, nl.LUT4: nl.LUT4Q}
     for isa in ("vnni", "avx2") if nl.has_vnni() else ("avx2",):
         with nl.avx2_only() if isa == "avx2" else contextlib.nullcontext():
@@ -254,8 +251,13 @@ def test_each_layout_against_its_float64_weight(recipe: str, kind: int, n: int, 
             layouts = {**rowwise, **tiled} if isa == "vnni" else rowwise
             assert desc.kind == layouts.get(kind, kind)
             got = _apply(desc, x, True).double()
+        wq = w
+        if desc.kind == nl.LUT4Q:  # the kernel's int16 tables are its weights, within 2^-16
+            wq = _lut4q_weight(layer, n, k)
+            assert (wq - w).abs().max() <= 2.0**-16 * w.abs().max()
+        want = wq @ _q8(x).double() + b
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=isa)
-        if desc.kind in (nl.Q4C, nl.I8C):
+        if desc.kind in (nl.Q4C, nl.I8C, nl.L4C):
             with nl.avx2_only():
                 ref = _apply(desc, x, True).double()
             torch.testing.assert_close(ref, got, atol=1e-6, rtol=1e-6, msg="tile reference")

@@ -17,7 +17,8 @@ Linear layouts it reads (``lowbit_native.h``):
   in Q4_0's nibble order, rows in groups of four so that the kernel's four-row dot products
   read one sequential stream, the kernel's bf16 scales and zeros per 32 inputs), and on
   AVX512-VNNI an ``LB_Q4C`` copy in tiles of 16 rows (``native_tiles``; int8 weights, the
-  ``LB_I8`` / ``LB_I8G`` layers, likewise become ``LB_I8C``);
+  ``LB_I8`` / ``LB_I8G`` layers, likewise become ``LB_I8C``, and IQ4_NL, whose table holds
+  integers, ``LB_L4C``);
 - lookup formats of at most 4 bits (``nf4g64``, ``kmeans4``, codebooks): ``LB_LUT4``, the
   codes with their float tables; with int8 activations an ``LB_LUT4Q`` copy instead (each
   table rounded to int16 against its largest value, a relative change of at most 2^-16,
@@ -57,7 +58,7 @@ from lowbit.runtime import native_tiles
 __all__ = ["NativeDecodeLoop", "native_loop_supported", "has_vnni", "linear_descriptor"]
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-F32, I8, I8G, I4T, Q4R, W8A8, LUT4, LUT4Q, Q4C, I8C = range(10)
+F32, I8, I8G, I4T, Q4R, W8A8, LUT4, LUT4Q, Q4C, I8C, L4C = range(11)
 
 
 class LbLinear(ctypes.Structure):
@@ -203,6 +204,8 @@ def _bytes(d: LbLinear) -> int:
     n16 = -(-d.n // 16) * 16
     if d.kind == Q4C:  # codes, bf16 scales (and zeros) per 32 inputs
         return n16 * d.ld * (16 + 2 * (2 if d.z else 1))
+    if d.kind == L4C:  # codes, float16 scales per 32 inputs
+        return n16 * d.ld * (16 + 2)
     if d.kind == I8C:
         return n16 * d.ld * 32 + 4 * (n16 * d.ld if d.kg else n16)
     return d.n * d.ld + 2 * d.n * (2 * d.ld // 32) * (2 if d.z else 1)
@@ -229,7 +232,14 @@ def linear_descriptor(module: nn.Module, in_features: int, q8: bool) -> tuple[Lb
             desc.nf, sizes, flat = native.factor_args(_factors(desc.k, module.spec.rotation))
             desc.sizes, desc.factors, keep = sizes.data_ptr(), flat.data_ptr(), (sizes, flat)
         lut = _lut4(module, name, state) if name in ("dequant", "codebook") else None
-        if lut is not None:
+        tiles = native_tiles.lookup_tiles(state.qparams.format, state.qparams, state.codes()) \
+            if lut is not None and name == "dequant" and q8 and has_vnni() else None
+        if tiles is not None:  # IQ4_NL: its int8 table by vpshufb
+            codes, table, s, desc.ld = tiles
+            desc.kind, desc.w, desc.s, desc.z = L4C, codes.data_ptr(), s.data_ptr(), \
+                table.data_ptr()
+            keep = (*keep, codes, table, s)
+        elif lut is not None:
             codes, table, scales, desc.kg, desc.block = lut
             if q8:
                 table, scales = _lut4q(table, scales, desc.n, -(-2 * codes.shape[1] // desc.kg))

@@ -63,6 +63,9 @@ enum {
                   * of row r in step m of block b = w[r, 32 b + 4 m + j] + 128 (k padded
                   * with 0); kg 32: s float [n / 16, G, 16] per 32 inputs (Q8_0), kg 0: s
                   * float [n padded to 16] per row */
+    LB_L4C = 10, /* a 4-bit lookup format whose one table holds integers in [-128, 127]
+                  * (IQ4_NL): w as LB_Q4C; z uint8 [16] = T + 128; s float16 [n / 16, G,
+                  * 16] per 32 inputs: w = T[u] s */
 };
 
 typedef struct {
@@ -123,7 +126,7 @@ int64_t lowbit_avx512_allowed(void);   /* AVX-512 F/DQ present and not turned of
 void lowbit_lut4_rows(const lb_linear *L, const float *x, float *y, int64_t n0, int64_t n1);
 /* lut_gemv.c: rows [n0, n1) of an LB_LUT4Q linear on int8 activations */
 void lowbit_lut4_q8_rows(const lb_linear *L, const lb_q8 *a, float *y, int64_t n0, int64_t n1);
-/* q8_tiles.c: tiles [t0, t1) of an LB_Q4C / LB_I8C linear (rows 16 t0 .. min(16 t1, n)) */
+/* q8_tiles.c: tiles [t0, t1) of an LB_Q4C / LB_I8C / LB_L4C linear (rows 16 t0 .. min(16 t1, n)) */
 void lowbit_q8_tiles(const lb_linear *L, const lb_q8 *a, float *y, int64_t t0, int64_t t1);
 void lowbit_w8a8_dot(const lb_linear *L, const int8_t *xq, int32_t codesum, float *y,
                      int64_t n0, int64_t n1);
