@@ -231,9 +231,10 @@ def linear_descriptor(module: nn.Module, in_features: int, q8: bool) -> tuple[Lb
 
             desc.nf, sizes, flat = native.factor_args(_factors(desc.k, module.spec.rotation))
             desc.sizes, desc.factors, keep = sizes.data_ptr(), flat.data_ptr(), (sizes, flat)
-        lut = _lut4(module, name, state) if name in ("dequant", "codebook") else None
-        tiles = native_tiles.lookup_tiles(state.qparams.format, state.qparams, state.codes()) \
-            if lut is not None and name == "dequant" and q8 and has_vnni() else None
+        tiles = native_tiles.lookup_tiles(state) if name == "dequant" and q8 and \
+            has_vnni() else None
+        lut = _lut4(module, name, state) if name in ("dequant", "codebook") and \
+            tiles is None else None
         if tiles is not None:  # IQ4_NL: its int8 table by vpshufb
             codes, table, s, desc.ld = tiles
             desc.kind, desc.w, desc.s, desc.z = L4C, codes.data_ptr(), s.data_ptr(), \

@@ -29,12 +29,12 @@ def _nibble_tiles(u: torch.Tensor, n16: int, blocks: int, pad: int) -> torch.Ten
     return packed.permute(0, 2, 3, 1, 4).contiguous()
 
 
-def lookup_tiles(fmt, qparams, codes: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
-    """A 4-bit lookup layer as ``LB_L4C``: ``(codes, table, s, G)``, or None unless its one
-    table holds integers in [-128, 127] and its scales are float16 per 32 inputs (IQ4_NL):
-    the table stored + 128 as bytes, the scales as float16 (exact)."""
-    gran = qparams.granularity
+def lookup_tiles(state) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
+    """A ``dequant`` state of a 4-bit lookup format as ``LB_L4C``: ``(codes, table, s, G)``,
+    or None unless its one table holds integers in [-128, 127] and its scales are float16
+    per 32 inputs (IQ4_NL): the table stored + 128 as bytes, the scales as float16 (exact)."""
+    qparams = state.qparams
+    fmt, gran = qparams.format, qparams.granularity
     if (fmt.kind != "lookup" or fmt.bits > 4 or gran.kind != "group" or gran.group_size != 32
             or qparams.zero_point is not None):
         return None
@@ -43,6 +43,7 @@ def lookup_tiles(fmt, qparams, codes: torch.Tensor
     if (values.round() != values).any() or values.abs().max() > 127 or \
             not torch.equal(scales.half().float(), scales):
         return None
+    codes = state.codes()
     n, k = codes.shape
     blocks, n16 = -(-k // 32), -(-n // 16) * 16
     table = F.pad(values + 128, (0, 16 - len(values)), value=128).to(torch.uint8)

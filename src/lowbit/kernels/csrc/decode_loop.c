@@ -143,12 +143,16 @@ static void q8_stage(const float *x, int64_t K, const lb_q8 *a, const lb_linear 
     prepare_i4t(x, ls, count);
 }
 
+static int tiled(const lb_linear *L) {
+    return L->kind == LB_Q4C || L->kind == LB_I8C || L->kind == LB_L4C;
+}
+
 /* Units [u0, u1) of y = x W^T + b (a: int8 activations, or NULL): blocks of an LB_I4T
  * weight, tiles of 16 rows (LB_Q4C / LB_I8C / LB_L4C), else groups of 4 rows. */
 static void rows(const lb_linear *L, const float *x, const lb_q8 *a, float *y, int64_t u0,
                  int64_t u1) {
     const int64_t n = L->n, K = L->k;
-    if (L->kind >= LB_Q4C) { /* the tiles (LB_Q4C, LB_I8C, LB_L4C): int8 activations only */
+    if (tiled(L)) { /* only built for int8 activations */
         if (a) lowbit_q8_tiles(L, a, y, u0, u1);
         else for (int64_t r = 16 * u0; r < 16 * u1 && r < n; r++) y[r] = NAN;
         return;
@@ -244,7 +248,7 @@ static void own_rows(const lb_linear *L, const float *x, int q8, float *y, int64
 static void part(const lb_linear *L, const float *x, const lb_q8 *a, float *y, int t, int T,
                  float *ts) {
     const int64_t units = L->kind == LB_I4T ? lowbit_int4_units(L->np, L->block)
-                          : L->kind >= LB_Q4C ? (L->n + 15) / 16
+                          : tiled(L) ? (L->n + 15) / 16
                                                                    : (L->n + 3) / 4;
     int64_t u0, u1;
     split(units, t, T, &u0, &u1);
