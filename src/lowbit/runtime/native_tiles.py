@@ -40,7 +40,7 @@ def lookup_tiles(state) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] 
         return None
     values = torch.tensor(fmt.values, dtype=torch.float64)
     scales = qparams.scale.float()
-    if (values.round() != values).any() or values.abs().max() > 127 or \
+    if (values.round() != values).any() or values.min() < -128 or values.max() > 127 or \
             not torch.equal(scales.half().float(), scales):
         return None
     codes = state.codes()
