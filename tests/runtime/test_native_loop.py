@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from lowbit.kernels import native
-from lowbit.runtime import DecoderRuntime, generate
+from lowbit.runtime import DecoderRuntime, generate, native_layouts
 from lowbit.runtime import native_loop as nl
 from tests.runtime.test_decoder import ids, tiny
 
@@ -204,10 +204,10 @@ def _layer(n: int, k: int, recipe: str):
 def _lut4q_weight(layer, n: int, k: int) -> torch.Tensor:
     """The float64 weight of ``LB_LUT4Q`` (``T16[u] * s`` per row and group), from its
     int16 byte planes and scales, decoded here independently of the kernel."""
-    codes, table, scales, kg, per_row = nl._lut4(layer, layer.backend.name, layer._state)
+    codes, table, scales, kg, per_row = native_layouts.lut4(layer, layer.backend.name, layer._state)
     kp = codes.shape[1] * 2
     groups = -(-kp // kg)
-    planes, s = nl._lut4q(table, scales, n, groups)
+    planes, s = native_layouts.lut4q(table, scales, n, groups)
     t16 = (planes[:, :16].int() | (planes[:, 16:].int() << 8)).to(torch.int16).double()
     c = codes.view(n, kp // 32, 16)
     u = torch.stack([c & 15, c >> 4], 2).reshape(n, kp).long()  # byte j: inputs j, j + 16

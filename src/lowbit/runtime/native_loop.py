@@ -50,10 +50,10 @@ import time
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from lowbit.kernels import native
 from lowbit.runtime import native_tiles
+from lowbit.runtime.native_layouts import Unsupported, lut4, lut4q, q4r
 
 __all__ = ["NativeDecodeLoop", "native_loop_supported", "has_vnni", "linear_descriptor"]
 
@@ -78,10 +78,6 @@ class LbModel(ctypes.Structure):
                                   "head_dim", "max_len", "vocab", "q8", "threads")] + [
         (n, _P) for n in ("final_norm", "cos", "sin", "layers", "head", "work")] + [
         ("attn_scale", _F), ("final_eps", _F)]
-
-
-class Unsupported(Exception):
-    """A layer the native loop has no layout for (the message says which and why)."""
 
 
 @functools.cache
@@ -117,76 +113,6 @@ def avx2_only():
 
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
-
-
-def _q4r(kernel) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """An ``int4_weight`` state's codes in ``LB_Q4R``'s order (lowbit_native.h): rows in
-    groups of four, per row and 64 inputs 32 bytes, byte ``j`` holding inputs ``j`` (low
-    nibble) and ``j + 32``; its kernel's bf16 scales and zeros repeated per 32 inputs (exact:
-    the same bf16 numbers), 16 blocks of a row together. Padding: code 8, scale 0."""
-    from lowbit.kernels.int4_weight import unpack_int4_codes
-
-    n, k = kernel.out_features, kernel.in_features
-    kp, n4 = -(-k // 64) * 64, -(-n // 4) * 4
-    u = unpack_int4_codes(kernel).to(torch.int16) + (8 if kernel.signed else 0)
-    u = F.pad(u, (0, kp - k, 0, n4 - n), value=8).to(torch.uint8).view(n4, kp // 64, 2, 32)
-    codes = (u[:, :, 0] | (u[:, :, 1] << 4)).view(n4 // 4, 4, kp // 64, 32)
-    codes = codes.transpose(1, 2).reshape(n4, kp // 2).contiguous()
-    g16 = -(-kp // 512) * 16  # blocks of 32 per row, padded to whole loads of 16
-    sz = kernel.scales_and_zeros[:, :n].repeat_interleave(kernel.kernel_group_size // 32, 0)
-    sz = F.pad(sz[: kp // 32], (0, 0, 0, n4 - n, 0, g16 - min(sz.shape[0], kp // 32)))
-
-    def grouped(t: torch.Tensor) -> torch.Tensor:  # [g16, n4] -> [n4 / 4, g16 / 16, 4, 16]
-        return t.T.reshape(n4 // 4, 4, g16 // 16, 16).transpose(1, 2).contiguous()
-
-    s, z = grouped(sz[..., 0]), grouped(sz[..., 1])
-    return codes, s, (None if not z.any() else z)
-
-
-def _lut4(module, name: str, state) -> tuple | None:
-    """``LB_LUT4``'s codes, tables, scales, group size and table mode for a lookup format of
-    at most 4 bits (NF4, log4, codebook(values): one table, scales per group; per-row
-    k-means codebooks: a table per row and group), or None when the layer is neither."""
-    qp = state.qparams
-    fmt, gran, n, k = qp.format, qp.granularity, module.out_features, module.in_features
-    if fmt.kind != "lookup" or fmt.bits > 4 or name not in ("dequant", "codebook"):
-        return None
-    kp = -(-k // 32) * 32
-    kg = gran.group_size if gran.kind == "group" else kp
-    if gran.kind not in ("group", "channel") or kg % 32 or qp.zero_point is not None:
-        raise Unsupported(f"{fmt.name} {gran}: the lookup kernel takes groups of a multiple "
-                          "of 32 inputs or whole rows, without zero-points")
-    u = (state.codes() if name == "dequant" else _codebook_indices(state)).to(torch.uint8)
-    u = F.pad(u, (0, kp - k)).view(n, kp // 32, 2, 16)
-    codes = (u[:, :, 0] | (u[:, :, 1] << 4)).reshape(n, kp // 2).contiguous()
-    if name == "codebook":  # centroids [n, (groups,) levels]: a table per row and group
-        table = qp.scale.float().reshape(n, -1, qp.scale.shape[-1])
-        table = F.pad(table, (0, 16 - table.shape[-1])).contiguous()
-        return codes, table, None, kg, 1
-    table = F.pad(torch.tensor(fmt.values, dtype=torch.float32), (0, 16 - len(fmt.values)))
-    return codes, table, qp.scale.float().reshape(n, -1).contiguous(), kg, 0
-
-
-def _lut4q(table: torch.Tensor, scales: torch.Tensor | None, n: int, groups: int
-           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``LB_LUT4Q``'s tables and scales from ``LB_LUT4``'s: each table of 16 values as int16
-    ``T16 = round(T / max|T| * 32767)`` in two byte planes (``[tables, 32]``: low bytes, then
-    high bytes), and per row and group the scale times that table's unit ``max|T| / 32767``.
-    """
-    t = table.reshape(-1, 16)
-    top = t.abs().amax(1, keepdim=True)
-    t16 = torch.where(top > 0, torch.round(t / top.clamp_min(1e-30) * 32767), 0).to(torch.int16)
-    planes = torch.cat([t16 & 255, (t16 >> 8) & 255], 1).to(torch.uint8).contiguous()
-    unit = (top[:, 0] / 32767).float()
-    per_group = unit.view(n, groups) if t.shape[0] > 1 else unit.expand(n, groups)
-    s = per_group * (scales.view(n, groups) if scales is not None else 1.0)
-    return planes, s.contiguous()
-
-
-def _codebook_indices(state) -> torch.Tensor:
-    from lowbit.formats import unpack
-
-    return unpack(state.qdata, state.qparams.format.bits, state.in_features)
 
 
 def _bytes(d: LbLinear) -> int:
@@ -233,7 +159,7 @@ def linear_descriptor(module: nn.Module, in_features: int, q8: bool) -> tuple[Lb
             desc.sizes, desc.factors, keep = sizes.data_ptr(), flat.data_ptr(), (sizes, flat)
         tiles = native_tiles.lookup_tiles(state) if name == "dequant" and q8 and \
             has_vnni() else None
-        lut = _lut4(module, name, state) if name in ("dequant", "codebook") and \
+        lut = lut4(module, name, state) if name in ("dequant", "codebook") and \
             tiles is None else None
         if tiles is not None:  # IQ4_NL: its int8 table by vpshufb
             codes, table, s, desc.ld = tiles
@@ -243,7 +169,7 @@ def linear_descriptor(module: nn.Module, in_features: int, q8: bool) -> tuple[Lb
         elif lut is not None:
             codes, table, scales, desc.kg, desc.block = lut
             if q8:
-                table, scales = _lut4q(table, scales, desc.n, -(-2 * codes.shape[1] // desc.kg))
+                table, scales = lut4q(table, scales, desc.n, -(-2 * codes.shape[1] // desc.kg))
             desc.kind, desc.ld, desc.w, desc.z = LUT4Q if q8 else LUT4, codes.shape[1], \
                 codes.data_ptr(), table.data_ptr()
             desc.s, keep = _ptr(scales), (*keep, codes, table, scales)
@@ -265,7 +191,7 @@ def linear_descriptor(module: nn.Module, in_features: int, q8: bool) -> tuple[Lb
             desc.kind, keep = Q4C, (*keep, codes, s, z)
             desc.w, desc.s, desc.z = codes.data_ptr(), s.data_ptr(), _ptr(z)
         elif name == "int4_weight" and q8:
-            codes, s, z = _q4r(state[0])
+            codes, s, z = q4r(state[0])
             desc.kind, desc.ld, keep = Q4R, codes.shape[1], (*keep, codes, s, z)
             desc.w, desc.s, desc.z = codes.data_ptr(), s.data_ptr(), _ptr(z)
         elif name == "int4_weight" and state[0].layout[1]:
