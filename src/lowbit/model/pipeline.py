@@ -37,6 +37,7 @@ from lowbit.model.arch import Arch, resolve_arch
 from lowbit.model.calib_memory import REBATCH_TOKENS, _batches, solve_allocations
 from lowbit.model.calibration import collect_input_ranges
 from lowbit.model.fold_rotation import fold_residual_rotation
+from lowbit.model.gguf_auto import gguf_auto_recipe
 from lowbit.model.mixed import auto_recipe
 from lowbit.model.recipe import (
     Recipe,
@@ -94,7 +95,8 @@ def quantize_model(
     recipe = resolve_gguf_mix(model, recipe)
     if is_auto(recipe):
         batches = None if calibration is None else _batches(calibration, model, batch_tokens)
-        recipe = replace(auto_recipe(model, recipe, batches, progress=progress),
+        resolve = gguf_auto_recipe if recipe.name.startswith("gguf:") else auto_recipe
+        recipe = replace(resolve(model, recipe, batches, progress=progress),
                          fold_rotation=recipe.fold_rotation)
     summary = QuantizeSummary(recipe.name)
     targets = drop_missing_rotations(find_targets(model, recipe), summary)

@@ -261,26 +261,29 @@ def gguf_recipe(key: str) -> Recipe:
     solved by any algorithm, so the GGUF export holds the solved codes unchanged; the head
     gets llama.cpp's output type (Q6_K, Q8_0 in a Q8_0 file), rounded. A mix's per-layer rules
     need the model: ``quantize`` resolves them (``resolve_gguf_mix``)."""
-    m = _GGUF.fullmatch(key)
+    auto = key.startswith("gguf:auto:")  # types chosen per layer (``gguf_auto``)
+    m = _GGUF.fullmatch(key.replace("gguf:auto:", "gguf:", 1))
     if not m or m.group(1) not in GGUF_KINDS:
         raise RecipeError(f"unknown GGUF recipe {key!r}; lowbit solves on llama.cpp's types "
                           f"and mixes {', '.join(GGUF_KINDS)} (gguf:<type>[-<algorithm>], "
-                          f"e.g. gguf:q4_k_m-gptq)")
+                          f"e.g. gguf:q4_k_m-gptq; gguf:auto:<type>[-<algorithm>] chooses "
+                          f"the types within <type>'s size)")
     kind, algorithm = m.groups()
     spec = gguf_grids.grid_spec(gguf_mixes.default_type(kind))
-    return Recipe(key, Scheme(spec, algorithm=algorithm or "rtn"), gguf_mixes.head_rule(kind))
+    return Recipe(key, Scheme(spec, algorithm=algorithm or "rtn"),
+                  () if auto else gguf_mixes.head_rule(kind))
 
 
 def gguf_kind(recipe: Recipe) -> str | None:
     """The llama.cpp type or mix a ``gguf:`` recipe names, else None."""
-    m = re.match(r"gguf:([a-z0-9_]+)", recipe.name)
+    m = re.match(r"gguf:(?:auto:)?([a-z0-9_]+)", recipe.name)
     return m.group(1) if m else None
 
 
 def resolve_gguf_mix(model, recipe: Recipe) -> Recipe:
     """``recipe`` with its per-layer llama.cpp types when it names a mix; else ``recipe``."""
     kind = gguf_kind(recipe)
-    if kind is None or not gguf_mixes.is_mix(kind):
+    if kind is None or not gguf_mixes.is_mix(kind) or recipe.name.startswith("gguf:auto:"):
         return recipe
     return gguf_mixes.resolve_mix(model, recipe, kind)
 
@@ -302,7 +305,9 @@ def auto_placeholder(key: str) -> Recipe:
 
 
 def is_auto(recipe: Recipe) -> bool:
-    return recipe.name.startswith("auto:")
+    """An ``auto:<bpw>`` or unresolved ``gguf:auto:<type>`` recipe: ``quantize`` measures it."""
+    return recipe.name.startswith("auto:") or (recipe.name.startswith("gguf:auto:")
+                                               and not recipe.rules)
 
 
 def budget_of(recipe: Recipe) -> float:
