@@ -108,3 +108,19 @@ def test_rows_a_k_quant_cannot_hold_choose_among_the_fallbacks():
 def test_needs_calibration():
     with pytest.raises(RecipeError, match="calibration"):
         lowbit.quantize(_decoder(True), "gguf:auto:q4_k_m-gptq", progress=False)
+
+
+def test_cli_quantize_then_export(tmp_path, tiny_llama_dir, capsys):
+    from lowbit.cli.main import main
+
+    out = tmp_path / "ckpt"
+    assert main(["quantize", str(tiny_llama_dir), "-r", "gguf:auto:q4_0-gptq", "-o", str(out),
+                 "--calibration-tokens", "1024", "--quiet"]) == 0
+    recipe = lowbit.load(out).lowbit_recipe
+    assert recipe.name == "gguf:auto:q4_0-gptq" and recipe.rules
+    assert main(["export", str(out), "--to", "gguf", "-o", str(tmp_path / "m.gguf"),
+                 "--check"]) == 0
+    assert "carry lowbit's codes unchanged" in capsys.readouterr().out
+    assert main(["quantize", str(tiny_llama_dir), "-r", "gguf:auto:q4_0-gptq", "-o",
+                 str(tmp_path / "x"), "--ray"]) == 2
+    assert "gguf:auto" in capsys.readouterr().err

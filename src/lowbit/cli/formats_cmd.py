@@ -59,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     _print_table(COLUMNS, rows)
     print("\nllama.cpp (GGUF) types and mixes: recipe gguf:<type>[-<algorithm>] solves on "
-          "their grids, lowbit export --to gguf writes them unchanged")
+          "their grids, lowbit export --to gguf writes them unchanged; gguf:auto:<type>"
+          "[-<algorithm>] picks each tensor's type by measured sensitivity within the bytes "
+          "<type> spends")
     _print_table(GGUF_COLUMNS, gguf_rows())
     return 0

@@ -79,6 +79,9 @@ def _score_on_ray(recipe, address: str) -> None:
     from lowbit.model.distributed import ENV
     from lowbit.model.recipe import is_auto
 
+    if recipe.name.startswith("gguf:auto:"):
+        raise LowbitError(f"{recipe.name} scores its layers in this process (--ray distributes "
+                          "auto:<bpw> recipes only): drop --ray")
     if not is_auto(recipe):
         raise LowbitError(f"--ray distributes the layer scoring of an auto:<bpw> recipe; "
                           f"{recipe.name} has none: drop --ray, or use e.g. -r auto:4-gptq")

@@ -156,24 +156,46 @@ def _hull(points: list[tuple[int, float, str]]) -> list[tuple[int, float, str]]:
 
 
 def allocate(sens: dict[str, dict], bpw: float) -> dict[str, str]:
-    """The candidate per layer minimising summed KL within ``bpw`` (module docstring)."""
+    """The candidate per layer minimising summed KL within ``bpw`` (module docstring).
+
+    The greedy walk can strand budget when one layer's step is large (a 49k-row head is a
+    fifth of SmolLM2): its upgrade stops fitting and the rest goes to small steps. So each
+    option of every layer holding at least ``BIG`` of the weights is also tried fixed, the
+    others allocated greedily around it, and the lowest summed KL wins."""
     numel = sum(e["numel"] for e in sens.values())
     budget = bpw * numel
-    choice = {n: min(e["bits"], key=lambda c: (e["bits"][c], e["kl"][c])) for n, e in
-              sens.items()}
-    used = sum(sens[n]["bits"][c] for n, c in choice.items())
+    cheapest = {n: min(e["bits"], key=lambda c: (e["bits"][c], e["kl"][c])) for n, e in
+                sens.items()}
+    used = sum(sens[n]["bits"][c] for n, c in cheapest.items())
     if used > budget * (1 + 1e-9):
         raise RecipeError(f"a budget of {bpw:g} bits per weight is below the smallest candidate "
                           f"format ({used / numel:.3f} bits per weight with scales and "
                           f"zero-points); raise the budget or add a smaller candidate format")
     hulls = {n: _hull([(e["bits"][c], e["kl"][c], c) for c in e["bits"]]) for n, e in
              sens.items()}
-    pos = {n: next(i for i, p in enumerate(h) if p[2] == choice[n]) if any(
-        p[2] == choice[n] for p in h) else 0 for n, h in hulls.items()}
+    best = _greedy(hulls, budget)
     for n, h in hulls.items():
-        choice[n] = h[pos[n]][2]
-    used = sum(sens[n]["bits"][c] for n, c in choice.items())
-    while True:  # greedy along the hulls: best KL saved per extra bit that still fits
+        if sens[n]["numel"] < BIG * numel:
+            continue
+        for point in h:
+            fixed = _greedy({**hulls, n: [point]}, budget)
+            if fixed is not None and fixed[0] < best[0]:
+                best = fixed
+    return best[1]
+
+
+#: the share of the weights from which a layer's options are each tried fixed (``allocate``)
+BIG = 0.05
+
+
+def _greedy(hulls: dict[str, list], budget: float) -> tuple[float, dict[str, str]] | None:
+    """(summed KL, choice): from each hull's cheapest point, the upgrade with the best KL saved
+    per extra bit that still fits, until none does (None if the cheapest points do not fit)."""
+    pos = dict.fromkeys(hulls, 0)
+    used = sum(h[0][0] for h in hulls.values())
+    if used > budget * (1 + 1e-9):
+        return None
+    while True:
         best = None
         for n, h in hulls.items():
             i = pos[n]
@@ -185,9 +207,9 @@ def allocate(sens: dict[str, dict], bpw: float) -> dict[str, str]:
             break
         _, n, db = best
         pos[n] += 1
-        choice[n] = hulls[n][pos[n]][2]
         used += db
-    return choice
+    return (sum(h[pos[n]][1] for n, h in hulls.items()),
+            {n: h[pos[n]][2] for n, h in hulls.items()})
 
 
 def recipe_from_choice(choice: dict[str, str], schemes: dict[str, Scheme], name: str,
