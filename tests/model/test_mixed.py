@@ -73,6 +73,17 @@ def test_allocation_respects_the_budget_and_refuses_too_little():
         allocate(sens, 2.0)
 
 
+def test_allocation_does_not_strand_a_big_layers_step():
+    """Small layers gain more per bit, so the greedy walk upgrades them first and the head's
+    big step no longer fits; upgrading the head and leaving the small ones saves more KL."""
+    small = {"kl": {"lo": 0.5, "hi": 0.4}, "bits": {"lo": 40, "hi": 60}, "numel": 10}
+    sens = {"a": copy.deepcopy(small), "b": copy.deepcopy(small),
+            "head": {"kl": {"lo": 1.0, "hi": 0.0}, "bits": {"lo": 400, "hi": 800},
+                     "numel": 100}}
+    assert allocate(sens, 880 / 120) == {"a": "lo", "b": "lo", "head": "hi"}
+    assert allocate(sens, 879 / 120) == {"a": "hi", "b": "hi", "head": "lo"}
+
+
 def test_hull_drops_dominated_points():
     pts = [(2, 9.0, "a"), (3, 4.0, "b"), (4, 3.9, "c"), (5, 0.5, "d"), (6, 0.6, "e")]
     assert [p[2] for p in _hull(pts)] == ["a", "b", "d"]

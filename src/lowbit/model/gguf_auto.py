@@ -13,14 +13,16 @@ on each layer's lower convex hull), with three differences:
 - a layer's bits are the bytes its GGUF tensor takes (``gguf_grids.BLOCK_SIZES``), and the
   budget is what the ``<size>`` file type spends on the same tensors (the output head
   included), so the file is no larger than llama-quantize's of that type;
-- the KL divergence of the next-token distribution is measured with each layer alone at the
-  type the ``<size>`` mix gives it (solved by the recipe's algorithm for GPTQ-class
-  algorithms); its other types follow the second-order model ``KL ~ e_l(t)``, the layer's
-  output error ``tr(dW H dW^T)`` (Frantar et al., 2022, eq. 1) after solving at each type.
+- the KL divergence of the next-token distribution is measured with each layer alone at Q4_K
+  (or its fallback; solved by the recipe's algorithm for GPTQ-class algorithms); its other
+  types follow the second-order model ``KL ~ e_l(t)``, the layer's output error
+  ``tr(dW H dW^T)`` (Frantar et al., 2022, eq. 1) after solving at each type. The head's
+  types are each measured.
 
-The head is scored and quantized by rounding (every recipe's head is solved alone); a tied
-embedding shares its codes, as in llama.cpp. The resolved recipe names every layer's type
-explicitly (and keeps the name), so it reloads and re-quantizes as written.
+The head is quantized by rounding (every recipe's head is solved alone); a tied embedding
+shares its codes, as in llama.cpp, so a tied head is scored with the embedding rounded too
+(``_tied_head_kl``). The resolved recipe names every layer's type explicitly (and keeps the
+name), so it reloads and re-quantizes as written.
 """
 
 from __future__ import annotations
@@ -110,20 +112,23 @@ def gguf_auto_recipe(model: nn.Module, recipe: Recipe, batches: list | None, *,
         raise RecipeError(f"{recipe.name} measures each layer's sensitivity on calibration "
                           f"data: pass calibration=lowbit.data.text('default', tokenizer)")
     base = recipe.default
-    anchors = _layers(model, size)
+    mix = _layers(model, size)
     options = {n: _options(model.get_submodule(n).in_features,
                            head_candidates if n == gguf_mixes.HEAD else candidates)
-               for n in anchors}
-    for n, kind in anchors.items():  # the mix's own type is always an option
+               for n in mix}
+    for n, kind in mix.items():  # the mix's own type is always an option
         if kind not in options[n]:
             options[n].append(kind)
+    anchors = {n: _anchor(opts, model.get_submodule(n).in_features)
+               for n, opts in options.items()}
     solved = None
     if base.algorithm in SOLVED:
         solved = _solved(model, _slice(batches, solved_tokens), base, options, anchors,
                          progress)
-    scorer = Scorer(model, _slice(batches, sensitivity_tokens), list(anchors))
+    scorer = Scorer(model, _slice(batches, sensitivity_tokens), list(mix))
+    tied = _is_tied(model)
     sens = {}
-    items = list(anchors)
+    items = list(mix)
     if progress:
         from tqdm.auto import tqdm
 
@@ -133,7 +138,10 @@ def gguf_auto_recipe(model: nn.Module, recipe: Recipe, batches: list | None, *,
         own = None if solved is None or n not in solved else {
             "err": {k: e for k, (e, _) in solved[n].items()},
             "w_hat": {k: w for k, (_, w) in solved[n].items() if w is not None}}
-        entry = scorer.score(n, rtn, {anchors[n]}, own)
+        head = n == gguf_mixes.HEAD  # one large matrix: each of its types is measured
+        entry = scorer.score(n, rtn, set(rtn) if head and not tied else {anchors[n]}, own)
+        if head and tied:  # its codes are the embedding's too
+            entry["kl"] = _tied_head_kl(model, _slice(batches, sensitivity_tokens), rtn)
         shape = tuple(model.get_submodule(n).weight.shape)
         entry["bits"] = {k: tensor_bits(k, shape) for k in options[n]}
         ref_kl, ref_err = entry["kl"][anchors[n]], max(entry["err"][anchors[n]], 1e-30)
@@ -142,9 +150,59 @@ def gguf_auto_recipe(model: nn.Module, recipe: Recipe, batches: list | None, *,
         sens[n] = entry
     model.lowbit_sensitivity = sens
     numel = sum(e["numel"] for e in sens.values())
-    budget = sum(sens[n]["bits"][anchors[n]] for n in sens)
+    budget = sum(sens[n]["bits"][mix[n]] for n in sens)
     choice = allocate(sens, budget / numel * (1 + 1e-12))
     return recipe_from_types(recipe, choice)
+
+
+def _anchor(options: list[str], width: int) -> str:
+    """The type a layer's KL is measured at: Q4_K (or its fallback), mid-way in the options.
+    (At the mix's own type, an 8-bit tensor's KL is too small to measure on a short slice,
+    and scaling the others from it misjudges them.)"""
+    kind = fitted_type("q4_k", width)
+    if kind in options:
+        return kind
+    return sorted(options, key=lambda k: BLOCK_SIZES[k][1] / BLOCK_SIZES[k][0])[
+        len(options) // 2]
+
+
+def _is_tied(model: nn.Module) -> bool:
+    head = getattr(model, gguf_mixes.HEAD, None)
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return (isinstance(head, nn.Linear) and embed is not None
+            and getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+            and embed.weight.shape == head.weight.shape)
+
+
+@torch.no_grad()
+def _tied_head_kl(model: nn.Module, batches: list, schemes: dict[str, Scheme]) -> dict:
+    """KL of the whole model's next-token distribution with the head of a tied model rounded
+    to each type and the embedding made the same rounded matrix, as the GGUF file holds one
+    tensor for both (``targets.tie_embedding_to_head``): the head's scorer sees only the
+    output side, which undercounts by the error every block reads from the embedding."""
+    from lowbit.model.mixed_scoring import layer_bits
+
+    head = getattr(model, gguf_mixes.HEAD)
+    embed = model.get_input_embeddings()
+    W, E = head.weight.data, embed.weight.data
+
+    def logp() -> list[torch.Tensor]:
+        out = []
+        for b in batches:
+            logits = (model(**b) if isinstance(b, dict) else model(b)).logits
+            out.append(torch.log_softmax(logits.float(), -1))
+        return out
+
+    base, kl = logp(), {}
+    for kind, scheme in schemes.items():
+        w_hat = layer_bits(W.float(), scheme)[1].to(W.dtype)
+        head.weight.data, embed.weight.data = w_hat, w_hat.to(E.dtype)
+        try:
+            kl[kind] = sum(float((p.exp() * (p - q)).sum(-1).mean()) for p, q in
+                           zip(base, logp(), strict=True)) / len(base)
+        finally:
+            head.weight.data, embed.weight.data = W, E
+    return kl
 
 
 def recipe_from_types(recipe: Recipe, choice: dict[str, str]) -> Recipe:
