@@ -35,8 +35,9 @@ from torch import nn
 from lowbit.model import gguf_mixes
 from lowbit.model.gguf_grids import BLOCK_SIZES, fit_row_length, grid_of, grid_spec
 from lowbit.model.mixed import SOLVED, _slice, allocate
-from lowbit.model.mixed_scoring import Scorer, group_stats, solve_candidate
+from lowbit.model.mixed_scoring import Scorer, _kl, group_stats, layer_bits, solve_candidate
 from lowbit.model.recipe import Recipe, RecipeError, Rule, Scheme, gguf_kind
+from lowbit.model.targets import tied_embedding
 
 #: the types a layer may get (before the row-length fallback)
 CANDIDATES = ("q2_k", "q3_k", "iq4_nl", "q4_k", "q5_0", "q5_k", "q6_k", "q8_0")
@@ -126,7 +127,7 @@ def gguf_auto_recipe(model: nn.Module, recipe: Recipe, batches: list | None, *,
         solved = _solved(model, _slice(batches, solved_tokens), base, options, anchors,
                          progress)
     scorer = Scorer(model, _slice(batches, sensitivity_tokens), list(mix))
-    tied = _is_tied(model)
+    tied = tied_embedding(model) is not None
     sens = {}
     items = list(mix)
     if progress:
@@ -166,40 +167,25 @@ def _anchor(options: list[str], width: int) -> str:
         len(options) // 2]
 
 
-def _is_tied(model: nn.Module) -> bool:
-    head = getattr(model, gguf_mixes.HEAD, None)
-    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    return (isinstance(head, nn.Linear) and embed is not None
-            and getattr(getattr(model, "config", None), "tie_word_embeddings", False)
-            and embed.weight.shape == head.weight.shape)
-
-
 @torch.no_grad()
 def _tied_head_kl(model: nn.Module, batches: list, schemes: dict[str, Scheme]) -> dict:
     """KL of the whole model's next-token distribution with the head of a tied model rounded
     to each type and the embedding made the same rounded matrix, as the GGUF file holds one
     tensor for both (``targets.tie_embedding_to_head``): the head's scorer sees only the
     output side, which undercounts by the error every block reads from the embedding."""
-    from lowbit.model.mixed_scoring import layer_bits
-
     head = getattr(model, gguf_mixes.HEAD)
-    embed = model.get_input_embeddings()
+    embed = tied_embedding(model)
     W, E = head.weight.data, embed.weight.data
 
-    def logp() -> list[torch.Tensor]:
-        out = []
-        for b in batches:
-            logits = (model(**b) if isinstance(b, dict) else model(b)).logits
-            out.append(torch.log_softmax(logits.float(), -1))
-        return out
+    def logits() -> list[torch.Tensor]:
+        return [(model(**b) if isinstance(b, dict) else model(b)).logits for b in batches]
 
-    base, kl = logp(), {}
+    base, kl = [torch.log_softmax(x.float(), -1) for x in logits()], {}
     for kind, scheme in schemes.items():
         w_hat = layer_bits(W.float(), scheme)[1].to(W.dtype)
         head.weight.data, embed.weight.data = w_hat, w_hat.to(E.dtype)
         try:
-            kl[kind] = sum(float((p.exp() * (p - q)).sum(-1).mean()) for p, q in
-                           zip(base, logp(), strict=True)) / len(base)
+            kl[kind] = sum(_kl(p, x) for p, x in zip(base, logits(), strict=True)) / len(base)
         finally:
             head.weight.data, embed.weight.data = W, E
     return kl

@@ -130,16 +130,24 @@ def scheme_for_width(scheme: Scheme | None, width: int) -> Scheme | None:
     return scheme if fitted is weight else replace(scheme, weight=fitted)
 
 
+def tied_embedding(model: nn.Module) -> nn.Module | None:
+    """The input embedding when ``model`` ties it to an ``lm_head`` of its shape, else None."""
+    head = getattr(model, "lm_head", None)
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if (isinstance(head, (nn.Linear, QuantizedLinear)) and embed is not None
+            and getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+            and embed.weight.shape == (head.out_features, head.in_features)):
+        return embed
+    return None
+
+
 def tie_embedding_to_head(model: nn.Module) -> bool:
     """Where ``model`` ties its embedding to its head and the head is quantized, make the
     embedding the dequantized head (as llama.cpp stores one tensor for both); True if so.
     ``gguf:`` recipes do this, so lowbit's model is the one a GGUF export holds."""
     head = getattr(model, "lm_head", None)
-    config = getattr(model, "config", None)
-    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if not (isinstance(head, QuantizedLinear) and embed is not None
-            and getattr(config, "tie_word_embeddings", False)
-            and embed.weight.shape == (head.out_features, head.in_features)):
+    embed = tied_embedding(model)
+    if not isinstance(head, QuantizedLinear) or embed is None:
         return False
     embed.weight.data = head.dequantize_weight(torch.float32)
     return True
