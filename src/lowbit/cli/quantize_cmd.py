@@ -77,9 +77,9 @@ def _score_on_ray(recipe, address: str) -> None:
 
     from lowbit.errors import LowbitError
     from lowbit.model.distributed import ENV
-    from lowbit.model.recipe import is_auto
+    from lowbit.model.recipe import GGUF_AUTO, is_auto
 
-    if recipe.name.startswith("gguf:auto:"):
+    if recipe.name.startswith(GGUF_AUTO):
         raise LowbitError(f"{recipe.name} scores its layers in this process (--ray distributes "
                           "auto:<bpw> recipes only): drop --ray")
     if not is_auto(recipe):

@@ -27,6 +27,7 @@ name), so it reloads and re-quantizes as written.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import replace
 
 import torch
@@ -126,7 +127,8 @@ def gguf_auto_recipe(model: nn.Module, recipe: Recipe, batches: list | None, *,
     if base.algorithm in SOLVED:
         solved = _solved(model, _slice(batches, solved_tokens), base, options, anchors,
                          progress)
-    scorer = Scorer(model, _slice(batches, sensitivity_tokens), list(mix))
+    slice_ = _slice(batches, sensitivity_tokens)
+    scorer = Scorer(model, slice_, list(mix))
     tied = tied_embedding(model) is not None
     sens = {}
     items = list(mix)
@@ -140,9 +142,10 @@ def gguf_auto_recipe(model: nn.Module, recipe: Recipe, batches: list | None, *,
             "err": {k: e for k, (e, _) in solved[n].items()},
             "w_hat": {k: w for k, (_, w) in solved[n].items() if w is not None}}
         head = n == gguf_mixes.HEAD  # one large matrix: each of its types is measured
-        entry = scorer.score(n, rtn, set(rtn) if head and not tied else {anchors[n]}, own)
+        kl_at = (set() if tied else set(rtn)) if head else {anchors[n]}
+        entry = scorer.score(n, rtn, kl_at, own)
         if head and tied:  # its codes are the embedding's too
-            entry["kl"] = _tied_head_kl(model, _slice(batches, sensitivity_tokens), rtn)
+            entry["kl"] = _tied_head_kl(model, slice_, rtn)
         shape = tuple(model.get_submodule(n).weight.shape)
         entry["bits"] = {k: tensor_bits(k, shape) for k in options[n]}
         ref_kl, ref_err = entry["kl"][anchors[n]], max(entry["err"][anchors[n]], 1e-30)
@@ -195,10 +198,7 @@ def recipe_from_types(recipe: Recipe, choice: dict[str, str]) -> Recipe:
     """``recipe`` with one exact rule per layer: its type, solved by the recipe's algorithm
     (the head by rounding); the most common type is the default scheme."""
     base = recipe.default
-    counts: dict[str, int] = {}
-    for kind in choice.values():
-        counts[kind] = counts.get(kind, 0) + 1
-    default = replace(base, weight=grid_spec(max(counts, key=counts.get)))
+    default = replace(base, weight=grid_spec(Counter(choice.values()).most_common(1)[0][0]))
     rules = tuple(Rule(n, Scheme(grid_spec(k), algorithm="rtn") if n == gguf_mixes.HEAD
                        else replace(base, weight=grid_spec(k)))
                   for n, k in choice.items())

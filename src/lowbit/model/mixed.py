@@ -164,16 +164,14 @@ def allocate(sens: dict[str, dict], bpw: float) -> dict[str, str]:
     others allocated greedily around it, and the lowest summed KL wins."""
     numel = sum(e["numel"] for e in sens.values())
     budget = bpw * numel
-    cheapest = {n: min(e["bits"], key=lambda c: (e["bits"][c], e["kl"][c])) for n, e in
-                sens.items()}
-    used = sum(sens[n]["bits"][c] for n, c in cheapest.items())
-    if used > budget * (1 + 1e-9):
-        raise RecipeError(f"a budget of {bpw:g} bits per weight is below the smallest candidate "
-                          f"format ({used / numel:.3f} bits per weight with scales and "
-                          f"zero-points); raise the budget or add a smaller candidate format")
     hulls = {n: _hull([(e["bits"][c], e["kl"][c], c) for c in e["bits"]]) for n, e in
              sens.items()}
     best = _greedy(hulls, budget)
+    if best is None:  # each hull starts at its layer's cheapest candidate
+        used = sum(h[0][0] for h in hulls.values())
+        raise RecipeError(f"a budget of {bpw:g} bits per weight is below the smallest candidate "
+                          f"format ({used / numel:.3f} bits per weight with scales and "
+                          f"zero-points); raise the budget or add a smaller candidate format")
     for n, h in hulls.items():
         if sens[n]["numel"] < BIG * numel:
             continue

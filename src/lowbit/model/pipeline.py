@@ -40,6 +40,7 @@ from lowbit.model.fold_rotation import fold_residual_rotation
 from lowbit.model.gguf_auto import gguf_auto_recipe
 from lowbit.model.mixed import auto_recipe
 from lowbit.model.recipe import (
+    GGUF_AUTO,
     Recipe,
     RecipeError,
     Scheme,
@@ -95,7 +96,7 @@ def quantize_model(
     recipe = resolve_gguf_mix(model, recipe)
     if is_auto(recipe):
         batches = None if calibration is None else _batches(calibration, model, batch_tokens)
-        resolve = gguf_auto_recipe if recipe.name.startswith("gguf:") else auto_recipe
+        resolve = gguf_auto_recipe if recipe.name.startswith(GGUF_AUTO) else auto_recipe
         recipe = replace(resolve(model, recipe, batches, progress=progress),
                          fold_rotation=recipe.fold_rotation)
     summary = QuantizeSummary(recipe.name)

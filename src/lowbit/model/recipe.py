@@ -254,6 +254,10 @@ GGUF_KINDS = tuple(GGUF_GRIDS) + tuple(k for k in gguf_mixes.MIX_DEFAULT if k no
 _GGUF = re.compile(r"gguf:([a-z0-9_]+)(?:-([a-z+]+))?")
 
 
+#: a ``gguf:`` recipe whose types are chosen per layer within ``<kind>``'s bytes (``gguf_auto``)
+GGUF_AUTO = "gguf:auto:"
+
+
 def gguf_recipe(key: str) -> Recipe:
     """``gguf:<kind>[-<algorithm>]``: weights on exactly the grids llama-quantize's file type
     ``<kind>`` gives each tensor (``gguf_mixes``: one type, or a mix such as ``q4_k_m``; a
@@ -261,8 +265,8 @@ def gguf_recipe(key: str) -> Recipe:
     solved by any algorithm, so the GGUF export holds the solved codes unchanged; the head
     gets llama.cpp's output type (Q6_K, Q8_0 in a Q8_0 file), rounded. A mix's per-layer rules
     need the model: ``quantize`` resolves them (``resolve_gguf_mix``)."""
-    auto = key.startswith("gguf:auto:")  # types chosen per layer (``gguf_auto``)
-    m = _GGUF.fullmatch(key.replace("gguf:auto:", "gguf:", 1))
+    auto = key.startswith(GGUF_AUTO)
+    m = _GGUF.fullmatch(key.replace(GGUF_AUTO, "gguf:", 1))
     if not m or m.group(1) not in GGUF_KINDS:
         raise RecipeError(f"unknown GGUF recipe {key!r}; lowbit solves on llama.cpp's types "
                           f"and mixes {', '.join(GGUF_KINDS)} (gguf:<type>[-<algorithm>], "
@@ -283,7 +287,7 @@ def gguf_kind(recipe: Recipe) -> str | None:
 def resolve_gguf_mix(model, recipe: Recipe) -> Recipe:
     """``recipe`` with its per-layer llama.cpp types when it names a mix; else ``recipe``."""
     kind = gguf_kind(recipe)
-    if kind is None or not gguf_mixes.is_mix(kind) or recipe.name.startswith("gguf:auto:"):
+    if kind is None or not gguf_mixes.is_mix(kind) or recipe.name.startswith(GGUF_AUTO):
         return recipe
     return gguf_mixes.resolve_mix(model, recipe, kind)
 
@@ -306,7 +310,7 @@ def auto_placeholder(key: str) -> Recipe:
 
 def is_auto(recipe: Recipe) -> bool:
     """An ``auto:<bpw>`` or unresolved ``gguf:auto:<type>`` recipe: ``quantize`` measures it."""
-    return recipe.name.startswith("auto:") or (recipe.name.startswith("gguf:auto:")
+    return recipe.name.startswith("auto:") or (recipe.name.startswith(GGUF_AUTO)
                                                and not recipe.rules)
 
 
